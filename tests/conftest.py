@@ -1,0 +1,25 @@
+"""Collects the measured parity errors so a run ends with a table of them (`pytest -q` shows it)."""
+
+import pytest
+
+_MEASURED: list[tuple[str, float, float]] = []
+
+
+@pytest.fixture
+def check(request):
+    """check(value, tol, what=""): assert value <= tol and record it for the end-of-run table."""
+
+    def _check(value: float, tol: float, what: str = "") -> None:
+        name = request.node.name + (f" {what}" if what else "")
+        _MEASURED.append((name, value, tol))
+        assert value <= tol, f"{name}: {value:.3e} > {tol:.1e}"
+
+    return _check
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _MEASURED:
+        return
+    terminalreporter.section("measured parity errors")
+    for name, value, tol in _MEASURED:
+        terminalreporter.write_line(f"{value:10.3e}  (tol {tol:.0e})  {name}")

@@ -1,0 +1,1 @@
+"""Versatile Diffusion in plain PyTorch."""

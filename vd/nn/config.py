@@ -1,0 +1,237 @@
+"""Typed configs for the UNets and the VAE, their full-size VD presets, and the mapping from diffusers config.json.
+
+Our field names say what they mean: diffusers' `attention_head_dim` is really the number of heads for these
+models (diffusers issue #2011), so here it is `num_heads`. Per-level tuples are in down-path order; the up path
+mirrors them. Options of diffusers' UNet2DConditionModel that VD never uses are refused with a clear error
+rather than silently ignored.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """One VD denoiser. `flat_dim` 0 is the image UNet (2-D convolutions); > 0 is the text UNet, whose
+    hidden states are [B, C, flat_dim, 1] and whose data is [B, *in_channels] (e.g. (768, 1, 1))."""
+
+    in_channels: int | tuple[int, ...]
+    out_channels: int | tuple[int, ...]
+    block_channels: tuple[int, ...]          # width of each resolution level
+    down_attention: tuple[bool, ...]         # which down levels hold context layers
+    up_attention: tuple[bool, ...]           # which up levels hold context layers (up-path order)
+    layers_per_block: tuple[int, ...]        # resnets per down level; the mirrored up level has one more
+    num_heads: tuple[int, ...]               # attention heads per level
+    context_dim: tuple[int, ...]             # width of the context tokens per level
+    transformer_depth: tuple[int, ...]       # transformer blocks in each context layer, per level
+    only_cross_attention: tuple[bool, ...]   # attn1 attends to the context too (not in VD)
+    mid_attention: bool = True               # False: no mid block at all
+    mid_transformer_depth: int = 1           # transformer blocks in the mid context layer
+    mid_only_cross_attention: bool = False
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    time_embed_dim: int | None = None        # default 4 x block_channels[0]
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    linear_projection: bool = False          # proj_in/proj_out as Linear instead of 1x1 conv
+    center_input_sample: bool = False
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    sample_size: int | None = None           # default latent size (image UNet)
+    flat_dim: int = 0
+
+    def __post_init__(self):
+        n = len(self.block_channels)
+        for name in ("down_attention", "up_attention", "layers_per_block", "num_heads", "context_dim",
+                     "transformer_depth", "only_cross_attention"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"UNetConfig.{name} needs one entry per level ({n}), got {getattr(self, name)}")
+        for ch, heads in zip(self.block_channels, self.num_heads):
+            if heads < 1 or ch < heads:
+                raise ValueError(f"UNetConfig: {ch} channels cannot be split into {heads} heads")
+
+    @property
+    def time_dim(self) -> int:
+        return self.time_embed_dim or 4 * self.block_channels[0]
+
+    @property
+    def num_context_sites(self) -> int:
+        """How many context layers (transformers) one forward passes through, in forward order."""
+        down = sum(l for l, a in zip(self.layers_per_block, self.down_attention) if a)
+        up = sum(l + 1 for l, a in zip(self.layers_per_block[::-1], self.up_attention) if a)
+        return down + int(self.mid_attention) + up
+
+    @classmethod
+    def from_diffusers(cls, d: dict) -> "UNetConfig":
+        """Map a diffusers UNet2DConditionModel / UNetFlatConditionModel config.json onto ours."""
+        return _unet_from_diffusers(d)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_groups: int = 32
+    scaling_factor: float = 0.18215
+    mid_attention: bool = True
+    quant_conv: bool = True
+    post_quant_conv: bool = True
+    sample_size: int | None = None
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent along each side (8 for kl-f8)."""
+        return 2 ** (len(self.block_channels) - 1)
+
+    @classmethod
+    def from_diffusers(cls, d: dict) -> "VAEConfig":
+        """Map a diffusers AutoencoderKL config.json onto ours."""
+        return _vae_from_diffusers(d)
+
+
+# ---- full-size presets (shi-labs/versatile-diffusion, ../shared/docs/vd-reference.md A.2-A.4)
+
+_VD_LEVELS = dict(
+    block_channels=(320, 640, 1280, 1280),
+    down_attention=(True, True, True, False),
+    up_attention=(False, True, True, True),
+    layers_per_block=(2, 2, 2, 2),
+    num_heads=(8, 8, 8, 8),
+    context_dim=(768, 768, 768, 768),
+    transformer_depth=(1, 1, 1, 1),
+    only_cross_attention=(False, False, False, False),
+)
+VD_IMAGE_UNET = UNetConfig(in_channels=4, out_channels=4, sample_size=64, **_VD_LEVELS)
+VD_TEXT_UNET = UNetConfig(in_channels=(768, 1, 1), out_channels=(768, 1, 1), flat_dim=4, **_VD_LEVELS)
+VD_VAE = VAEConfig(sample_size=256)
+
+
+# ---- diffusers config.json -> ours
+
+# Options our modules do not implement, with the only value we accept (diffusers' default).
+_UNET_FIXED = {
+    "act_fn": "silu", "time_embedding_type": "positional", "time_embedding_act_fn": None, "timestep_post_act": None,
+    "time_cond_proj_dim": None, "class_embed_type": None, "num_class_embeds": None, "addition_embed_type": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "attention_type": "default",
+    "class_embeddings_concat": False, "cross_attention_norm": None, "dual_cross_attention": False,
+    "reverse_transformer_layers_per_block": None,
+}
+_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+_MID = {"UNetMidBlock2DCrossAttn": True, None: False}
+
+
+def _per_level(value, n: int, name: str) -> tuple:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"config {name}={value} needs {n} entries, one per block")
+        if any(isinstance(v, (list, tuple)) for v in value):
+            raise ValueError(f"config {name}={value}: nested per-layer values are not supported")
+        return tuple(value)
+    return (value,) * n
+
+
+def _check_fixed(d: dict, fixed: dict, what: str) -> None:
+    for key, allowed in fixed.items():
+        if key in d and d[key] != allowed:
+            raise ValueError(f"{what} config {key}={d[key]!r} is not supported (only {allowed!r})")
+
+
+def _unet_from_diffusers(d: dict) -> UNetConfig:
+    down = list(d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
+    up = list(d.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
+    flat = bool(down) and all(t.endswith("Flat") for t in down)
+
+    def kind(t: str | None) -> str | None:  # "CrossAttnDownBlockFlat" -> "CrossAttnDownBlock2D"
+        return t.replace("Flat", "2D") if flat and t else t
+
+    _check_fixed(d, _UNET_FIXED, "UNet")
+    if flat and d.get("num_attention_heads") is not None:
+        raise ValueError("UNetFlat config num_attention_heads must be null (the reference refuses it too)")
+    channels = tuple(d.get("block_out_channels", (320, 640, 1280, 1280)))
+    n = len(channels)
+    if len(down) != n or len(up) != n:
+        raise ValueError(f"UNet config needs {n} down_block_types and up_block_types, got {down} and {up}")
+    for t in down:
+        if kind(t) not in _DOWN:
+            raise ValueError(f"UNet config down block type {t!r} is not supported")
+    for t in up:
+        if kind(t) not in _UP:
+            raise ValueError(f"UNet config up block type {t!r} is not supported")
+    mid_type = kind(d.get("mid_block_type", "UNetMidBlockFlatCrossAttn" if flat else "UNetMidBlock2DCrossAttn"))
+    if mid_type not in _MID:
+        raise ValueError(f"UNet config mid_block_type {d.get('mid_block_type')!r} is not supported")
+    if d.get("norm_num_groups", 32) is None:
+        raise ValueError("UNet config norm_num_groups=None is not supported")
+    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+    only_cross = d.get("only_cross_attention", False)
+    mid_only_cross = d.get("mid_block_only_cross_attention")
+    if mid_only_cross is None:
+        mid_only_cross = only_cross if isinstance(only_cross, bool) else False
+
+    def io(value):  # the flat UNet's data shape: an int n means (n, flat_dim, 1)
+        if not flat:
+            return int(value)
+        return tuple(value) if isinstance(value, (list, tuple)) else (int(value), 4, 1)
+
+    depth = _per_level(d.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
+    # parity: the reference's flat down/up blocks drop transformer_layers_per_block (one transformer block
+    # each); only its mid block honours it
+    return UNetConfig(
+        in_channels=io(d.get("in_channels", 4)),
+        out_channels=io(d.get("out_channels", 4)),
+        block_channels=channels,
+        down_attention=tuple(_DOWN[kind(t)] for t in down),
+        up_attention=tuple(_UP[kind(t)] for t in up),
+        layers_per_block=_per_level(d.get("layers_per_block", 2), n, "layers_per_block"),
+        num_heads=_per_level(heads, n, "attention_head_dim"),
+        context_dim=_per_level(d.get("cross_attention_dim", 1280), n, "cross_attention_dim"),
+        transformer_depth=(1,) * n if flat else depth,
+        mid_transformer_depth=depth[-1],
+        only_cross_attention=_per_level(only_cross, n, "only_cross_attention"),
+        mid_attention=_MID[mid_type],
+        mid_only_cross_attention=bool(mid_only_cross),
+        norm_groups=d.get("norm_num_groups", 32),
+        norm_eps=d.get("norm_eps", 1e-5),
+        flip_sin_to_cos=d.get("flip_sin_to_cos", True),
+        freq_shift=d.get("freq_shift", 0),
+        time_embed_dim=d.get("time_embedding_dim"),
+        downsample_padding=d.get("downsample_padding", 1),
+        mid_block_scale_factor=d.get("mid_block_scale_factor", 1.0),
+        linear_projection=d.get("use_linear_projection", False),
+        center_input_sample=d.get("center_input_sample", False),
+        conv_in_kernel=d.get("conv_in_kernel", 3),  # (unused by the flat UNet)
+        conv_out_kernel=d.get("conv_out_kernel", 3),
+        sample_size=d.get("sample_size"),
+        flat_dim=4 if flat else 0,
+    )
+
+
+_VAE_FIXED = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None}
+
+
+def _vae_from_diffusers(d: dict) -> VAEConfig:
+    _check_fixed(d, _VAE_FIXED, "AutoencoderKL")
+    channels = tuple(d.get("block_out_channels", (64,)))
+    for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        types = d.get(key, [want] * len(channels))
+        if list(types) != [want] * len(channels):
+            raise ValueError(f"AutoencoderKL config {key}={types} is not supported (only {want} per level)")
+    return VAEConfig(
+        in_channels=d.get("in_channels", 3),
+        out_channels=d.get("out_channels", 3),
+        latent_channels=d.get("latent_channels", 4),
+        block_channels=channels,
+        layers_per_block=d.get("layers_per_block", 1),
+        norm_groups=d.get("norm_num_groups", 32),
+        scaling_factor=d.get("scaling_factor", 0.18215),
+        mid_attention=d.get("mid_block_add_attention", True),
+        quant_conv=d.get("use_quant_conv", True),
+        post_quant_conv=d.get("use_post_quant_conv", True),
+        sample_size=d.get("sample_size"),
+    )

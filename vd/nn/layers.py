@@ -1,0 +1,218 @@
+"""Building blocks shared by the image UNet, the flat text UNet and the VAE.
+
+Parameter names follow diffusers (`norm1`, `conv1`, `time_emb_proj`, `to_q`, `ff.net.0.proj`, ...) so the
+diffusers-layout checkpoints of shi-labs/versatile-diffusion load with a strict `load_state_dict`, with no
+renaming. The math is that of the original LDM/VD code (CompVis `openaimodel.py`, SHI-Labs `openaimodel.py`
+at cf0f4a2); `../shared/docs/vd-reference.md` B.1-B.6 describes each block.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps t [B] -> [B, dim], always in float32."""
+    half = dim // 2
+    # parity: frequencies and products in float32 whatever the model dtype, as the reference does
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """The global layer of VD: an MLP on the sinusoidal embedding, shared by every flow."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time embedding added in between and a 1x1 shortcut if widths differ."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float,
+                 kernel_size: int = 3, output_scale: float = 1.0):
+        super().__init__()
+        pad = kernel_size // 2
+        self.output_scale = output_scale
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size, padding=pad)
+        self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch is not None else None
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size, padding=pad)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        return out / self.output_scale if self.output_scale != 1.0 else out
+
+
+class FlatResnetBlock(ResnetBlock):
+    """The text UNet's residual block: a 1x1-conv ResnetBlock on [B, C*fd, 1, 1], the view of [B, C, fd, 1]."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, groups: int, eps: float, flat_dim: int):
+        super().__init__(in_ch * flat_dim, out_ch * flat_dim, temb_ch, groups, eps, kernel_size=1)
+        self.flat_dim = flat_dim
+
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        b, c, fd, w = x.shape  # (B, C, fd, 1)
+        out = super().forward(x.reshape(b, c * fd, 1, 1), temb)  # (B, C'*fd, 1, 1)
+        return out.reshape(b, -1, fd, w)
+
+
+class FlatLinear(nn.Linear):
+    """A Linear over the trailing dims `in_shape` -> `out_shape`; the flat UNet's stand-in for convs and resampling.
+
+    The weight stays the 2-D (prod(out_shape), prod(in_shape)) matrix the checkpoints store.
+    """
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]):
+        super().__init__(math.prod(in_shape), math.prod(out_shape))
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+
+    def forward(self, x: Tensor, output_size: object = None) -> Tensor:
+        lead = x.shape[: x.dim() - len(self.in_shape)]
+        return super().forward(x.reshape(*lead, self.in_features)).reshape(*lead, *self.out_shape)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv; padding 0 means the VAE's asymmetric (right/bottom) zero pad first."""
+
+    def __init__(self, ch: int, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 (or to the skip's size when the input is odd-sized), then a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor, output_size: tuple[int, int] | None = None) -> Tensor:
+        if output_size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(output_size), mode="nearest")
+        return self.conv(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention through scaled_dot_product_attention; cross-attention when `context` is given."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None, bias: bool = False):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # key `to_out.0`: the reference keeps a Dropout at .1
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        ctx = x if context is None else context
+        q, k, v = (rearrange(p(i), "b n (h d) -> b h n d", h=self.heads)
+                   for p, i in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx)))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): the first half of the projection, gated by the exact GELU of the second."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # keys `net.0.proj` and `net.2`; index 1 is the reference's Dropout(0)
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, only_cross_attention: bool = False):
+        super().__init__()
+        self.only_cross_attention = only_cross_attention
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim, context_dim if only_cross_attention else None)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """A context layer of VD: tokens from every position of [B, C, H, W] attend to a context [B, L, D].
+
+    The flat UNet feeds [B, C, fd, 1], i.e. fd tokens. Output = input + the transformer's residual.
+    """
+
+    def __init__(self, ch: int, heads: int, context_dim: int, depth: int, groups: int,
+                 linear_projection: bool = False, only_cross_attention: bool = False):
+        super().__init__()
+        head_dim = ch // heads
+        inner = heads * head_dim
+        self.linear_projection = linear_projection
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, inner) if linear_projection else nn.Conv2d(ch, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(inner, heads, head_dim, context_dim, only_cross_attention) for _ in range(depth)])
+        self.proj_out = nn.Linear(inner, ch) if linear_projection else nn.Conv2d(inner, ch, 1)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        _, _, h, w = x.shape
+        y = self.norm(x)
+        if self.linear_projection:
+            y = self.proj_in(rearrange(y, "b c h w -> b (h w) c"))
+        else:
+            y = rearrange(self.proj_in(y), "b c h w -> b (h w) c")
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.linear_projection:
+            y = rearrange(self.proj_out(y), "b (h w) c -> b c h w", h=h, w=w)
+        else:
+            y = self.proj_out(rearrange(y, "b (h w) c -> b c h w", h=h, w=w))
+        return x + y
