@@ -1,0 +1,122 @@
+"""Pieces shared by the samplers: beta schedules, timestep spacing, and reading scheduler_config.json.
+
+Numbers follow diffusers 0.42.1 exactly (the parity oracle), including where it computes in float32
+and where in float64: https://github.com/huggingface/diffusers/tree/v0.42.1/src/diffusers/schedulers
+Notation: `alpha_bar` is the cumulative product of (1 - beta), called `alphas_cumprod` in diffusers
+and alpha_t in the DDIM paper.
+"""
+
+import math
+import reprlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+EpsFn = Callable[[Tensor, Tensor], Tensor]  # (model_input, t) -> model output
+Callback = Callable[[int, Tensor, Tensor], None]  # (i, t, x) after each update
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("leading", "linspace", "trailing")
+
+S = TypeVar("S", bound="Schedule")
+
+
+def cosine_betas(n: int, max_beta: float = 0.999) -> Tensor:
+    """Betas discretising alpha_bar(t) = cos²((t + 0.008)/1.008 · π/2) (Nichol & Dhariwal 2021, eq. 17)."""
+    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    # float64 arithmetic per step, one cast to float32 at the end (as diffusers)
+    return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)], dtype=torch.float32)
+
+
+def arange_like_numpy(start: float, stop: float, step: float) -> Tensor:
+    """float64 `np.arange(start, stop, step)`, reproducing numpy's length and fill rule bit for bit."""
+    n = max(math.ceil((stop - start) / step), 0)
+    # numpy stores start and start + step, then fills x_i = start + i·(x_1 − start) for i >= 2
+    delta = (start + step) - start
+    return start + torch.arange(n, dtype=torch.float64) * delta
+
+
+def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset: int) -> Tensor:
+    """Descending float64 timesteps for `num_steps` sampling steps (not yet rounded for "linspace").
+
+    "leading": t_k = k·(T // N) + steps_offset; "trailing": round(T − k·T/N) − 1; "linspace": N points
+    evenly over [0, T − 1]. We keep diffusers' choice that `steps_offset` only shifts "leading".
+    Stable Diffusion and VD ship "leading" with steps_offset=1, so sampling ends at t = 1 and never
+    visits t = 0 (and leading, unlike trailing, never starts at t = T − 1); see diffusers issue #2585
+    and Lin et al. 2023, table 2. We reproduce that for pixel parity rather than "fixing" it.
+    """
+    if not 1 <= num_steps <= num_train:
+        raise ValueError(f"num_inference_steps must be in [1, {num_train}], got {num_steps}")
+    T, N = num_train, num_steps
+    if spacing == "leading":
+        ts = (torch.arange(N, dtype=torch.float64) * (T // N) + steps_offset).flip(0)
+        if ts[0] >= T:  # e.g. N = T with steps_offset 1: diffusers fails later with an IndexError
+            raise ValueError(f"num_inference_steps={N} with steps_offset={steps_offset} reaches timestep "
+                             f"{int(ts[0])}, beyond the {T} trained ones; use at most {T - steps_offset}")
+        return ts
+    if spacing == "trailing":
+        return arange_like_numpy(T, 0, -T / N).round() - 1
+    if spacing == "linspace":
+        # np.linspace: i·step with the last point set to the end exactly
+        lin = torch.arange(N, dtype=torch.float64) * ((T - 1) / (N - 1) if N > 1 else 0.0)
+        lin[-1] = T - 1 if N > 1 else 0.0
+        return lin.flip(0)
+    raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """Config fields shared by the samplers; defaults are those of the diffusers scheduler classes."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+
+    PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
+    # config keys we accept only at the given value (the features are not implemented)
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {"trained_betas": None}
+
+    def __post_init__(self) -> None:
+        for key, allowed in (
+            ("beta_schedule", BETA_SCHEDULES),
+            ("timestep_spacing", SPACINGS),
+            ("prediction_type", self.PREDICTION_TYPES),
+        ):
+            if getattr(self, key) not in allowed:
+                name, value = type(self).__name__, getattr(self, key)
+                raise ValueError(f"{key} must be one of {allowed} for {name}, got {value!r}")
+
+    @classmethod
+    def from_config(cls: type[S], config: Mapping[str, Any]) -> S:
+        """Build from a raw scheduler_config.json dict, as diffusers' `XScheduler.from_config(config)` would.
+
+        Keys in the dict win; "_"-prefixed keys are metadata; a key listed in "_use_default_values" counts
+        as absent, so it takes this sampler's own default (e.g. LMS keeps "linspace" spacing when built
+        from the hub VD config, which has no timestep_spacing); keys this sampler lacks are ignored.
+        """
+        absent = set(config.get("_use_default_values", ()))
+        given = {k: v for k, v in config.items() if not k.startswith("_") and k not in absent}
+        for key, only in cls.UNSUPPORTED.items():
+            if key in given and given[key] != only:
+                value = reprlib.repr(given[key])
+                raise ValueError(f"{key}={value} is not supported by {cls.__name__} (only {only!r} is)")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in given.items() if k in names})
+
+    def alpha_bars(self) -> Tensor:
+        """alpha_bar_t for t = 0..T-1, float32 (T,)."""
+        T, b0, b1 = self.num_train_timesteps, self.beta_start, self.beta_end
+        if self.beta_schedule == "linear":
+            betas = torch.linspace(b0, b1, T, dtype=torch.float32)
+        elif self.beta_schedule == "scaled_linear":  # linear in sqrt(beta); the LDM/SD/VD schedule
+            betas = torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float32) ** 2
+        else:
+            betas = cosine_betas(T)
+        return torch.cumprod(1.0 - betas, dim=0)

@@ -1,0 +1,102 @@
+"""DDIM sampler (Song, Meng & Ermon 2020, "Denoising Diffusion Implicit Models", arXiv:2010.02502).
+
+Matches diffusers' `DDIMScheduler` (v0.42.1) step for step, in its float32 arithmetic:
+https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_ddim.py
+
+Notation (code -> paper):
+    a, a_prev   alpha_t, alpha_{t-1}: cumulative alpha products (diffusers' alphas_cumprod) at this
+                timestep and at the next, less noisy one
+    b, b_prev   1 - alpha_t, 1 - alpha_{t-1}
+    eps         epsilon_theta^(t)(x_t), the predicted noise
+    x0          "predicted x_0" of eq. 12
+    sigma       sigma_t(eta) of eq. 16; eta = 0 is DDIM, eta = 1 is DDPM
+    z           epsilon_t ~ N(0, I), the fresh noise of eq. 12
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .common import Callback, EpsFn, Schedule, spaced_timesteps
+from .noise import randn
+
+
+def ddim_step(
+    out: Tensor, x: Tensor, a: Tensor, a_prev: Tensor, eta: float, z: Tensor | None,
+    prediction_type: str = "epsilon", clip: float | None = None,
+) -> Tensor:
+    """One DDIM update x_t -> x_{t-1} (eq. 12). `a`, `a_prev` are 0-d float32 tensors."""
+    b = 1 - a
+    # 1. predicted x_0 and eps from the model output (v = sqrt(a)·eps − sqrt(b)·x0, Salimans & Ho 2022)
+    if prediction_type == "epsilon":
+        x0, eps = (x - b**0.5 * out) / a**0.5, out
+    elif prediction_type == "v_prediction":
+        x0, eps = a**0.5 * x - b**0.5 * out, a**0.5 * out + b**0.5 * x
+    else:  # "sample"
+        x0, eps = out, (x - a**0.5 * out) / b**0.5
+    # 2. optional clipping of x_0; eps stays the unclipped one (parity: diffusers' default)
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    # 3. sigma_t(eta), eq. 16: eta · sqrt((1 − a_prev)/(1 − a) · (1 − a/a_prev))
+    sigma = eta * ((1 - a_prev) / b * (1 - a / a_prev)) ** 0.5
+    # 4. "direction pointing to x_t", eq. 12
+    dir_xt = (1 - a_prev - sigma**2) ** 0.5 * eps
+    # 5. x_{t-1} = sqrt(a_prev)·x0 + direction (+ sigma·z), eq. 12
+    x_prev = a_prev**0.5 * x0 + dir_xt
+    return x_prev + sigma * z if z is not None else x_prev
+
+
+@dataclass(frozen=True, kw_only=True)
+class DDIM(Schedule):
+    """DDIM with diffusers' DDIMScheduler defaults; build VD's with `DDIM.from_config(config)`."""
+
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = True
+
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False,
+    }
+
+    def timesteps(self, num_steps: int) -> Tensor:
+        """Descending int64 timesteps, as `DDIMScheduler.set_timesteps(num_steps)`."""
+        T = self.num_train_timesteps
+        return spaced_timesteps(self.timestep_spacing, num_steps, T, self.steps_offset).round().long()
+
+    def init_noise_sigma(self, num_steps: int) -> float:
+        return 1.0
+
+    def sample(
+        self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None, eta: float = 0.0,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+    ) -> Tensor:
+        """Run the DDIM loop from unit-variance noise `x` (B, ...). For eta > 0 the fresh noise z of each
+        step comes from `noise` (one tensor per step) or is drawn from `generator` in diffusers' order."""
+        if noise is not None and generator is not None:
+            raise ValueError("pass either noise or generator, not both")
+        ts = self.timesteps(num_steps)
+        if noise is not None and eta > 0 and len(noise) < len(ts):
+            raise ValueError(f"noise: need {len(ts)} tensors, got {len(noise)}")
+        a_bar = self.alpha_bars()  # (T,) float32
+        a_last = torch.tensor(1.0, dtype=torch.float32) if self.set_alpha_to_one else a_bar[0]  # "alpha_{-1}"
+        # parity: diffusers steps back by T // N even for "linspace"/"trailing" (diffusers issue #12633)
+        stride = self.num_train_timesteps // num_steps
+        clip = self.clip_sample_range if self.clip_sample else None
+        ts_dev = ts.to(x.device).unbind()  # 0-d timesteps passed to eps_fn and callback
+        x = x * self.init_noise_sigma(num_steps)
+        for i, t in enumerate(ts.tolist()):
+            out = eps_fn(x, ts_dev[i])
+            z = None  # fresh noise only when eta > 0, so the generator advances exactly as in diffusers
+            if eta > 0 and noise is not None:
+                z = noise[i].to(out)
+            elif eta > 0:
+                z = randn(out.shape, generator, out.device, out.dtype)
+            a_prev = a_bar[t - stride] if t - stride >= 0 else a_last
+            x = ddim_step(out, x, a_bar[t], a_prev, eta, z, self.prediction_type, clip)
+            if callback is not None:
+                callback(i, ts_dev[i], x)
+        return x
