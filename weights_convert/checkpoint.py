@@ -1,0 +1,170 @@
+"""A VD checkpoint in any layout, seen as our parts: which tensor of which file fills each of our parameters.
+
+Parts (one safetensors file each once converted):
+  image_unet.global / .data / .context   the image UNet split as VD splits it (vd.nn.unet)
+  text_unet.data / .context              the text UNet (its time MLP is the image UNet's, as in the original)
+  vae.encoder / vae.decoder              kl-f8, with quant_conv / post_quant_conv
+  text_encoder / image_encoder           CLIP ViT-L/14 towers with their projections (transformers names)
+A task needs only some parts (`TASK_PARTS`): text-to-image never touches the 1.44 B data parameters of the
+text UNet. Opening a checkpoint reads names and shapes only; `load(part)` reads that part's tensors.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vd.nn import AutoencoderKL, UNet, UNetConfig, VAEConfig
+from weights_convert.keymaps import Transform
+from weights_convert.tensorfile import CheckpointError, TensorFile
+
+COMPONENT_PARTS = {
+    "image_unet": ("global", "data", "context"),
+    "text_unet": ("data", "context"),
+    "vae": ("encoder", "decoder"),
+    "text_encoder": (),
+    "image_encoder": (),
+}
+ALL_PARTS = tuple(f"{c}.{p}" if p else c for c, ps in COMPONENT_PARTS.items() for p in (ps or ("",)))
+
+TASK_PARTS = {
+    "text_to_image": ("image_unet.global", "image_unet.data", "text_unet.context", "vae.decoder", "text_encoder"),
+    "image_variation": ("image_unet.global", "image_unet.data", "image_unet.context", "vae.decoder", "image_encoder"),
+    "dual_guided": ("image_unet.global", "image_unet.data", "image_unet.context", "text_unet.context",
+                    "vae.decoder", "text_encoder", "image_encoder"),
+}
+TASKS = tuple(TASK_PARTS)
+
+
+def parts_for(tasks: Iterable[str]) -> tuple[str, ...]:
+    """The parts the given tasks need, in canonical order."""
+    tasks = list(tasks)
+    for t in tasks:
+        if t not in TASK_PARTS:
+            raise ValueError(f"tasks: unknown task {t!r}; expected some of {list(TASKS)}")
+    need = {p for t in tasks for p in TASK_PARTS[t]}
+    return tuple(p for p in ALL_PARTS if p in need)
+
+
+def part_of(component: str, key: str) -> str:
+    """Which part of `component` our parameter `key` belongs to."""
+    if component in ("image_unet", "text_unet"):
+        if key.startswith("time_embedding."):
+            return f"{component}.global"
+        return f"{component}.context" if ".attentions." in key else f"{component}.data"
+    if component == "vae":
+        return "vae.encoder" if key.startswith(("encoder.", "quant_conv.")) else "vae.decoder"
+    return component
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one of our tensors comes from."""
+
+    file: TensorFile
+    key: str
+    transform: Transform | None = None
+
+    def shape(self) -> tuple[int, ...]:
+        s = self.file.shape(self.key)
+        return self.transform.shape(s) if self.transform else s
+
+    def read(self) -> Tensor:
+        t = self.file.get(self.key)
+        return self.transform(t) if self.transform else t
+
+
+@dataclass
+class Checkpoint:
+    origin: str                                                   # what was opened, for messages
+    configs: dict[str, object] = field(default_factory=dict)      # UNetConfig / VAEConfig / CLIP config dict
+    sources: dict[str, dict[str, Source]] = field(default_factory=dict)  # part -> {our key: source}
+    ignored: dict[str, str] = field(default_factory=dict)         # "file: key" -> why it is not used
+    tokenizer: Path | None = None                                 # folder of CLIPTokenizer files
+    image_processor: dict | None = None                           # CLIPImageProcessor settings
+    scheduler: dict | None = None                                 # scheduler_config.json
+    config_files: dict[str, str] = field(default_factory=dict)    # component -> config file, for messages
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(p for p in ALL_PARTS if p in self.sources)
+
+    def require(self, parts: Iterable[str], why: str) -> None:
+        missing = [p for p in parts if p not in self.sources]
+        if missing:
+            raise CheckpointError(f"{self.origin}: has no {', '.join(missing)}, needed for {why}")
+
+    def load(self, part: str, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Read one part's tensors (memory-mapped where the file allows), cast to dtype if given."""
+        out = {}
+        for key, src in self.sources[part].items():
+            t = src.read()
+            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                t = t.to(dtype)
+            out[key] = t
+        return out
+
+    def add(self, component: str, key: str, source: Source) -> None:
+        part = part_of(component, key)
+        bucket = self.sources.setdefault(part, {})
+        if key in bucket:
+            raise CheckpointError(f"{source.file.path}: {source.key!r} and {bucket[key].key!r} "
+                                  f"both map to {component} {key!r}")
+        bucket[key] = source
+
+    def validate(self) -> None:
+        """Every parameter of every present part is filled, with the right shape, and nothing else."""
+        for part in self.parts:
+            component = part.split(".")[0]
+            want = expected_shapes(part, self.configs[component])
+            have = self.sources[part]
+            where = self.config_files.get(component, "the config")
+            for key in sorted(set(want) - set(have)):
+                files = sorted({str(s.file.path) for s in have.values()}) or [self.origin]
+                raise CheckpointError(f"{', '.join(files)}: missing {component} weight {key!r} (part {part})")
+            for key in sorted(set(have) - set(want)):
+                raise CheckpointError(f"{have[key].file.path}: unexpected key {have[key].key!r} "
+                                      f"({component} has no {key!r} according to {where})")
+            for key, src in have.items():
+                if src.shape() != want[key]:
+                    raise CheckpointError(f"{src.file.path}: {src.key!r} has shape {list(src.shape())}, but "
+                                          f"{where} implies {list(want[key])}")
+
+
+def expected_shapes(part: str, config: object) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of one part of our modules, built on the meta device (no memory)."""
+    component, _, sub = part.partition(".")
+    with torch.device("meta"):
+        if component in ("image_unet", "text_unet"):
+            model = UNet(config, parts=frozenset({sub}))
+        elif component == "vae":
+            model = AutoencoderKL(config, parts=frozenset({sub}))
+        else:
+            model = build_clip(component, config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def build_clip(component: str, config: dict):
+    """A transformers CLIP tower with projection (on the current default device)."""
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+    if component == "text_encoder":
+        return CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config))
+    return CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(config))
+
+
+def config_to_json(config: object) -> dict:
+    """Our dataclass configs (or a CLIP config dict) as plain JSON."""
+    if isinstance(config, (UNetConfig, VAEConfig)):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
+    return dict(config)
+
+
+def config_from_json(component: str, d: dict) -> object:
+    if component in ("image_unet", "text_unet"):
+        return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    if component == "vae":
+        return VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return dict(d)

@@ -1,0 +1,269 @@
+"""Readers for every layout shi-labs/versatile-diffusion was published in, and for our converted folders.
+
+  diffusers folders   image_unet/ text_unet/ vae/ text_encoder/ image_encoder/ tokenizer/ scheduler/ ...
+                      (config.json per folder; *.safetensors or *.bin; model_index.json is not needed and its
+                      class names are never resolved)
+  current original    vd-four-flow-v1-0(.pth|-fp16.pth): diffuser.image.* + diffuser.text.*, plus kl-f8.pth
+  Nov-2022 original   vd-four-flow-v1-0(-fp16)-deprecated.pth: model.diffusion_model.*, autokl.*, clip.model.*,
+                      optimus.*
+  converted           config.json with "format": "vd" and one <part>.safetensors per part
+
+Each reader routes every source key to one of our parameters or to a named reason for ignoring it; anything
+else is an error naming the file and the key. `open_checkpoint` then checks names and shapes against our
+modules built from the configs (`Checkpoint.validate`).
+"""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from vd.nn import VD_IMAGE_UNET, VD_TEXT_UNET, VD_VAE, UNetConfig, VAEConfig
+from weights_convert import presets
+from weights_convert.checkpoint import COMPONENT_PARTS, Checkpoint, Source, config_from_json, part_of
+from weights_convert.keymaps import (LEGACY_VAE_ATTENTION, Layer, clip_layers, find_layer, rename,
+                                     unet_layers_v1, unet_layers_v2, vae_layers_ldm)
+from weights_convert.tensorfile import CheckpointError, TensorFile
+
+FORMAT = "vd"
+FORMAT_VERSION = 1
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+ORIGINAL_FILES = ("vd-four-flow-v1-0.pth", "vd-four-flow-v1-0-fp16.pth", "vd-four-flow-v1-0-deprecated.pth",
+                  "vd-four-flow-v1-0-fp16-deprecated.pth")
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2")
+
+# Source keys we read past on purpose, and why.
+WHY_SCHEDULE = "noise-schedule buffer of the training code; the schedule comes from the scheduler config"
+WHY_POSITION_IDS = "constant position-id buffer; transformers rebuilds it"
+WHY_TEXT_TIME = ("the text UNet's copy of the time MLP; every VD flow uses the image UNet's, which the original "
+                 "stores only once")
+WHY_OPTIMUS = "Optimus text VAE, used only by image-to-text and text variation, which vd does not implement yet"
+WHY_LOGIT_SCALE = "CLIP's contrastive temperature, unused by VD"
+
+Route = tuple[str, str, object] | str | None  # (component, our key, transform) | reason to ignore | unexpected
+
+
+def open_checkpoint(src: str | Path, *, kl_f8: str | Path | None = None, clip: str | Path | None = None,
+                    configs: dict[str, object] | None = None) -> Checkpoint:
+    """Open a local checkpoint in any supported layout (names and shapes only) and validate it.
+
+    kl_f8: the VAE file for the current original layout (default: kl-f8.pth beside it).
+    clip: a diffusers-layout folder giving what an original .pth lacks (CLIP towers, tokenizer, preprocessing);
+      default: the folder two levels above the .pth if it is one (the hub repo keeps the .pth in pretrained_pth/).
+    configs: component configs for original layouts (default: the full-size VD ones; tests pass tiny ones).
+    """
+    path = Path(src)
+    if path.is_dir():
+        conf = path / "config.json"
+        if conf.is_file() and _json(conf).get("format") == FORMAT:
+            ckpt = read_converted(path)
+        elif (path / "model_index.json").is_file() or any((path / c).is_dir() for c in COMPONENT_PARTS):
+            ckpt = read_diffusers(path)
+        else:
+            found = [path / n for n in ORIGINAL_FILES if (path / n).is_file()]
+            if not found:
+                raise CheckpointError(f"{path}: not a VD checkpoint folder (no model_index.json, no component "
+                                      f"folders, no config.json of ours, no {ORIGINAL_FILES[0]})")
+            ckpt = read_original(found[0], kl_f8=kl_f8, clip=clip, configs=configs)
+    elif path.is_file():
+        ckpt = read_original(path, kl_f8=kl_f8, clip=clip, configs=configs)
+    else:
+        raise CheckpointError(f"{path}: no such file or folder")
+    ckpt.validate()
+    return ckpt
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+
+
+def _collect(ckpt: Checkpoint, file: TensorFile, route: Callable[[str], Route]) -> None:
+    for key in file.keys():
+        r = route(key)
+        if r is None:
+            raise CheckpointError(f"{file.path}: unexpected key {key!r}")
+        if isinstance(r, str):
+            ckpt.ignored[f"{file.path}: {key}"] = r
+        else:
+            component, ours, transform = r
+            ckpt.add(component, ours, Source(file, key, transform))
+
+
+# ---- diffusers folders
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight file(s) of one diffusers/transformers component folder; safetensors preferred."""
+    for variant in ("", ".fp16"):
+        for ext in (".safetensors", ".bin"):
+            for stem in WEIGHT_STEMS:
+                index = folder / f"{stem}{variant}{ext}.index.json"
+                if index.is_file():
+                    return sorted({folder / f for f in _json(index)["weight_map"].values()})
+                single = folder / f"{stem}{variant}{ext}"
+                if single.is_file():
+                    return [single]
+    raise CheckpointError(f"{folder}: no weight file (expected diffusion_pytorch_model.safetensors or .bin, "
+                          "model.safetensors or pytorch_model.bin)")
+
+
+def _diffusers_route(component: str) -> Callable[[str], Route]:
+    def route(key: str) -> Route:
+        if component == "text_unet" and key.startswith("time_embedding."):
+            return WHY_TEXT_TIME
+        if component in ("text_encoder", "image_encoder") and key.endswith("position_ids"):
+            return WHY_POSITION_IDS
+        if component == "vae" and ".mid_block.attentions.0." in key:
+            head, _, tail = key.partition(".mid_block.attentions.0.")
+            key = f"{head}.mid_block.attentions.0.{rename(tail, LEGACY_VAE_ATTENTION)}"
+        return component, key, None
+    return route
+
+
+def read_diffusers(folder: Path) -> Checkpoint:
+    ckpt = Checkpoint(origin=str(folder))
+    for component in COMPONENT_PARTS:
+        sub = folder / component
+        if not sub.is_dir():
+            continue
+        conf = sub / "config.json"
+        if not conf.is_file():
+            raise CheckpointError(f"{conf}: missing (every component folder needs its config.json)")
+        d = _json(conf)
+        try:
+            if component in ("image_unet", "text_unet"):
+                ckpt.configs[component] = UNetConfig.from_diffusers(d)
+            elif component == "vae":
+                ckpt.configs[component] = VAEConfig.from_diffusers(d)
+            else:
+                ckpt.configs[component] = {k: v for k, v in d.items() if not k.startswith("_")}
+        except ValueError as e:
+            raise CheckpointError(f"{conf}: {e}") from None
+        ckpt.config_files[component] = str(conf)
+        for f in weight_files(sub):
+            _collect(ckpt, TensorFile(f), _diffusers_route(component))
+    if (folder / "tokenizer").is_dir():
+        ckpt.tokenizer = folder / "tokenizer"
+    pre = folder / "image_feature_extractor" / "preprocessor_config.json"
+    if pre.is_file():
+        ckpt.image_processor = _json(pre)
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        ckpt.scheduler = _json(sched)
+    return ckpt
+
+
+# ---- original SHI-Labs files
+
+def _layer_route(tables: dict[str, list[Layer]], ignore: Callable[[str], str | None]) -> Callable[[str], Route]:
+    """Route keys through the layer tables of several components."""
+    layers = {layer.source: layer for table in tables.values() for layer in table}
+    owner = {layer.source: component for component, table in tables.items() for layer in table}
+
+    def route(key: str) -> Route:
+        why = ignore(key)
+        if why:
+            return why
+        found = find_layer(layers, key)
+        if found is None:
+            return None
+        layer, suffix = found
+        new = rename(suffix, layer.renames)
+        return owner[layer.source], (f"{layer.target}.{new}" if layer.target else new), layer.transform
+    return route
+
+
+def read_original(pth: Path, *, kl_f8: str | Path | None = None, clip: str | Path | None = None,
+                  configs: dict[str, object] | None = None) -> Checkpoint:
+    cfg = {"image_unet": VD_IMAGE_UNET, "text_unet": VD_TEXT_UNET, "vae": VD_VAE,
+           "text_encoder": presets.CLIP_TEXT, "image_encoder": presets.CLIP_VISION, **(configs or {})}
+    file = TensorFile(pth)
+    keys = file.keys()
+    ckpt = Checkpoint(origin=str(pth), scheduler=dict(presets.SCHEDULER), image_processor=dict(presets.IMAGE_PROCESSOR))
+    if any(k.startswith("diffuser.image.") for k in keys):          # current layout (Feb 2023)
+        tables = {"image_unet": unet_layers_v2(cfg["image_unet"], "diffuser.image", with_time=True),
+                  "text_unet": unet_layers_v2(cfg["text_unet"], "diffuser.text", with_time=False)}
+        _collect(ckpt, file, _layer_route(tables, lambda k: WHY_SCHEDULE if k in SCHEDULE_BUFFERS else None))
+        ckpt.configs.update({c: cfg[c] for c in ("image_unet", "text_unet")})
+        vae_file = Path(kl_f8) if kl_f8 else pth.parent / "kl-f8.pth"
+        if vae_file.is_file() or kl_f8:
+            vae = TensorFile(vae_file)
+            _collect(ckpt, vae, _layer_route({"vae": vae_layers_ldm(cfg["vae"])}, lambda k: None))
+            ckpt.configs["vae"] = cfg["vae"]
+    elif any(k.startswith("model.diffusion_model.") for k in keys):  # Nov-2022 layout
+        text, vision = clip_layers("clip.model")
+        tables = {
+            "image_unet": unet_layers_v1(cfg["image_unet"], "model.diffusion_model.unet_image",
+                                         "model.diffusion_model.time_embed"),
+            "text_unet": unet_layers_v1(cfg["text_unet"], "model.diffusion_model.unet_text", None),
+            "vae": vae_layers_ldm(cfg["vae"], "autokl"),
+            "text_encoder": text, "image_encoder": vision,
+        }
+        _collect(ckpt, file, _layer_route(tables, _ignore_v1))
+        ckpt.configs.update({c: cfg[c] for c in COMPONENT_PARTS})
+    else:
+        raise CheckpointError(f"{pth}: not a VD checkpoint (no 'diffuser.image.*' or 'model.diffusion_model.*' keys)")
+    # configs name where a shape mismatch comes from
+    ckpt.config_files.update({c: "the VD preset config" for c in ckpt.configs})
+    _add_clip_assets(ckpt, pth, clip)
+    return ckpt
+
+
+def _ignore_v1(key: str) -> str | None:
+    if key in SCHEDULE_BUFFERS:
+        return WHY_SCHEDULE
+    if key.startswith("optimus."):
+        return WHY_OPTIMUS
+    if key == "clip.model.logit_scale":
+        return WHY_LOGIT_SCALE
+    if key.startswith("clip.model.") and key.endswith("position_ids"):
+        return WHY_POSITION_IDS
+    return None
+
+
+def _add_clip_assets(ckpt: Checkpoint, pth: Path, clip: str | Path | None) -> None:
+    """Take the CLIP towers (if the .pth lacks them), tokenizer and preprocessing from a diffusers folder."""
+    if clip is None:
+        guess = pth.resolve().parent.parent
+        if not (guess / "tokenizer").is_dir():
+            return
+        clip = guess
+    other = read_diffusers(Path(clip))
+    for component in ("text_encoder", "image_encoder"):
+        if component not in ckpt.configs and component in other.configs:
+            ckpt.configs[component] = other.configs[component]
+            ckpt.config_files[component] = other.config_files[component]
+            ckpt.sources[component] = other.sources[component]
+    ckpt.tokenizer = other.tokenizer
+    ckpt.image_processor = other.image_processor or ckpt.image_processor
+
+
+# ---- our converted folders
+
+def read_converted(folder: Path) -> Checkpoint:
+    meta = _json(folder / "config.json")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder / 'config.json'}: format_version {meta.get('format_version')!r} is not "
+                              f"{FORMAT_VERSION}; convert the checkpoint again")
+    ckpt = Checkpoint(origin=str(folder), image_processor=meta.get("image_processor"), scheduler=meta.get("scheduler"))
+    try:
+        ckpt.configs = {c: config_from_json(c, d) for c, d in meta["configs"].items()}
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: malformed configs ({e})") from None
+    ckpt.config_files = {c: str(folder / "config.json") for c in ckpt.configs}
+    if meta.get("tokenizer"):
+        ckpt.tokenizer = folder / meta["tokenizer"]
+    for part in meta.get("parts", []):
+        component = part.split(".")[0]
+        if component not in ckpt.configs:
+            raise CheckpointError(f"{folder / 'config.json'}: part {part!r} has no config for {component!r}")
+        file = TensorFile(folder / f"{part}.safetensors")
+
+        def route(key: str, component=component, part=part) -> Route:
+            return (component, key, None) if part_of(component, key) == part else None
+        _collect(ckpt, file, route)
+    return ckpt
