@@ -1,0 +1,111 @@
+"""A tiny random Versatile Diffusion pipeline built from diffusers' and transformers' own classes, and saved with
+diffusers' `save_pretrained`: the reference side of the facade parity tests."""
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from helpers import TINY_UNET_A, flat_config, randomize_
+
+# Every image UNet level gets the same context width as the CLIP projections (16).
+IMAGE_UNET = dict(TINY_UNET_A, cross_attention_dim=16, sample_size=8)
+TEXT_UNET = flat_config(IMAGE_UNET, [24, 1, 1])
+# four levels, so images are 8x the latents as in VD (and an odd latent size is reachable: 72 px -> 9)
+VAE = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, latent_channels=4,
+           sample_size=64, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+SCHEDULER = json.loads((Path(__file__).parent / "data" / "manifests" / "configs" / "scheduler" /
+                        "scheduler_config.json").read_text())
+IMAGE_PROCESSOR = dict(do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
+                       crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
+                       do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                       image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 byte values (the start of every CLIP vocabulary)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
+
+
+def tiny_tokenizer():
+    """A real CLIPTokenizer with a small BPE vocabulary (bytes, a few merges, the two specials)."""
+    from transformers import CLIPTokenizer
+    chars = _bytes_to_unicode()
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("c", "a"), ("ca", "t</w>"),
+              ("o", "n"), ("r", "e"), ("i", "n"), ("in", "g</w>")]
+    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=77)
+
+
+def build_components(seed: int = 0) -> dict:
+    """All eight components of diffusers' VersatileDiffusionPipeline, tiny and with every weight random."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=16, bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=224,
+        patch_size=14, projection_dim=16))
+    image_unet = randomize_(UNet2DConditionModel.from_config(IMAGE_UNET), seed + 1)
+    text_unet = randomize_(UNetFlatConditionModel.from_config(TEXT_UNET), seed + 2)
+    vae = randomize_(AutoencoderKL.from_config(VAE), seed + 3)
+    # the reference pipelines pick a scheduler class from the config; the VD file is a DDIM one
+    scheduler = DDIMScheduler.from_config(SCHEDULER)
+    processor = CLIPImageProcessor(**IMAGE_PROCESSOR)
+    return dict(tokenizer=tokenizer, image_feature_extractor=processor, text_encoder=text_encoder.eval(),
+                image_encoder=image_encoder.eval(), image_unet=image_unet.eval(), text_unet=text_unet.eval(),
+                vae=vae.eval(), scheduler=scheduler)
+
+
+def save(components: dict, folder: Path) -> Path:
+    from diffusers import VersatileDiffusionPipeline
+    VersatileDiffusionPipeline(**copy.deepcopy(components)).save_pretrained(folder)
+    return folder
+
+
+def load_reference_components(folder: Path) -> dict:
+    """Each component loaded from the saved folder by its own class (diffusers' pipeline loader cannot resolve
+    the class name it writes for text_unet, "UNetFlatConditionModel")."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
+    from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
+                              CLIPVisionModelWithProjection)
+    return dict(
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        image_feature_extractor=CLIPImageProcessor.from_pretrained(folder / "image_feature_extractor"),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder").eval(),
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder").eval(),
+        image_unet=UNet2DConditionModel.from_pretrained(folder / "image_unet").eval(),
+        text_unet=UNetFlatConditionModel.from_pretrained(folder / "text_unet").eval(),
+        vae=AutoencoderKL.from_pretrained(folder / "vae").eval(),
+        scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
+    )
+
+
+def reference(task: str, folder: Path, scheduler: str = "ddim"):
+    """A fresh reference pipeline for one task over components loaded from the saved folder (the reference
+    mutates its UNets, so every test gets its own), with the scheduler chosen as diffusers users do."""
+    from diffusers import (DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler, VersatileDiffusionDualGuidedPipeline,
+                           VersatileDiffusionImageVariationPipeline, VersatileDiffusionTextToImagePipeline)
+    c = load_reference_components(folder)
+    c["scheduler"] = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "lms": LMSDiscreteScheduler}[scheduler].from_config(
+        c["scheduler"].config)
+    if task == "text_to_image":
+        keys = ("tokenizer", "text_encoder", "image_unet", "text_unet", "vae", "scheduler")
+        pipe = VersatileDiffusionTextToImagePipeline(**{k: c[k] for k in keys})
+    elif task == "image_variation":
+        keys = ("image_feature_extractor", "image_encoder", "image_unet", "vae", "scheduler")
+        pipe = VersatileDiffusionImageVariationPipeline(**{k: c[k] for k in keys})
+    else:
+        pipe = VersatileDiffusionDualGuidedPipeline(**c)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

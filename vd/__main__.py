@@ -1,0 +1,5 @@
+import sys
+
+from vd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""Argument checks for the facade and the CLI: each names the argument, the value given and what was expected,
+and all run before any model does."""
+
+import numbers
+from collections.abc import Sequence
+
+import PIL.Image
+import torch
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def fail(name: str, value: object, expected: str, error: type[Exception] = ValueError) -> None:
+    raise error(f"{name}: expected {expected}, got {_show(value)}")
+
+
+def prompts(name: str, value: object) -> list[str]:
+    """A str or a non-empty list of str, as a list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        if not value:
+            fail(name, value, "a non-empty list of strings")
+        return list(value)
+    fail(name, value, "a string or a non-empty list of strings", TypeError)
+
+
+def images(name: str, value: object) -> list[PIL.Image.Image] | torch.Tensor:
+    """A PIL image, a non-empty list of them, or a float tensor [B, 3, H, W] with values in [0, 1]."""
+    if isinstance(value, PIL.Image.Image):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, PIL.Image.Image) for v in value):
+        return list(value)
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point() or value.dim() != 4 or value.shape[1] != 3 or value.shape[0] == 0:
+            fail(name, f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}",
+                 "a float tensor of shape [B, 3, H, W]")
+        if not torch.isfinite(value).all() or value.min() < 0 or value.max() > 1:
+            fail(name, f"tensor with values in [{value.min().item():.3g}, {value.max().item():.3g}]",
+                 "values in [0, 1]")
+        return value
+    if isinstance(value, (list, tuple)) and not value:
+        fail(name, value, "a non-empty list of PIL images")
+    fail(name, value, "a PIL image, a list of PIL images, or a float tensor [B, 3, H, W] in [0, 1]", TypeError)
+
+
+def integer(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        fail(name, value, f"an integer >= {minimum}", TypeError)
+    if value < minimum or (maximum is not None and value > maximum):
+        fail(name, value, f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else ""))
+    return int(value)
+
+
+def number(name: str, value: object, low: float, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail(name, value, "a number", TypeError)
+    if not (value >= low and (high is None or value <= high)):  # also refuses NaN
+        fail(name, value, f"a number in [{low}, {high}]" if high is not None else f"a number >= {low}")
+    return float(value)
+
+
+def size(name: str, value: object, factor: int) -> int:
+    """A positive multiple of the VAE's downscale factor (pixels)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        fail(name, value, f"a positive integer multiple of {factor}", TypeError)
+    if value <= 0 or value % factor:
+        fail(name, value, f"a positive multiple of {factor}")
+    return int(value)
+
+
+def choice(name: str, value: object, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        fail(name, value, f"one of {list(allowed)}")
+    return value
+
+
+def negative(name: str, value: object, batch: int, kind: str) -> list | None:
+    """A negative prompt (kind 'text') or negative image (kind 'image'): one, or one per prompt."""
+    if value is None:
+        return None
+    items = prompts(name, value) if kind == "text" else images(name, value)
+    if len(items) not in (1, batch):
+        fail(name, f"{len(items)} {kind}s", f"one {kind} or {batch} (one per prompt)")
+    if len(items) == 1 and batch > 1:
+        return items.expand(batch, -1, -1, -1) if isinstance(items, torch.Tensor) else items * batch
+    return items
+
+
+def generator(value: object, total: int) -> torch.Generator | list[torch.Generator] | None:
+    if value is None or isinstance(value, torch.Generator):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(g, torch.Generator) for g in value):
+        if len(value) != total:
+            fail("generator", f"a list of {len(value)} generators", f"one generator or a list of {total} "
+                 "(batch size x num_images_per_prompt)")
+        return list(value)
+    fail("generator", value, "a torch.Generator or a list of them", TypeError)
+
+
+def latents(value: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        fail("latents", value, "a torch.Tensor", TypeError)
+    if tuple(value.shape) != shape:
+        fail("latents", f"tensor of shape {tuple(value.shape)}", f"shape {shape}")
+    if not value.is_floating_point():
+        fail("latents", f"tensor of dtype {value.dtype}", "a floating-point tensor")
+    if value.device.type not in ("cpu", device.type):
+        fail("latents", f"tensor on {value.device}", f"a tensor on the CPU or on {device}")
+    if not torch.isfinite(value).all():
+        fail("latents", "tensor with NaN or inf values", "finite values")
+    return value
+
+
+def callback(value: object, steps: object) -> int:
+    if value is not None and not callable(value):
+        fail("callback", value, "a callable(step, timestep, latents) or None", TypeError)
+    return integer("callback_steps", steps, 1)

@@ -1,0 +1,107 @@
+"""Build our modules for the parts a set of tasks needs and fill them from a checkpoint.
+
+Modules are built on the meta device (no memory, no random init) and filled with `load_state_dict(assign=True)`,
+so a part's tensors are the checkpoint's own (memory-mapped where the file allows) unless a cast or a move to
+another device is asked for. Parts no task needs are never built.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vd.nn import AutoencoderKL, UNet
+from weights_convert import Checkpoint, CheckpointError, open_checkpoint, parts_for
+from weights_convert.checkpoint import build_clip
+from weights_convert.hub import download, looks_like_repo_id
+
+
+@dataclass
+class Components:
+    """What the facade runs. Any of them is None when no requested task needs it."""
+
+    image_unet: UNet | None
+    text_unet: UNet | None            # its context layers only
+    vae: AutoencoderKL | None         # its decoder only
+    text_encoder: nn.Module | None    # transformers CLIPTextModelWithProjection
+    image_encoder: nn.Module | None   # transformers CLIPVisionModelWithProjection
+    tokenizer: object | None          # transformers CLIPTokenizer
+    image_processor: object | None    # transformers CLIP image processor
+    scheduler_config: dict
+
+
+def resolve(src: str | Path, tasks: Iterable[str], *, revision: str | None = None, kl_f8=None, clip=None) -> Checkpoint:
+    """Open `src` (hub repo id, diffusers folder, original .pth, or converted folder), downloading only what
+    the tasks need from the hub."""
+    if looks_like_repo_id(src):
+        src = download(str(src), parts_for(tasks), revision=revision)
+    return open_checkpoint(src, kl_f8=kl_f8, clip=clip)
+
+
+def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device, dtype: torch.dtype) -> Components:
+    tasks = list(tasks)
+    parts = parts_for(tasks)
+    ckpt.require(parts, f"tasks {tasks}")
+    by_component: dict[str, set[str]] = {}
+    for p in parts:
+        component, _, sub = p.partition(".")
+        by_component.setdefault(component, set()).add(sub)
+
+    def fill(component: str, model: nn.Module) -> nn.Module:
+        state = {}
+        for sub in by_component[component]:
+            part = f"{component}.{sub}" if sub else component
+            state.update(ckpt.load(part, dtype))
+        model.load_state_dict(state, strict=True, assign=True)
+        _rebuild_position_ids(model)
+        return model.to(device).eval().requires_grad_(False)
+
+    built = {}
+    for component, subs in by_component.items():
+        with torch.device("meta"):
+            if component in ("image_unet", "text_unet"):
+                model = UNet(ckpt.configs[component], parts=frozenset(subs))
+            elif component == "vae":
+                model = AutoencoderKL(ckpt.configs[component], parts=frozenset(subs))
+            else:
+                model = build_clip(component, ckpt.configs[component])
+        built[component] = fill(component, model)
+
+    tokenizer = image_processor = None
+    if "text_encoder" in built:
+        if ckpt.tokenizer is None:
+            raise CheckpointError(f"{ckpt.origin}: has no tokenizer folder, needed for {tasks} (an original .pth "
+                                  "carries none: pass clip= a diffusers-layout folder)")
+        from transformers import CLIPTokenizer
+        tokenizer = CLIPTokenizer.from_pretrained(ckpt.tokenizer)
+    if "image_encoder" in built:
+        image_processor = make_image_processor(ckpt.image_processor or {})
+    return Components(built.get("image_unet"), built.get("text_unet"), built.get("vae"), built.get("text_encoder"),
+                      built.get("image_encoder"), tokenizer, image_processor, dict(ckpt.scheduler or {}))
+
+
+def _rebuild_position_ids(model: nn.Module) -> None:
+    """transformers' CLIP keeps a non-persistent `position_ids` buffer, which a meta build leaves empty."""
+    for name, buf in list(model.named_buffers()):
+        if not buf.is_meta:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        if attr != "position_ids":
+            raise CheckpointError(f"buffer {name!r} was not filled by the checkpoint")
+        owner = model.get_submodule(owner_name)
+        owner.register_buffer(attr, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
+
+
+def make_image_processor(config: dict):
+    """The CLIP image processor the reference pipelines use (transformers' PIL backend when torchvision is absent)."""
+    import transformers
+    cls = transformers.CLIPImageProcessor
+    pil = getattr(transformers, "CLIPImageProcessorPil", None)
+    if pil is not None:
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            cls = pil  # the class transformers would fall back to anyway, without its warning
+    return cls.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
