@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vd", description="Versatile Diffusion: text-to-image, image variation and "
                                 "dual-guided generation.")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("batch", help="run a JSONL file of jobs, resumable, over every GPU with torchrun (vd batch -h)")
 
     def common(s: argparse.ArgumentParser) -> None:
         s.add_argument("-o", "--output", required=True, help="image file to write (PNG, JPEG, WebP...); with "
@@ -114,6 +115,10 @@ def run(args: argparse.Namespace) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     from weights_convert import CheckpointError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["batch"]:  # the batch job has its own parser (vd/batch.py)
+        from vd.batch import main as batch_main
+        return batch_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         for path in run(args):

@@ -1,0 +1,104 @@
+"""The `vd` command on a tiny model folder: files written and readable, equal to the Python API; user mistakes
+give one line on stderr and exit status 2."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import tiny_pipeline as tp
+from vd import VersatileDiffusion
+from vd.cli import main
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+FAST = ["--steps", "2", "--seed", "7", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd"))
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "in.png"
+    PIL.Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def _api(model, task, *args, **kw):
+    pipe = VersatileDiffusion.from_pretrained(model, tasks=[task])
+    return getattr(pipe, task)(*args, num_inference_steps=2, generator=torch.Generator().manual_seed(7),
+                               progress=False, **kw).images
+
+
+def test_text_to_image(model, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    assert main(["text-to-image", "the cat", "-o", str(out), "--model", model, "--negative", "rain", *FAST]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    want = _api(model, "text_to_image", "the cat", negative_prompt="rain")[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(want))
+
+
+def test_image_variation_several_images(model, picture, tmp_path):
+    out = tmp_path / "var.png"
+    assert main(["image-variation", picture, "-o", str(out), "--model", model, "--num-images", "2",
+                 "--scheduler", "lms", "--height", "72", "--width", "40", *FAST]) == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["var-0.png", "var-1.png"]
+    pipe = VersatileDiffusion.from_pretrained(model, tasks=["image_variation"], scheduler="lms")
+    want = pipe.image_variation(PIL.Image.open(picture).convert("RGB"), num_inference_steps=2, height=72, width=40,
+                                num_images_per_prompt=2, generator=torch.Generator().manual_seed(7), progress=False)
+    for i, img in enumerate(want.images):
+        got = PIL.Image.open(tmp_path / f"var-{i}.png")
+        assert got.size == (40, 72) and np.array_equal(np.asarray(got), np.asarray(img))
+
+
+def test_dual_guided_as_python_module(model, picture, tmp_path):
+    out = tmp_path / "dual.png"
+    cmd = [sys.executable, "-m", "vd", "dual-guided", "the cat", picture, "--strength", "0.3", "-o", str(out),
+           "--model", model, "--dtype", "fp32", "--device", "cpu", *FAST]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    want = _api(model, "dual_guided", "the cat", PIL.Image.open(picture).convert("RGB"), text_to_image_strength=0.3)
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(want[0]))
+
+
+@pytest.mark.parametrize("args,words", [
+    (["text-to-image", "a", "-o", "{tmp}/x.txt"], ["--output", "x.txt"]),
+    (["text-to-image", "a", "-o", "{tmp}/missing/x.png"], ["--output", "does not exist"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--steps", "0"], ["num_inference_steps", "0"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--height", "100"], ["height", "100", "multiple of 8"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--scheduler", "heun"], ["scheduler", "heun"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--num-images", "0"], ["--num-images", "0"]),
+    (["image-variation", "{tmp}/nope.png", "-o", "{tmp}/x.png"], ["image", "nope.png"]),
+    (["dual-guided", "a", "{tmp}/x.txt", "-o", "{tmp}/x.png"], ["image", "x.txt"]),
+    (["dual-guided", "a", "{picture}", "-o", "{tmp}/x.png", "--strength", "2"], ["text_to_image_strength", "2"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--model", "{tmp}/no-such-model"], ["no-such-model"]),
+])
+def test_user_mistakes(args, words, model, picture, tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("not an image")
+    argv = [a.format(tmp=tmp_path, picture=picture) for a in args]
+    if "--model" not in argv:
+        argv += ["--model", model]
+    assert main([argv[0], *FAST, *argv[1:]]) == 2  # the case's own options come last and win
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vd: error: ") and "\n" not in err and "Traceback" not in err
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_console_script_reports_one_line(tmp_path):
+    exe = shutil.which("vd", path=os.path.dirname(sys.executable))
+    assert exe, "the `vd` console script is installed with the package"
+    done = subprocess.run([exe, "text-to-image", "a", "-o", str(tmp_path / "a.gif.txt")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--output" in done.stderr

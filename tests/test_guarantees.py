@@ -1,0 +1,91 @@
+"""Guarantees: determinism, isolation between calls, recovery from exceptions, and no silently broken images."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import tiny_pipeline as tp
+from vd import VersatileDiffusion
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+KW = dict(num_inference_steps=3, output_type="np", progress=False)
+IMG = PIL.Image.fromarray((np.random.RandomState(0).rand(48, 40, 3) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return VersatileDiffusion.from_pretrained(folder)
+
+
+def _g(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_same_seed_bit_identical(pipe):
+    for call in (lambda: pipe.text_to_image("the cat", generator=_g(), **KW),
+                 lambda: pipe.image_variation(IMG, generator=_g(), eta=0.5, **KW),
+                 lambda: pipe.dual_guided("the cat", IMG, generator=_g(), **KW)):
+        assert np.array_equal(call().images, call().images)
+
+
+def test_call_order_does_not_matter(pipe, folder):
+    first = pipe.text_to_image("the cat", generator=_g(), **KW).images
+    dual = pipe.dual_guided("the cat", IMG, text_to_image_strength=0.4, generator=_g(), **KW).images
+    pipe.image_variation(IMG, generator=_g(), **KW)
+    last = pipe.text_to_image("the cat", generator=_g(), **KW).images
+    assert np.array_equal(first, last)
+    fresh = VersatileDiffusion.from_pretrained(folder, tasks=["dual_guided"])
+    assert np.array_equal(dual, fresh.dual_guided("the cat", IMG, text_to_image_strength=0.4, generator=_g(), **KW).images)
+
+
+def test_exception_in_callback_leaves_pipeline_usable(pipe):
+    want = pipe.image_variation(IMG, generator=_g(), **KW).images
+
+    def fail(i, t, x):
+        if i == 1:
+            raise RuntimeError("stop")
+    with pytest.raises(RuntimeError, match="stop"):
+        pipe.image_variation(IMG, generator=_g(), callback=fail, **KW)
+    assert np.array_equal(want, pipe.image_variation(IMG, generator=_g(), **KW).images)
+
+
+def test_nan_latents_are_an_error(pipe, monkeypatch):
+    unet = pipe.c.image_unet
+    forward = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: forward(*a, **k) * float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        pipe.text_to_image("the cat", generator=_g(), **KW)
+
+
+@pytest.fixture(scope="module")
+def bf16(folder):
+    return VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], dtype=torch.bfloat16)
+
+
+def test_reduced_precision_nan_decode_is_retried_in_float32(bf16):
+    """A VAE that overflows in reduced precision (as kl-f8 can in fp16) is decoded again in float32."""
+    def overflow_in_low_precision(module, args, out):
+        return out * float("inf") if out.dtype != torch.float32 else out
+    handle = bf16.c.vae.decoder.conv_out.register_forward_hook(overflow_in_low_precision)
+    try:
+        with pytest.warns(UserWarning, match="float32"):
+            images = bf16.text_to_image("the cat", generator=_g(), **KW).images
+    finally:
+        handle.remove()
+    assert np.isfinite(images).all() and images.std() > 0
+
+
+def test_nan_decode_in_float32_is_an_error(bf16):
+    handle = bf16.c.vae.decoder.conv_out.register_forward_hook(lambda m, a, out: out * float("nan"))
+    try:
+        with pytest.raises(FloatingPointError, match="even in float32"):
+            bf16.text_to_image("the cat", generator=_g(), **KW)
+    finally:
+        handle.remove()
