@@ -1,0 +1,249 @@
+"""`vd batch` on the tiny random pipeline, on CPU: outputs equal direct facade calls, 2 gloo ranks write the same
+files as 1 process, a run killed midway (SIGTERM, SIGKILL) completes on restart with every image exactly once,
+and malformed lines are reported and skipped.
+
+Every run uses one thread per process (torchrun's default for its workers), so the CPU kernels sum in the same
+order in the runs compared byte for byte.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import tiny_pipeline as tp
+
+pytest.importorskip("diffusers")  # tiny_pipeline writes the model with diffusers
+
+from vd import VersatileDiffusion  # noqa: E402
+from vd.batch import main, make_batches, read_jobs  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(height=32, width=32, num_inference_steps=2)
+JOBS = [
+    dict(task="text_to_image", prompt="the cat", seed=1, **SMALL),
+    dict(task="text_to_image", prompt="a dog running", seed=2, num_images_per_prompt=2, **SMALL),
+    dict(task="text_to_image", prompt="rain", negative_prompt="the", seed=3, **SMALL),
+    dict(task="image_variation", image="in.png", seed=4, id="variation", **SMALL),
+    dict(task="dual_guided", prompt="the cat", image="in.png", text_to_image_strength=0.3, seed=5, **SMALL),
+    dict(task="text_to_image", prompt="the cat", seed=6, eta=0.5, **SMALL),
+    dict(task="text_to_image", prompt="and then", seed=7, **SMALL),
+    dict(task="text_to_image", prompt="a dog", seed=8, **SMALL),
+]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
+
+
+def _write_jobs(folder: Path, jobs: list, extra_lines: tuple[bytes, ...] = ()) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    PIL.Image.fromarray((rng.rand(40, 56, 3) * 255).astype(np.uint8)).save(folder / "in.png")
+    lines = [json.dumps(j).encode() for j in jobs] + list(extra_lines)
+    (folder / "jobs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return folder / "jobs.jsonl"
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run_in_process(*argv) -> int:
+    return main([str(a) for a in argv] + ["--no-progress"])
+
+
+def _expected_names(jobs_file: Path) -> set[str]:
+    jobs, _ = read_jobs(jobs_file)
+    return {f"{n}.{ext}" for j in jobs for n in j.names for ext in ("png", "json")} | {"records.jsonl"}
+
+
+def _pngs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(model, tmp_path_factory) -> Path:
+    """One in-process run of JOBS with --batch-size 2; returns its output folder."""
+    jobs = _write_jobs(tmp_path_factory.mktemp("single"), JOBS)
+    out = jobs.parent / "out"
+    assert _run_in_process(jobs, "--out", out, "--model", model, "--batch-size", 2) == 0
+    return out
+
+
+def test_outputs_equal_direct_calls(single, model):
+    jobs, malformed = read_jobs(single.parent / "jobs.jsonl")
+    assert not malformed
+    assert set(os.listdir(single)) == _expected_names(single.parent / "jobs.jsonl")
+    pipe = VersatileDiffusion.from_pretrained(model)
+    image = PIL.Image.open(single.parent / "in.png").convert("RGB")
+    for job in jobs:
+        for k, name in enumerate(job.names):
+            # image k of a job is what one call seeded with seed + k draws
+            kw = dict(job.args, num_images_per_prompt=1, output_type="np", progress=False,
+                      generator=torch.Generator().manual_seed(job.seed + k))
+            if "image" in kw:
+                kw["image"] = image
+            ref = getattr(pipe, job.task)(**kw).images[0]
+            png = np.asarray(PIL.Image.open(single / f"{name}.png"), dtype=np.float32) / 255
+            # a float difference from batching (~1e-5, see below) may move a pixel across a rounding step
+            assert np.abs(png - ref).max() <= 0.5 / 255 + 1e-5, name
+            record = json.loads((single / f"{name}.json").read_text())
+            assert (record["id"], record["seed"], record["image_seed"], record["index"]) == (
+                job.id, job.seed, job.seed + k, k)
+            assert record["arguments"] == job.args and record["model"] == str(model)
+            assert record["model_revision"].startswith("sha256:")
+    records = _records(single)
+    assert [r["image"] for r in records] == [f"{n}.png" for j in jobs for n in j.names]
+
+
+def test_batching_changes_no_image(single, model, tmp_path, check):
+    """--batch-size 1 against the fixture's --batch-size 2; and a batched facade call against one call per job."""
+    jobs = _write_jobs(tmp_path, JOBS)
+    assert _run_in_process(jobs, "--out", tmp_path / "out", "--model", model, "--batch-size", 1) == 0
+    one, two = _pngs(tmp_path / "out"), _pngs(single)
+    assert one.keys() == two.keys()
+    for name in one:
+        a = np.asarray(PIL.Image.open(tmp_path / "out" / name), dtype=np.int16)
+        b = np.asarray(PIL.Image.open(single / name), dtype=np.int16)
+        # equal PNGs, or at most one 8-bit step where a float difference crossed a rounding boundary
+        assert np.abs(a - b).max() <= 1, name
+    # the float images: batching changes only the summation order in the kernels (measured 6e-6 to 1.3e-5)
+    pipe = VersatileDiffusion.from_pretrained(model, tasks=["text_to_image"])
+    prompts, seeds = ["the cat", "a dog running", "rain"], [1, 2, 3]
+
+    def gens(ss):
+        return [torch.Generator().manual_seed(s) for s in ss]
+
+    kw = dict(output_type="np", progress=False, **SMALL)
+    together = pipe.text_to_image(prompts, generator=gens(seeds), **kw).images
+    alone = np.concatenate([pipe.text_to_image(p, generator=gens([s]), **kw).images for p, s in zip(prompts, seeds)])
+    check(float(np.abs(together - alone).max()), 5e-5, "batched vs one call per prompt")
+
+
+def test_two_gloo_ranks_write_the_same_files(single, model):
+    out = single.parent / "out2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vd",
+           "batch", str(single.parent / "jobs.jsonl"), "--out", str(out), "--model", str(model), "--batch-size", "2"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "8 jobs: 8 done, 0 skipped" in proc.stdout and "on 2 rank(s)" in proc.stdout
+    assert _pngs(out) == _pngs(single)  # byte for byte
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+    assert strip(_records(out)) == strip(_records(single))
+
+
+MANY = [dict(task="text_to_image", prompt=f"the cat {i}", seed=i, height=32, width=32, num_inference_steps=8)
+        for i in range(16)]
+
+
+def _check_complete(jobs: Path, out: Path) -> None:
+    expected = _expected_names(jobs)
+    assert set(os.listdir(out)) == expected  # every image exactly once, nothing else
+    assert sorted(r["image"] for r in _records(out)) == sorted(n for n in expected if n.endswith(".png"))
+    for name in (n for n in expected if n.endswith(".png")):
+        PIL.Image.open(out / name).verify()
+
+
+def test_sigterm_midway_then_restart_completes(model, tmp_path, monkeypatch, capsys):
+    """SIGTERM arrives between an image and its record: the pair is finished, then the run stops."""
+    import vd.batch
+    jobs, out = _write_jobs(tmp_path, MANY), tmp_path / "out"
+    writes, real_write = [], vd.batch.write_atomic
+
+    def write_then_signal(path: Path, data: bytes) -> None:
+        real_write(path, data)
+        writes.append(path.name)
+        if len(writes) == 5:  # the third image
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(vd.batch, "write_atomic", write_then_signal)
+    assert _run_in_process(jobs, "--out", out, "--model", model) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert writes[-1].endswith("-0.json") and len(writes) == 6
+    assert sorted(os.listdir(out)) == sorted(writes)  # three pairs, no temporary file, no records.jsonl yet
+    monkeypatch.setattr(vd.batch, "write_atomic", real_write)
+    assert _run_in_process(jobs, "--out", out, "--model", model) == 0
+    assert f"{len(MANY)} jobs: {len(MANY) - 3} done, 3 skipped" in capsys.readouterr().out
+    _check_complete(jobs, out)
+
+
+def test_sigkill_midway_then_restart_completes(model, tmp_path):
+    jobs, out = _write_jobs(tmp_path, MANY), tmp_path / "out"
+    cmd = [sys.executable, "-m", "vd", "batch", str(jobs), "--out", str(out), "--model", str(model), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("*.json"))) < 2:
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    left = set(os.listdir(out))
+    assert 2 <= len([n for n in left if n.endswith(".json")]) < len(MANY)
+    # what a kill inside a write can leave: temporary files, an image without its record
+    missing = sorted(n for n in _expected_names(jobs) if n.endswith(".png") and n not in left)[0]
+    (out / missing).write_bytes(b"not a png")
+    (out / f".{missing}.partial-999999").write_bytes(b"half an image")
+    (out / ".records.jsonl.partial-999999").write_bytes(b"{")
+    assert _run_in_process(jobs, "--out", out, "--model", model) == 0
+    _check_complete(jobs, out)
+
+
+def test_malformed_lines_are_reported_and_skipped(model, tmp_path, capsys):
+    good = [dict(task="text_to_image", prompt="the cat", seed=1, **SMALL),
+            dict(task="text_to_image", prompt="a dog", seed=2, id="dog", **SMALL)]
+    bad = (b'{"task": "text_to_image", "prompt": "oops", ',                    # line 3: not JSON
+           b'{"task": "paint", "prompt": "the cat", "seed": 1}',               # line 4: unknown task
+           b'{"task": "text_to_image", "prompt": "the cat"}',                  # line 5: no seed
+           b'{"task": "text_to_image", "prompt": "the cat", "seed": "7"}',     # line 6: wrong type
+           b'{"task": "text_to_image", "prompt": "the cat", "seed": 7, "steps": 3}',  # line 7: unknown key
+           b'{"task": "text_to_image", "prompt": "x", "seed": 3, "id": "dog"}',       # line 8: duplicate id
+           b'\xff\xfe',                                                         # line 9: not UTF-8
+           b'',                                                                 # line 10: blank, ignored
+           b'{"task": "text_to_image", "prompt": "x", "seed": 9, "height": 30}')      # line 11: fails to run
+    jobs = _write_jobs(tmp_path, good, bad)
+    assert _run_in_process(jobs, "--out", tmp_path / "out", "--model", model) == 1
+    captured = capsys.readouterr()
+    for line, reason in [(3, "not valid JSON"), (4, "task: expected one of"), (5, "missing key(s): seed"),
+                         (6, "seed: expected an integer, got '7'"), (7, "unknown key(s) for text_to_image: steps"),
+                         (8, "duplicate id 'dog' (first on line 2)"), (9, "not UTF-8")]:
+        assert f"jobs.jsonl:{line}: skipped: {reason}" in captured.err
+        assert f"malformed: line {line}: {reason}" in captured.out
+    assert "line 10" not in captured.out
+    assert "failed: line 11" in captured.out and "height: expected a positive multiple of 8" in captured.out
+    assert "3 jobs: 2 done, 0 skipped" in captured.out and "1 failed; 7 malformed line(s)" in captured.out
+    assert {r["id"] for r in _records(tmp_path / "out")} == {"dog", read_jobs(jobs)[0][0].id}
+
+
+def test_batches_do_not_depend_on_what_is_finished(tmp_path):
+    jobs, _ = read_jobs(_write_jobs(tmp_path, JOBS))
+    batches = make_batches(jobs, 2)
+    assert [[j.line for j in b] for b in batches] == [[1, 7], [2], [3], [4], [5], [6], [8]]
+    assert [[j.line for j in b] for b in make_batches(jobs, 1)] == [[i] for i in range(1, 9)]
