@@ -44,6 +44,9 @@ def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device
     tasks = list(tasks)
     parts = parts_for(tasks)
     ckpt.require(parts, f"tasks {tasks}")
+    if "text_encoder" in parts and ckpt.tokenizer is None:  # fail before building anything
+        raise CheckpointError(f"{ckpt.origin}: has no tokenizer folder, needed for {tasks} (an original .pth "
+                              "carries none: pass clip= a diffusers-layout folder)")
     by_component: dict[str, set[str]] = {}
     for p in parts:
         component, _, sub = p.partition(".")
@@ -71,9 +74,6 @@ def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device
 
     tokenizer = image_processor = None
     if "text_encoder" in built:
-        if ckpt.tokenizer is None:
-            raise CheckpointError(f"{ckpt.origin}: has no tokenizer folder, needed for {tasks} (an original .pth "
-                                  "carries none: pass clip= a diffusers-layout folder)")
         from transformers import CLIPTokenizer
         tokenizer = CLIPTokenizer.from_pretrained(ckpt.tokenizer)
     if "image_encoder" in built:

@@ -71,6 +71,9 @@ class Source:
         s = self.file.shape(self.key)
         return self.transform.shape(s) if self.transform else s
 
+    def dtype(self) -> torch.dtype:
+        return self.file.dtype(self.key)
+
     def read(self) -> Tensor:
         t = self.file.get(self.key)
         return self.transform(t) if self.transform else t
@@ -115,26 +118,38 @@ class Checkpoint:
         bucket[key] = source
 
     def validate(self) -> None:
-        """Every parameter of every present part is filled, with the right shape, and nothing else."""
+        """Every parameter of every present part is filled, with the right shape and a floating-point dtype where
+        the parameter is floating point, and nothing else is."""
         for part in self.parts:
             component = part.split(".")[0]
-            want = expected_shapes(part, self.configs[component])
+            want = expected_tensors(part, self.configs[component])
             have = self.sources[part]
             where = self.config_files.get(component, "the config")
             for key in sorted(set(want) - set(have)):
-                files = sorted({str(s.file.path) for s in have.values()}) or [self.origin]
-                raise CheckpointError(f"{', '.join(files)}: missing {component} weight {key!r} (part {part})")
+                # name the files of this component (a part can be missing from them entirely)
+                files = sorted({str(s.file.path) for p, srcs in self.sources.items() if p.split(".")[0] == component
+                                for s in srcs.values()}) or [self.origin]
+                raise CheckpointError(f"{', '.join(files)}: missing {component} weight {key!r} (part {part}; "
+                                      f"expected according to {where})")
             for key in sorted(set(have) - set(want)):
                 raise CheckpointError(f"{have[key].file.path}: unexpected key {have[key].key!r} "
                                       f"({component} has no {key!r} according to {where})")
             for key, src in have.items():
-                if src.shape() != want[key]:
+                if src.shape() != tuple(want[key].shape):
                     raise CheckpointError(f"{src.file.path}: {src.key!r} has shape {list(src.shape())}, but "
-                                          f"{where} implies {list(want[key])}")
+                                          f"{where} implies {list(want[key].shape)}")
+                if want[key].is_floating_point() and not src.dtype().is_floating_point:
+                    raise CheckpointError(f"{src.file.path}: {src.key!r} has dtype {src.dtype()}, but {component} "
+                                          f"{key!r} is a floating-point weight")
 
 
 def expected_shapes(part: str, config: object) -> dict[str, tuple[int, ...]]:
     """{key: shape} of one part of our modules, built on the meta device (no memory)."""
+    return {k: tuple(v.shape) for k, v in expected_tensors(part, config).items()}
+
+
+def expected_tensors(part: str, config: object) -> dict[str, Tensor]:
+    """One part's state dict as meta tensors (names, shapes and dtypes; no memory)."""
     component, _, sub = part.partition(".")
     with torch.device("meta"):
         if component in ("image_unet", "text_unet"):
@@ -143,7 +158,7 @@ def expected_shapes(part: str, config: object) -> dict[str, tuple[int, ...]]:
             model = AutoencoderKL(config, parts=frozenset({sub}))
         else:
             model = build_clip(component, config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return model.state_dict()
 
 
 def build_clip(component: str, config: dict):

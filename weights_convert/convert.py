@@ -4,6 +4,7 @@ The folder is assembled under a hidden temporary name beside the target and rena
 an interrupted run never leaves a partial output folder; leftovers of killed runs are swept on the next run.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -33,12 +34,18 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, tasks
     out = Path(out)
     if out.exists():
         raise CheckpointError(f"{out}: already exists; choose a new output folder")
+    tasks = list(tasks) if tasks is not None else None
+    if tasks == []:
+        raise ValueError("tasks: expected at least one task, got []")
     wanted = parts_for(tasks) if tasks is not None else None
     if looks_like_repo_id(src):
         src = download(str(src), wanted or parts_for(["dual_guided"]))
     ckpt = open_checkpoint(src, kl_f8=kl_f8, clip=clip, configs=configs)
     parts = wanted or ckpt.parts
     ckpt.require(parts, f"tasks {list(tasks)}" if tasks is not None else "conversion")
+    if "text_encoder" in parts and ckpt.tokenizer is None:  # the output could not run any text task
+        raise CheckpointError(f"{ckpt.origin}: has no tokenizer folder, needed with the text encoder (an original "
+                              ".pth carries none: pass --clip / clip= a diffusers-layout folder)")
 
     _sweep_partials(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -67,10 +74,11 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, tasks
 
 
 def _sweep_partials(out: Path) -> None:
-    """Remove temporary folders left by killed runs (whose process is gone)."""
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
+    """Remove temporary folders left by killed runs (whose process is gone). One named with our own pid is
+    stale too: a killed run had that pid before (pids repeat, e.g. in fresh containers)."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vd.nn import VD_IMAGE_UNET, VD_TEXT_UNET, VD_VAE, UNetConfig, VAEConfig
 from weights_convert import presets
-from weights_convert.checkpoint import COMPONENT_PARTS, Checkpoint, Source, config_from_json, part_of
+from weights_convert.checkpoint import ALL_PARTS, COMPONENT_PARTS, Checkpoint, Source, config_from_json, part_of
 from weights_convert.keymaps import (LEGACY_VAE_ATTENTION, Layer, clip_layers, find_layer, rename,
                                      unet_layers_v1, unet_layers_v2, vae_layers_ldm)
 from weights_convert.tensorfile import CheckpointError, TensorFile
@@ -144,6 +144,9 @@ def read_diffusers(folder: Path) -> Checkpoint:
         except ValueError as e:
             raise CheckpointError(f"{conf}: {e}") from None
         ckpt.config_files[component] = str(conf)
+        for part in ALL_PARTS:  # a component folder holds all of its parts: validate them all
+            if part.split(".")[0] == component:
+                ckpt.sources.setdefault(part, {})
         for f in weight_files(sub):
             _collect(ckpt, TensorFile(f), _diffusers_route(component))
     if (folder / "tokenizer").is_dir():
@@ -208,7 +211,8 @@ def read_original(pth: Path, *, kl_f8: str | Path | None = None, clip: str | Pat
     else:
         raise CheckpointError(f"{pth}: not a VD checkpoint (no 'diffuser.image.*' or 'model.diffusion_model.*' keys)")
     # configs name where a shape mismatch comes from
-    ckpt.config_files.update({c: "the VD preset config" for c in ckpt.configs})
+    ckpt.config_files.update({c: f"the configs[{c!r}] passed in" if c in (configs or {}) else "the VD preset config"
+                              for c in ckpt.configs})
     _add_clip_assets(ckpt, pth, clip)
     return ckpt
 
@@ -262,6 +266,7 @@ def read_converted(folder: Path) -> Checkpoint:
         if component not in ckpt.configs:
             raise CheckpointError(f"{folder / 'config.json'}: part {part!r} has no config for {component!r}")
         file = TensorFile(folder / f"{part}.safetensors")
+        ckpt.sources.setdefault(part, {})
 
         def route(key: str, component=component, part=part) -> Route:
             return (component, key, None) if part_of(component, key) == part else None

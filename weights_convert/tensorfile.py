@@ -6,6 +6,7 @@ Every error names the file (and the key, where there is one).
 """
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -18,8 +19,10 @@ class CheckpointError(ValueError):
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2": torch.float8_e5m2,
+              "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "C64": torch.complex64, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+              "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class TensorFile:
@@ -42,24 +45,35 @@ class TensorFile:
 
     def _open_pickle(self) -> dict[str, Tensor]:
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{self.path}: refused, it holds more than tensors ({_first_line(e)})") from None
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
-            # compat: files in the pre-1.6 (non-zip) format cannot be memory-mapped
-            obj = torch.load(self.path, map_location="cpu", weights_only=True)
-        except (EOFError, OSError, ValueError) as e:
-            raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+            obj = self._torch_load(mmap=True)
+        except _NotZip:  # compat: files in the pre-1.6 (non-zip) format cannot be memory-mapped
+            obj = self._torch_load(mmap=False)
         if isinstance(obj, dict) and set(obj) == {"state_dict"}:
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
             raise CheckpointError(f"{self.path}: expected a dict of tensors, found {type(obj).__name__}")
         for k, v in obj.items():
             if not isinstance(v, Tensor):
-                raise CheckpointError(f"{self.path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+                raise CheckpointError(f"{self.path}: entry {k!r} is of type {type(v).__name__}, not a tensor")
         return obj
+
+    def _torch_load(self, mmap: bool):
+        """torch.load restricted to tensors and plain containers; every failure becomes a CheckpointError."""
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            # the weights-only unpickler stops at the first global it does not allow: nothing was imported or run
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            if found:
+                raise CheckpointError(f"{self.path}: refused, it holds more than tensors (it asks for "
+                                      f"{found.group(1)}; nothing in it was run)") from None
+            raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint ({_reason(e)})") from None
+        except RuntimeError as e:
+            if mmap and "mmap" in str(e):
+                raise _NotZip from None
+            raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        except Exception as e:  # a damaged pickle stream fails in many ways (EOFError, IndexError, KeyError, ...)
+            raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
 
     def keys(self) -> list[str]:
         return list(self._st.keys()) if self._st is not None else list(self._sd)
@@ -71,7 +85,10 @@ class TensorFile:
 
     def dtype(self, key: str) -> torch.dtype:
         if self._st is not None:
-            return _ST_DTYPES.get(self._st.get_slice(key).get_dtype(), torch.float32)
+            name = self._st.get_slice(key).get_dtype()
+            if name not in _ST_DTYPES:
+                raise CheckpointError(f"{self.path}: {key!r} has dtype {name}, which torch cannot hold")
+            return _ST_DTYPES[name]
         return self._sd[key].dtype
 
     def get(self, key: str) -> Tensor:
@@ -84,6 +101,19 @@ class TensorFile:
 
     def __repr__(self) -> str:
         return f"TensorFile({str(self.path)!r})"
+
+
+class _NotZip(Exception):
+    """torch.load(mmap=True) met a file in the legacy (non-zip) format."""
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of a weights-only unpickler error (its first lines are generic advice)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "Unsupported" in ln:
+            return ln
+    return lines[0] if lines else type(e).__name__
 
 
 def _first_line(e: BaseException) -> str:

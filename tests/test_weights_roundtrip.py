@@ -1,0 +1,427 @@
+"""Real tensors through every reader: the tiny reference pipeline, saved by diffusers (safetensors and .bin), and
+rewritten in both original SHI-Labs layouts, loads through our loader and generates what the reference generates.
+
+The original-layout files are made by running our key tables (weights_convert.keymaps) backwards over the tiny
+reference state dicts, so every table is round-tripped on real values; tests/test_weights_manifests.py checks
+the same tables against the real checkpoints' key lists. Original-layout files need the tiny configs, which
+only `open_checkpoint(configs=...)` takes, so those loads go through Checkpoint + vd.loading directly.
+Also here: lean per-task loading and the hub download (snapshot_download faked from a local folder).
+"""
+
+import copy
+import fnmatch
+import json
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny_pipeline as tp
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models import DualTransformer2DModel  # noqa: E402
+
+from vd import VersatileDiffusion  # noqa: E402
+from vd.loading import load_components  # noqa: E402
+from vd.nn import UNetConfig, VAEConfig  # noqa: E402
+from weights_convert import TASK_PARTS, TASKS, Checkpoint, CheckpointError, open_checkpoint  # noqa: E402
+from weights_convert.convert import convert  # noqa: E402
+from weights_convert import keymaps as km  # noqa: E402
+from weights_convert.layouts import SCHEDULE_BUFFERS  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning",
+                                        "ignore:.*rescale already rescaled.*", "ignore:.*weights_only.*")
+CPU, F32 = torch.device("cpu"), torch.float32
+STEPS = 2
+OPTIMUS_KEYS = {"optimus.encoder.embeddings.word_embeddings.weight": (5, 3),
+                "optimus.decoder.transformer.wte.weight": (7, 3), "optimus.decoder.transformer.h.0.attn.bias": (4,)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine the thread pool's contention makes every
+    op tens of times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---- fixtures: the tiny reference saved both ways, and the same weights in the original layouts
+
+@pytest.fixture(scope="module")
+def components():
+    return tp.build_components(seed=0)
+
+
+@pytest.fixture(scope="module")
+def folders(components, tmp_path_factory):
+    """{"safetensors": folder, "bin": folder}, both written by diffusers' save_pretrained."""
+    from diffusers import VersatileDiffusionPipeline
+    root = tmp_path_factory.mktemp("diffusers")
+    st = tp.save(components, root / "st")
+    binary = root / "bin"
+    VersatileDiffusionPipeline(**copy.deepcopy(components)).save_pretrained(binary, safe_serialization=False)
+    for c in ("text_encoder", "image_encoder"):  # transformers 5 writes safetensors regardless: write the .bin
+        f = binary / c / "model.safetensors"
+        if f.is_file():
+            torch.save(load_file(f), binary / c / "pytorch_model.bin")
+            f.unlink()
+    for c in ("image_unet", "text_unet", "vae", "text_encoder", "image_encoder"):
+        assert [p.suffix for p in (binary / c).iterdir() if p.suffix in (".bin", ".safetensors")] == [".bin"], c
+    return {"safetensors": st, "bin": binary}
+
+
+def tiny_configs(folder) -> dict:
+    """The configs an original .pth does not carry, for the tiny model (the defaults are the full-size VD ones)."""
+    clip = {c: {k: v for k, v in json.loads((folder / c / "config.json").read_text()).items() if not k.startswith("_")}
+            for c in ("text_encoder", "image_encoder")}
+    return {"image_unet": UNetConfig.from_diffusers(tp.IMAGE_UNET),
+            "text_unet": UNetConfig.from_diffusers(tp.TEXT_UNET), "vae": VAEConfig.from_diffusers(tp.VAE), **clip}
+
+
+def to_original(state: dict[str, torch.Tensor], layers: list[km.Layer]) -> dict[str, torch.Tensor]:
+    """Our (= diffusers') state dict -> the original layout: each key goes back through the layer whose target
+    holds it (longest target; the output head's layer has an empty target and names its layers in its table),
+    renames undone, and a transform undone (1x1 conv weights for the kl-f8 attention)."""
+    out = {}
+    for key, t in state.items():
+        held = [L for L in layers if L.target and key.startswith(L.target + ".")]
+        if held:
+            layer = max(held, key=lambda L: len(L.target))
+            suffix = key[len(layer.target) + 1:]
+        else:
+            heads = [L for L in layers if not L.target and km.rename(key, _inverse(L.renames)) != key]
+            assert len(heads) == 1, f"no layer (or several) holds {key!r}"
+            layer, suffix = heads[0], key
+        if layer.transform == km.CONV1X1_TO_LINEAR and t.dim() == 2:
+            t = t[:, :, None, None]
+        out[f"{layer.source}.{km.rename(suffix, _inverse(layer.renames))}"] = t.clone()
+    assert len(out) == len(state)
+    return out
+
+
+def _inverse(table: dict[str, str]) -> dict[str, str]:
+    return {new: old for old, new in table.items()}
+
+
+def _state(folder, component) -> dict[str, torch.Tensor]:
+    (f,) = (folder / component).glob("*.safetensors")
+    return load_file(f)
+
+
+def _schedule() -> dict[str, torch.Tensor]:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return {name: betas.clone() for name in SCHEDULE_BUFFERS}
+
+
+@pytest.fixture(scope="module")
+def originals(folders, tmp_path_factory):
+    """The tiny model in both original layouts. The current one sits in pretrained_pth/ of a copy of the
+    diffusers folder (as on the hub), so its kl-f8.pth and its CLIP/tokenizer folder are found by default."""
+    st = folders["safetensors"]
+    cfg = tiny_configs(st)
+    image, vae = _state(st, "image_unet"), _state(st, "vae")
+    text = {k: v for k, v in _state(st, "text_unet").items() if not k.startswith("time_embedding.")}  # not stored
+
+    repo = tmp_path_factory.mktemp("hub_repo") / "vd"
+    shutil.copytree(st, repo)
+    current = repo / "pretrained_pth" / "vd-four-flow-v1-0.pth"
+    current.parent.mkdir()
+    torch.save({**_current_layout(image, text, cfg), **_schedule()}, current)
+    torch.save(to_original(vae, km.vae_layers_ldm(cfg["vae"])), current.parent / "kl-f8.pth")
+
+    text_layers, vision_layers = km.clip_layers("clip.model")
+    deprecated = tmp_path_factory.mktemp("deprecated") / "vd-four-flow-v1-0-deprecated.pth"
+    sd = {**to_original(image, km.unet_layers_v1(cfg["image_unet"], "model.diffusion_model.unet_image",
+                                                  "model.diffusion_model.time_embed")),
+          **to_original(text, km.unet_layers_v1(cfg["text_unet"], "model.diffusion_model.unet_text", None)),
+          **to_original(vae, km.vae_layers_ldm(cfg["vae"], "autokl")),
+          **to_original(_state(st, "text_encoder"), text_layers),
+          **to_original(_state(st, "image_encoder"), vision_layers),
+          # a full CLIPModel also has these; the release also carries Optimus and the training schedule
+          "clip.model.logit_scale": torch.tensor(4.6052),
+          "clip.model.text_model.embeddings.position_ids": torch.arange(77)[None],
+          **{k: torch.randn(s) for k, s in OPTIMUS_KEYS.items()}, **_schedule()}
+    torch.save(sd, deprecated)
+    return {"current": current, "deprecated": deprecated, "configs": cfg}
+
+
+def _current_layout(image, text, cfg) -> dict[str, torch.Tensor]:
+    return {**to_original(image, km.unet_layers_v2(cfg["image_unet"], "diffuser.image", with_time=True)),
+            **to_original(text, km.unet_layers_v2(cfg["text_unet"], "diffuser.text", with_time=False))}
+
+
+# ---- running the three tasks
+
+def _image(seed: int, size=(40, 56)) -> PIL.Image.Image:
+    rng = np.random.RandomState(seed)
+    return PIL.Image.fromarray((rng.rand(*size, 3) * 255).astype(np.uint8))
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+CALLS = {
+    "text_to_image": dict(prompt="the cat"),
+    "image_variation": dict(image=_image(1)),
+    "dual_guided": dict(prompt="the cat", image=_image(1), text_to_image_strength=0.75),
+}
+
+
+def run_ours(pipe: VersatileDiffusion, task: str) -> np.ndarray:
+    return getattr(pipe, task)(**CALLS[task], num_inference_steps=STEPS, generator=_gen(), output_type="np",
+                               progress=False).images
+
+
+def run_reference(task: str, folder) -> np.ndarray:
+    return tp.reference(task, folder)(**CALLS[task], num_inference_steps=STEPS, generator=_gen(),
+                                      output_type="np").images
+
+
+def pipeline(ckpt: Checkpoint, tasks=TASKS) -> VersatileDiffusion:
+    """What from_pretrained builds, from an opened checkpoint (for checkpoints that need configs=)."""
+    return VersatileDiffusion(load_components(ckpt, tasks, CPU, F32), tasks=tuple(tasks), device=CPU, dtype=F32,
+                              uncond_image="diffusers")
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max())
+
+
+@pytest.fixture
+def patched_dual(monkeypatch):
+    """diffusers' dual pipeline passes a keyword its DualTransformer2DModel refuses (vd-reference.md D.7 #1)."""
+    original = DualTransformer2DModel.forward
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask=None, **kw):
+        return original(self, hidden_states, encoder_hidden_states, **kw)
+    monkeypatch.setattr(DualTransformer2DModel, "forward", forward)
+
+
+@pytest.fixture(scope="module")
+def expected(folders):
+    """Our outputs from the diffusers-layout (safetensors) folder: what every other layout must reproduce."""
+    pipe = VersatileDiffusion.from_pretrained(folders["safetensors"], uncond_image="diffusers")
+    return {task: run_ours(pipe, task) for task in TASKS}
+
+
+# ---- diffusers folders, as save_pretrained writes them
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_diffusers_folder_matches_reference(fmt, folders, expected, patched_dual, check):
+    folder = folders[fmt]
+    ours = VersatileDiffusion.from_pretrained(folder, uncond_image="diffusers")
+    for task in TASKS:
+        got = run_ours(ours, task)
+        check(_diff(got, run_reference(task, folder)), 1e-5, f"{task} vs diffusers")
+        check(_diff(got, expected[task]), 0.0, f"{task} vs safetensors load")
+
+
+def test_bin_and_safetensors_give_the_same_tensors(folders):
+    a, b = open_checkpoint(folders["safetensors"]), open_checkpoint(folders["bin"])
+    assert a.parts == b.parts and len(a.parts) == 9
+    for part in a.parts:
+        ta, tb = a.load(part), b.load(part)
+        assert ta.keys() == tb.keys()
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), part
+
+
+# ---- the two original layouts
+
+def _assert_same_tensors(ckpt: Checkpoint, reference: Checkpoint) -> None:
+    assert ckpt.parts == reference.parts
+    for part in ckpt.parts:
+        got, want = ckpt.load(part), reference.load(part)
+        assert got.keys() == want.keys(), part
+        for k in got:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), f"{part} {k}"
+
+
+def test_current_original_layout(originals, folders, expected, check):
+    """vd-four-flow-v1-0.pth + kl-f8.pth beside it; CLIP, tokenizer and preprocessing from the repo folder
+    two levels up (found by default). The text UNet's time MLP is the image UNet's, as in the original."""
+    ckpt = open_checkpoint(originals["current"], configs=originals["configs"])
+    assert sorted(k.split(": ")[1] for k in ckpt.ignored) == sorted(SCHEDULE_BUFFERS)
+    assert {s.file.path.name for s in ckpt.sources["vae.decoder"].values()} == {"kl-f8.pth"}
+    q = ckpt.sources["vae.decoder"]["decoder.mid_block.attentions.0.to_q.weight"]
+    assert q.key == "decoder.mid.attn_1.q.weight" and len(q.file.shape(q.key)) == 4 and len(q.shape()) == 2
+    assert {s.file.path.name for s in ckpt.sources["image_unet.data"].values()} == {"vd-four-flow-v1-0.pth"}
+    _assert_same_tensors(ckpt, open_checkpoint(folders["safetensors"]))
+    pipe = pipeline(ckpt)
+    for task in TASKS:
+        check(_diff(run_ours(pipe, task), expected[task]), 1e-6, task)
+
+
+def test_deprecated_original_layout(originals, folders, expected, check):
+    """vd-four-flow-v1-0-deprecated.pth: UNets, autokl, both CLIP towers under clip.model, plus the keys we skip
+    (logit_scale, position_ids, Optimus, the schedule). Only the tokenizer comes from a diffusers folder."""
+    ckpt = open_checkpoint(originals["deprecated"], configs=originals["configs"], clip=folders["safetensors"])
+    ignored = sorted(k.split(": ")[1] for k in ckpt.ignored)
+    assert ignored == sorted([*SCHEDULE_BUFFERS, *OPTIMUS_KEYS, "clip.model.logit_scale",
+                              "clip.model.text_model.embeddings.position_ids"])
+    assert {s.file.path for p in ckpt.parts for s in ckpt.sources[p].values()} == {originals["deprecated"]}
+    _assert_same_tensors(ckpt, open_checkpoint(folders["safetensors"]))
+    pipe = pipeline(ckpt)
+    for task in TASKS:
+        check(_diff(run_ours(pipe, task), expected[task]), 1e-6, task)
+
+
+@pytest.mark.parametrize("layout", ["current", "deprecated"])
+def test_converted_original_loads_with_from_pretrained(layout, originals, folders, expected, tmp_path, check):
+    """Converted once (with the tiny configs), an original checkpoint loads like any other folder: the configs
+    travel in the output's config.json."""
+    out = convert(originals[layout], tmp_path / "out", configs=originals["configs"], clip=folders["safetensors"])
+    pipe = VersatileDiffusion.from_pretrained(out, uncond_image="diffusers")
+    for task in TASKS:
+        check(_diff(run_ours(pipe, task), expected[task]), 0.0, task)
+
+
+def test_deprecated_without_tokenizer_is_not_converted(originals, tmp_path):
+    """Its CLIP text tower without a tokenizer could run no text task: refused at conversion, not at load time."""
+    with pytest.raises(CheckpointError, match="has no tokenizer"):
+        convert(originals["deprecated"], tmp_path / "out", configs=originals["configs"])
+    assert list(tmp_path.iterdir()) == []
+    out = convert(originals["deprecated"], tmp_path / "out", configs=originals["configs"], tasks=["image_variation"])
+    assert "tokenizer" not in {p.name for p in out.iterdir()}
+
+
+def test_tables_round_trip_exactly(folders):
+    """Our key -> original key -> our key is the identity for every table (keys and values)."""
+    st = folders["safetensors"]
+    cfg = tiny_configs(st)
+    cases = [("image_unet", km.unet_layers_v1(cfg["image_unet"], "m.unet_image", "m.time_embed")),
+             ("image_unet", km.unet_layers_v2(cfg["image_unet"], "d.image", with_time=True)),
+             ("vae", km.vae_layers_ldm(cfg["vae"])), ("vae", km.vae_layers_ldm(cfg["vae"], "autokl")),
+             ("text_encoder", km.clip_layers("clip.model")[0]), ("image_encoder", km.clip_layers("clip.model")[1])]
+    text = {k: v for k, v in _state(st, "text_unet").items() if not k.startswith("time_embedding.")}
+    cases_text = [km.unet_layers_v1(cfg["text_unet"], "m.unet_text", None),
+                  km.unet_layers_v2(cfg["text_unet"], "d.text", with_time=False)]
+    for state, layers in [(_state(st, c), L) for c, L in cases] + [(text, L) for L in cases_text]:
+        original = to_original(state, layers)
+        by_source = {L.source: L for L in layers}
+        back = {}
+        for key, t in original.items():
+            layer, suffix = km.find_layer(by_source, key)
+            new = km.rename(suffix, layer.renames)
+            back[f"{layer.target}.{new}" if layer.target else new] = layer.transform(t) if layer.transform else t
+        assert back.keys() == state.keys()
+        assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+# ---- lean loading: a task builds and reads only the parts it needs
+
+@pytest.fixture
+def loaded_parts(monkeypatch):
+    seen = []
+    original = Checkpoint.load
+
+    def load(self, part, dtype=None):
+        seen.append(part)
+        return original(self, part, dtype)
+    monkeypatch.setattr(Checkpoint, "load", load)
+    return seen
+
+
+def _no_meta(module) -> bool:
+    return not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+def test_text_to_image_loads_only_its_parts(folders, loaded_parts):
+    pipe = VersatileDiffusion.from_pretrained(folders["safetensors"], tasks=["text_to_image"])
+    assert sorted(loaded_parts) == sorted(TASK_PARTS["text_to_image"])
+    c = pipe.c
+    text_unet = dict(c.text_unet.named_parameters())
+    assert text_unet and all(".attentions." in k for k in text_unet)  # no data layer, no time MLP
+    assert not hasattr(c.text_unet, "conv_in") and not hasattr(c.text_unet, "time_embedding")
+    assert all(not hasattr(b, "resnets") for b in [*c.text_unet.down_blocks, c.text_unet.mid_block,
+                                                   *c.text_unet.up_blocks])
+    image_unet = dict(c.image_unet.named_parameters())
+    assert "conv_in.weight" in image_unet and "time_embedding.linear_1.weight" in image_unet
+    assert not any(".attentions." in k for k in image_unet)  # the image context layers are not needed
+    assert not hasattr(c.vae, "encoder") and not hasattr(c.vae, "quant_conv")
+    assert all(k.startswith(("decoder.", "post_quant_conv.")) for k, _ in c.vae.named_parameters())
+    assert c.image_encoder is None and c.image_processor is None
+    assert all(_no_meta(m) for m in (c.image_unet, c.text_unet, c.vae, c.text_encoder))
+    assert run_ours(pipe, "text_to_image").shape == (1, 64, 64, 3)
+
+
+def test_image_variation_loads_no_text_side(folders, loaded_parts):
+    pipe = VersatileDiffusion.from_pretrained(folders["safetensors"], tasks=["image_variation"])
+    assert sorted(loaded_parts) == sorted(TASK_PARTS["image_variation"])
+    c = pipe.c
+    assert c.text_encoder is None and c.text_unet is None and c.tokenizer is None
+    assert not hasattr(c.vae, "encoder")
+    assert all(_no_meta(m) for m in (c.image_unet, c.vae, c.image_encoder))
+    with pytest.raises(ValueError, match="text_to_image"):
+        pipe.text_to_image("the cat")
+
+
+# ---- hub download, with snapshot_download faked from a local folder
+
+class FakeHub:
+    """snapshot_download over a local folder: copies the files matching allow_patterns (fnmatch, as
+    huggingface_hub does) into one snapshot folder, and records every call."""
+
+    def __init__(self, repo, snapshot):
+        self.repo, self.snapshot, self.calls = repo, snapshot, []
+
+    def __call__(self, repo_id, *, revision=None, allow_patterns=None, **kw):
+        self.calls.append(list(allow_patterns))
+        for f in self.repo.rglob("*"):
+            rel = f.relative_to(self.repo).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                (self.snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, self.snapshot / rel)
+        return str(self.snapshot)
+
+    def files(self) -> set[str]:
+        return {f.relative_to(self.snapshot).as_posix() for f in self.snapshot.rglob("*") if f.is_file()}
+
+
+@pytest.fixture
+def hub_repo(folders, tmp_path):
+    """A hub repo with both weight formats for every component, except the VAE, which has only .bin."""
+    repo = tmp_path / "repo"
+    shutil.copytree(folders["safetensors"], repo)
+    for c in ("image_unet", "text_unet", "text_encoder", "image_encoder", "vae"):
+        for f in (folders["bin"] / c).glob("*.bin"):
+            shutil.copy(f, repo / c / f.name)
+    (repo / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    return repo
+
+
+def test_hub_download_fetches_only_what_the_task_needs(hub_repo, tmp_path, monkeypatch, expected, check):
+    import huggingface_hub
+    hub = FakeHub(hub_repo, tmp_path / "snapshot")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    pipe = VersatileDiffusion.from_pretrained("tiny-org/tiny-vd", tasks=["text_to_image"], uncond_image="diffusers")
+    got = hub.files()
+    assert {f.split("/")[0] for f in got} == {"model_index.json", "scheduler", "tokenizer", "image_unet", "text_unet",
+                                              "vae", "text_encoder"}
+    assert not any(f.startswith(("image_encoder/", "image_feature_extractor/")) for f in got)
+    assert not any(p.startswith(("image_encoder/", "image_feature_extractor/")) for call in hub.calls for p in call)
+    # safetensors preferred; .bin only for the component that has no safetensors (a second, narrower request)
+    weights = {f for f in got if f.endswith((".bin", ".safetensors"))}
+    assert weights == {"image_unet/diffusion_pytorch_model.safetensors",
+                       "text_unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                       "vae/diffusion_pytorch_model.bin"}
+    assert len(hub.calls) == 2
+    assert not any(p.endswith(".bin") for p in hub.calls[0])
+    assert {p.split("/")[0] for p in hub.calls[1] if p.endswith(".bin")} == {"vae"}
+    check(_diff(run_ours(pipe, "text_to_image"), expected["text_to_image"]), 0.0, "hub text_to_image")
+
+
+def test_hub_download_for_image_variation(hub_repo, tmp_path, monkeypatch):
+    import huggingface_hub
+    hub = FakeHub(hub_repo, tmp_path / "snapshot")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    VersatileDiffusion.from_pretrained("tiny-org/tiny-vd", tasks=["image_variation"])
+    components = {f.split("/")[0] for f in hub.files()}
+    assert components == {"model_index.json", "scheduler", "image_unet", "vae", "image_encoder",
+                          "image_feature_extractor"}
