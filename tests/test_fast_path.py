@@ -1,6 +1,5 @@
 """The GPU fast path's pieces that also run on the CPU give the plain path's results."""
 
-import pytest
 import torch
 
 from helpers import TINY_UNET_A, flat_config, randomize_, rel_err

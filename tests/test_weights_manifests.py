@@ -2,10 +2,8 @@
 our full-size modules with the right shape. The checkpoints are written with meta tensors (names, shapes and
 dtypes, no data), from the manifests in tests/data/manifests."""
 
-import json
 import shutil
 
-import pytest
 import torch
 
 from manifests import MANIFESTS, read_manifest, read_mapping

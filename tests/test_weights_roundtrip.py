@@ -10,7 +10,6 @@ Also here: lean per-task loading and the hub download (snapshot_download faked f
 
 import copy
 import fnmatch
-import json
 import shutil
 
 import numpy as np
@@ -26,7 +25,6 @@ from diffusers.models import DualTransformer2DModel  # noqa: E402
 
 from vd import VersatileDiffusion  # noqa: E402
 from vd.loading import load_components  # noqa: E402
-from vd.nn import UNetConfig, VAEConfig  # noqa: E402
 from weights_convert import TASK_PARTS, TASKS, Checkpoint, CheckpointError, open_checkpoint  # noqa: E402
 from weights_convert.convert import convert  # noqa: E402
 from weights_convert import keymaps as km  # noqa: E402
@@ -36,8 +34,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Deprec
                                         "ignore:.*rescale already rescaled.*", "ignore:.*weights_only.*")
 CPU, F32 = torch.device("cpu"), torch.float32
 STEPS = 2
-OPTIMUS_KEYS = {"optimus.encoder.embeddings.word_embeddings.weight": (5, 3),
-                "optimus.decoder.transformer.wte.weight": (7, 3), "optimus.decoder.transformer.h.0.attn.bias": (4,)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,84 +71,10 @@ def folders(components, tmp_path_factory):
     return {"safetensors": st, "bin": binary}
 
 
-def tiny_configs(folder) -> dict:
-    """The configs an original .pth does not carry, for the tiny model (the defaults are the full-size VD ones)."""
-    clip = {c: {k: v for k, v in json.loads((folder / c / "config.json").read_text()).items() if not k.startswith("_")}
-            for c in ("text_encoder", "image_encoder")}
-    return {"image_unet": UNetConfig.from_diffusers(tp.IMAGE_UNET),
-            "text_unet": UNetConfig.from_diffusers(tp.TEXT_UNET), "vae": VAEConfig.from_diffusers(tp.VAE), **clip}
-
-
-def to_original(state: dict[str, torch.Tensor], layers: list[km.Layer]) -> dict[str, torch.Tensor]:
-    """Our (= diffusers') state dict -> the original layout: each key goes back through the layer whose target
-    holds it (longest target; the output head's layer has an empty target and names its layers in its table),
-    renames undone, and a transform undone (1x1 conv weights for the kl-f8 attention)."""
-    out = {}
-    for key, t in state.items():
-        held = [L for L in layers if L.target and key.startswith(L.target + ".")]
-        if held:
-            layer = max(held, key=lambda L: len(L.target))
-            suffix = key[len(layer.target) + 1:]
-        else:
-            heads = [L for L in layers if not L.target and km.rename(key, _inverse(L.renames)) != key]
-            assert len(heads) == 1, f"no layer (or several) holds {key!r}"
-            layer, suffix = heads[0], key
-        if layer.transform == km.CONV1X1_TO_LINEAR and t.dim() == 2:
-            t = t[:, :, None, None]
-        out[f"{layer.source}.{km.rename(suffix, _inverse(layer.renames))}"] = t.clone()
-    assert len(out) == len(state)
-    return out
-
-
-def _inverse(table: dict[str, str]) -> dict[str, str]:
-    return {new: old for old, new in table.items()}
-
-
-def _state(folder, component) -> dict[str, torch.Tensor]:
-    (f,) = (folder / component).glob("*.safetensors")
-    return load_file(f)
-
-
-def _schedule() -> dict[str, torch.Tensor]:
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    return {name: betas.clone() for name in SCHEDULE_BUFFERS}
-
-
 @pytest.fixture(scope="module")
 def originals(folders, tmp_path_factory):
-    """The tiny model in both original layouts. The current one sits in pretrained_pth/ of a copy of the
-    diffusers folder (as on the hub), so its kl-f8.pth and its CLIP/tokenizer folder are found by default."""
-    st = folders["safetensors"]
-    cfg = tiny_configs(st)
-    image, vae = _state(st, "image_unet"), _state(st, "vae")
-    text = {k: v for k, v in _state(st, "text_unet").items() if not k.startswith("time_embedding.")}  # not stored
-
-    repo = tmp_path_factory.mktemp("hub_repo") / "vd"
-    shutil.copytree(st, repo)
-    current = repo / "pretrained_pth" / "vd-four-flow-v1-0.pth"
-    current.parent.mkdir()
-    torch.save({**_current_layout(image, text, cfg), **_schedule()}, current)
-    torch.save(to_original(vae, km.vae_layers_ldm(cfg["vae"])), current.parent / "kl-f8.pth")
-
-    text_layers, vision_layers = km.clip_layers("clip.model")
-    deprecated = tmp_path_factory.mktemp("deprecated") / "vd-four-flow-v1-0-deprecated.pth"
-    sd = {**to_original(image, km.unet_layers_v1(cfg["image_unet"], "model.diffusion_model.unet_image",
-                                                  "model.diffusion_model.time_embed")),
-          **to_original(text, km.unet_layers_v1(cfg["text_unet"], "model.diffusion_model.unet_text", None)),
-          **to_original(vae, km.vae_layers_ldm(cfg["vae"], "autokl")),
-          **to_original(_state(st, "text_encoder"), text_layers),
-          **to_original(_state(st, "image_encoder"), vision_layers),
-          # a full CLIPModel also has these; the release also carries Optimus and the training schedule
-          "clip.model.logit_scale": torch.tensor(4.6052),
-          "clip.model.text_model.embeddings.position_ids": torch.arange(77)[None],
-          **{k: torch.randn(s) for k, s in OPTIMUS_KEYS.items()}, **_schedule()}
-    torch.save(sd, deprecated)
-    return {"current": current, "deprecated": deprecated, "configs": cfg}
-
-
-def _current_layout(image, text, cfg) -> dict[str, torch.Tensor]:
-    return {**to_original(image, km.unet_layers_v2(cfg["image_unet"], "diffuser.image", with_time=True)),
-            **to_original(text, km.unet_layers_v2(cfg["text_unet"], "diffuser.text", with_time=False))}
+    return tp.write_originals(folders["safetensors"], tmp_path_factory.mktemp("hub_repo") / "vd",
+                              tmp_path_factory.mktemp("deprecated"))
 
 
 # ---- running the three tasks
@@ -263,7 +185,7 @@ def test_deprecated_original_layout(originals, folders, expected, check):
     (logit_scale, position_ids, Optimus, the schedule). Only the tokenizer comes from a diffusers folder."""
     ckpt = open_checkpoint(originals["deprecated"], configs=originals["configs"], clip=folders["safetensors"])
     ignored = sorted(k.split(": ")[1] for k in ckpt.ignored)
-    assert ignored == sorted([*SCHEDULE_BUFFERS, *OPTIMUS_KEYS, "clip.model.logit_scale",
+    assert ignored == sorted([*SCHEDULE_BUFFERS, *tp.OPTIMUS_KEYS, "clip.model.logit_scale",
                               "clip.model.text_model.embeddings.position_ids"])
     assert {s.file.path for p in ckpt.parts for s in ckpt.sources[p].values()} == {originals["deprecated"]}
     _assert_same_tensors(ckpt, open_checkpoint(folders["safetensors"]))
@@ -294,16 +216,16 @@ def test_deprecated_without_tokenizer_is_not_converted(originals, tmp_path):
 def test_tables_round_trip_exactly(folders):
     """Our key -> original key -> our key is the identity for every table (keys and values)."""
     st = folders["safetensors"]
-    cfg = tiny_configs(st)
+    cfg = tp.tiny_configs(st)
     cases = [("image_unet", km.unet_layers_v1(cfg["image_unet"], "m.unet_image", "m.time_embed")),
              ("image_unet", km.unet_layers_v2(cfg["image_unet"], "d.image", with_time=True)),
              ("vae", km.vae_layers_ldm(cfg["vae"])), ("vae", km.vae_layers_ldm(cfg["vae"], "autokl")),
              ("text_encoder", km.clip_layers("clip.model")[0]), ("image_encoder", km.clip_layers("clip.model")[1])]
-    text = {k: v for k, v in _state(st, "text_unet").items() if not k.startswith("time_embedding.")}
+    text = {k: v for k, v in tp.state_of(st, "text_unet").items() if not k.startswith("time_embedding.")}
     cases_text = [km.unet_layers_v1(cfg["text_unet"], "m.unet_text", None),
                   km.unet_layers_v2(cfg["text_unet"], "d.text", with_time=False)]
-    for state, layers in [(_state(st, c), L) for c, L in cases] + [(text, L) for L in cases_text]:
-        original = to_original(state, layers)
+    for state, layers in [(tp.state_of(st, c), L) for c, L in cases] + [(text, L) for L in cases_text]:
+        original = tp.to_original(state, layers)
         by_source = {L.source: L for L in layers}
         back = {}
         for key, t in original.items():

@@ -3,11 +3,16 @@ diffusers' `save_pretrained`: the reference side of the facade parity tests."""
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from helpers import TINY_UNET_A, flat_config, randomize_
+from vd.nn import UNetConfig, VAEConfig
+from weights_convert import keymaps as km
+from weights_convert.layouts import SCHEDULE_BUFFERS
 
 # Every image UNet level gets the same context width as the CLIP projections (16).
 IMAGE_UNET = dict(TINY_UNET_A, cross_attention_dim=16, sample_size=8)
@@ -109,3 +114,88 @@ def reference(task: str, folder: Path, scheduler: str = "ddim"):
         pipe = VersatileDiffusionDualGuidedPipeline(**c)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---- the tiny model in the original SHI-Labs layouts (our key tables run backwards)
+
+OPTIMUS_KEYS = {"optimus.encoder.embeddings.word_embeddings.weight": (5, 3),
+                "optimus.decoder.transformer.wte.weight": (7, 3), "optimus.decoder.transformer.h.0.attn.bias": (4,)}
+
+
+def tiny_configs(folder) -> dict:
+    """The configs an original .pth does not carry, for the tiny model (the defaults are the full-size VD ones)."""
+    clip = {c: {k: v for k, v in json.loads((folder / c / "config.json").read_text()).items() if not k.startswith("_")}
+            for c in ("text_encoder", "image_encoder")}
+    return {"image_unet": UNetConfig.from_diffusers(IMAGE_UNET),
+            "text_unet": UNetConfig.from_diffusers(TEXT_UNET), "vae": VAEConfig.from_diffusers(VAE), **clip}
+
+
+def to_original(state: dict[str, torch.Tensor], layers: list[km.Layer]) -> dict[str, torch.Tensor]:
+    """Our (= diffusers') state dict -> the original layout: each key goes back through the layer whose target
+    holds it (longest target; the output head's layer has an empty target and names its layers in its table),
+    renames undone, and a transform undone (1x1 conv weights for the kl-f8 attention)."""
+    out = {}
+    for key, t in state.items():
+        held = [L for L in layers if L.target and key.startswith(L.target + ".")]
+        if held:
+            layer = max(held, key=lambda L: len(L.target))
+            suffix = key[len(layer.target) + 1:]
+        else:
+            heads = [L for L in layers if not L.target and km.rename(key, _inverse(L.renames)) != key]
+            assert len(heads) == 1, f"no layer (or several) holds {key!r}"
+            layer, suffix = heads[0], key
+        if layer.transform == km.CONV1X1_TO_LINEAR and t.dim() == 2:
+            t = t[:, :, None, None]
+        out[f"{layer.source}.{km.rename(suffix, _inverse(layer.renames))}"] = t.clone()
+    assert len(out) == len(state)
+    return out
+
+
+def _inverse(table: dict[str, str]) -> dict[str, str]:
+    return {new: old for old, new in table.items()}
+
+
+def state_of(folder, component) -> dict[str, torch.Tensor]:
+    (f,) = (folder / component).glob("*.safetensors")
+    return load_file(f)
+
+
+def schedule_buffers() -> dict[str, torch.Tensor]:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return {name: betas.clone() for name in SCHEDULE_BUFFERS}
+
+
+def _current_layout(image, text, cfg) -> dict[str, torch.Tensor]:
+    return {**to_original(image, km.unet_layers_v2(cfg["image_unet"], "diffuser.image", with_time=True)),
+            **to_original(text, km.unet_layers_v2(cfg["text_unet"], "diffuser.text", with_time=False))}
+
+
+def write_originals(st: Path, current_repo: Path, deprecated_dir: Path) -> dict:
+    """The tiny diffusers folder `st` in both original layouts. The current one sits in pretrained_pth/ of a copy
+    of the diffusers folder at `current_repo` (as on the hub), so its kl-f8.pth and CLIP/tokenizer are found by
+    default; the deprecated one is written into `deprecated_dir`."""
+    cfg = tiny_configs(st)
+    image, vae = state_of(st, "image_unet"), state_of(st, "vae")
+    text = {k: v for k, v in state_of(st, "text_unet").items() if not k.startswith("time_embedding.")}  # not stored
+
+    repo = current_repo
+    shutil.copytree(st, repo)
+    current = repo / "pretrained_pth" / "vd-four-flow-v1-0.pth"
+    current.parent.mkdir()
+    torch.save({**_current_layout(image, text, cfg), **schedule_buffers()}, current)
+    torch.save(to_original(vae, km.vae_layers_ldm(cfg["vae"])), current.parent / "kl-f8.pth")
+
+    text_layers, vision_layers = km.clip_layers("clip.model")
+    deprecated = deprecated_dir / "vd-four-flow-v1-0-deprecated.pth"
+    sd = {**to_original(image, km.unet_layers_v1(cfg["image_unet"], "model.diffusion_model.unet_image",
+                                                  "model.diffusion_model.time_embed")),
+          **to_original(text, km.unet_layers_v1(cfg["text_unet"], "model.diffusion_model.unet_text", None)),
+          **to_original(vae, km.vae_layers_ldm(cfg["vae"], "autokl")),
+          **to_original(state_of(st, "text_encoder"), text_layers),
+          **to_original(state_of(st, "image_encoder"), vision_layers),
+          # a full CLIPModel also has these; the release also carries Optimus and the training schedule
+          "clip.model.logit_scale": torch.tensor(4.6052),
+          "clip.model.text_model.embeddings.position_ids": torch.arange(77)[None],
+          **{k: torch.randn(s) for k, s in OPTIMUS_KEYS.items()}, **schedule_buffers()}
+    torch.save(sd, deprecated)
+    return {"current": current, "deprecated": deprecated, "configs": cfg}
