@@ -1,0 +1,108 @@
+"""Every command in README.md runs, with the tiny model standing in for the real weights.
+
+Shell lines are run in order in one folder (so `astronaut.png` from the first exists for the next), with
+`--model <tiny>` where the README relies on the hub default, and at most 2 steps. The Python block runs with the
+hub id replaced by the tiny folder. The set-up and test commands are the ones .ci/run executes; the torchrun
+lines are exercised by tests/test_batch.py (two gloo ranks on the CPU), except the multi-node one.
+"""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import tiny_pipeline as tp
+from vd.cli import main as vd_main
+from weights_convert.__main__ import main as convert_main
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*weights_only.*")
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+HUB = "shi-labs/versatile-diffusion"
+
+
+def blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def shell_commands() -> list[str]:
+    text = "\n".join(blocks("sh")).replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_setup_and_test_commands_are_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    setup, test = shell_commands()[0], next(c for c in shell_commands() if "pytest" in c)
+    assert setup == "python3 -m venv .venv && . .venv/bin/activate && pip install -e ."
+    for part in setup.split(" && ") + test.split(" && "):
+        assert part in ci, f"{part!r} is not run by .ci/run"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
+
+
+def _fast(argv: list[str], tiny: Path) -> list[str]:
+    """The README's arguments, with the tiny model and at most 2 steps, as the CLI parses them."""
+    argv = [a for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(tiny)]
+    return [argv[0], "--steps", "2", "--no-progress", *argv[1:]] if argv[0] != "batch" else argv
+
+
+def test_every_shell_command(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # the batch example's inputs: the README's own job file and an image for it
+    (tmp_path / "jobs.jsonl").write_text(blocks("jsonl")[0])
+    (tmp_path / "inputs").mkdir()
+    PIL.Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype(np.uint8)).save("inputs/cat.jpg")
+    originals = tp.write_originals(tiny, tmp_path / "repo", tmp_path)
+    ran = []
+    for cmd in shell_commands():
+        argv = shlex.split(cmd)
+        if argv[:2] == ["python3", "-m"] or "pytest" in cmd or argv[0] == "torchrun":
+            continue  # set-up and tests: .ci/run; torchrun: tests/test_batch.py
+        if argv[:3] == ["python", "-m", "vd"]:
+            argv = ["vd", *argv[3:]]
+        if argv[0] == "vd":
+            code = vd_main(_fast(argv[1:], tiny))
+        elif argv[:3] == ["python", "-m", "weights_convert"]:
+            args = [str(tiny) if a == HUB else a for a in argv[3:]]
+            if args[0].startswith("pretrained_pth/"):  # the tiny .pth, read with the tiny configs
+                args[0] = str(originals["current"])
+                args[args.index("--clip") + 1] = str(tiny)
+                monkeypatch.setattr("weights_convert.layouts.VD_IMAGE_UNET", originals["configs"]["image_unet"])
+                monkeypatch.setattr("weights_convert.layouts.VD_TEXT_UNET", originals["configs"]["text_unet"])
+                monkeypatch.setattr("weights_convert.layouts.VD_VAE", originals["configs"]["vae"])
+                monkeypatch.setattr("weights_convert.presets.CLIP_TEXT", originals["configs"]["text_encoder"])
+                monkeypatch.setattr("weights_convert.presets.CLIP_VISION", originals["configs"]["image_encoder"])
+            code = convert_main(args)
+        else:
+            raise AssertionError(f"README command not covered by this test: {cmd}")
+        assert code == 0, cmd
+        ran.append(argv[0] if argv[0] == "vd" else argv[2])
+    for name in ("astronaut.png", "variation.png", "dual.png", "squirrel-0.png", "squirrel-1.png", "lighthouse.png"):
+        assert PIL.Image.open(name).size[0] > 0
+    assert PIL.Image.open("lighthouse.png").size == (640, 384)
+    records = [json.loads(line) for line in Path("results/records.jsonl").read_text().splitlines()]
+    assert len(records) == 4  # 2 + 1 + 1 images
+    for folder in ("vd-t2i", "vd-full"):
+        assert json.loads(Path(folder, "config.json").read_text())["format"] == "vd"
+    assert ran.count("vd") == 6 and ran.count("weights_convert") == 2
+
+
+def test_python_example(tiny):
+    (code,) = blocks("python")
+    assert HUB in code
+    namespace = {}
+    exec(code.replace(f'"{HUB}"', repr(str(tiny))), namespace)
+    assert isinstance(namespace["image"], PIL.Image.Image) and len(namespace["variations"]) == 2
+    assert isinstance(namespace["mixed"], PIL.Image.Image)
+    assert isinstance(namespace["g"], torch.Generator)
