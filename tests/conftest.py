@@ -1,6 +1,14 @@
-"""Collects the measured parity errors so a run ends with a table of them (`pytest -q` shows it)."""
+"""Test-wide settings, and the table of measured parity errors that ends a run (`pytest -q` shows it)."""
+
+import os
 
 import pytest
+import torch
+
+# The models in the suite are tiny: one thread is as fast, and it cannot be starved by other processes on a
+# small machine (a second thread spinning for a busy core made some tests 20x slower). Subprocesses inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 _MEASURED: list[tuple[str, float, float]] = []
 

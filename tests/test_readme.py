@@ -50,17 +50,16 @@ def tiny(tmp_path_factory):
 
 
 def _fast(argv: list[str], tiny: Path) -> list[str]:
-    """The README's arguments, with the tiny model and at most 2 steps, as the CLI parses them."""
-    argv = [a for a in argv]
-    if "--model" not in argv:
-        argv += ["--model", str(tiny)]
-    return [argv[0], "--steps", "2", "--no-progress", *argv[1:]] if argv[0] != "batch" else argv
+    """The README's arguments, with the tiny model and 2 steps (the last --steps wins)."""
+    argv = [*argv, "--model", str(tiny)] if "--model" not in argv else list(argv)
+    return argv if argv[0] == "batch" else [*argv, "--steps", "2", "--no-progress"]
 
 
 def test_every_shell_command(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # the batch example's inputs: the README's own job file and an image for it
-    (tmp_path / "jobs.jsonl").write_text(blocks("jsonl")[0])
+    # the batch example's inputs: the README's own job file (at 2 steps) and an image for it
+    jobs = [{**json.loads(line), "num_inference_steps": 2} for line in blocks("jsonl")[0].splitlines()]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
     (tmp_path / "inputs").mkdir()
     PIL.Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype(np.uint8)).save("inputs/cat.jpg")
     originals = tp.write_originals(tiny, tmp_path / "repo", tmp_path)
@@ -98,9 +97,14 @@ def test_every_shell_command(tiny, tmp_path, monkeypatch):
     assert ran.count("vd") == 6 and ran.count("weights_convert") == 2
 
 
-def test_python_example(tiny):
+def test_python_example(tiny, monkeypatch):
     (code,) = blocks("python")
     assert HUB in code
+    from vd import VersatileDiffusion
+    for task in ("text_to_image", "image_variation", "dual_guided"):  # 2 steps instead of 50
+        method = getattr(VersatileDiffusion, task)
+        monkeypatch.setattr(VersatileDiffusion, task,
+                            lambda self, *a, _m=method, **k: _m(self, *a, **{**k, "num_inference_steps": 2}))
     namespace = {}
     exec(code.replace(f'"{HUB}"', repr(str(tiny))), namespace)
     assert isinstance(namespace["image"], PIL.Image.Image) and len(namespace["variations"]) == 2
