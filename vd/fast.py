@@ -46,6 +46,7 @@ class Denoiser:
 
     def __init__(self, unet: UNet, *, compile: bool = False, cuda_graphs: bool = False):
         self.unet = unet
+        self.dtype = next(unet.parameters()).dtype
         self.forward = torch.compile(unet, dynamic=False) if compile else unet
         self.cuda_graphs = cuda_graphs
         self.graphs: dict[tuple, _Graph] = {}
@@ -53,10 +54,19 @@ class Denoiser:
         self.setup_seconds = 0.0
 
     def __call__(self, x: Tensor, t: Tensor, streams: Sequence[Context]) -> Tensor:
+        # The UNet runs in its weights' dtype, as the reference does: under autocast, every GroupNorm and
+        # LayerNorm would round-trip through float32 (their CUDA kernels accumulate in float32 anyway).
+        x = x.to(self.dtype)
+        streams = [c if c.tokens.dtype == self.dtype else Context(c.layers, c.tokens.to(self.dtype), c.weight)
+                   for c in streams]
+        with torch.autocast(x.device.type, enabled=False):
+            return self._call(x, t, streams)
+
+    def _call(self, x: Tensor, t: Tensor, streams: Sequence[Context]) -> Tensor:
         if not (self.cuda_graphs and x.is_cuda):
             return self.forward(x, t, streams)
-        key = (tuple(x.shape), x.dtype, str(torch.get_autocast_dtype("cuda")) if torch.is_autocast_enabled("cuda")
-               else None, tuple((id(c.layers[0]), tuple(c.tokens.shape), c.tokens.dtype, c.weight) for c in streams))
+        key = (tuple(x.shape), x.dtype,
+               tuple((id(c.layers[0]), tuple(c.tokens.shape), c.tokens.dtype, c.weight) for c in streams))
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(x, t, streams)

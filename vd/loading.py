@@ -56,7 +56,7 @@ def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device
         state = {}
         for sub in by_component[component]:
             part = f"{component}.{sub}" if sub else component
-            state.update(ckpt.load(part, dtype))
+            state.update(ckpt.load(part, dtype, device))
         model.load_state_dict(state, strict=True, assign=True)
         _rebuild_position_ids(model)
         return model.to(device).eval().requires_grad_(False)

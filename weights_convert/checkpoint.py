@@ -99,11 +99,15 @@ class Checkpoint:
         if missing:
             raise CheckpointError(f"{self.origin}: has no {', '.join(missing)}, needed for {why}")
 
-    def load(self, part: str, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """Read one part's tensors (memory-mapped where the file allows), cast to dtype if given."""
+    def load(self, part: str, dtype: torch.dtype | None = None,
+             device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """Read one part's tensors (memory-mapped where the file allows), moved to `device` and then cast to
+        `dtype` if given (moving first keeps a CPU copy of a cast out of host memory)."""
         out = {}
         for key, src in self.sources[part].items():
             t = src.read()
+            if device is not None:
+                t = t.to(device)
             if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                 t = t.to(dtype)
             out[key] = t

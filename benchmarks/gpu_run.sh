@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one go, on a fresh machine: make a full-size fp16 random-weight checkpoint on the GPU,
+# then bench.py for the three tasks at 512x512, 50 DDIM steps, fp16, batch 1, CFG 7.5, ours against diffusers
+# in the same process. Writes bench.json, bench.md and the logs to $OUT. About 4-5 minutes on an H100.
+#
+#   bash benchmarks/gpu_run.sh                      # from the repository root
+#   STEP_REPEATS=10 E2E_REPEATS=2 PROFILE=0 bash benchmarks/gpu_run.sh
+#
+# diffusers comes from the wheels in .whl/ if there are any (installed with --no-deps into /tmp/site); without
+# diffusers the script still measures ours alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+OUT=${OUT:-out/gpu}
+CKPT=${CKPT:-/tmp/vd-bench-fp16}
+STEPS=${STEPS:-50}
+SIZE=${SIZE:-512}
+STEP_REPEATS=${STEP_REPEATS:-10}
+E2E_REPEATS=${E2E_REPEATS:-2}
+PROFILE=${PROFILE:-0}               # 1: also profile one 3-step run of each implementation per task
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-fp16}
+mkdir -p "$OUT"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+{
+    date -Is
+    nvidia-smi -L || true
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv || true
+    "$PY" - <<'EOF'
+import importlib, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| cudnn", torch.backends.cudnn.version())
+for name in ("diffusers", "transformers", "accelerate", "safetensors", "numpy"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except ImportError as e:
+        print(name, "not importable:", e)
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+
+start=$SECONDS
+if [ ! -f "$CKPT/model_index.json" ]; then
+    "$PY" benchmarks/make_checkpoint.py "$CKPT" --size full --dtype "$DTYPE" --device "$DEVICE" 2>&1 \
+        | tee "$OUT/make_checkpoint.log"
+fi
+echo "checkpoint ready after $((SECONDS - start)) s"
+
+profile=()
+if [ "$PROFILE" = 1 ]; then
+    profile=(--profile "$OUT/profile" --profile-steps 3)
+fi
+"$PY" benchmarks/bench.py "$CKPT" --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" \
+    --step-repeats "$STEP_REPEATS" --e2e-repeats "$E2E_REPEATS" --ours eager graphs "${profile[@]}" \
+    --json "$OUT/bench.json" --markdown "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log"
+echo "bench done after $((SECONDS - start)) s"
+# torch.compile on top of the CUDA graphs, text_to_image only, if the time allows (compiling takes minutes)
+if [ "$((SECONDS - start))" -lt "${COMPILE_IF_BEFORE:-300}" ]; then
+    "$PY" benchmarks/bench.py "$CKPT" --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" \
+        --tasks text_to_image --ours eager compile --no-reference --no-isolate --step-repeats "$STEP_REPEATS" \
+        --e2e-repeats "$E2E_REPEATS" --json "$OUT/bench-compile.json" --markdown "$OUT/bench-compile.md" 2>&1 \
+        | tee "$OUT/bench-compile.log"
+fi
+echo "done after $((SECONDS - start)) s"
