@@ -53,6 +53,10 @@ if [ ! -f "$CKPT/model_index.json" ]; then
 fi
 echo "checkpoint ready after $((SECONDS - start)) s"
 
+if [ "${FP16_CHECK:-1}" = 1 ]; then  # stage-by-stage fp16 closeness to the reference (text_to_image)
+    "$PY" benchmarks/fp16_check.py "$CKPT" --device "$DEVICE" --steps "$STEPS" 2>&1 | tee "$OUT/fp16_check.log"
+fi
+
 profile=()
 if [ "$PROFILE" = 1 ]; then
     profile=(--profile "$OUT/profile" --profile-steps 3)

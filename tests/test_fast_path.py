@@ -25,7 +25,9 @@ def test_channels_last_and_fused_projections_keep_the_math(check):
     state = {k: v.clone() for k, v in image.state_dict().items()}
     speed_up_(image, text)
     assert image.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert image.down_blocks[0].attentions[0].transformer_blocks[0].attn1.qkv_weight is not None
+    attn1 = image.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert attn1.qkv_weight is not None  # and q, k, v are views into it: no memory added
+    assert attn1.to_v.weight.untyped_storage().data_ptr() == attn1.qkv_weight.untyped_storage().data_ptr()
     assert text.context_layers()[0].transformer_blocks[0].attn2.kv_weight is not None
     got = image(x.to(memory_format=torch.channels_last), 500, streams)
     check(rel_err(got, want), 1e-5)  # fp32: other kernels, other rounding
@@ -54,3 +56,15 @@ def test_cuda_graphs_are_ignored_on_cpu():
         assert torch.equal(d(x, torch.tensor(5), [Context(text.context_layers(), ctx)]),
                            image(x, torch.tensor(5), [Context(text.context_layers(), ctx)]))
     assert not d.graphs
+
+
+def test_tensors_read_for_another_device_equal_the_mapped_ones(tmp_path):
+    """Loading to a GPU reads safetensors into a buffer instead of mapping them (no resident pages left)."""
+    from safetensors.torch import save_file
+    from weights_convert.tensorfile import TensorFile
+    tensors = {"a": torch.randn(3, 5).half(), "b": torch.arange(7), "c": torch.randn(2, 2, 2).bfloat16()}
+    save_file(tensors, tmp_path / "t.safetensors")
+    f = TensorFile(tmp_path / "t.safetensors")
+    for k, t in tensors.items():
+        assert torch.equal(f._read(k), t) and f._read(k).dtype == t.dtype
+        assert f.get(k, "meta").shape == t.shape  # any non-CPU device takes that path

@@ -243,9 +243,9 @@ def loaded_parts(monkeypatch):
     seen = []
     original = Checkpoint.load
 
-    def load(self, part, dtype=None):
+    def load(self, part, *args, **kwargs):
         seen.append(part)
-        return original(self, part, dtype)
+        return original(self, part, *args, **kwargs)
     monkeypatch.setattr(Checkpoint, "load", load)
     return seen
 

@@ -239,7 +239,7 @@ class VersatileDiffusion:
         """Latents -> images [N, 3, H, W] in [0, 1]. A non-finite fp16 decode is retried in float32."""
         vae = self.c.vae
         z = latents / vae.config.scaling_factor
-        with self._autocast():
+        with torch.autocast(self.device.type, enabled=False):  # in the weights' dtype, as the reference does
             images = vae.decode(z.to(next(vae.parameters()).dtype))
         if not torch.isfinite(images).all() and self.dtype != torch.float32:
             warnings.warn("the VAE decode gave NaN/inf in reduced precision; decoding again in float32", stacklevel=3)

@@ -74,8 +74,8 @@ class Source:
     def dtype(self) -> torch.dtype:
         return self.file.dtype(self.key)
 
-    def read(self) -> Tensor:
-        t = self.file.get(self.key)
+    def read(self, device: torch.device | str | None = None) -> Tensor:
+        t = self.file.get(self.key, device)
         return self.transform(t) if self.transform else t
 
 
@@ -105,7 +105,7 @@ class Checkpoint:
         `dtype` if given (moving first keeps a CPU copy of a cast out of host memory)."""
         out = {}
         for key, src in self.sources[part].items():
-            t = src.read()
+            t = src.read(device)
             if device is not None:
                 t = t.to(device)
             if dtype is not None and t.is_floating_point() and t.dtype != dtype:

@@ -5,6 +5,7 @@ Safetensors are memory-mapped and a tensor is only read when asked for. Pickled 
 Every error names the file (and the key, where there is one).
 """
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -91,13 +92,33 @@ class TensorFile:
             return _ST_DTYPES[name]
         return self._sd[key].dtype
 
-    def get(self, key: str) -> Tensor:
+    def get(self, key: str, device: torch.device | str | None = None) -> Tensor:
+        """The tensor, on the CPU (memory-mapped where possible) or read straight to `device`."""
+        if self._st is not None and device is not None and torch.device(device).type != "cpu":
+            return self._read(key).to(device)
         if self._st is not None:
             try:
                 return self._st.get_tensor(key)
             except SafetensorError as e:
                 raise CheckpointError(f"{self.path}: cannot read {key!r} ({e})") from None
         return self._sd[key]
+
+    def _read(self, key: str) -> Tensor:
+        """One safetensors tensor read into a fresh buffer (not mapped), for a copy to another device: mapped
+        pages would stay in this process's resident memory; a buffer is freed once copied."""
+        if not hasattr(self, "_offsets"):
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            self._offsets = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                             for k, v in header.items() if k != "__metadata__"}
+        start, end = self._offsets[key]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            if f.readinto(memoryview(buf.numpy())) != end - start:
+                raise CheckpointError(f"{self.path}: cannot read {key!r} (file ends early)")
+        return buf.view(self.dtype(key)).reshape(self.shape(key))
 
     def __repr__(self) -> str:
         return f"TensorFile({str(self.path)!r})"

@@ -139,12 +139,21 @@ class Attention(nn.Module):
         self.register_buffer("kv_weight", None, persistent=False)
 
     def fuse_projections(self) -> None:
-        """Stack the projections that read the same input, so they run as one matmul (a GPU speed-up)."""
-        if self.to_q.bias is not None:
+        """Stack the projections that read the same input, so they run as one matmul (a GPU speed-up). The
+        separate weights become views into the stacked one: no memory is added, and state_dict is unchanged."""
+        if self.to_q.bias is not None or self.kv_weight is not None:
             return  # VD's transformers have no projection biases; nothing else needs this
-        self.kv_weight = torch.cat([self.to_k.weight, self.to_v.weight])
-        if self.to_q.in_features == self.to_k.in_features:
-            self.qkv_weight = torch.cat([self.to_q.weight, self.kv_weight])
+        self_attention = self.to_q.in_features == self.to_k.in_features
+        parts = [self.to_q, self.to_k, self.to_v] if self_attention else [self.to_k, self.to_v]
+        stacked = torch.cat([p.weight for p in parts])
+        rows = 0
+        for p in parts:
+            n = p.weight.shape[0]
+            p.weight = nn.Parameter(stacked[rows:rows + n], requires_grad=p.weight.requires_grad)
+            rows += n
+        if self_attention:
+            self.qkv_weight = stacked
+        self.kv_weight = stacked[-2 * self.to_k.out_features:]
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if context is None and self.qkv_weight is not None:
