@@ -89,3 +89,17 @@ def test_nan_decode_in_float32_is_an_error(bf16):
             bf16.text_to_image("the cat", generator=_g(), **KW)
     finally:
         handle.remove()
+
+
+def test_noise_is_drawn_in_the_model_dtype(bf16, monkeypatch):
+    """As the reference: latents are drawn in the model's dtype even when autocast makes the tokens float32
+    (on CUDA the CLIP norm runs in float32 under autocast); fp16 and fp32 draws from one generator differ."""
+    import vd.pipeline
+    seen = []
+    original = vd.pipeline.randn
+    monkeypatch.setattr(vd.pipeline, "randn", lambda shape, g, device, dtype: seen.append(dtype) or original(
+        shape, g, device, dtype))
+    encode = vd.pipeline.encode_text  # as under CUDA autocast: float32 tokens from a reduced-precision model
+    monkeypatch.setattr(vd.pipeline, "encode_text", lambda *a: encode(*a).float())
+    bf16.text_to_image("the cat", generator=_g(), **KW)
+    assert seen == [torch.bfloat16]

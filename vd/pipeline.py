@@ -206,8 +206,10 @@ class VersatileDiffusion:
 
     def _generate(self, run: "_Run", streams: list[Context], progress: bool) -> GenerationOutput:
         unet = self.denoiser
-        dtype = streams[0].tokens.dtype
-        x = run.latents.to(self.device) if run.latents is not None else randn(run.shape, run.generator, self.device, dtype)
+        # parity: noise is drawn in the model's dtype, as the reference does (its embeddings' dtype); under
+        # autocast our tokens may be float32, and fp16 and fp32 draws from one generator differ
+        x = run.latents.to(self.device) if run.latents is not None else randn(run.shape, run.generator, self.device,
+                                                                              self.dtype)
 
         def eps_fn(x_in: Tensor, t: Tensor) -> Tensor:
             if run.cfg:
