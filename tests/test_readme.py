@@ -9,6 +9,8 @@ lines are exercised by tests/test_batch.py (two gloo ranks on the CPU), except t
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +66,23 @@ def test_every_shell_command(tiny, tmp_path, monkeypatch):
     PIL.Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype(np.uint8)).save("inputs/cat.jpg")
     originals = tp.write_originals(tiny, tmp_path / "repo", tmp_path)
     ran = []
-    for cmd in shell_commands():
+    for cmd in [c for line in shell_commands() for c in line.split(" && ")
+                if not line.startswith("python3 -m venv") and "pytest" not in line]:
         argv = shlex.split(cmd)
-        if argv[:2] == ["python3", "-m"] or "pytest" in cmd or argv[0] == "torchrun":
-            continue  # set-up and tests: .ci/run; torchrun: tests/test_batch.py
+        if argv[0] == "torchrun":
+            continue  # tests/test_batch.py runs two gloo ranks
         if argv[:3] == ["python", "-m", "vd"]:
             argv = ["vd", *argv[3:]]
         if argv[0] == "vd":
             code = vd_main(_fast(argv[1:], tiny))
+        elif argv[0] == "python" and argv[1].startswith("benchmarks/"):  # CPU and tiny instead of GPU and full
+            small = {"full": "small", "cuda": "cpu", "fp16": "fp32"}
+            args = [small.get(a, a) for a in argv[2:]]
+            if argv[1].endswith("bench.py"):
+                args += ["--device", "cpu", "--size", "64", "--steps", "1", "--step-repeats", "1", "--e2e-repeats",
+                         "1", "--warmup", "0", "--no-isolate", "--json", "bench.json"]
+            code = subprocess.run([sys.executable, str(ROOT / argv[1]), *args], timeout=600).returncode
+            argv = ["python", "-m", Path(argv[1]).stem]
         elif argv[:3] == ["python", "-m", "weights_convert"]:
             args = [str(tiny) if a == HUB else a for a in argv[3:]]
             if args[0].startswith("pretrained_pth/"):  # the tiny .pth, read with the tiny configs
@@ -95,6 +106,9 @@ def test_every_shell_command(tiny, tmp_path, monkeypatch):
     for folder in ("vd-t2i", "vd-full"):
         assert json.loads(Path(folder, "config.json").read_text())["format"] == "vd"
     assert ran.count("vd") == 6 and ran.count("weights_convert") == 2
+    assert ran.count("make_checkpoint") == ran.count("bench") == 1
+    assert set(json.loads(Path("bench.json").read_text())["tasks"]) == {"text_to_image", "image_variation",
+                                                                        "dual_guided"}
 
 
 def test_python_example(tiny, monkeypatch):
