@@ -58,8 +58,8 @@ class VersatileDiffusion:
         """Load from a hub repo id, a diffusers-layout folder, an original .pth or a converted folder.
 
         tasks: the tasks to load weights for (default all three); only their parts are read.
-        device: default CUDA if available, else CPU. dtype: default float16 on CUDA (run under autocast),
-        float32 on CPU. scheduler: "ddim", "pndm" or "lms" (overridable per call). uncond_image: the image
+        device: default CUDA if available, else CPU. dtype: default float16 on CUDA (the UNets and the VAE run
+        in it, as the reference does; the CLIP encoders under autocast), float32 on CPU. scheduler: "ddim", "pndm" or "lms" (overridable per call). uncond_image: the image
         condition used for "no image" in classifier-free guidance: "grey" (a mid-grey image, what the reference
         intends), "zeros" (an all-zero embedding, as the original SHI-Labs app), or "diffusers" (what diffusers
         0.42.1 actually computes: CLIP of a near-black image). compile: torch.compile the denoising step.
