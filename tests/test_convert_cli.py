@@ -30,15 +30,6 @@ REPO = Path(__file__).resolve().parent.parent
 CALL = dict(prompt="the cat", num_inference_steps=2, output_type="np", progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a busy machine their contention slows every op down a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(autouse=True)
 def keep_sigterm_handler():
     """main() installs a SIGTERM handler; keep pytest's."""

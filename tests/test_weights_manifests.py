@@ -50,7 +50,7 @@ def _legacy(key: str, table: dict[str, str]) -> str:
     return key
 
 
-def _assert_full_coverage(ckpt, source_keys: int, n_ignored: int, parts=ALL_PARTS):
+def _assert_full_coverage(ckpt, n_ignored: int, parts=ALL_PARTS):
     assert ckpt.parts == tuple(parts)
     consumed = sum(len(v) for v in ckpt.sources.values())
     assert len(ckpt.ignored) == n_ignored
@@ -62,7 +62,7 @@ def _assert_full_coverage(ckpt, source_keys: int, n_ignored: int, parts=ALL_PART
 def test_diffusers_layout(tmp_path):
     root = _diffusers_folder(tmp_path / "vd")
     ckpt = open_checkpoint(root)
-    consumed = _assert_full_coverage(ckpt, 0, n_ignored=4 + 2)  # text UNet time MLP copy, two position_ids
+    consumed = _assert_full_coverage(ckpt, n_ignored=4 + 2)  # text UNet time MLP copy, two position_ids
     n_source = sum(len(read_manifest(c)) for c in ("image_unet", "text_unet", "vae", "text_encoder", "image_encoder"))
     assert consumed == n_source - 4
     assert ckpt.tokenizer == root / "tokenizer" and ckpt.scheduler["steps_offset"] == 1
@@ -74,7 +74,7 @@ def test_current_original_layout(tmp_path):
     _save(pth, read_manifest("vd-four-flow-v1-0"))
     _save(root / "pretrained_pth" / "kl-f8.pth", read_manifest("kl-f8"))
     ckpt = open_checkpoint(pth)  # CLIP, tokenizer and preprocessing from the repo's diffusers folders
-    _assert_full_coverage(ckpt, 0, n_ignored=12)  # the noise-schedule buffers
+    _assert_full_coverage(ckpt, n_ignored=12)  # the noise-schedule buffers
     consumed = sum(len(ckpt.sources[p]) for p in ckpt.parts if p.split(".")[0] in ("image_unet", "text_unet", "vae"))
     assert consumed == len(read_manifest("vd-four-flow-v1-0")) - 12 + len(read_manifest("kl-f8"))
     # the published row-by-row mapping (current layout -> diffusers) is what we did
@@ -89,7 +89,7 @@ def test_deprecated_original_layout(tmp_path):
     _save(pth, manifest)
     ckpt = open_checkpoint(pth)
     ignored_optimus = sum(k.startswith("optimus.") for k in manifest)
-    _assert_full_coverage(ckpt, 0, n_ignored=12 + ignored_optimus + 1 + 2)  # schedule, optimus, logit_scale, ids
+    _assert_full_coverage(ckpt, n_ignored=12 + ignored_optimus + 1 + 2)  # schedule, optimus, logit_scale, ids
     consumed = sum(len(v) for v in ckpt.sources.values())
     assert consumed + len(ckpt.ignored) == len(manifest)
     for component in ("image_unet", "text_unet"):

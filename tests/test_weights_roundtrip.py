@@ -36,16 +36,6 @@ CPU, F32 = torch.device("cpu"), torch.float32
 STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine the thread pool's contention makes every
-    op tens of times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- fixtures: the tiny reference saved both ways, and the same weights in the original layouts
 
 @pytest.fixture(scope="module")

@@ -205,7 +205,7 @@ class VersatileDiffusion:
         return torch.cat([uncond, cond])
 
     def _generate(self, run: "_Run", streams: list[Context], progress: bool) -> GenerationOutput:
-        unet = self.denoiser
+        denoise = self.denoiser
         # parity: noise is drawn in the model's dtype, as the reference does (its embeddings' dtype); under
         # autocast our tokens may be float32, and fp16 and fp32 draws from one generator differ
         x = run.latents.to(self.device) if run.latents is not None else randn(run.shape, run.generator, self.device,
@@ -213,9 +213,9 @@ class VersatileDiffusion:
 
         def eps_fn(x_in: Tensor, t: Tensor) -> Tensor:
             if run.cfg:
-                uncond, cond = unet(torch.cat([x_in, x_in]), t, streams).chunk(2)
+                uncond, cond = denoise(torch.cat([x_in, x_in]), t, streams).chunk(2)
                 return uncond + run.guidance * (cond - uncond)
-            return unet(x_in, t, streams)
+            return denoise(x_in, t, streams)
 
         timesteps = run.sampler.timesteps(run.steps)
         bar = tqdm(total=len(timesteps), disable=not progress, desc="denoising")
@@ -226,7 +226,7 @@ class VersatileDiffusion:
                 run.callback(i, t, latents)
 
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad():  # (the denoiser runs in the weights' dtype; the sampler's math is elementwise)
                 x = run.sampler.sample(eps_fn, x, run.steps, generator=run.generator, eta=run.eta, callback=on_step)
         finally:
             bar.close()

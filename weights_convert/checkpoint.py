@@ -106,8 +106,6 @@ class Checkpoint:
         out = {}
         for key, src in self.sources[part].items():
             t = src.read(device)
-            if device is not None:
-                t = t.to(device)
             if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                 t = t.to(dtype)
             out[key] = t

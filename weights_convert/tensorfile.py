@@ -93,15 +93,18 @@ class TensorFile:
         return self._sd[key].dtype
 
     def get(self, key: str, device: torch.device | str | None = None) -> Tensor:
-        """The tensor, on the CPU (memory-mapped where possible) or read straight to `device`."""
+        """The tensor on `device` (default the CPU, memory-mapped where the file allows). Safetensors bound for
+        another device are read straight into a buffer instead of through the mapping."""
         if self._st is not None and device is not None and torch.device(device).type != "cpu":
             return self._read(key).to(device)
-        if self._st is not None:
+        if self._st is None:
+            t = self._sd[key]
+        else:
             try:
-                return self._st.get_tensor(key)
+                t = self._st.get_tensor(key)
             except SafetensorError as e:
                 raise CheckpointError(f"{self.path}: cannot read {key!r} ({e})") from None
-        return self._sd[key]
+        return t if device is None else t.to(device)
 
     def _read(self, key: str) -> Tensor:
         """One safetensors tensor read into a fresh buffer (not mapped), for a copy to another device: mapped
