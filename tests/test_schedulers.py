@@ -191,6 +191,28 @@ def test_ddim_eta_generator(cfg_name, n, per_item):
     assert_same_run(ours, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("cfg_name,n,skip", [("vd", 50, 10), ("vd", 50, 49), ("vd", 7, 3), ("defaults", 10, 1)])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_skip_img2img(cfg_name, n, skip, eta):
+    """Starting part-way (fidelity/img2img) equals diffusers' img2img loop: add_noise at timesteps[skip],
+    then step through timesteps[skip:], with the same injected per-step noise."""
+    cfg, x0 = CONFIGS[cfg_name], start_noise()
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    step_noise = [torch.randn(x0.shape, generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
+    sched = DDIMScheduler.from_config(cfg)
+    sched.set_timesteps(n)
+    x_ref = sched.add_noise(x0, z, sched.timesteps[skip:skip + 1])
+    for i, t in enumerate(sched.timesteps[skip:], start=skip):
+        x_ref = sched.step(fake_eps(x_ref, t), t, x_ref, eta=eta, variance_noise=step_noise[i]).prev_sample
+
+    ours = DDIM.from_config(cfg)
+    start = ours.noised(x0, int(ours.timesteps(n)[skip]), z)
+    x = ours.sample(fake_eps, start, n, eta=eta, noise=step_noise, skip=skip)
+    assert max_diff(x, x_ref) <= 1e-6
+    with pytest.raises(ValueError, match="skip"):
+        ours.sample(fake_eps, start, n, skip=len(ours.timesteps(n)))
+
+
 @pytest.mark.parametrize("cfg_name,n", [("vd", 50), ("vd", 1), ("vd", 2), ("defaults", 25), ("defaults", 4),
                                         ("cosine_linspace", 7), ("linear_trailing", 10)])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -72,13 +72,18 @@ class DDIM(Schedule):
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
         generator: torch.Generator | Sequence[torch.Generator] | None = None, eta: float = 0.0,
-        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int = 0,
     ) -> Tensor:
         """Run the DDIM loop from unit-variance noise `x` (B, ...). For eta > 0 the fresh noise z of each
-        step comes from `noise` (one tensor per step) or is drawn from `generator` in diffusers' order."""
+        step comes from `noise` (one tensor per step) or is drawn from `generator` in diffusers' order.
+
+        skip: leave out the first `skip` timesteps; x is then a noised sample at timesteps(num_steps)[skip]
+        (img2img / fidelity; see `noised`). `noise` and callback indices still count every step."""
         if noise is not None and generator is not None:
             raise ValueError("pass either noise or generator, not both")
         ts = self.timesteps(num_steps)
+        if not 0 <= skip < len(ts):
+            raise ValueError(f"skip: expected an int in [0, {len(ts) - 1}], got {skip!r}")
         if noise is not None and eta > 0 and len(noise) < len(ts):
             raise ValueError(f"noise: need {len(ts)} tensors, got {len(noise)}")
         a_bar = self.alpha_bars()  # (T,) float32
@@ -87,8 +92,10 @@ class DDIM(Schedule):
         stride = self.num_train_timesteps // num_steps
         clip = self.clip_sample_range if self.clip_sample else None
         ts_dev = ts.to(x.device).unbind()  # 0-d timesteps passed to eps_fn and callback
-        x = x * self.init_noise_sigma(num_steps)
+        x = x * self.init_noise_sigma(num_steps) if skip == 0 else x
         for i, t in enumerate(ts.tolist()):
+            if i < skip:
+                continue
             out = eps_fn(x, ts_dev[i])
             z = None  # fresh noise only when eta > 0, so the generator advances exactly as in diffusers
             if eta > 0 and noise is not None:
@@ -100,3 +107,8 @@ class DDIM(Schedule):
             if callback is not None:
                 callback(i, ts_dev[i], x)
         return x
+
+    def noised(self, x0: Tensor, t: int, noise: Tensor) -> Tensor:
+        """x0 diffused to timestep t: sqrt(alpha_t) x0 + sqrt(1 - alpha_t) noise (the forward process, eq. 4)."""
+        a = self.alpha_bars()[t].to(x0.device)
+        return (a**0.5 * x0.float() + (1 - a) ** 0.5 * noise.float()).to(x0.dtype)
