@@ -44,8 +44,20 @@ def test_denoiser_plain_and_compiled(check):
     assert torch.equal(Denoiser(image)(x, torch.tensor(321), streams), want)
     # torch.compile's graph capture and guards, without paying for code generation in the test suite
     compiled = Denoiser(image)
-    compiled.forward = torch.compile(image, backend="aot_eager", dynamic=False)
+    compiled.compiled = torch.compile(image, backend="aot_eager", dynamic=False)
     check(rel_err(compiled(x, torch.tensor(321), streams), want), 1e-5)
+
+
+@torch.no_grad()
+def test_denoiser_with_another_unets_time_embedding():
+    """The text flows run the text UNet's data layers with the image UNet's time MLP."""
+    image, text = _unets()
+    other = randomize_(UNet(image.config, parts=frozenset({"global"})), 7).time_embedding
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 16)
+    streams = [Context(text.context_layers(), ctx)]
+    want = image(x, torch.tensor(321), streams, time_embedding=other)
+    assert not torch.equal(want, image(x, torch.tensor(321), streams))
+    assert torch.equal(Denoiser(image, time_embedding=other)(x, torch.tensor(321), streams), want)
 
 
 def test_cuda_graphs_are_ignored_on_cpu():

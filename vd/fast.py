@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from vd.nn import Context, UNet
-from vd.nn.layers import Attention
+from vd.nn.layers import Attention, TimestepEmbedding
 
 
 def speed_up_(*modules: nn.Module | None) -> None:
@@ -44,10 +44,11 @@ class Denoiser:
     capture times are kept in `setup_seconds` so benchmarks can report them apart from steady-state time.
     """
 
-    def __init__(self, unet: UNet, *, compile: bool = False, cuda_graphs: bool = False):
-        self.unet = unet
+    def __init__(self, unet: UNet, *, time_embedding: TimestepEmbedding | None = None, compile: bool = False,
+                 cuda_graphs: bool = False):
+        self.unet, self.time_embedding = unet, time_embedding  # time_embedding: another UNet's (text flows)
         self.dtype = next(unet.parameters()).dtype
-        self.forward = torch.compile(unet, dynamic=False) if compile else unet
+        self.compiled = torch.compile(unet, dynamic=False) if compile else unet
         self.cuda_graphs = cuda_graphs
         self.graphs: dict[tuple, _Graph] = {}
         self.pool = None
@@ -61,6 +62,9 @@ class Denoiser:
                    for c in streams]
         with torch.autocast(x.device.type, enabled=False):
             return self._call(x, t, streams)
+
+    def forward(self, x: Tensor, t: Tensor, streams: Sequence[Context]) -> Tensor:
+        return self.compiled(x, t, streams, time_embedding=self.time_embedding)
 
     def _call(self, x: Tensor, t: Tensor, streams: Sequence[Context]) -> Tensor:
         if not (self.cuda_graphs and x.is_cuda):
