@@ -2,6 +2,7 @@
 
 Text: all 77 token states are projected and divided by the norm of the pooled (EOS) embedding of their prompt.
 Image: all 257 token states go through post_layernorm and the projection, divided by the norm of the class token.
+Masked image (G.6): per-token weights from a keep-mask scale the tower's input embeddings and its output tokens.
 """
 
 import warnings
@@ -9,6 +10,7 @@ import warnings
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 UNCOND_IMAGES = ("grey", "zeros", "diffusers")
@@ -29,16 +31,50 @@ def encode_text(text_encoder, tokenizer, prompts: list[str], device: torch.devic
     return tokens / out.text_embeds.unsqueeze(1).norm(dim=-1, keepdim=True)
 
 
+def mask_token_weights(keep: Tensor, patch_size: int, image_size: int) -> Tensor:
+    """[B, 1 + (image_size / patch_size)²] weights of CLIP's tokens for keep-masks [B, 1, H, W] in [0, 1] (1 = keep).
+
+    The mask is clamped and resized (bilinear) to the encoder's input size; the class token gets the mean of the
+    whole mask, each patch token the mean over its patch, as the original's `_encode_wmask`.
+    """
+    if keep.ndim != 4 or keep.shape[1] != 1:
+        raise ValueError(f"keep must be [B, 1, H, W], got {tuple(keep.shape)}")
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    m = F.interpolate(keep.clamp(0, 1).float(), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    whole = m.mean(dim=(1, 2, 3)).unsqueeze(1)  # (B, 1)
+    patches = F.avg_pool2d(m, patch_size).flatten(1)  # (B, (image_size / patch_size)²), row-major like CLIP
+    return torch.cat([whole, patches], dim=1)
+
+
 @torch.no_grad()
-def encode_image(image_encoder, pixel_values: Tensor) -> Tensor:
-    """[B, 257, D] context tokens for preprocessed images [B, 3, 224, 224]."""
-    hidden = image_encoder(pixel_values).last_hidden_state  # (B, 257, hidden)
-    tokens = image_encoder.visual_projection(image_encoder.vision_model.post_layernorm(hidden))
-    return tokens / tokens[:, :1].norm(dim=-1, keepdim=True)
+def encode_image(image_encoder, pixel_values: Tensor, *, token_weights: Tensor | None = None) -> Tensor:
+    """[B, 257, D] context tokens for preprocessed images [B, 3, 224, 224].
+
+    token_weights [B, 257] (from `mask_token_weights`) encode masked images: they scale the embeddings (class and
+    patches, after the position embeddings, before pre_layrnorm) and again the output tokens. If every weight is 1
+    (the whole batch unmasked) the plain path runs, as in the original.
+    """
+    tower = image_encoder.vision_model
+    expected = (pixel_values.shape[0], tower.embeddings.num_positions)
+    if token_weights is not None and tuple(token_weights.shape) != expected:
+        raise ValueError(f"token_weights must be {expected}, got {tuple(token_weights.shape)}")
+    if token_weights is None or bool((token_weights == 1).all()):
+        hidden = image_encoder(pixel_values).last_hidden_state  # (B, 257, hidden)
+        weights = None
+    else:
+        embeddings = tower.embeddings(pixel_values)  # (B, 257, hidden)
+        weights = token_weights.unsqueeze(-1).to(embeddings)  # (B, 257, 1)
+        embeddings = embeddings * weights
+        hidden = tower.encoder(inputs_embeds=tower.pre_layrnorm(embeddings)).last_hidden_state
+    tokens = image_encoder.visual_projection(tower.post_layernorm(hidden))
+    tokens = tokens / tokens[:, :1].norm(dim=-1, keepdim=True)
+    return tokens if weights is None else tokens * weights.to(tokens.dtype)
 
 
 def to_pil(images: Tensor) -> list[PIL.Image.Image]:
     """[B, 3, H, W] in [0, 1] -> 8-bit RGB images (rounded), so a tensor and the same image file agree."""
+    # divergence: the original app converts with torchvision's ToPILImage, which truncates (mul(255).byte())
     arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return [PIL.Image.fromarray(a) for a in arr]
 
