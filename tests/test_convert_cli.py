@@ -45,11 +45,12 @@ def src(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def denoisers_only(src, tmp_path_factory):
-    """The source without its CLIP folders: a converter that never imports transformers starts faster."""
+    """The source without its CLIP and Optimus files: a converter that never imports transformers starts faster."""
     import shutil
     return shutil.copytree(src, tmp_path_factory.mktemp("unets") / "vd",
                            ignore=shutil.ignore_patterns("text_encoder", "image_encoder", "tokenizer",
-                                                         "image_feature_extractor"))
+                                                         "image_feature_extractor", "pretrained_pth",
+                                                         "optimus_tokenizer"))
 
 
 def _text_to_image(folder, **kw) -> np.ndarray:
@@ -96,7 +97,8 @@ def test_cli_converts_everything(src, tmp_path, expected, check):
     meta = json.loads((out / "config.json").read_text())
     assert meta["format"] == "vd" and meta["parts"] == list(ALL_PARTS) and meta["dtype"] is None
     assert _files(out) == {"config.json", *(f"{p}.safetensors" for p in ALL_PARTS),
-                           *(f"tokenizer/{f}" for f in _files(src / "tokenizer"))}
+                           *(f"tokenizer/{f}" for f in _files(src / "tokenizer")),
+                           *(f"optimus_tokenizer/{f}" for f in ("vocab.txt", "vocab.json", "merges.txt"))}
     assert _leftovers(out) == []
     assert _st_dtypes(out) == {"F32"}
     # every tensor is the source's, under the same name

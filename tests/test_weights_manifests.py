@@ -11,6 +11,8 @@ from weights_convert import ALL_PARTS, open_checkpoint
 from weights_convert.checkpoint import expected_shapes
 
 INT64_KEYS = ("position_ids",)
+IMAGE_SIDE = tuple(p for p in ALL_PARTS if not p.startswith("optimus."))  # what the diffusers folders hold
+OPTIMUS_IGNORED = 12 + 1  # the causal-mask buffers and the tied lm_head
 
 
 def _save(path, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -62,10 +64,15 @@ def _assert_full_coverage(ckpt, n_ignored: int, parts=ALL_PARTS):
 def test_diffusers_layout(tmp_path):
     root = _diffusers_folder(tmp_path / "vd")
     ckpt = open_checkpoint(root)
-    consumed = _assert_full_coverage(ckpt, n_ignored=4 + 2)  # text UNet time MLP copy, two position_ids
+    consumed = _assert_full_coverage(ckpt, n_ignored=4 + 2, parts=IMAGE_SIDE)  # text UNet time MLP, position_ids
     n_source = sum(len(read_manifest(c)) for c in ("image_unet", "text_unet", "vae", "text_encoder", "image_encoder"))
     assert consumed == n_source - 4
     assert ckpt.tokenizer == root / "tokenizer" and ckpt.scheduler["steps_offset"] == 1
+    # the hub repo keeps Optimus in pretrained_pth/: found there, every key consumed or ignored for a reason
+    _save(root / "pretrained_pth" / "optimus-vae.pth", read_manifest("optimus-vae"))
+    ckpt = open_checkpoint(root)
+    consumed_all = _assert_full_coverage(ckpt, n_ignored=4 + 2 + OPTIMUS_IGNORED)
+    assert consumed_all - consumed == len(read_manifest("optimus-vae")) - OPTIMUS_IGNORED
 
 
 def test_current_original_layout(tmp_path):
@@ -73,8 +80,9 @@ def test_current_original_layout(tmp_path):
     pth = root / "pretrained_pth" / "vd-four-flow-v1-0.pth"
     _save(pth, read_manifest("vd-four-flow-v1-0"))
     _save(root / "pretrained_pth" / "kl-f8.pth", read_manifest("kl-f8"))
+    _save(root / "pretrained_pth" / "optimus-vae.pth", read_manifest("optimus-vae"))
     ckpt = open_checkpoint(pth)  # CLIP, tokenizer and preprocessing from the repo's diffusers folders
-    _assert_full_coverage(ckpt, n_ignored=12)  # the noise-schedule buffers
+    _assert_full_coverage(ckpt, n_ignored=12 + OPTIMUS_IGNORED)  # the noise-schedule buffers, Optimus' constants
     consumed = sum(len(ckpt.sources[p]) for p in ckpt.parts if p.split(".")[0] in ("image_unet", "text_unet", "vae"))
     assert consumed == len(read_manifest("vd-four-flow-v1-0")) - 12 + len(read_manifest("kl-f8"))
     # the published row-by-row mapping (current layout -> diffusers) is what we did
@@ -88,8 +96,7 @@ def test_deprecated_original_layout(tmp_path):
     manifest = read_manifest("vd-four-flow-v1-0-deprecated")
     _save(pth, manifest)
     ckpt = open_checkpoint(pth)
-    ignored_optimus = sum(k.startswith("optimus.") for k in manifest)
-    _assert_full_coverage(ckpt, n_ignored=12 + ignored_optimus + 1 + 2)  # schedule, optimus, logit_scale, ids
+    _assert_full_coverage(ckpt, n_ignored=12 + OPTIMUS_IGNORED + 1 + 2)  # schedule, Optimus' constants, logit_scale, ids
     consumed = sum(len(v) for v in ckpt.sources.values())
     assert consumed + len(ckpt.ignored) == len(manifest)
     for component in ("image_unet", "text_unet"):

@@ -25,7 +25,7 @@ from diffusers.models import DualTransformer2DModel  # noqa: E402
 
 from vd import VersatileDiffusion  # noqa: E402
 from vd.loading import load_components  # noqa: E402
-from weights_convert import TASK_PARTS, TASKS, Checkpoint, CheckpointError, open_checkpoint  # noqa: E402
+from weights_convert import TASK_PARTS, Checkpoint, CheckpointError, open_checkpoint  # noqa: E402
 from weights_convert.convert import convert  # noqa: E402
 from weights_convert import keymaps as km  # noqa: E402
 from weights_convert.layouts import SCHEDULE_BUFFERS  # noqa: E402
@@ -51,6 +51,8 @@ def folders(components, tmp_path_factory):
     st = tp.save(components, root / "st")
     binary = root / "bin"
     VersatileDiffusionPipeline(**copy.deepcopy(components)).save_pretrained(binary, safe_serialization=False)
+    tp.write_optimus(binary / "pretrained_pth", 4)  # the same Optimus as tp.save's
+    tp.write_optimus_tokenizer(binary / "optimus_tokenizer")
     for c in ("text_encoder", "image_encoder"):  # transformers 5 writes safetensors regardless: write the .bin
         f = binary / c / "model.safetensors"
         if f.is_file():
@@ -95,6 +97,9 @@ def run_reference(task: str, folder) -> np.ndarray:
                                       output_type="np").images
 
 
+TASKS = ("text_to_image", "image_variation", "dual_guided")  # the tasks diffusers has too
+
+
 def pipeline(ckpt: Checkpoint, tasks=TASKS) -> VersatileDiffusion:
     """What from_pretrained builds, from an opened checkpoint (for checkpoints that need configs=)."""
     return VersatileDiffusion(load_components(ckpt, tasks, CPU, F32), tasks=tuple(tasks), device=CPU, dtype=F32,
@@ -137,7 +142,7 @@ def test_diffusers_folder_matches_reference(fmt, folders, expected, patched_dual
 
 def test_bin_and_safetensors_give_the_same_tensors(folders):
     a, b = open_checkpoint(folders["safetensors"]), open_checkpoint(folders["bin"])
-    assert a.parts == b.parts and len(a.parts) == 9
+    assert a.parts == b.parts and len(a.parts) == 11
     for part in a.parts:
         ta, tb = a.load(part), b.load(part)
         assert ta.keys() == tb.keys()
@@ -159,7 +164,7 @@ def test_current_original_layout(originals, folders, expected, check):
     """vd-four-flow-v1-0.pth + kl-f8.pth beside it; CLIP, tokenizer and preprocessing from the repo folder
     two levels up (found by default). The text UNet's time MLP is the image UNet's, as in the original."""
     ckpt = open_checkpoint(originals["current"], configs=originals["configs"])
-    assert sorted(k.split(": ")[1] for k in ckpt.ignored) == sorted(SCHEDULE_BUFFERS)
+    assert sorted(k.split(": ")[1] for k in ckpt.ignored) == sorted([*SCHEDULE_BUFFERS, *tp.OPTIMUS_CONSTANTS])
     assert {s.file.path.name for s in ckpt.sources["vae.decoder"].values()} == {"kl-f8.pth"}
     q = ckpt.sources["vae.decoder"]["decoder.mid_block.attentions.0.to_q.weight"]
     assert q.key == "decoder.mid.attn_1.q.weight" and len(q.file.shape(q.key)) == 4 and len(q.shape()) == 2
@@ -172,10 +177,11 @@ def test_current_original_layout(originals, folders, expected, check):
 
 def test_deprecated_original_layout(originals, folders, expected, check):
     """vd-four-flow-v1-0-deprecated.pth: UNets, autokl, both CLIP towers under clip.model, plus the keys we skip
-    (logit_scale, position_ids, Optimus, the schedule). Only the tokenizer comes from a diffusers folder."""
+    (logit_scale, position_ids, Optimus' tied head and masks, the schedule). Only the tokenizers come from a
+    diffusers folder."""
     ckpt = open_checkpoint(originals["deprecated"], configs=originals["configs"], clip=folders["safetensors"])
     ignored = sorted(k.split(": ")[1] for k in ckpt.ignored)
-    assert ignored == sorted([*SCHEDULE_BUFFERS, *tp.OPTIMUS_KEYS, "clip.model.logit_scale",
+    assert ignored == sorted([*SCHEDULE_BUFFERS, *(f"optimus.{k}" for k in tp.OPTIMUS_CONSTANTS), "clip.model.logit_scale",
                               "clip.model.text_model.embeddings.position_ids"])
     assert {s.file.path for p in ckpt.parts for s in ckpt.sources[p].values()} == {originals["deprecated"]}
     _assert_same_tensors(ckpt, open_checkpoint(folders["safetensors"]))
@@ -268,7 +274,7 @@ def test_image_variation_loads_no_text_side(folders, loaded_parts):
     assert sorted(loaded_parts) == sorted(TASK_PARTS["image_variation"])
     c = pipe.c
     assert c.text_encoder is None and c.text_unet is None and c.tokenizer is None
-    assert not hasattr(c.vae, "encoder")
+    assert hasattr(c.vae, "encoder")  # for fidelity
     assert all(_no_meta(m) for m in (c.image_unet, c.vae, c.image_encoder))
     with pytest.raises(ValueError, match="text_to_image"):
         pipe.text_to_image("the cat")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from helpers import TINY_UNET_A, flat_config, randomize_
 from vd.nn import UNetConfig, VAEConfig
+from vd.nn.optimus import OptimusConfig, OptimusVAE
 from weights_convert import keymaps as km
 from weights_convert.layouts import SCHEDULE_BUFFERS
 
@@ -71,9 +72,52 @@ def build_components(seed: int = 0) -> dict:
                 vae=vae.eval(), scheduler=scheduler)
 
 
-def save(components: dict, folder: Path) -> Path:
+def save(components: dict, folder: Path, optimus_seed: int = 4) -> Path:
+    """The diffusers folder, plus what the hub repo adds for the text flows: pretrained_pth/optimus-vae.pth (with
+    a config beside it, as the tiny Optimus is not VD's) and the Optimus tokenizer files."""
     from diffusers import VersatileDiffusionPipeline
     VersatileDiffusionPipeline(**copy.deepcopy(components)).save_pretrained(folder)
+    write_optimus(folder / "pretrained_pth", optimus_seed)
+    write_optimus_tokenizer(folder / "optimus_tokenizer")
+    return folder
+
+
+# ---- a tiny Optimus text VAE, in the layout of optimus-vae.pth, with the tiny vocabularies of the goldens
+
+_OPTIMUS_GOLDEN = json.loads((Path(__file__).parent / "data" / "golden" / "optimus.json").read_text())
+# the text latents of the tiny text UNet are 24 wide (TEXT_UNET's in_channels)
+OPTIMUS = OptimusConfig(**{**_OPTIMUS_GOLDEN["config"], "latent_dim": TEXT_UNET["in_channels"][0]})
+
+
+# keys of optimus-vae.pth we read past: the tied head and the causal masks
+OPTIMUS_CONSTANTS = ("decoder.lm_head.weight", *(f"decoder.transformer.h.{i}.attn.bias" for i in range(OPTIMUS.dec_layers)))
+
+
+def optimus_original_state(seed: int) -> dict[str, torch.Tensor]:
+    """A random tiny Optimus as optimus-vae.pth stores it: with the tied lm_head and GPT-2's causal-mask buffers."""
+    state = randomize_(OptimusVAE(OPTIMUS), seed).state_dict()
+    state["decoder.lm_head.weight"] = state["decoder.transformer.wte.weight"]
+    n = OPTIMUS.dec_positions
+    for i in range(OPTIMUS.dec_layers):
+        state[f"decoder.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+    return state
+
+
+def write_optimus(folder: Path, seed: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(optimus_original_state(seed), folder / "optimus-vae.pth")
+    (folder / "optimus-vae.json").write_text(json.dumps(vars(OPTIMUS)))
+    return folder / "optimus-vae.pth"
+
+
+def write_optimus_tokenizer(folder: Path) -> Path:
+    """vocab.txt (BERT), vocab.json + merges.txt (GPT-2) of the tiny golden vocabularies."""
+    m = _OPTIMUS_GOLDEN
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("".join(p + "\n" for p in m["bert_vocab"]), encoding="utf-8")
+    (folder / "vocab.json").write_text(json.dumps(m["gpt2_vocab"], ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in m["gpt2_merges"]),
+                                       encoding="utf-8")
     return folder
 
 
@@ -118,16 +162,13 @@ def reference(task: str, folder: Path, scheduler: str = "ddim"):
 
 # ---- the tiny model in the original SHI-Labs layouts (our key tables run backwards)
 
-OPTIMUS_KEYS = {"optimus.encoder.embeddings.word_embeddings.weight": (5, 3),
-                "optimus.decoder.transformer.wte.weight": (7, 3), "optimus.decoder.transformer.h.0.attn.bias": (4,)}
-
-
 def tiny_configs(folder) -> dict:
     """The configs an original .pth does not carry, for the tiny model (the defaults are the full-size VD ones)."""
     clip = {c: {k: v for k, v in json.loads((folder / c / "config.json").read_text()).items() if not k.startswith("_")}
             for c in ("text_encoder", "image_encoder")}
     return {"image_unet": UNetConfig.from_diffusers(IMAGE_UNET),
-            "text_unet": UNetConfig.from_diffusers(TEXT_UNET), "vae": VAEConfig.from_diffusers(VAE), **clip}
+            "text_unet": UNetConfig.from_diffusers(TEXT_UNET), "vae": VAEConfig.from_diffusers(VAE),
+            "optimus": OPTIMUS, **clip}
 
 
 def to_original(state: dict[str, torch.Tensor], layers: list[km.Layer]) -> dict[str, torch.Tensor]:
@@ -180,8 +221,8 @@ def write_originals(st: Path, current_repo: Path, deprecated_dir: Path) -> dict:
 
     repo = current_repo
     shutil.copytree(st, repo)
-    current = repo / "pretrained_pth" / "vd-four-flow-v1-0.pth"
-    current.parent.mkdir()
+    current = repo / "pretrained_pth" / "vd-four-flow-v1-0.pth"  # optimus-vae.pth is there already
+    current.parent.mkdir(exist_ok=True)
     torch.save({**_current_layout(image, text, cfg), **schedule_buffers()}, current)
     torch.save(to_original(vae, km.vae_layers_ldm(cfg["vae"])), current.parent / "kl-f8.pth")
 
@@ -196,6 +237,7 @@ def write_originals(st: Path, current_repo: Path, deprecated_dir: Path) -> dict:
           # a full CLIPModel also has these; the release also carries Optimus and the training schedule
           "clip.model.logit_scale": torch.tensor(4.6052),
           "clip.model.text_model.embeddings.position_ids": torch.arange(77)[None],
-          **{k: torch.randn(s) for k, s in OPTIMUS_KEYS.items()}, **schedule_buffers()}
+          **{f"optimus.{k}": t for k, t in torch.load(st / "pretrained_pth" / "optimus-vae.pth").items()},
+          **schedule_buffers()}
     torch.save(sd, deprecated)
     return {"current": current, "deprecated": deprecated, "configs": cfg}

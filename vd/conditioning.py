@@ -79,10 +79,16 @@ def to_pil(images: Tensor) -> list[PIL.Image.Image]:
     return [PIL.Image.fromarray(a) for a in arr]
 
 
-def pixel_values(processor, images: list[PIL.Image.Image] | Tensor) -> Tensor:
+def pixel_values(processor, images: list[PIL.Image.Image] | Tensor, *, square: bool = False) -> Tensor:
     """CLIP preprocessing (shortest side to 224, centre crop, normalise) of PIL images or a [B, 3, H, W] tensor
-    in [0, 1]."""
-    return processor(images=to_pil(images) if isinstance(images, Tensor) else images, return_tensors="pt").pixel_values
+    in [0, 1]. square: squash the whole image to 224 x 224 instead of cropping (what the original app does by
+    resizing to 512 x 512 first), so that a mask of the whole image lines up with CLIP's patches."""
+    pil = to_pil(images) if isinstance(images, Tensor) else images
+    if not square:
+        return processor(images=pil, return_tensors="pt").pixel_values
+    side = processor.crop_size["height"]
+    return processor(images=pil, size={"height": side, "width": side}, do_center_crop=False,
+                     return_tensors="pt").pixel_values
 
 
 def uncond_pixel_values(processor, mode: str, batch: int) -> Tensor | None:
@@ -93,8 +99,10 @@ def uncond_pixel_values(processor, mode: str, batch: int) -> Tensor | None:
     diffusers: exactly what diffusers 0.42.1 computes: the processor rescales the float 0.5 by 1/255 a second
       time, so CLIP sees a near-black image (vd-reference.md D.7 #5).
     zeros: no pixels; the original SHI-Labs app uses an all-zero embedding instead.
+    black: an all-black image, the original's "no image" for image-to-text.
     """
     if mode == "zeros":
         return None
-    grey = [np.zeros((512, 512, 3)) + 0.5] * batch
-    return processor(images=grey, do_rescale=mode == "diffusers", return_tensors="pt").pixel_values
+    fill = 0.0 if mode == "black" else 0.5
+    images = [np.zeros((512, 512, 3)) + fill] * batch
+    return processor(images=images, do_rescale=mode == "diffusers", return_tensors="pt").pixel_values

@@ -83,10 +83,12 @@ def adjust_focus(tokens: Tensor, focus: float, generator: torch.Generator | None
     std = x.std(dim=(-2, -1), keepdim=True)  # (B, 1, 1), unbiased like the original
     mean = x.mean(-1, keepdim=True)  # (B, N, 1): each token's mean over features
     centred = x - mean
-    u, s, v = low_rank_pca(centred, Q, NITER, generator)
+    # Q components, or as many as there are (only small test models have fewer than 20 features)
+    u, s, v = low_rank_pca(centred, min(Q, *centred.shape[-2:]), NITER, generator)
     rest = centred - (u * s.unsqueeze(-2)) @ v.mT  # what the top Q components leave
     for i, w in _component_weights(focus).items():
-        s[:, i] *= w
+        if i < s.shape[1]:
+            s[:, i] *= w
     if focus > 0.5:
         rest = 0
     out = (u * s.unsqueeze(-2)) @ v.mT + mean + rest

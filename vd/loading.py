@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from vd.nn import AutoencoderKL, UNet
+from vd.nn.optimus import OptimusVAE
+from vd.text_vae import OptimusTokenizers
 from weights_convert import Checkpoint, CheckpointError, open_checkpoint, parts_for
 from weights_convert.checkpoint import build_clip
 from weights_convert.hub import download, looks_like_repo_id
@@ -24,20 +26,23 @@ class Components:
 
     image_unet: UNet | None
     text_unet: UNet | None            # its context layers only
-    vae: AutoencoderKL | None         # its decoder only
+    vae: AutoencoderKL | None         # its decoder (and the encoder for image variation's fidelity)
     text_encoder: nn.Module | None    # transformers CLIPTextModelWithProjection
     image_encoder: nn.Module | None   # transformers CLIPVisionModelWithProjection
     tokenizer: object | None          # transformers CLIPTokenizer
     image_processor: object | None    # transformers CLIP image processor
     scheduler_config: dict
+    optimus: OptimusVAE | None = None                     # the text VAE's decoder (text flows)
+    optimus_tokenizer: OptimusTokenizers | None = None
 
 
-def resolve(src: str | Path, tasks: Iterable[str], *, revision: str | None = None, kl_f8=None, clip=None) -> Checkpoint:
+def resolve(src: str | Path, tasks: Iterable[str], *, revision: str | None = None, kl_f8=None, clip=None,
+            optimus=None, optimus_tokenizer=None) -> Checkpoint:
     """Open `src` (hub repo id, diffusers folder, original .pth, or converted folder), downloading only what
     the tasks need from the hub."""
     if looks_like_repo_id(src):
         src = download(str(src), parts_for(tasks), revision=revision)
-    return open_checkpoint(src, kl_f8=kl_f8, clip=clip)
+    return open_checkpoint(src, kl_f8=kl_f8, clip=clip, optimus=optimus, optimus_tokenizer=optimus_tokenizer)
 
 
 def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device, dtype: torch.dtype) -> Components:
@@ -68,6 +73,8 @@ def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device
                 model = UNet(ckpt.configs[component], parts=frozenset(subs))
             elif component == "vae":
                 model = AutoencoderKL(ckpt.configs[component], parts=frozenset(subs))
+            elif component == "optimus":
+                model = OptimusVAE(ckpt.configs[component], parts=frozenset(subs))
             else:
                 model = build_clip(component, ckpt.configs[component])
         built[component] = fill(component, model)
@@ -78,8 +85,14 @@ def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device
         tokenizer = CLIPTokenizer.from_pretrained(ckpt.tokenizer)
     if "image_encoder" in built:
         image_processor = make_image_processor(ckpt.image_processor or {})
+    optimus_tokenizer = None
+    if "optimus" in built:  # the vocabularies the original ships are the hub's bert-base-cased and gpt2 ones
+        folder = ckpt.optimus_tokenizer
+        optimus_tokenizer = (OptimusTokenizers.from_pretrained(folder, folder) if folder is not None
+                             else OptimusTokenizers.from_pretrained())
     return Components(built.get("image_unet"), built.get("text_unet"), built.get("vae"), built.get("text_encoder"),
-                      built.get("image_encoder"), tokenizer, image_processor, dict(ckpt.scheduler or {}))
+                      built.get("image_encoder"), tokenizer, image_processor, dict(ckpt.scheduler or {}),
+                      built.get("optimus"), optimus_tokenizer)
 
 
 def _rebuild_position_ids(model: nn.Module) -> None:

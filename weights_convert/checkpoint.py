@@ -5,8 +5,9 @@ Parts (one safetensors file each once converted):
   text_unet.data / .context              the text UNet (its time MLP is the image UNet's, as in the original)
   vae.encoder / vae.decoder              kl-f8, with quant_conv / post_quant_conv
   text_encoder / image_encoder           CLIP ViT-L/14 towers with their projections (transformers names)
+  optimus.encoder / optimus.decoder      the Optimus text VAE (BERT encoder, GPT-2 decoder; vd.nn.optimus)
 A task needs only some parts (`TASK_PARTS`): text-to-image never touches the 1.44 B data parameters of the
-text UNet. Opening a checkpoint reads names and shapes only; `load(part)` reads that part's tensors.
+text UNet, and only the text flows need them and the Optimus decoder. Opening a checkpoint reads names and shapes only; `load(part)` reads that part's tensors.
 """
 
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from vd.nn import AutoencoderKL, UNet, UNetConfig, VAEConfig
+from vd.nn.optimus import OptimusConfig, OptimusVAE
 from weights_convert.keymaps import Transform
 from weights_convert.tensorfile import CheckpointError, TensorFile
 
@@ -26,14 +28,22 @@ COMPONENT_PARTS = {
     "vae": ("encoder", "decoder"),
     "text_encoder": (),
     "image_encoder": (),
+    "optimus": ("encoder", "decoder"),
 }
 ALL_PARTS = tuple(f"{c}.{p}" if p else c for c, ps in COMPONENT_PARTS.items() for p in (ps or ("",)))
 
-TASK_PARTS = {
+_DUAL = ("image_unet.global", "image_unet.data", "image_unet.context", "text_unet.context", "vae.decoder",
+         "text_encoder", "image_encoder")
+TASK_PARTS = {  # vd-reference.md G.8
     "text_to_image": ("image_unet.global", "image_unet.data", "text_unet.context", "vae.decoder", "text_encoder"),
-    "image_variation": ("image_unet.global", "image_unet.data", "image_unet.context", "vae.decoder", "image_encoder"),
-    "dual_guided": ("image_unet.global", "image_unet.data", "image_unet.context", "text_unet.context",
-                    "vae.decoder", "text_encoder", "image_encoder"),
+    "image_variation": ("image_unet.global", "image_unet.data", "image_unet.context", "vae.encoder", "vae.decoder",
+                        "image_encoder"),  # the VAE encoder (34 M) for fidelity
+    "dual_guided": _DUAL,
+    "blend": _DUAL,
+    "image_to_text": ("image_unet.global", "image_unet.context", "text_unet.data", "image_encoder",
+                      "optimus.decoder"),
+    "text_variation": ("image_unet.global", "text_unet.data", "text_unet.context", "text_encoder",
+                       "optimus.decoder"),
 }
 TASKS = tuple(TASK_PARTS)
 
@@ -56,6 +66,8 @@ def part_of(component: str, key: str) -> str:
         return f"{component}.context" if ".attentions." in key else f"{component}.data"
     if component == "vae":
         return "vae.encoder" if key.startswith(("encoder.", "quant_conv.")) else "vae.decoder"
+    if component == "optimus":
+        return "optimus.encoder" if key.startswith("encoder.") else "optimus.decoder"
     return component
 
 
@@ -86,6 +98,7 @@ class Checkpoint:
     sources: dict[str, dict[str, Source]] = field(default_factory=dict)  # part -> {our key: source}
     ignored: dict[str, str] = field(default_factory=dict)         # "file: key" -> why it is not used
     tokenizer: Path | None = None                                 # folder of CLIPTokenizer files
+    optimus_tokenizer: Path | None = None                         # folder with vocab.txt, vocab.json, merges.txt
     image_processor: dict | None = None                           # CLIPImageProcessor settings
     scheduler: dict | None = None                                 # scheduler_config.json
     config_files: dict[str, str] = field(default_factory=dict)    # component -> config file, for messages
@@ -158,6 +171,8 @@ def expected_tensors(part: str, config: object) -> dict[str, Tensor]:
             model = UNet(config, parts=frozenset({sub}))
         elif component == "vae":
             model = AutoencoderKL(config, parts=frozenset({sub}))
+        elif component == "optimus":
+            model = OptimusVAE(config, parts=frozenset({sub}))
         else:
             model = build_clip(component, config)
     return model.state_dict()
@@ -174,7 +189,7 @@ def build_clip(component: str, config: dict):
 
 def config_to_json(config: object) -> dict:
     """Our dataclass configs (or a CLIP config dict) as plain JSON."""
-    if isinstance(config, (UNetConfig, VAEConfig)):
+    if isinstance(config, (UNetConfig, VAEConfig, OptimusConfig)):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
     return dict(config)
 
@@ -184,4 +199,6 @@ def config_from_json(component: str, d: dict) -> object:
         return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
     if component == "vae":
         return VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    if component == "optimus":
+        return OptimusConfig(**d)
     return dict(d)

@@ -16,15 +16,16 @@ from safetensors.torch import save_file
 
 from weights_convert.checkpoint import config_to_json, parts_for
 from weights_convert.hub import download, looks_like_repo_id
-from weights_convert.layouts import FORMAT, FORMAT_VERSION, open_checkpoint
+from weights_convert.layouts import (FORMAT, FORMAT_VERSION, OPTIMUS_TOKENIZER, OPTIMUS_TOKENIZER_FILES,
+                                     open_checkpoint)
 from weights_convert.tensorfile import CheckpointError
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, tasks: Iterable[str] | None = None,
-            kl_f8: str | Path | None = None, clip: str | Path | None = None,
-            configs: dict[str, object] | None = None) -> Path:
+            kl_f8: str | Path | None = None, clip: str | Path | None = None, optimus: str | Path | None = None,
+            optimus_tokenizer: str | Path | None = None, configs: dict[str, object] | None = None) -> Path:
     """Convert `src` (hub id, diffusers folder, original .pth, or a converted folder) into `out`.
 
     dtype: "fp16", "fp32" or "bf16" (default: keep the stored dtype). tasks: write only the parts these tasks need.
@@ -40,7 +41,8 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, tasks
     wanted = parts_for(tasks) if tasks is not None else None
     if looks_like_repo_id(src):
         src = download(str(src), wanted or parts_for(["dual_guided"]))
-    ckpt = open_checkpoint(src, kl_f8=kl_f8, clip=clip, configs=configs)
+    ckpt = open_checkpoint(src, kl_f8=kl_f8, clip=clip, optimus=optimus, optimus_tokenizer=optimus_tokenizer,
+                           configs=configs)
     parts = wanted or ckpt.parts
     ckpt.require(parts, f"tasks {list(tasks)}" if tasks is not None else "conversion")
     if "text_encoder" in parts and ckpt.tokenizer is None:  # the output could not run any text task
@@ -58,12 +60,18 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, tasks
         has_text = any(p == "text_encoder" for p in parts)
         if has_text and ckpt.tokenizer is not None:
             shutil.copytree(ckpt.tokenizer, tmp / "tokenizer")
+        has_optimus = any(p.startswith("optimus.") for p in parts) and ckpt.optimus_tokenizer is not None
+        if has_optimus:
+            (tmp / OPTIMUS_TOKENIZER).mkdir()
+            for name in OPTIMUS_TOKENIZER_FILES:
+                shutil.copy(ckpt.optimus_tokenizer / name, tmp / OPTIMUS_TOKENIZER / name)
         components = sorted({p.split(".")[0] for p in parts})
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "source": ckpt.origin, "dtype": dtype,
             "parts": list(parts), "configs": {c: config_to_json(ckpt.configs[c]) for c in components},
             "scheduler": ckpt.scheduler, "image_processor": ckpt.image_processor,
             "tokenizer": "tokenizer" if has_text and ckpt.tokenizer is not None else None,
+            "optimus_tokenizer": OPTIMUS_TOKENIZER if has_optimus else None,
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=1))
         os.replace(tmp, out)

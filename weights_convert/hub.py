@@ -32,6 +32,8 @@ def download(repo_id: str, parts: Iterable[str], revision: str | None = None) ->
         common.append("tokenizer/*")
     if "image_encoder" in components:
         common.append("image_feature_extractor/*.json")
+    if "optimus" in components:  # not a diffusers folder: the original file, kept in pretrained_pth/
+        common += ["pretrained_pth/optimus-vae.pth", "optimus_tokenizer/*"]
     root = Path(snapshot_download(repo_id, revision=revision,
                                   allow_patterns=common + [p for c in components for p in _weight_patterns(c, "safetensors")]))
     without = [c for c in components if not any((root / c).glob("*.safetensors"))]

@@ -4,9 +4,12 @@
                       (config.json per folder; *.safetensors or *.bin; model_index.json is not needed and its
                       class names are never resolved)
   current original    vd-four-flow-v1-0(.pth|-fp16.pth): diffuser.image.* + diffuser.text.*, plus kl-f8.pth
+                      and optimus-vae.pth beside it
   Nov-2022 original   vd-four-flow-v1-0(-fp16)-deprecated.pth: model.diffusion_model.*, autokl.*, clip.model.*,
                       optimus.*
   converted           config.json with "format": "vd" and one <part>.safetensors per part
+The Optimus text VAE is not in the diffusers folders: it is read from optimus-vae.pth (the hub repo keeps it in
+pretrained_pth/), and its tokenizer files from an optimus_tokenizer/ folder when there is one.
 
 Each reader routes every source key to one of our parameters or to a named reason for ignoring it; anything
 else is an error naming the file and the key. `open_checkpoint` then checks names and shapes against our
@@ -18,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vd.nn import VD_IMAGE_UNET, VD_TEXT_UNET, VD_VAE, UNetConfig, VAEConfig
+from vd.nn.optimus import VD_OPTIMUS
+from weights_convert import optimus as optimus_keys
 from weights_convert import presets
 from weights_convert.checkpoint import ALL_PARTS, COMPONENT_PARTS, Checkpoint, Source, config_from_json, part_of
 from weights_convert.keymaps import (LEGACY_VAE_ATTENTION, Layer, clip_layers, find_layer, rename,
@@ -39,19 +44,25 @@ WHY_SCHEDULE = "noise-schedule buffer of the training code; the schedule comes f
 WHY_POSITION_IDS = "constant position-id buffer; transformers rebuilds it"
 WHY_TEXT_TIME = ("the text UNet's copy of the time MLP; every VD flow uses the image UNet's, which the original "
                  "stores only once")
-WHY_OPTIMUS = "Optimus text VAE, used only by image-to-text and text variation, which vd does not implement yet"
+OPTIMUS_FILE = "optimus-vae.pth"
+OPTIMUS_TOKENIZER = "optimus_tokenizer"
+OPTIMUS_TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt")
 WHY_LOGIT_SCALE = "CLIP's contrastive temperature, unused by VD"
 
 Route = tuple[str, str, object] | str | None  # (component, our key, transform) | reason to ignore | unexpected
 
 
 def open_checkpoint(src: str | Path, *, kl_f8: str | Path | None = None, clip: str | Path | None = None,
+                    optimus: str | Path | None = None, optimus_tokenizer: str | Path | None = None,
                     configs: dict[str, object] | None = None) -> Checkpoint:
     """Open a local checkpoint in any supported layout (names and shapes only) and validate it.
 
     kl_f8: the VAE file for the current original layout (default: kl-f8.pth beside it).
     clip: a diffusers-layout folder giving what an original .pth lacks (CLIP towers, tokenizer, preprocessing);
       default: the folder two levels above the .pth if it is one (the hub repo keeps the .pth in pretrained_pth/).
+    optimus: the Optimus text VAE file (default: optimus-vae.pth beside the .pth, or in the folder's
+      pretrained_pth/). optimus_tokenizer: a folder with vocab.txt, vocab.json, merges.txt (default: an
+      optimus_tokenizer/ folder there, if any).
     configs: component configs for original layouts (default: the full-size VD ones; tests pass tiny ones).
     """
     path = Path(src)
@@ -71,8 +82,54 @@ def open_checkpoint(src: str | Path, *, kl_f8: str | Path | None = None, clip: s
         ckpt = read_original(path, kl_f8=kl_f8, clip=clip, configs=configs)
     else:
         raise CheckpointError(f"{path}: no such file or folder")
+    _add_optimus(ckpt, path, optimus, optimus_tokenizer, configs)
     ckpt.validate()
     return ckpt
+
+
+def _add_optimus(ckpt: Checkpoint, path: Path, optimus: str | Path | None, tokenizer: str | Path | None,
+                 configs: dict[str, object] | None) -> None:
+    """The Optimus weights (from optimus-vae.pth, where the checkpoint itself has none) and tokenizer folder."""
+    here = path if path.is_dir() else path.parent
+    optimus = Path(optimus) if optimus is not None else None
+    if optimus is None and "optimus" not in ckpt.configs:
+        for guess in (here / OPTIMUS_FILE, here / "pretrained_pth" / OPTIMUS_FILE):
+            if guess.is_file():
+                optimus = guess
+                break
+    if optimus is not None:
+        file = TensorFile(Path(optimus))
+        for key in file.keys():
+            r = optimus_keys.route(key)
+            if r is None:
+                raise CheckpointError(f"{file.path}: unexpected key {key!r} (not an Optimus text VAE weight)")
+            if isinstance(r, str):
+                ckpt.ignored[f"{file.path}: {key}"] = r
+            else:
+                ckpt.add("optimus", r[1], Source(file, key))
+        # a config beside the file (e.g. optimus-vae.json) describes a non-standard Optimus; default: VD's
+        side = Path(optimus).with_suffix(".json")
+        if "optimus" in (configs or {}):
+            ckpt.configs["optimus"], ckpt.config_files["optimus"] = configs["optimus"], "the configs['optimus'] passed in"
+        elif side.is_file():
+            try:
+                ckpt.configs["optimus"] = config_from_json("optimus", _json(side))
+            except TypeError as e:
+                raise CheckpointError(f"{side}: not an Optimus config ({e})") from None
+            ckpt.config_files["optimus"] = str(side)
+        else:
+            ckpt.configs["optimus"], ckpt.config_files["optimus"] = VD_OPTIMUS, "the VD preset config"
+    if tokenizer is None:
+        # a folder's own, or (for a .pth in the hub repo's pretrained_pth/) the repo's
+        for guess in (here / OPTIMUS_TOKENIZER, *(() if path.is_dir() else (here.parent / OPTIMUS_TOKENIZER,))):
+            if guess.is_dir():
+                tokenizer = guess
+                break
+    if tokenizer is not None:
+        missing = [f for f in OPTIMUS_TOKENIZER_FILES if not (Path(tokenizer) / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{tokenizer}: not an Optimus tokenizer folder (missing {', '.join(missing)})")
+        ckpt.optimus_tokenizer = Path(tokenizer)
 
 
 def _json(path: Path) -> dict:
@@ -206,8 +263,17 @@ def read_original(pth: Path, *, kl_f8: str | Path | None = None, clip: str | Pat
             "vae": vae_layers_ldm(cfg["vae"], "autokl"),
             "text_encoder": text, "image_encoder": vision,
         }
-        _collect(ckpt, file, _layer_route(tables, _ignore_v1))
-        ckpt.configs.update({c: cfg[c] for c in COMPONENT_PARTS})
+        layers = _layer_route(tables, _ignore_v1)
+
+        def route(key: str) -> Route:
+            if key.startswith("optimus."):
+                r = optimus_keys.route(key, "optimus.")
+                return r if r is None or isinstance(r, str) else ("optimus", r[1], None)
+            return layers(key)
+        _collect(ckpt, file, route)
+        ckpt.configs.update({c: cfg[c] for c in COMPONENT_PARTS if c != "optimus"})
+        if "optimus.encoder" in ckpt.sources or "optimus.decoder" in ckpt.sources:
+            ckpt.configs["optimus"] = cfg.get("optimus", VD_OPTIMUS)
     else:
         raise CheckpointError(f"{pth}: not a VD checkpoint (no 'diffuser.image.*' or 'model.diffusion_model.*' keys)")
     # configs name where a shape mismatch comes from
@@ -220,8 +286,6 @@ def read_original(pth: Path, *, kl_f8: str | Path | None = None, clip: str | Pat
 def _ignore_v1(key: str) -> str | None:
     if key in SCHEDULE_BUFFERS:
         return WHY_SCHEDULE
-    if key.startswith("optimus."):
-        return WHY_OPTIMUS
     if key == "clip.model.logit_scale":
         return WHY_LOGIT_SCALE
     if key.startswith("clip.model.") and key.endswith("position_ids"):
@@ -261,6 +325,8 @@ def read_converted(folder: Path) -> Checkpoint:
     ckpt.config_files = {c: str(folder / "config.json") for c in ckpt.configs}
     if meta.get("tokenizer"):
         ckpt.tokenizer = folder / meta["tokenizer"]
+    if meta.get("optimus_tokenizer"):
+        ckpt.optimus_tokenizer = folder / meta["optimus_tokenizer"]
     for part in meta.get("parts", []):
         component = part.split(".")[0]
         if component not in ckpt.configs:
