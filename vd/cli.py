@@ -10,7 +10,9 @@ import torch
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 WRITABLE = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-TASK_OF = {"text-to-image": "text_to_image", "image-variation": "image_variation", "dual-guided": "dual_guided"}
+TASK_OF = {"text-to-image": "text_to_image", "image-variation": "image_variation", "dual-guided": "dual_guided",
+           "blend": "blend", "image-to-text": "image_to_text", "text-variation": "text_variation"}
+TEXT_TASKS = ("image_to_text", "text_variation")
 
 
 class UserError(Exception):
@@ -18,23 +20,32 @@ class UserError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vd", description="Versatile Diffusion: text-to-image, image variation and "
-                                "dual-guided generation.")
+    p = argparse.ArgumentParser(prog="vd", description="Versatile Diffusion: text-to-image, image variation, "
+                                "dual-guided generation, blending, image-to-text and text variation.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("batch", help="run a JSONL file of jobs, resumable, over every GPU with torchrun (vd batch -h)")
 
-    def common(s: argparse.ArgumentParser) -> None:
-        s.add_argument("-o", "--output", required=True, help="image file to write (PNG, JPEG, WebP...); with "
-                       "--num-images > 1, NAME-0.png, NAME-1.png, ...")
+    def common(s: argparse.ArgumentParser, text: bool = False) -> None:
+        if text:
+            s.add_argument("-o", "--output", default=None, help="text file to write, one sentence per line "
+                           "(default: print them)")
+            s.add_argument("--num-texts", dest="num_images", type=int, default=1, help="sentences to generate "
+                           "(default 1)")
+            s.add_argument("--temperature", type=float, default=1.0, help="decoding temperature (default 1)")
+            s.add_argument("--greedy", action="store_true", help="decode by argmax instead of sampling")
+            s.add_argument("--optimus", default=None, help="optimus-vae.pth (default: in the model's pretrained_pth/)")
+        else:
+            s.add_argument("-o", "--output", required=True, help="image file to write (PNG, JPEG, WebP...); with "
+                           "--num-images > 1, NAME-0.png, NAME-1.png, ...")
+            s.add_argument("--height", type=int, default=None, help="image height in pixels (default 512)")
+            s.add_argument("--width", type=int, default=None, help="image width in pixels (default 512)")
+            s.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
         s.add_argument("--model", default="shi-labs/versatile-diffusion",
                        help="hub repo id, diffusers-layout folder, original .pth, or converted folder")
         s.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
         s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
         s.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-        s.add_argument("--height", type=int, default=None, help="image height in pixels (default 512)")
-        s.add_argument("--width", type=int, default=None, help="image width in pixels (default 512)")
         s.add_argument("--scheduler", default="ddim", help="ddim, pndm or lms (default ddim)")
-        s.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
         s.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
         s.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                        help="weights dtype (default fp16 on CUDA, fp32 on CPU)")
@@ -47,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     var = sub.add_parser("image-variation", help="generate variations of an image")
     var.add_argument("image", help="input image file")
     var.add_argument("--negative", default=None, help="negative image file")
+    var.add_argument("--focus", type=float, default=0.5, help="0 = keep semantics, 1 = keep style (default 0.5)")
+    var.add_argument("--fidelity", type=float, default=0.0, help="0 = from noise, towards 1 = closer to the input")
+    var.add_argument("--color-adjust", action="store_true", help="match the input's colour statistics")
     common(var)
     dual = sub.add_parser("dual-guided", help="generate from a text prompt and an image together")
     dual.add_argument("prompt")
@@ -54,6 +68,22 @@ def _parser() -> argparse.ArgumentParser:
     dual.add_argument("--strength", type=float, default=0.5, help="text weight: 1 = text only, 0 = image only")
     dual.add_argument("--negative", default=None, help="negative prompt")
     common(dual)
+    blend = sub.add_parser("blend", help="generate one image from up to four images (and a text)")
+    blend.add_argument("images", nargs="+", help="input image files (1 to 4)")
+    blend.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per image (default 1)")
+    blend.add_argument("--focus", type=float, nargs="+", default=None, help="one focus per image (default 0.5)")
+    blend.add_argument("--masks", nargs="+", default=None, help="one mask file per image (white = leave out), "
+                       "or 'none'")
+    blend.add_argument("--prompt", default=None, help="optional text")
+    blend.add_argument("--text-strength", type=float, default=0.0, help="weight of the text (default 0)")
+    common(blend)
+    i2t = sub.add_parser("image-to-text", help="describe an image")
+    i2t.add_argument("image", help="input image file")
+    common(i2t, text=True)
+    t2t = sub.add_parser("text-variation", help="rephrase a text")
+    t2t.add_argument("prompt")
+    t2t.add_argument("--negative", default=None, help="negative prompt")
+    common(t2t, text=True)
     return p
 
 
@@ -87,29 +117,73 @@ def _save(img: PIL.Image.Image, path: Path) -> None:
 def run(args: argparse.Namespace) -> list[Path]:
     from vd.pipeline import VersatileDiffusion
 
-    if args.num_images < 1:
-        raise UserError(f"--num-images: expected an integer >= 1, got {args.num_images}")
-    paths = _outputs(args.output, args.num_images)
     task = TASK_OF[args.command]
-    image = _open_image(args.image, "image") if task != "text_to_image" else None
-    negative = args.negative
+    if args.num_images < 1:
+        flag = "--num-texts" if task in TEXT_TASKS else "--num-images"
+        raise UserError(f"{flag}: expected an integer >= 1, got {args.num_images}")
+    if task in TEXT_TASKS:
+        paths = [_text_output(args.output)] if args.output else []
+    else:
+        paths = _outputs(args.output, args.num_images)
+    image = _open_image(args.image, "image") if task in ("image_variation", "dual_guided", "image_to_text") else None
+    negative = getattr(args, "negative", None)
     if task == "image_variation" and negative is not None:
         negative = _open_image(negative, "--negative")
+    extra = {}
+    if task == "blend":
+        if not 1 <= len(args.images) <= 4:
+            raise UserError(f"images: expected 1 to 4 image files, got {len(args.images)}")
+        if args.masks is not None and len(args.masks) != len(args.images):
+            raise UserError(f"--masks: expected one mask per image ({len(args.images)}) or none, got {len(args.masks)}")
+        extra = dict(images=[_open_image(f, "images") for f in args.images], weights=args.weights, focus=args.focus,
+                     masks=None if args.masks is None else
+                     [None if m.lower() == "none" else _open_image(m, "--masks") for m in args.masks],
+                     prompt=args.prompt, text_strength=args.text_strength)
     pipe = VersatileDiffusion.from_pretrained(args.model, tasks=[task], device=args.device,
-                                              dtype=DTYPES.get(args.dtype), scheduler=args.scheduler)
+                                              dtype=DTYPES.get(args.dtype), scheduler=args.scheduler,
+                                              optimus=getattr(args, "optimus", None))
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    kwargs = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  num_images_per_prompt=args.num_images, generator=generator, progress=not args.no_progress)
+    kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
+                  progress=not args.no_progress)
+    if task in TEXT_TASKS:
+        kwargs.update(num_texts_per_prompt=args.num_images, temperature=args.temperature, greedy=args.greedy)
+        out = (pipe.image_to_text(image, **kwargs) if task == "image_to_text" else
+               pipe.text_variation(args.prompt, negative_prompt=negative, **kwargs))
+        if paths:
+            _save_text("\n".join(out.texts) + "\n", paths[0])
+        else:
+            print("\n".join(out.texts))
+        return paths
+    kwargs.update(height=args.height, width=args.width, num_images_per_prompt=args.num_images)
     if task == "text_to_image":
         out = pipe.text_to_image(args.prompt, negative_prompt=negative, **kwargs)
     elif task == "image_variation":
-        out = pipe.image_variation(image, negative_prompt=negative, **kwargs)
-    else:
+        out = pipe.image_variation(image, negative_prompt=negative, focus=args.focus, fidelity=args.fidelity,
+                                   color_adjust=args.color_adjust, **kwargs)
+    elif task == "dual_guided":
         out = pipe.dual_guided(args.prompt, image, text_to_image_strength=args.strength, negative_prompt=negative,
                                **kwargs)
+    else:
+        out = pipe.blend(**extra, **kwargs)
     for img, path in zip(out.images, paths):
         _save(img, path)
     return paths
+
+
+def _text_output(output: str) -> Path:
+    out = Path(output)
+    if not out.parent.resolve().is_dir():
+        raise UserError(f"--output: folder {str(out.parent)!r} does not exist")
+    return out
+
+
+def _save_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
