@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one go, on a fresh machine: make a full-size fp16 random-weight checkpoint on the GPU,
-# then bench.py for the three tasks at 512x512, 50 DDIM steps, fp16, batch 1, CFG 7.5, ours against diffusers
-# in the same process. Writes bench.json, bench.md and the logs to $OUT. About 4-5 minutes on an H100.
+# The GPU benchmark in one go, on a fresh machine: make a full-size fp16 random-weight checkpoint on the GPU;
+# time our UNet step and VAE decode under layout/autotuning variants (step_variants.py) and the flows only we
+# have (flows_run.py); compare our fp16 path with diffusers' stage by stage (fp16_check.py); then bench.py for
+# the three tasks at 512x512, 50 DDIM steps, fp16, batch 1, CFG 7.5, ours against diffusers in the same
+# process. Writes *.json, *.md and the logs to $OUT. About 6-7 minutes on an H100.
 #
 #   bash benchmarks/gpu_run.sh                      # from the repository root
 #   STEP_REPEATS=10 E2E_REPEATS=2 PROFILE=0 bash benchmarks/gpu_run.sh
@@ -52,6 +54,16 @@ if [ ! -f "$CKPT/model_index.json" ]; then
         | tee "$OUT/make_checkpoint.log"
 fi
 echo "checkpoint ready after $((SECONDS - start)) s"
+
+if [ "${STEP_VARIANTS:-1}" = 1 ]; then  # channels-last vs NCHW, cudnn.benchmark off/on (ours only)
+    "$PY" benchmarks/step_variants.py "$CKPT" --device "$DEVICE" --json "$OUT/step_variants.json" 2>&1 \
+        | tee "$OUT/step_variants.log"
+fi
+if [ "${FLOWS:-1}" = 1 ]; then  # image_to_text, text_variation, blend, image_variation with focus/fidelity
+    "$PY" benchmarks/flows_run.py "$CKPT" --device "$DEVICE" --steps "$STEPS" --size "$SIZE" \
+        --json "$OUT/flows.json" 2>&1 | tee "$OUT/flows.log"
+fi
+echo "variants and flows done after $((SECONDS - start)) s"
 
 if [ "${FP16_CHECK:-1}" = 1 ]; then  # stage-by-stage fp16 closeness to the reference (text_to_image)
     "$PY" benchmarks/fp16_check.py "$CKPT" --device "$DEVICE" --steps "$STEPS" 2>&1 | tee "$OUT/fp16_check.log"

@@ -9,6 +9,11 @@ place with seeded random numbers (std 1/sqrt(fan_in): activations stay O(1), so 
 weights 1, biases 0) and written with save_pretrained as safetensors. The tokenizer is generated: the real
 CLIP vocabulary cannot be downloaded here, so we write a byte-level BPE vocabulary of CLIP's size (49408 ids)
 with synthetic merges, as vocab.json + merges.txt, the files the hub repo has.
+
+For the text flows it also writes what the hub repo keeps beside the diffusers folders: a random Optimus text
+VAE as pretrained_pth/optimus-vae.pth (the original key layout, with its tied head and causal-mask buffers) and
+optimus_tokenizer/ with synthetic vocabularies of the real sizes (BERT 28,996 pieces with [PAD] [UNK] [CLS]
+[SEP] [MASK] at their real ids; GPT-2 50,257 byte-level tokens).
 """
 
 import argparse
@@ -32,6 +37,9 @@ SMALL_UNET = dict(block_out_channels=[32, 32, 64, 64], attention_head_dim=2, cro
 SMALL_VAE = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, sample_size=64)
 SMALL_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                   projection_dim=32)
+SMALL_OPTIMUS = dict(latent_dim=32, enc_vocab=200, enc_dim=32, enc_layers=2, enc_heads=4, enc_mlp_dim=64,
+                     enc_positions=96, dec_vocab=603, dec_dim=32, dec_layers=2, dec_heads=4, dec_positions=64)
+BERT_SPECIALS = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}  # bert-base-cased's ids
 
 
 def load_json(path: Path) -> dict:
@@ -116,6 +124,41 @@ def write_tokenizer(folder: Path, size: int) -> int:
     return size
 
 
+def write_optimus_tokenizer(folder: Path, bert_size: int, gpt2_size: int) -> None:
+    """Synthetic vocab.txt (WordPiece) and vocab.json + merges.txt (byte-level BPE, <|endoftext|> last)."""
+    chars = bytes_to_unicode()
+    bert = [BERT_SPECIALS.get(i, f"[unused{i}]") for i in range(104)]
+    bert += [c for c in chars if c.isprintable()] + [f"##{c}" for c in chars if c.isprintable()]
+    bert = (bert + [f"w{i}" for i in range(bert_size - len(bert))])[:bert_size]
+    merges = [(a, b) for a in chars[:94] for b in chars[:94]][: gpt2_size - len(chars) - 1]
+    gpt2 = chars + [a + b for a, b in merges] + ["<|endoftext|>"]
+    assert len(bert) == len(set(bert)) == bert_size and len(gpt2) == len(set(gpt2)) == gpt2_size
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("".join(p + "\n" for p in bert), encoding="utf-8")
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(gpt2)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def write_optimus(out: Path, size: str, dtype: torch.dtype, device: str, seed: int) -> None:
+    """A random Optimus as the original optimus-vae.pth stores it, and its tokenizer files."""
+    from vd.nn.optimus import VD_OPTIMUS, OptimusConfig, OptimusVAE
+    cfg = VD_OPTIMUS if size == "full" else OptimusConfig(**SMALL_OPTIMUS)
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = OptimusVAE(cfg)
+    state = {k: v.cpu() for k, v in randomize(model, dtype, device, seed).state_dict().items()}
+    n = sum(v.numel() for v in state.values())
+    state["decoder.lm_head.weight"] = state["decoder.transformer.wte.weight"]
+    mask = torch.tril(torch.ones(cfg.dec_positions, cfg.dec_positions)).view(1, 1, cfg.dec_positions, -1)
+    state.update({f"decoder.transformer.h.{i}.attn.bias": mask for i in range(cfg.dec_layers)})
+    (out / "pretrained_pth").mkdir(exist_ok=True)
+    torch.save(state, out / "pretrained_pth" / "optimus-vae.pth")
+    if size != "full":  # a non-standard Optimus says so in a config beside the file
+        (out / "pretrained_pth" / "optimus-vae.json").write_text(json.dumps(SMALL_OPTIMUS))
+    write_optimus_tokenizer(out / "optimus_tokenizer", cfg.enc_vocab, cfg.dec_vocab - 3)
+    print(f"{'optimus':14s} {n / 1e6:8.1f} M params  {time.perf_counter() - t0:6.1f} s", flush=True)
+
+
 def write(out: Path, size: str, dtype: torch.dtype, device: str, seed: int = 0) -> Path:
     """Write the whole checkpoint folder; one component at a time, so memory holds at most one."""
     out.mkdir(parents=True, exist_ok=True)
@@ -127,6 +170,7 @@ def write(out: Path, size: str, dtype: torch.dtype, device: str, seed: int = 0) 
         model.to("cpu").save_pretrained(out / name)
         del model
         print(f"{name:14s} {n / 1e6:8.1f} M params  {time.perf_counter() - t0:6.1f} s", flush=True)
+    write_optimus(out, size, dtype, device, seed + len(MODELS))
     for name, file in (("scheduler", "scheduler_config.json"), ("image_feature_extractor", "preprocessor_config.json")):
         (out / name).mkdir(exist_ok=True)
         shutil.copyfile(CONFIGS / name / file, out / name / file)

@@ -46,8 +46,21 @@ def test_checkpoint_is_a_diffusers_folder(ckpt):
     for component in ("text_encoder", "image_encoder"):
         assert (ckpt / component / "model.safetensors").is_file()
     for f in ("model_index.json", "scheduler/scheduler_config.json", "image_feature_extractor/preprocessor_config.json",
-              "tokenizer/vocab.json", "tokenizer/merges.txt"):
+              "tokenizer/vocab.json", "tokenizer/merges.txt", "pretrained_pth/optimus-vae.pth",
+              "optimus_tokenizer/vocab.txt", "optimus_tokenizer/vocab.json", "optimus_tokenizer/merges.txt"):
         assert (ckpt / f).is_file(), f
+
+
+def test_flows_run(ckpt, tmp_path):
+    """The flows only we have, timed by flows_run.py: every output finite, one row per flow in the JSON."""
+    out = tmp_path / "flows.json"
+    _run(BENCHMARKS / "flows_run.py", ckpt, "--device", "cpu", "--steps", "2", "--size", "64", "--repeats", "1",
+         "--json", out)
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"image_to_text", "text_variation", "image_variation",
+                                      "image_variation focus 0.2, fidelity 0.5, color_adjust",
+                                      "blend 2 images (one masked) + text 0.3"}
+    assert all(r["seconds"] > 0 for r in result["results"].values())
     from transformers import CLIPTokenizer
     ids = CLIPTokenizer.from_pretrained(ckpt / "tokenizer")("a cat", padding="max_length", max_length=77).input_ids
     vocab = json.loads((ckpt / "text_encoder" / "config.json").read_text())["vocab_size"]

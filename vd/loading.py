@@ -52,6 +52,13 @@ def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device
     if "text_encoder" in parts and ckpt.tokenizer is None:  # fail before building anything
         raise CheckpointError(f"{ckpt.origin}: has no tokenizer folder, needed for {tasks} (an original .pth "
                               "carries none: pass clip= a diffusers-layout folder)")
+    optimus_tokenizer = None
+    if any(p.startswith("optimus.") for p in parts):  # before any weight is read: it may need the hub
+        optimus_tokenizer = _optimus_tokenizer(ckpt)
+        cfg, sizes = ckpt.configs["optimus"], (len(optimus_tokenizer.bert), len(optimus_tokenizer.gpt2))
+        if sizes != (cfg.enc_vocab, cfg.dec_vocab):
+            raise CheckpointError(f"{ckpt.origin}: the Optimus tokenizers have {sizes[0]} (BERT) and {sizes[1]} (GPT-2 "
+                                  f"with <PAD> <BOS> <EOS>) tokens, the weights {cfg.enc_vocab} and {cfg.dec_vocab}")
     by_component: dict[str, set[str]] = {}
     for p in parts:
         component, _, sub = p.partition(".")
@@ -85,14 +92,22 @@ def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device
         tokenizer = CLIPTokenizer.from_pretrained(ckpt.tokenizer)
     if "image_encoder" in built:
         image_processor = make_image_processor(ckpt.image_processor or {})
-    optimus_tokenizer = None
-    if "optimus" in built:  # the vocabularies the original ships are the hub's bert-base-cased and gpt2 ones
-        folder = ckpt.optimus_tokenizer
-        optimus_tokenizer = (OptimusTokenizers.from_pretrained(folder, folder) if folder is not None
-                             else OptimusTokenizers.from_pretrained())
     return Components(built.get("image_unet"), built.get("text_unet"), built.get("vae"), built.get("text_encoder"),
                       built.get("image_encoder"), tokenizer, image_processor, dict(ckpt.scheduler or {}),
                       built.get("optimus"), optimus_tokenizer)
+
+
+def _optimus_tokenizer(ckpt: Checkpoint) -> OptimusTokenizers:
+    """The checkpoint's Optimus tokenizer folder, else the hub's bert-base-cased and gpt2 vocabularies (the files
+    the original repo ships are those)."""
+    if ckpt.optimus_tokenizer is not None:
+        return OptimusTokenizers.from_pretrained(ckpt.optimus_tokenizer, ckpt.optimus_tokenizer)
+    try:
+        return OptimusTokenizers.from_pretrained()
+    except Exception as e:  # offline, or the hub refused: say what is missing and how to give it
+        raise CheckpointError(f"{ckpt.origin}: has no optimus_tokenizer/ folder and the hub's bert-base-cased / gpt2 "
+                              f"vocabularies could not be fetched ({type(e).__name__}); pass optimus_tokenizer= a "
+                              "folder with vocab.txt, vocab.json and merges.txt") from None
 
 
 def _rebuild_position_ids(model: nn.Module) -> None:
