@@ -64,6 +64,8 @@ class Denoiser:
             return self._call(x, t, streams)
 
     def forward(self, x: Tensor, t: Tensor, streams: Sequence[Context]) -> Tensor:
+        if self.time_embedding is None:
+            return self.compiled(x, t, streams)
         return self.compiled(x, t, streams, time_embedding=self.time_embedding)
 
     def _call(self, x: Tensor, t: Tensor, streams: Sequence[Context]) -> Tensor:
