@@ -130,7 +130,7 @@ def write_optimus_tokenizer(folder: Path, bert_size: int, gpt2_size: int) -> Non
     bert = [BERT_SPECIALS.get(i, f"[unused{i}]") for i in range(104)]
     bert += [c for c in chars if c.isprintable()] + [f"##{c}" for c in chars if c.isprintable()]
     bert = (bert + [f"w{i}" for i in range(bert_size - len(bert))])[:bert_size]
-    merges = [(a, b) for a in chars[:94] for b in chars[:94]][: gpt2_size - len(chars) - 1]
+    merges = [(a, b) for a in chars for b in chars][: gpt2_size - len(chars) - 1]  # printable ASCII first
     gpt2 = chars + [a + b for a, b in merges] + ["<|endoftext|>"]
     assert len(bert) == len(set(bert)) == bert_size and len(gpt2) == len(set(gpt2)) == gpt2_size
     folder.mkdir(parents=True, exist_ok=True)
