@@ -251,7 +251,7 @@ class VersatileDiffusion:
                 if keep[i] is not None:
                     tw = mask_token_weights(keep[i].to(self.device), self._patch, pixels.shape[-1])
                 tokens = encode_image(self.c.image_encoder, pixels, token_weights=tw)
-                tokens = self._focus(tokens, focus[i], run, first=i)
+                tokens = self._focus(tokens, focus[i], run, first=0)  # all images serve the one prompt
                 per_image.append(tokens * weights[i])
             cond = torch.cat(per_image, dim=1).repeat_interleave(run.per_prompt, dim=0)
             image_tokens = torch.cat([torch.zeros_like(cond), cond]) if run.cfg else cond
