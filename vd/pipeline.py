@@ -278,7 +278,7 @@ class VersatileDiffusion:
         imgs = checks.images("image", image)
         run = self._prepare_text(len(imgs), num_inference_steps, guidance_scale, num_texts_per_prompt, eta,
                                  generator, latents, callback, callback_steps, scheduler)
-        decoding = _decoding_args(temperature, top_k, top_p, greedy, max_length, dedupe)
+        decoding = self._decoding_args(temperature, top_k, top_p, greedy, max_length, dedupe)
         with self._autocast():
             tokens = self._image_tokens(imgs, None, "black", run)
         return self._generate_text(run, [Context(self.c.image_unet.context_layers(), tokens)], decoding, progress)
@@ -296,7 +296,7 @@ class VersatileDiffusion:
         negatives = checks.negative("negative_prompt", negative_prompt, len(texts), "text")
         run = self._prepare_text(len(texts), num_inference_steps, guidance_scale, num_texts_per_prompt, eta,
                                  generator, latents, callback, callback_steps, scheduler)
-        decoding = _decoding_args(temperature, top_k, top_p, greedy, max_length, dedupe)
+        decoding = self._decoding_args(temperature, top_k, top_p, greedy, max_length, dedupe)
         with self._autocast():
             tokens = self._text_tokens(texts, negatives, run)
         return self._generate_text(run, [Context(self.c.text_unet.context_layers(), tokens)], decoding, progress)
@@ -360,6 +360,9 @@ class VersatileDiffusion:
         callback_steps = checks.callback(callback, callback_steps)
         return _Run(sampler, steps, guidance, per_prompt, eta, generator, latents, shape, output_type, callback,
                     callback_steps)
+
+    def _decoding_args(self, *args) -> dict:
+        return _decoding_args(*args, max_positions=self.c.optimus.config.dec_positions)
 
     def _text_tokens(self, texts: list[str], negatives: list[str] | None, run: "_Run") -> Tensor:
         enc, tok = self.c.text_encoder, self.c.tokenizer
@@ -578,7 +581,7 @@ def _keep_masks(masks: object, k: int) -> list[Tensor | None]:
     return keep
 
 
-def _decoding_args(temperature, top_k, top_p, greedy, max_length, dedupe) -> dict:
+def _decoding_args(temperature, top_k, top_p, greedy, max_length, dedupe, *, max_positions: int) -> dict:
     if not isinstance(greedy, bool):
         checks.fail("greedy", greedy, "True or False", TypeError)
     if not isinstance(dedupe, bool):
@@ -588,4 +591,4 @@ def _decoding_args(temperature, top_k, top_p, greedy, max_length, dedupe) -> dic
         checks.fail("temperature", temperature, "a number > 0 (use greedy=True for argmax decoding)")
     return dict(temperature=temperature, top_k=checks.integer("top_k", top_k, 0),
                 top_p=checks.number("top_p", top_p, 0.0, 1.0), greedy=greedy,
-                max_length=checks.integer("max_length", max_length, 2), dedupe=dedupe)
+                max_length=checks.integer("max_length", max_length, 2, max_positions), dedupe=dedupe)
