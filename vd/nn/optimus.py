@@ -258,7 +258,9 @@ class OptimusVAE(nn.Module):
             if greedy:
                 token = int(logits.argmax())
             else:
-                token = int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
+                probs = F.softmax(logits, dim=-1)  # drawn where the generator lives: a CPU seed means the same anywhere
+                where = generator.device if generator is not None else probs.device
+                token = int(torch.multinomial(probs.to(where), 1, generator=generator))
             ids.append(token)
             if token == eos:
                 return ids
