@@ -1,5 +1,6 @@
 """The GPU fast path's pieces that also run on the CPU give the plain path's results."""
 
+import pytest
 import torch
 
 from helpers import TINY_UNET_A, flat_config, randomize_, rel_err
@@ -80,3 +81,17 @@ def test_tensors_read_for_another_device_equal_the_mapped_ones(tmp_path):
     for k, t in tensors.items():
         assert torch.equal(f._read(k), t) and f._read(k).dtype == t.dtype
         assert f.get(k, "meta").shape == t.shape  # any non-CPU device takes that path
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_denoiser_leaves_cudnn_autotuning_as_it_found_it(before):
+    """The denoiser turns cuDNN autotuning on for CUDA inputs only while it runs; the user's setting survives."""
+    image, text = _unets()
+    torch.backends.cudnn.benchmark = before
+    try:
+        with torch.no_grad():
+            Denoiser(image)(torch.randn(1, 4, 8, 8), torch.tensor(5), [Context(text.context_layers(),
+                                                                             torch.randn(1, 77, 16))])
+        assert torch.backends.cudnn.benchmark is before
+    finally:
+        torch.backends.cudnn.benchmark = False

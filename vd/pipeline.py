@@ -65,8 +65,8 @@ class VersatileDiffusion:
         self.scheduler = checks.choice("scheduler", scheduler, list(SAMPLERS))
         self.uncond_image = checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         image_unet, text_unet = components.image_unet, components.text_unet
-        if device.type == "cuda":  # the fast path: same math, GPU-friendly layouts
-            speed_up_(image_unet, text_unet, components.vae)
+        if device.type == "cuda":  # the fast path: same math, GPU-friendly layouts (not for the VAE: vd/fast.py)
+            speed_up_(image_unet, text_unet)
         self.denoiser = self.text_denoiser = None
         if image_unet is not None and "data" in image_unet.parts:
             self.denoiser = Denoiser(image_unet, compile=compile, cuda_graphs=cuda_graphs)
@@ -541,7 +541,7 @@ def _resized(images: list[PIL.Image.Image] | Tensor, height: int, width: int) ->
             images = F.interpolate(images.float(), size=(height, width), mode="bicubic", antialias=True)
         return images.float().clamp(0, 1)
     arrays = [np.asarray(im.convert("RGB").resize((width, height), PIL.Image.Resampling.BICUBIC)) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float() / 255
 
 
 def _per_image(name: str, value: object, k: int, default: float, low: float, high: float | None = None) -> list[float]:
