@@ -98,14 +98,16 @@ def test_every_shell_command(tiny, tmp_path, monkeypatch):
             raise AssertionError(f"README command not covered by this test: {cmd}")
         assert code == 0, cmd
         ran.append(argv[0] if argv[0] == "vd" else argv[2])
-    for name in ("astronaut.png", "variation.png", "dual.png", "squirrel-0.png", "squirrel-1.png", "lighthouse.png"):
+    for name in ("astronaut.png", "variation.png", "dual.png", "squirrel-0.png", "squirrel-1.png", "lighthouse.png",
+                 "closer.png", "blend.png"):
         assert PIL.Image.open(name).size[0] > 0
+    assert len(Path("sentences.txt").read_text().splitlines()) == 1
     assert PIL.Image.open("lighthouse.png").size == (640, 384)
     records = [json.loads(line) for line in Path("results/records.jsonl").read_text().splitlines()]
     assert len(records) == 4  # 2 + 1 + 1 images
     for folder in ("vd-t2i", "vd-full"):
         assert json.loads(Path(folder, "config.json").read_text())["format"] == "vd"
-    assert ran.count("vd") == 6 and ran.count("weights_convert") == 2
+    assert ran.count("vd") == 10 and ran.count("weights_convert") == 2
     assert ran.count("make_checkpoint") == ran.count("bench") == 1
     assert set(json.loads(Path("bench.json").read_text())["tasks"]) == {"text_to_image", "image_variation",
                                                                         "dual_guided"}
@@ -115,7 +117,8 @@ def test_python_example(tiny, monkeypatch):
     (code,) = blocks("python")
     assert HUB in code
     from vd import VersatileDiffusion
-    for task in ("text_to_image", "image_variation", "dual_guided"):  # 2 steps instead of 50
+    for task in ("text_to_image", "image_variation", "dual_guided", "blend", "image_to_text",
+                 "text_variation"):  # 2 steps instead of 50
         method = getattr(VersatileDiffusion, task)
         monkeypatch.setattr(VersatileDiffusion, task,
                             lambda self, *a, _m=method, **k: _m(self, *a, **{**k, "num_inference_steps": 2}))
@@ -123,4 +126,7 @@ def test_python_example(tiny, monkeypatch):
     exec(code.replace(f'"{HUB}"', repr(str(tiny))), namespace)
     assert isinstance(namespace["image"], PIL.Image.Image) and len(namespace["variations"]) == 2
     assert isinstance(namespace["mixed"], PIL.Image.Image)
+    assert isinstance(namespace["closer"], PIL.Image.Image) and isinstance(namespace["blended"], PIL.Image.Image)
+    assert len(namespace["captions"]) == 2 and all(isinstance(t, str) for t in namespace["captions"])
+    assert len(namespace["rephrased"]) == 1
     assert isinstance(namespace["g"], torch.Generator)
