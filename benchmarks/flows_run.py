@@ -67,7 +67,7 @@ def main() -> None:
         assert isinstance(texts, list) and len(texts) == 1, texts
         results[name] = dict(seconds=seconds, output=texts[0][:80])
         print(json.dumps({name: results[name]}), flush=True)
-    del text
+    text = None  # free the text flows before the image ones load
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

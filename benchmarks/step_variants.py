@@ -70,7 +70,7 @@ def main() -> None:
                    vae_decode_ms=median_ms(lambda: vae.decode(z), device, max(5, a.repeats // 4)))
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del step
+        step = None
         torch.cuda.empty_cache()
     torch.backends.cudnn.benchmark = False
     print("\n| layout | cudnn.benchmark | UNet step, CUDA graph (ms) | UNet step, eager (ms) | VAE decode (ms) |")

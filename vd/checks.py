@@ -4,8 +4,10 @@ and all run before any model does."""
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import PIL.Image
 import torch
+from torch import Tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -123,3 +125,55 @@ def callback(value: object, steps: object) -> int:
     if value is not None and not callable(value):
         fail("callback", value, "a callable(step, timestep, latents) or None", TypeError)
     return integer("callback_steps", steps, 1)
+
+
+def per_image(name: str, value: object, k: int, default: float, low: float,
+              high: float | None = None) -> list[float]:
+    """One number for all k images, or a list of k numbers (blend's weights and focus)."""
+    if value is None:
+        return [default] * k
+    if isinstance(value, (list, tuple)):
+        if len(value) != k:
+            fail(name, value, f"one number per image ({k})")
+        return [number(f"{name}[{i}]", v, low, high) for i, v in enumerate(value)]
+    return [number(name, value, low, high)] * k
+
+
+def keep_masks(masks: object, k: int) -> list[Tensor | None]:
+    """The blend masks (white = leave out) as keep-weights [1, 1, H, W] in [0, 1] (None = keep everything)."""
+    if masks is None:
+        return [None] * k
+    if not isinstance(masks, (list, tuple)) or len(masks) != k:
+        fail("masks", masks, f"a list of {k} masks (one per image; None for no mask)")
+    keep = []
+    for i, m in enumerate(masks):
+        name = f"masks[{i}]"
+        if m is None:
+            keep.append(None)
+            continue
+        if isinstance(m, PIL.Image.Image):  # parity: the original uses the mask image's first channel
+            m = torch.from_numpy(np.asarray(m.convert("RGB"))[..., 0].copy()).float() / 255
+        elif isinstance(m, Tensor):
+            if not m.is_floating_point() or m.dim() not in (2, 3) or (m.dim() == 3 and m.shape[0] != 1):
+                fail(name, f"tensor of shape {tuple(m.shape)} and dtype {m.dtype}",
+                     "a float tensor [H, W] or [1, H, W]")
+            if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
+                fail(name, "a tensor with values outside [0, 1]", "values in [0, 1]")
+        else:
+            fail(name, m, "a PIL image, a float tensor [H, W] in [0, 1], or None", TypeError)
+        keep.append((1 - m.float()).reshape(1, 1, *m.shape[-2:]))
+    return keep
+
+
+def decoding(temperature, top_k, top_p, greedy, max_length, dedupe, *, max_positions: int) -> dict:
+    """The text flows' decoding options, checked, as keyword arguments of `OptimusVAE.generate` (+ dedupe)."""
+    if not isinstance(greedy, bool):
+        fail("greedy", greedy, "True or False", TypeError)
+    if not isinstance(dedupe, bool):
+        fail("dedupe", dedupe, "True or False", TypeError)
+    temperature = number("temperature", temperature, 0.0)
+    if temperature == 0:
+        fail("temperature", temperature, "a number > 0 (use greedy=True for argmax decoding)")
+    return dict(temperature=temperature, top_k=integer("top_k", top_k, 0),
+                top_p=number("top_p", top_p, 0.0, 1.0), greedy=greedy,
+                max_length=integer("max_length", max_length, 2, max_positions), dedupe=dedupe)

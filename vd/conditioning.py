@@ -106,3 +106,14 @@ def uncond_pixel_values(processor, mode: str, batch: int) -> Tensor | None:
     fill = 0.0 if mode == "black" else 0.5
     images = [np.zeros((512, 512, 3)) + fill] * batch
     return processor(images=images, do_rescale=mode == "diffusers", return_tensors="pt").pixel_values
+
+
+def resized(images: list[PIL.Image.Image] | Tensor, height: int, width: int) -> Tensor:
+    """Images as a float tensor [B, 3, height, width] in [0, 1], resized bicubic (as the original, 8-bit
+    PIL images are resized by PIL; tensors by torch)."""
+    if isinstance(images, Tensor):
+        if tuple(images.shape[-2:]) != (height, width):
+            images = F.interpolate(images.float(), size=(height, width), mode="bicubic", antialias=True)
+        return images.float().clamp(0, 1)
+    arrays = [np.asarray(im.convert("RGB").resize((width, height), PIL.Image.Resampling.BICUBIC)) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float() / 255

@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from vd import checks
 from vd.colors import match_colors
-from vd.conditioning import (UNCOND_IMAGES, encode_image, encode_text, mask_token_weights, pixel_values,
+from vd.conditioning import (UNCOND_IMAGES, encode_image, encode_text, mask_token_weights, pixel_values, resized,
                              uncond_pixel_values)
 from vd.fast import Denoiser, speed_up_
 from vd.focus import adjust_focus
@@ -162,7 +161,7 @@ class VersatileDiffusion:
         if fidelity > 0 and latents is not None:
             checks.fail("latents", "a tensor", "None when fidelity > 0 (the start comes from the input image)")
         height, width = (run.shape[2] * self._factor, run.shape[3] * self._factor)
-        reference = _resized(imgs, height, width).to(self.device)  # [B, 3, h, w] in [0, 1]
+        reference = resized(imgs, height, width).to(self.device)  # [B, 3, h, w] in [0, 1]
         if fidelity == 1:  # parity: the original returns the input itself
             if output_type == "latent":
                 return GenerationOutput(self._encode_latents(reference, run))
@@ -231,9 +230,9 @@ class VersatileDiffusion:
         k = len(imgs)
         if k > MAX_BLEND_IMAGES:
             checks.fail("images", f"{k} images", f"1 to {MAX_BLEND_IMAGES} images")
-        weights = _per_image("weights", weights, k, 1.0, 0.0)
-        focus = _per_image("focus", focus, k, 0.5, 0.0, 1.0)
-        keep = _keep_masks(masks, k)
+        weights = checks.per_image("weights", weights, k, 1.0, 0.0)
+        focus = checks.per_image("focus", focus, k, 0.5, 0.0, 1.0)
+        keep = checks.keep_masks(masks, k)
         s = checks.number("text_strength", text_strength, 0.0, 1.0)
         if prompt is not None and not isinstance(prompt, str):
             checks.fail("prompt", prompt, "a string or None", TypeError)
@@ -278,7 +277,8 @@ class VersatileDiffusion:
         imgs = checks.images("image", image)
         run = self._prepare_text(len(imgs), num_inference_steps, guidance_scale, num_texts_per_prompt, eta,
                                  generator, latents, callback, callback_steps, scheduler)
-        decoding = self._decoding_args(temperature, top_k, top_p, greedy, max_length, dedupe)
+        decoding = checks.decoding(temperature, top_k, top_p, greedy, max_length, dedupe,
+                                   max_positions=self.c.optimus.config.dec_positions)
         with self._autocast():
             tokens = self._image_tokens(imgs, None, "black", run)
         return self._generate_text(run, [Context(self.c.image_unet.context_layers(), tokens)], decoding, progress)
@@ -296,7 +296,8 @@ class VersatileDiffusion:
         negatives = checks.negative("negative_prompt", negative_prompt, len(texts), "text")
         run = self._prepare_text(len(texts), num_inference_steps, guidance_scale, num_texts_per_prompt, eta,
                                  generator, latents, callback, callback_steps, scheduler)
-        decoding = self._decoding_args(temperature, top_k, top_p, greedy, max_length, dedupe)
+        decoding = checks.decoding(temperature, top_k, top_p, greedy, max_length, dedupe,
+                                   max_positions=self.c.optimus.config.dec_positions)
         with self._autocast():
             tokens = self._text_tokens(texts, negatives, run)
         return self._generate_text(run, [Context(self.c.text_unet.context_layers(), tokens)], decoding, progress)
@@ -360,9 +361,6 @@ class VersatileDiffusion:
         callback_steps = checks.callback(callback, callback_steps)
         return _Run(sampler, steps, guidance, per_prompt, eta, generator, latents, shape, output_type, callback,
                     callback_steps)
-
-    def _decoding_args(self, *args) -> dict:
-        return _decoding_args(*args, max_positions=self.c.optimus.config.dec_positions)
 
     def _text_tokens(self, texts: list[str], negatives: list[str] | None, run: "_Run") -> Tensor:
         enc, tok = self.c.text_encoder, self.c.tokenizer
@@ -532,63 +530,3 @@ def to_output(images: Tensor, output_type: str) -> list[PIL.Image.Image] | np.nd
         return arr
     return [PIL.Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
 
-
-def _resized(images: list[PIL.Image.Image] | Tensor, height: int, width: int) -> Tensor:
-    """Images as a float tensor [B, 3, height, width] in [0, 1], resized bicubic (as the original, 8-bit
-    PIL images are resized by PIL; tensors by torch)."""
-    if isinstance(images, Tensor):
-        if tuple(images.shape[-2:]) != (height, width):
-            images = F.interpolate(images.float(), size=(height, width), mode="bicubic", antialias=True)
-        return images.float().clamp(0, 1)
-    arrays = [np.asarray(im.convert("RGB").resize((width, height), PIL.Image.Resampling.BICUBIC)) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float() / 255
-
-
-def _per_image(name: str, value: object, k: int, default: float, low: float, high: float | None = None) -> list[float]:
-    """One number for all k images, or a list of k numbers."""
-    if value is None:
-        return [default] * k
-    if isinstance(value, (list, tuple)):
-        if len(value) != k:
-            checks.fail(name, value, f"one number per image ({k})")
-        return [checks.number(f"{name}[{i}]", v, low, high) for i, v in enumerate(value)]
-    return [checks.number(name, value, low, high)] * k
-
-
-def _keep_masks(masks: object, k: int) -> list[Tensor | None]:
-    """The blend masks (white = leave out) as keep-weights [1, 1, H, W] in [0, 1] (None = keep everything)."""
-    if masks is None:
-        return [None] * k
-    if not isinstance(masks, (list, tuple)) or len(masks) != k:
-        checks.fail("masks", masks, f"a list of {k} masks (one per image; None for no mask)")
-    keep = []
-    for i, m in enumerate(masks):
-        name = f"masks[{i}]"
-        if m is None:
-            keep.append(None)
-            continue
-        if isinstance(m, PIL.Image.Image):  # parity: the original uses the mask image's first channel
-            m = torch.from_numpy(np.asarray(m.convert("RGB"))[..., 0].copy()).float() / 255
-        elif isinstance(m, Tensor):
-            if not m.is_floating_point() or m.dim() not in (2, 3) or (m.dim() == 3 and m.shape[0] != 1):
-                checks.fail(name, f"tensor of shape {tuple(m.shape)} and dtype {m.dtype}",
-                            "a float tensor [H, W] or [1, H, W]")
-            if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
-                checks.fail(name, "a tensor with values outside [0, 1]", "values in [0, 1]")
-        else:
-            checks.fail(name, m, "a PIL image, a float tensor [H, W] in [0, 1], or None", TypeError)
-        keep.append((1 - m.float()).reshape(1, 1, *m.shape[-2:]))
-    return keep
-
-
-def _decoding_args(temperature, top_k, top_p, greedy, max_length, dedupe, *, max_positions: int) -> dict:
-    if not isinstance(greedy, bool):
-        checks.fail("greedy", greedy, "True or False", TypeError)
-    if not isinstance(dedupe, bool):
-        checks.fail("dedupe", dedupe, "True or False", TypeError)
-    temperature = checks.number("temperature", temperature, 0.0)
-    if temperature == 0:
-        checks.fail("temperature", temperature, "a number > 0 (use greedy=True for argmax decoding)")
-    return dict(temperature=temperature, top_k=checks.integer("top_k", top_k, 0),
-                top_p=checks.number("top_p", top_p, 0.0, 1.0), greedy=greedy,
-                max_length=checks.integer("max_length", max_length, 2, max_positions), dedupe=dedupe)

@@ -110,7 +110,8 @@ def _add_optimus(ckpt: Checkpoint, path: Path, optimus: str | Path | None, token
         # a config beside the file (e.g. optimus-vae.json) describes a non-standard Optimus; default: VD's
         side = Path(optimus).with_suffix(".json")
         if "optimus" in (configs or {}):
-            ckpt.configs["optimus"], ckpt.config_files["optimus"] = configs["optimus"], "the configs['optimus'] passed in"
+            ckpt.configs["optimus"] = configs["optimus"]
+            ckpt.config_files["optimus"] = "the configs['optimus'] passed in"
         elif side.is_file():
             try:
                 ckpt.configs["optimus"] = config_from_json("optimus", _json(side))
