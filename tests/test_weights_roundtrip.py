@@ -335,6 +335,23 @@ def test_hub_download_fetches_only_what_the_task_needs(hub_repo, tmp_path, monke
     check(_diff(run_ours(pipe, "text_to_image"), expected["text_to_image"]), 0.0, "hub text_to_image")
 
 
+def test_hub_download_for_image_to_text(hub_repo, tmp_path, monkeypatch):
+    """The text flows also fetch pretrained_pth/optimus-vae.pth (and the repo's tokenizer folder, if any); one
+    request, since every component they need has safetensors."""
+    import huggingface_hub
+    hub = FakeHub(hub_repo, tmp_path / "snapshot")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    pipe = VersatileDiffusion.from_pretrained("tiny-org/tiny-vd", tasks=["image_to_text"])
+    files = set(hub.files())
+    assert {f.split("/")[0] for f in files} == {"model_index.json", "scheduler", "image_unet", "text_unet",
+                                                "image_encoder", "image_feature_extractor", "pretrained_pth",
+                                                "optimus_tokenizer"}
+    assert {f for f in files if f.startswith("pretrained_pth/")} == {"pretrained_pth/optimus-vae.pth",
+                                                                     "pretrained_pth/optimus-vae.json"}
+    assert len(hub.calls) == 1
+    assert pipe.c.optimus is not None and pipe.c.vae is None
+
+
 def test_hub_download_for_image_variation(hub_repo, tmp_path, monkeypatch):
     import huggingface_hub
     hub = FakeHub(hub_repo, tmp_path / "snapshot")

@@ -26,16 +26,17 @@ def download(repo_id: str, parts: Iterable[str], revision: str | None = None) ->
     """Download the diffusers-layout files of `repo_id` that `parts` need; returns the local snapshot folder."""
     from huggingface_hub import snapshot_download
 
-    components = sorted({p.split(".")[0] for p in parts})
+    wanted = {p.split(".")[0] for p in parts}
+    components = sorted(wanted - {"optimus"})  # the diffusers component folders
     common = ["model_index.json", "scheduler/*.json", *(f"{c}/config.json" for c in components)]
     if "text_encoder" in components:
         common.append("tokenizer/*")
     if "image_encoder" in components:
         common.append("image_feature_extractor/*.json")
-    if "optimus" in components:  # not a diffusers folder: the original file, kept in pretrained_pth/
-        common += ["pretrained_pth/optimus-vae.pth", "optimus_tokenizer/*"]
-    root = Path(snapshot_download(repo_id, revision=revision,
-                                  allow_patterns=common + [p for c in components for p in _weight_patterns(c, "safetensors")]))
+    if "optimus" in wanted:  # not a diffusers folder: the original file, kept in pretrained_pth/
+        common += ["pretrained_pth/optimus-vae.pth", "pretrained_pth/optimus-vae.json", "optimus_tokenizer/*"]
+    weights = [p for c in components for p in _weight_patterns(c, "safetensors")]
+    root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=common + weights))
     without = [c for c in components if not any((root / c).glob("*.safetensors"))]
     if without:  # this repo (or revision) has no safetensors for these: take the .bin files
         root = Path(snapshot_download(repo_id, revision=revision,
