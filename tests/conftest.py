@@ -25,6 +25,20 @@ def check(request):
     return _check
 
 
+@pytest.fixture
+def loaded_parts(monkeypatch):
+    """The checkpoint parts read (Checkpoint.load calls) while the test runs, in order."""
+    from weights_convert import Checkpoint
+    seen = []
+    original = Checkpoint.load
+
+    def load(self, part, *args, **kwargs):
+        seen.append(part)
+        return original(self, part, *args, **kwargs)
+    monkeypatch.setattr(Checkpoint, "load", load)
+    return seen
+
+
 def pytest_terminal_summary(terminalreporter):
     if not _MEASURED:
         return

@@ -23,7 +23,7 @@ from vd.nn import Context
 from vd.pipeline import DEFAULT_TASKS
 from vd.sched import randn, sampler_from_config
 from vd.text_vae import remove_duplicate_word
-from weights_convert import TASK_PARTS, Checkpoint, open_checkpoint
+from weights_convert import TASK_PARTS, open_checkpoint
 from weights_convert.convert import convert
 
 pytest.importorskip("diffusers")
@@ -518,18 +518,6 @@ def test_text_variation_negative_prompt_counts(pipe):
 
 
 # ---- 7. lean loading for the text flows
-
-@pytest.fixture
-def loaded_parts(monkeypatch):
-    seen = []
-    original = Checkpoint.load
-
-    def load(self, part, *args, **kwargs):
-        seen.append(part)
-        return original(self, part, *args, **kwargs)
-    monkeypatch.setattr(Checkpoint, "load", load)
-    return seen
-
 
 def test_image_to_text_loads_only_its_parts(folder, pipe, loaded_parts):
     lean = VersatileDiffusion.from_pretrained(folder, tasks=["image_to_text"], device="cpu")

@@ -234,18 +234,6 @@ def test_tables_round_trip_exactly(folders):
 
 # ---- lean loading: a task builds and reads only the parts it needs
 
-@pytest.fixture
-def loaded_parts(monkeypatch):
-    seen = []
-    original = Checkpoint.load
-
-    def load(self, part, *args, **kwargs):
-        seen.append(part)
-        return original(self, part, *args, **kwargs)
-    monkeypatch.setattr(Checkpoint, "load", load)
-    return seen
-
-
 def _no_meta(module) -> bool:
     return not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
 
