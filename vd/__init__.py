@@ -1,6 +1,7 @@
-"""Versatile Diffusion in plain PyTorch: text-to-image, image variation and dual-guided generation."""
+"""Versatile Diffusion in plain PyTorch: text-to-image, image variation, dual-guided generation, blending,
+image-to-text and text variation."""
 
-__all__ = ["VersatileDiffusion", "GenerationOutput"]
+__all__ = ["VersatileDiffusion", "GenerationOutput", "TextOutput"]
 
 
 def __getattr__(name: str):

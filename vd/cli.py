@@ -104,11 +104,11 @@ def _outputs(output: str, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
 
 
-def _save(img: PIL.Image.Image, path: Path) -> None:
-    """Write through a temporary file in the same folder, so a failure leaves no half-written image."""
+def _save(path: Path, write) -> None:
+    """Write through a temporary file in the same folder (write(tmp)), so a failure leaves no half-written file."""
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        img.save(tmp, format=PIL.Image.registered_extensions()[path.suffix.lower()])
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         out = (pipe.image_to_text(image, **kwargs) if task == "image_to_text" else
                pipe.text_variation(args.prompt, negative_prompt=negative, **kwargs))
         if paths:
-            _save_text("\n".join(out.texts) + "\n", paths[0])
+            _save(paths[0], lambda tmp: tmp.write_text("\n".join(out.texts) + "\n", encoding="utf-8"))
         else:
             print("\n".join(out.texts))
         return paths
@@ -166,7 +166,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     else:
         out = pipe.blend(**extra, **kwargs)
     for img, path in zip(out.images, paths):
-        _save(img, path)
+        fmt = PIL.Image.registered_extensions()[path.suffix.lower()]
+        _save(path, lambda tmp: img.save(tmp, format=fmt))
     return paths
 
 
@@ -175,15 +176,6 @@ def _text_output(output: str) -> Path:
     if not out.parent.resolve().is_dir():
         raise UserError(f"--output: folder {str(out.parent)!r} does not exist")
     return out
-
-
-def _save_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
