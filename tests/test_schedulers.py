@@ -209,8 +209,9 @@ def test_ddim_skip_img2img(cfg_name, n, skip, eta):
     start = ours.noised(x0, int(ours.timesteps(n)[skip]), z)
     x = ours.sample(fake_eps, start, n, eta=eta, noise=step_noise, skip=skip)
     assert max_diff(x, x_ref) <= 1e-6
+    assert torch.equal(ours.sample(fake_eps, x0, n, skip=len(ours.timesteps(n))), x0)  # nothing left to denoise
     with pytest.raises(ValueError, match="skip"):
-        ours.sample(fake_eps, start, n, skip=len(ours.timesteps(n)))
+        ours.sample(fake_eps, start, n, skip=len(ours.timesteps(n)) + 1)
 
 
 @pytest.mark.parametrize("cfg_name,n", [("vd", 50), ("vd", 1), ("vd", 2), ("defaults", 25), ("defaults", 4),

@@ -411,7 +411,8 @@ class VersatileDiffusion:
         return (vae.config.scaling_factor * x0).repeat_interleave(run.per_prompt, dim=0)
 
     def _fidelity_start(self, reference: Tensor, fidelity: float, run: "_Run") -> tuple[Tensor, int]:
-        """The input's latent, noised to the first timestep that will be denoised, and how many steps to skip.
+        """The input's latent, noised to the first timestep that will be denoised, and how many steps to skip
+        (all of them, and no noise, when int(steps * (1 - fidelity)) is 0).
 
         divergence: the original noises to one grid step before the first step it denoises (vd-reference D.8
         #3); we noise to the level that step expects, as img2img does.
@@ -419,18 +420,16 @@ class VersatileDiffusion:
         x0 = self._encode_latents(reference, run)
         ts = run.sampler.timesteps(run.steps)
         keep = int(len(ts) * (1 - fidelity))  # parity: the original's int(steps * (1 - fidelity))
-        if keep == 0:
-            return x0, None
         skip = len(ts) - keep
+        if keep == 0:
+            return x0, skip
         z = randn(x0.shape, run.generator, self.device, x0.dtype)
         return run.sampler.noised(x0, int(ts[skip]), z), skip
 
     def _sample(self, run: "_Run", streams: list[Context], denoise: Denoiser, progress: bool,
-                start: Tensor | None = None, skip: int | None = 0) -> Tensor:
+                start: Tensor | None = None, skip: int = 0) -> Tensor:
         """Sample latents with classifier-free guidance. `start`/`skip`: begin from a noised sample part-way
-        (skip=None: nothing left to denoise, return start)."""
-        if skip is None:
-            return start
+        (DDIM only)."""
         # parity: noise is drawn in the model's dtype, as the reference does (its embeddings' dtype); under
         # autocast our tokens may be float32, and fp16 and fp32 draws from one generator differ
         if start is not None:

@@ -78,12 +78,13 @@ class DDIM(Schedule):
         step comes from `noise` (one tensor per step) or is drawn from `generator` in diffusers' order.
 
         skip: leave out the first `skip` timesteps; x is then a noised sample at timesteps(num_steps)[skip]
-        (img2img / fidelity; see `noised`). `noise` and callback indices still count every step."""
+        (img2img / fidelity; see `noised`), or x0 itself when skip = num_steps (nothing left to denoise).
+        `noise` and callback indices still count every step."""
         if noise is not None and generator is not None:
             raise ValueError("pass either noise or generator, not both")
         ts = self.timesteps(num_steps)
-        if not 0 <= skip < len(ts):
-            raise ValueError(f"skip: expected an int in [0, {len(ts) - 1}], got {skip!r}")
+        if not 0 <= skip <= len(ts):
+            raise ValueError(f"skip: expected an int in [0, {len(ts)}], got {skip!r}")
         if noise is not None and eta > 0 and len(noise) < len(ts):
             raise ValueError(f"noise: need {len(ts)} tensors, got {len(noise)}")
         a_bar = self.alpha_bars()  # (T,) float32
@@ -92,10 +93,8 @@ class DDIM(Schedule):
         stride = self.num_train_timesteps // num_steps
         clip = self.clip_sample_range if self.clip_sample else None
         ts_dev = ts.to(x.device).unbind()  # 0-d timesteps passed to eps_fn and callback
-        x = x * self.init_noise_sigma(num_steps) if skip == 0 else x
-        for i, t in enumerate(ts.tolist()):
-            if i < skip:
-                continue
+        x = x * self.init_noise_sigma(num_steps)  # 1: DDIM starts from unit-variance noise
+        for i, t in enumerate(ts.tolist()[skip:], start=skip):
             out = eps_fn(x, ts_dev[i])
             z = None  # fresh noise only when eta > 0, so the generator advances exactly as in diffusers
             if eta > 0 and noise is not None:
