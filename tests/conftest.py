@@ -27,15 +27,16 @@ def check(request):
 
 @pytest.fixture
 def loaded_parts(monkeypatch):
-    """The checkpoint parts read (Checkpoint.load calls) while the test runs, in order."""
+    """The checkpoint parts read (Checkpoint.load_parts, which Checkpoint.load goes through) while the test runs,
+    in order."""
     from weights_convert import Checkpoint
     seen = []
-    original = Checkpoint.load
+    original = Checkpoint.load_parts
 
-    def load(self, part, *args, **kwargs):
-        seen.append(part)
-        return original(self, part, *args, **kwargs)
-    monkeypatch.setattr(Checkpoint, "load", load)
+    def load_parts(self, parts, *args, **kwargs):
+        seen.extend(parts)
+        return original(self, parts, *args, **kwargs)
+    monkeypatch.setattr(Checkpoint, "load_parts", load_parts)
     return seen
 
 

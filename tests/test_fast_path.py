@@ -71,18 +71,6 @@ def test_cuda_graphs_are_ignored_on_cpu():
     assert not d.graphs
 
 
-def test_tensors_read_for_another_device_equal_the_mapped_ones(tmp_path):
-    """Loading to a GPU reads safetensors into a buffer instead of mapping them (no resident pages left)."""
-    from safetensors.torch import save_file
-    from weights_convert.tensorfile import TensorFile
-    tensors = {"a": torch.randn(3, 5).half(), "b": torch.arange(7), "c": torch.randn(2, 2, 2).bfloat16()}
-    save_file(tensors, tmp_path / "t.safetensors")
-    f = TensorFile(tmp_path / "t.safetensors")
-    for k, t in tensors.items():
-        assert torch.equal(f._read(k), t) and f._read(k).dtype == t.dtype
-        assert f.get(k, "meta").shape == t.shape  # any non-CPU device takes that path
-
-
 @pytest.mark.parametrize("before", [False, True])
 def test_denoiser_leaves_cudnn_autotuning_as_it_found_it(before):
     """The denoiser turns cuDNN autotuning on for CUDA inputs only while it runs; the user's setting survives."""

@@ -223,11 +223,15 @@ def test_missing_key(folder):
 
 
 def test_missing_whole_part(folder):
-    """A diffusers folder holds whole components: one without its context layers is broken even for a task that
-    does not use them."""
+    """A text UNet without its context layers: opening the checkpoint (as the converter does) checks every part and
+    refuses it, and so does loading a task that needs those layers; a task that never reads the text UNet loads
+    (loading checks what it fills)."""
     f = folder / "text_unet" / "diffusion_pytorch_model.safetensors"
     _edit_weights(f, lambda sd: [sd.pop(k) for k in list(sd) if ".attentions." in k])
-    _raises(folder, f, "missing", ".attentions.", tasks=["image_variation"])
+    with pytest.raises(CheckpointError, match="missing text_unet weight .*attentions"):
+        open_checkpoint(folder)
+    _raises(folder, f, "missing", ".attentions.", tasks=["text_to_image"])
+    assert VersatileDiffusion.from_pretrained(folder, tasks=["image_variation"]).c.text_unet is None
 
 
 def test_unexpected_key(folder):

@@ -16,7 +16,7 @@ from vd.nn import AutoencoderKL, UNet
 from vd.nn.optimus import OptimusVAE
 from vd.text_vae import OptimusTokenizers
 from weights_convert import Checkpoint, CheckpointError, open_checkpoint, parts_for
-from weights_convert.checkpoint import build_clip
+from weights_convert.checkpoint import build_meta
 from weights_convert.hub import download, looks_like_repo_id
 
 
@@ -42,7 +42,8 @@ def resolve(src: str | Path, tasks: Iterable[str], *, revision: str | None = Non
     the tasks need from the hub."""
     if looks_like_repo_id(src):
         src = download(str(src), parts_for(tasks), revision=revision)
-    return open_checkpoint(src, kl_f8=kl_f8, clip=clip, optimus=optimus, optimus_tokenizer=optimus_tokenizer)
+    return open_checkpoint(src, kl_f8=kl_f8, clip=clip, optimus=optimus, optimus_tokenizer=optimus_tokenizer,
+                           validate=False)  # load_components validates, reusing the modules it builds
 
 
 def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device, dtype: torch.dtype) -> Components:
@@ -64,27 +65,18 @@ def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device
         component, _, sub = p.partition(".")
         by_component.setdefault(component, set()).add(sub)
 
-    def fill(component: str, model: nn.Module) -> nn.Module:
+    # every module on the meta device first, and the parts they hold checked against them before any weight is
+    # read; parts no task needs are neither built nor checked (building them cost a fifth of a load)
+    built = {c: build_meta(c, ckpt.configs[c], subs) for c, subs in by_component.items()}
+    ckpt.validate({f"{c}.{s}" if s else c: built[c] for c, subs in by_component.items() for s in subs})
+    loaded = ckpt.load_parts(parts, dtype, device)
+    for component, model in built.items():
         state = {}
         for sub in by_component[component]:
-            part = f"{component}.{sub}" if sub else component
-            state.update(ckpt.load(part, dtype, device))
+            state.update(loaded.pop(f"{component}.{sub}" if sub else component))
         model.load_state_dict(state, strict=True, assign=True)
         _rebuild_position_ids(model)
-        return model.to(device).eval().requires_grad_(False)
-
-    built = {}
-    for component, subs in by_component.items():
-        with torch.device("meta"):
-            if component in ("image_unet", "text_unet"):
-                model = UNet(ckpt.configs[component], parts=frozenset(subs))
-            elif component == "vae":
-                model = AutoencoderKL(ckpt.configs[component], parts=frozenset(subs))
-            elif component == "optimus":
-                model = OptimusVAE(ckpt.configs[component], parts=frozenset(subs))
-            else:
-                model = build_clip(component, ckpt.configs[component])
-        built[component] = fill(component, model)
+        built[component] = model.to(device).eval().requires_grad_(False)
 
     tokenizer = image_processor = None
     if "text_encoder" in built:

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vd.nn import AutoencoderKL, UNet, UNetConfig, VAEConfig
 from vd.nn.optimus import OptimusConfig, OptimusVAE
 from weights_convert.keymaps import Transform
+from weights_convert.streaming import read_tensors
 from weights_convert.tensorfile import CheckpointError, TensorFile
 
 COMPONENT_PARTS = {
@@ -86,10 +87,6 @@ class Source:
     def dtype(self) -> torch.dtype:
         return self.file.dtype(self.key)
 
-    def read(self, device: torch.device | str | None = None) -> Tensor:
-        t = self.file.get(self.key, device)
-        return self.transform(t) if self.transform else t
-
 
 @dataclass
 class Checkpoint:
@@ -116,12 +113,21 @@ class Checkpoint:
              device: torch.device | str | None = None) -> dict[str, Tensor]:
         """Read one part's tensors (memory-mapped where the file allows), moved to `device` and then cast to
         `dtype` if given (moving first keeps a CPU copy of a cast out of host memory)."""
-        out = {}
-        for key, src in self.sources[part].items():
-            t = src.read(device)
+        return self.load_parts([part], dtype, device)[part]
+
+    def load_parts(self, parts: Iterable[str], dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> dict[str, dict[str, Tensor]]:
+        """`load` for several parts in one pass, so that an accelerator gets all their files through one stream
+        (`weights_convert.streaming`); each tensor is cast as soon as it arrives."""
+        wanted = [(part, key, src) for part in parts for key, src in self.sources[part].items()]
+        out: dict[str, dict[str, Tensor]] = {part: {} for part in parts}
+        for i, t in read_tensors([(src.file, src.key) for _, _, src in wanted], device):
+            part, key, src = wanted[i]
+            if src.transform:
+                t = src.transform(t)
             if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                 t = t.to(dtype)
-            out[key] = t
+            out[part][key] = t
         return out
 
     def add(self, component: str, key: str, source: Source) -> None:
@@ -132,12 +138,16 @@ class Checkpoint:
                                   f"both map to {component} {key!r}")
         bucket[key] = source
 
-    def validate(self) -> None:
+    def validate(self, built: dict[str, nn.Module] | None = None) -> None:
         """Every parameter of every present part is filled, with the right shape and a floating-point dtype where
-        the parameter is floating point, and nothing else is."""
-        for part in self.parts:
+        the parameter is floating point, and nothing else is. `built`: part -> a meta module holding it; then only
+        those parts are checked, against these modules (a loader checks what it fills with what it fills)."""
+        for part in self.parts if built is None else [p for p in self.parts if p in built]:
             component = part.split(".")[0]
-            want = expected_tensors(part, self.configs[component])
+            if built and part in built:
+                want = {k: v for k, v in built[part].state_dict().items() if part_of(component, k) == part}
+            else:
+                want = expected_tensors(part, self.configs[component])
             have = self.sources[part]
             where = self.config_files.get(component, "the config")
             for key in sorted(set(want) - set(have)):
@@ -166,16 +176,20 @@ def expected_shapes(part: str, config: object) -> dict[str, tuple[int, ...]]:
 def expected_tensors(part: str, config: object) -> dict[str, Tensor]:
     """One part's state dict as meta tensors (names, shapes and dtypes; no memory)."""
     component, _, sub = part.partition(".")
+    return build_meta(component, config, {sub}).state_dict()
+
+
+def build_meta(component: str, config: object, subs: Iterable[str]) -> nn.Module:
+    """Our module for some parts of a component (sub-part names, "" for a CLIP tower) on the meta device: no
+    memory, no values; `load_state_dict(assign=True)` fills it."""
     with torch.device("meta"):
         if component in ("image_unet", "text_unet"):
-            model = UNet(config, parts=frozenset({sub}))
-        elif component == "vae":
-            model = AutoencoderKL(config, parts=frozenset({sub}))
-        elif component == "optimus":
-            model = OptimusVAE(config, parts=frozenset({sub}))
-        else:
-            model = build_clip(component, config)
-    return model.state_dict()
+            return UNet(config, parts=frozenset(subs))
+        if component == "vae":
+            return AutoencoderKL(config, parts=frozenset(subs))
+        if component == "optimus":
+            return OptimusVAE(config, parts=frozenset(subs))
+        return build_clip(component, config)
 
 
 def build_clip(component: str, config: dict):

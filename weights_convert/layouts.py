@@ -54,8 +54,9 @@ Route = tuple[str, str, object] | str | None  # (component, our key, transform) 
 
 def open_checkpoint(src: str | Path, *, kl_f8: str | Path | None = None, clip: str | Path | None = None,
                     optimus: str | Path | None = None, optimus_tokenizer: str | Path | None = None,
-                    configs: dict[str, object] | None = None) -> Checkpoint:
-    """Open a local checkpoint in any supported layout (names and shapes only) and validate it.
+                    configs: dict[str, object] | None = None, validate: bool = True) -> Checkpoint:
+    """Open a local checkpoint in any supported layout (names and shapes only) and validate it (a loader that
+    validates only the parts it fills, against the modules it builds anyway, passes validate=False).
 
     kl_f8: the VAE file for the current original layout (default: kl-f8.pth beside it).
     clip: a diffusers-layout folder giving what an original .pth lacks (CLIP towers, tokenizer, preprocessing);
@@ -83,7 +84,8 @@ def open_checkpoint(src: str | Path, *, kl_f8: str | Path | None = None, clip: s
     else:
         raise CheckpointError(f"{path}: no such file or folder")
     _add_optimus(ckpt, path, optimus, optimus_tokenizer, configs)
-    ckpt.validate()
+    if validate:
+        ckpt.validate()
     return ckpt
 
 

@@ -1,6 +1,7 @@
 """Safe, lazy access to the tensors of one checkpoint file (.safetensors, .pth or .bin).
 
-Safetensors are memory-mapped and a tensor is only read when asked for. Pickled files go through
+Safetensors are memory-mapped and a tensor is only read when asked for (or streamed to an accelerator, see
+`weights_convert.streaming`). Pickled files go through
 `torch.load(weights_only=True, mmap=True)`: nothing pickled is executed, and untouched tensors stay on disk.
 Every error names the file (and the key, where there is one).
 """
@@ -92,11 +93,16 @@ class TensorFile:
             return _ST_DTYPES[name]
         return self._sd[key].dtype
 
+    @property
+    def is_safetensors(self) -> bool:
+        return self._st is not None
+
     def get(self, key: str, device: torch.device | str | None = None) -> Tensor:
         """The tensor on `device` (default the CPU, memory-mapped where the file allows). Safetensors bound for
-        another device are read straight into a buffer instead of through the mapping."""
+        another device are read, not mapped (`weights_convert.streaming`: no mapped pages stay resident)."""
         if self._st is not None and device is not None and torch.device(device).type != "cpu":
-            return self._read(key).to(device)
+            from weights_convert.streaming import read_tensors
+            return next(read_tensors([(self, key)], device))[1]
         if self._st is None:
             t = self._sd[key]
         else:
@@ -106,22 +112,15 @@ class TensorFile:
                 raise CheckpointError(f"{self.path}: cannot read {key!r} ({e})") from None
         return t if device is None else t.to(device)
 
-    def _read(self, key: str) -> Tensor:
-        """One safetensors tensor read into a fresh buffer (not mapped), for a copy to another device: mapped
-        pages would stay in this process's resident memory; a buffer is freed once copied."""
-        if not hasattr(self, "_offsets"):
+    def span(self, key: str) -> tuple[int, int]:
+        """Where a safetensors tensor's bytes are in the file: [start, end)."""
+        if not hasattr(self, "_spans"):
             with open(self.path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(n))
-            self._offsets = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
-                             for k, v in header.items() if k != "__metadata__"}
-        start, end = self._offsets[key]
-        buf = torch.empty(end - start, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            if f.readinto(memoryview(buf.numpy())) != end - start:
-                raise CheckpointError(f"{self.path}: cannot read {key!r} (file ends early)")
-        return buf.view(self.dtype(key)).reshape(self.shape(key))
+            self._spans = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                           for k, v in header.items() if k != "__metadata__"}
+        return self._spans[key]
 
     def __repr__(self) -> str:
         return f"TensorFile({str(self.path)!r})"
