@@ -2,7 +2,8 @@
 
 Modules are built on the meta device (no memory, no random init) and filled with `load_state_dict(assign=True)`,
 so a part's tensors are the checkpoint's own (memory-mapped where the file allows) unless a cast or a move to
-another device is asked for. Parts no task needs are never built.
+another device is asked for (an accelerator gets them streamed: weights_convert.streaming). Parts no task needs
+are never built, checked or read.
 """
 
 from collections.abc import Iterable

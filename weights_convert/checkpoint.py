@@ -144,10 +144,10 @@ class Checkpoint:
         those parts are checked, against these modules (a loader checks what it fills with what it fills)."""
         for part in self.parts if built is None else [p for p in self.parts if p in built]:
             component = part.split(".")[0]
-            if built and part in built:
-                want = {k: v for k, v in built[part].state_dict().items() if part_of(component, k) == part}
-            else:
+            if built is None:
                 want = expected_tensors(part, self.configs[component])
+            else:
+                want = {k: v for k, v in built[part].state_dict().items() if part_of(component, k) == part}
             have = self.sources[part]
             where = self.config_files.get(component, "the config")
             for key in sorted(set(want) - set(have)):
