@@ -210,10 +210,12 @@ def test_half_precision_weights_are_fine(folder):
     assert pipe.c.image_unet.conv_in.weight.dtype == torch.float32
 
 
-def test_wrong_shape(folder):
+def test_wrong_shape(folder, loaded_parts):
+    """Named with both shapes and the config, before any weight of any part is read."""
     f = folder / UNET_FILE
     _edit_weights(f, lambda sd: sd.__setitem__("conv_in.weight", sd["conv_in.weight"][:, :2]))
     _raises(folder, f, "'conv_in.weight'", "[32, 2, 3, 3]", "[32, 4, 3, 3]", folder / "image_unet" / "config.json")
+    assert loaded_parts == []
 
 
 def test_missing_key(folder):
