@@ -31,10 +31,12 @@ def read_tensors(items: Sequence[tuple[TensorFile, str]],
         for i, (file, key) in enumerate(items):
             yield i, file.get(key, device)
         return
-    streamed = [i for i, (file, _) in enumerate(items) if file.is_safetensors]
-    for i in sorted(set(range(len(items))) - set(streamed)):
-        file, key = items[i]
-        yield i, file.get(key, device)
+    streamed = []
+    for i, (file, key) in enumerate(items):
+        if file.is_safetensors:
+            streamed.append(i)
+        else:
+            yield i, file.get(key, device)
     for j, t in stream_tensors([items[i] for i in streamed], device):
         yield streamed[j], t
 
