@@ -38,10 +38,10 @@ def folder(pristine, tmp_path):
     return shutil.copytree(pristine, tmp_path / "vd")
 
 
-def _raises(folder, *names: str, tasks=None) -> str:
+def _raises(folder, *names: str, tasks=None, **kwargs) -> str:
     """Loading fails with a CheckpointError whose message contains every one of `names`; returns it."""
     with pytest.raises(CheckpointError) as info:
-        VersatileDiffusion.from_pretrained(folder, tasks=tasks)
+        VersatileDiffusion.from_pretrained(folder, tasks=tasks, **kwargs)
     msg = str(info.value)
     for name in names:
         assert str(name) in msg, f"{name!r} not in: {msg}"
@@ -234,6 +234,18 @@ def test_missing_whole_part(folder):
         open_checkpoint(folder)
     _raises(folder, f, "missing", ".attentions.", tasks=["text_to_image"])
     assert VersatileDiffusion.from_pretrained(folder, tasks=["image_variation"]).c.text_unet is None
+
+
+def test_optimus_file_is_opened_only_for_the_text_flows(folder):
+    """pretrained_pth/optimus-vae.pth is not even unpickled by a load that needs no Optimus part, so a damaged one
+    stops only the text flows (and open_checkpoint, which checks everything); an optimus= path must still exist."""
+    f = folder / "pretrained_pth" / "optimus-vae.pth"
+    f.write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        open_checkpoint(folder)
+    _raises(folder, f, "not a readable PyTorch checkpoint", tasks=["image_to_text"])
+    assert VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"]).c.optimus is None
+    _raises(folder, folder / "nowhere.pth", "no such file", tasks=["text_to_image"], optimus=folder / "nowhere.pth")
 
 
 def test_unexpected_key(folder):

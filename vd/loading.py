@@ -41,10 +41,11 @@ def resolve(src: str | Path, tasks: Iterable[str], *, revision: str | None = Non
             optimus=None, optimus_tokenizer=None) -> Checkpoint:
     """Open `src` (hub repo id, diffusers folder, original .pth, or converted folder), downloading only what
     the tasks need from the hub."""
+    parts = parts_for(tasks)
     if looks_like_repo_id(src):
-        src = download(str(src), parts_for(tasks), revision=revision)
+        src = download(str(src), parts, revision=revision)
     return open_checkpoint(src, kl_f8=kl_f8, clip=clip, optimus=optimus, optimus_tokenizer=optimus_tokenizer,
-                           validate=False)  # load_components validates, reusing the modules it builds
+                           validate=False, need=parts)  # load_components validates, reusing the modules it builds
 
 
 def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device, dtype: torch.dtype) -> Components:

@@ -17,7 +17,7 @@ modules built from the configs (`Checkpoint.validate`).
 """
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from vd.nn import VD_IMAGE_UNET, VD_TEXT_UNET, VD_VAE, UNetConfig, VAEConfig
@@ -54,7 +54,8 @@ Route = tuple[str, str, object] | str | None  # (component, our key, transform) 
 
 def open_checkpoint(src: str | Path, *, kl_f8: str | Path | None = None, clip: str | Path | None = None,
                     optimus: str | Path | None = None, optimus_tokenizer: str | Path | None = None,
-                    configs: dict[str, object] | None = None, validate: bool = True) -> Checkpoint:
+                    configs: dict[str, object] | None = None, validate: bool = True,
+                    need: Iterable[str] | None = None) -> Checkpoint:
     """Open a local checkpoint in any supported layout (names and shapes only) and validate it (a loader that
     validates only the parts it fills, against the modules it builds anyway, passes validate=False).
 
@@ -65,6 +66,8 @@ def open_checkpoint(src: str | Path, *, kl_f8: str | Path | None = None, clip: s
       pretrained_pth/). optimus_tokenizer: a folder with vocab.txt, vocab.json, merges.txt (default: an
       optimus_tokenizer/ folder there, if any).
     configs: component configs for original layouts (default: the full-size VD ones; tests pass tiny ones).
+    need: the parts the caller will read (default: all). A separate optimus-vae.pth is opened only if one of them
+      is Optimus's: listing its tensors means unpickling its index, a tenth of a text_to_image load.
     """
     path = Path(src)
     if path.is_dir():
@@ -83,18 +86,24 @@ def open_checkpoint(src: str | Path, *, kl_f8: str | Path | None = None, clip: s
         ckpt = read_original(path, kl_f8=kl_f8, clip=clip, configs=configs)
     else:
         raise CheckpointError(f"{path}: no such file or folder")
-    _add_optimus(ckpt, path, optimus, optimus_tokenizer, configs)
+    wants_optimus = need is None or any(p.split(".")[0] == "optimus" for p in need)
+    _add_optimus(ckpt, path, optimus, optimus_tokenizer, configs, wants_optimus)
     if validate:
         ckpt.validate()
     return ckpt
 
 
 def _add_optimus(ckpt: Checkpoint, path: Path, optimus: str | Path | None, tokenizer: str | Path | None,
-                 configs: dict[str, object] | None) -> None:
-    """The Optimus weights (from optimus-vae.pth, where the checkpoint itself has none) and tokenizer folder."""
+                 configs: dict[str, object] | None, wanted: bool = True) -> None:
+    """The Optimus weights (from optimus-vae.pth, where the checkpoint itself has none) and tokenizer folder.
+    Unless `wanted`, the file is not opened (a path given for it must still exist)."""
     here = path if path.is_dir() else path.parent
     optimus = Path(optimus) if optimus is not None else None
-    if optimus is None and "optimus" not in ckpt.configs:
+    if optimus is not None and not wanted:
+        if not optimus.is_file():
+            raise CheckpointError(f"{optimus}: no such file")
+        optimus = None
+    elif optimus is None and wanted and "optimus" not in ckpt.configs:
         for guess in (here / OPTIMUS_FILE, here / "pretrained_pth" / OPTIMUS_FILE):
             if guess.is_file():
                 optimus = guess
