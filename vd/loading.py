@@ -7,6 +7,7 @@ are never built, checked or read.
 """
 
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,11 @@ def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device
     # read; parts no task needs are neither built nor checked (building them cost a fifth of a load)
     built = {c: build_meta(c, ckpt.configs[c], subs) for c, subs in by_component.items()}
     ckpt.validate({f"{c}.{s}" if s else c: built[c] for c, subs in by_component.items() for s in subs})
-    loaded = ckpt.load_parts(parts, dtype, device)
+    with ThreadPoolExecutor(1, thread_name_prefix="vd-tokenizer") as pool:
+        # the CLIP tokenizer (tens of milliseconds of Python) loads while the weights are read
+        tokenizer = pool.submit(_clip_tokenizer, ckpt.tokenizer) if "text_encoder" in built else None
+        loaded = ckpt.load_parts(parts, dtype, device)
+        tokenizer = tokenizer.result() if tokenizer is not None else None
     for component, model in built.items():
         state = {}
         for sub in by_component[component]:
@@ -80,15 +85,17 @@ def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device
         _rebuild_position_ids(model)
         built[component] = model.to(device).eval().requires_grad_(False)
 
-    tokenizer = image_processor = None
-    if "text_encoder" in built:
-        from transformers import CLIPTokenizer
-        tokenizer = CLIPTokenizer.from_pretrained(ckpt.tokenizer)
+    image_processor = None
     if "image_encoder" in built:
         image_processor = make_image_processor(ckpt.image_processor or {})
     return Components(built.get("image_unet"), built.get("text_unet"), built.get("vae"), built.get("text_encoder"),
                       built.get("image_encoder"), tokenizer, image_processor, dict(ckpt.scheduler or {}),
                       built.get("optimus"), optimus_tokenizer)
+
+
+def _clip_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer.from_pretrained(folder)
 
 
 def _optimus_tokenizer(ckpt: Checkpoint) -> OptimusTokenizers:
