@@ -106,3 +106,34 @@ def test_load_rss(ckpt, tmp_path):
     assert [r["what"] for r in rows] == ["text_to_image"]
     assert rows[0]["rss_touched"] >= rows[0]["rss_load"] > 0 and rows[0]["params"] > 0
     assert "| ours, tasks=[text_to_image] |" in stdout
+
+
+def test_step_breakdown(ckpt, tmp_path):
+    """step_breakdown.py off CUDA: kernel kinds add up to the total, every variant ran or named its error, and the
+    whole call is split into parts that add up."""
+    out = tmp_path / "breakdown.json"
+    _run(BENCHMARKS / "step_breakdown.py", ckpt, "--device", "cpu", "--size", "64", "--steps", "1", "--repeats", "1",
+         "--profile-calls", "1", "--json", out)
+    r = json.loads(out.read_text())
+    kernels = r["kernels"]
+    assert kernels["total_ms"] > 0 and kernels["kinds"]["convolution"]["ms"] > 0
+    assert sum(v["ms"] for v in kernels["kinds"].values()) == pytest.approx(kernels["total_ms"])
+    assert set(r["variants"]) == {"default", "sdpa flash_attention", "sdpa efficient_attention",
+                                  "sdpa cudnn_attention", "group_norm channels-last"}
+    assert r["variants"]["default"]["rel_diff"] == 0
+    assert r["variants"]["group_norm channels-last"]["rel_diff"] < 1e-5
+    assert all("step_ms" in v or v["error"] for v in r["variants"].values())
+    e = r["e2e_ms"]
+    assert e["total"] == pytest.approx(e["unet_steps"] + e["vae_decode"] + e["rest"])
+
+
+def test_group_norm_channels_last_variant_is_group_norm():
+    """The GroupNorm that step_breakdown.py tries on the GPU equals torch's, on a channels-last input (float64)."""
+    group_norm_channels_last = _script("step_breakdown").group_norm_channels_last
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 12, eps=1e-6).double()
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = (torch.randn(2, 12, 5, 7, dtype=torch.float64) * 3 + 1).to(memory_format=torch.channels_last)
+    out = group_norm_channels_last(norm, x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, norm(x.contiguous()), rtol=1e-12, atol=1e-12)
