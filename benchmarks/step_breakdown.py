@@ -1,7 +1,7 @@
 """Where our text_to_image time goes, to choose the next optimisation (ours only, one process, a few seconds).
 
     python benchmarks/step_breakdown.py CKPT [--device cuda] [--size 512] [--steps 50] [--repeats 20]
-        [--compile MODE] [--json OUT]
+        [--compile MODE] [--cudnn-benchmark-limit N] [--json OUT]
 
 1. Kernel time of one guided UNet step (batch 2, the prompt's 77 tokens) by kind: convolution, matmul,
    attention, GroupNorm, LayerNorm, layout copies, other elementwise; from the torch profiler over eager steps.
@@ -11,6 +11,7 @@
    computed on the channels-last tensor (CUDA's GroupNorm kernel wants NCHW, so each one costs two layout
    copies), and with `--compile MODE` (torch.compile of the UNet, then a CUDA graph). Each is checked against
    the default step's output.
+   `--cudnn-benchmark-limit 0` makes cuDNN's autotuning try every convolution algorithm, for the whole run.
 3. The VAE decode, eager and from a CUDA graph (how much of it is launch overhead).
 4. A whole text_to_image call with CUDA graphs, split into steps x graph step, the decode, and the rest.
 
@@ -149,8 +150,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--profile-calls", type=int, default=3)
     ap.add_argument("--compile", metavar="MODE", help="also torch.compile the UNet in this mode (e.g. default)")
+    ap.add_argument("--cudnn-benchmark-limit", type=int, metavar="N",
+                    help="cuDNN algorithms to try per convolution when autotuning (torch's default 10; 0: all)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
+    if a.cudnn_benchmark_limit is not None:  # before any convolution is tuned: the choices are cached per process
+        torch.backends.cudnn.benchmark_limit = a.cudnn_benchmark_limit
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
@@ -164,7 +169,8 @@ def main(argv=None) -> dict:
     z = (torch.randn(1, vae.config.latent_channels, lat, lat, generator=g) / vae.config.scaling_factor).to(device, dtype)
     t = torch.tensor(981, device=device)
     streams = [Context(pipe.c.text_unet.context_layers(), tokens)]
-    result = dict(device=device_name(device), versions=versions(), size=a.size, steps=a.steps)
+    result = dict(device=device_name(device), versions=versions(), size=a.size, steps=a.steps,
+                  cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit)
 
     # 1. kernels of an eager step (the fast path's layouts and autotuning, as the denoiser runs it)
     eager = Denoiser(unet)
@@ -235,7 +241,8 @@ def main(argv=None) -> dict:
 
 def markdown(r: dict) -> str:
     k = r["kernels"]
-    lines = [f"{r['device']}; {r['size']}x{r['size']}, {r['steps']} steps; torch {r['versions']['torch']}", "",
+    lines = [f"{r['device']}; {r['size']}x{r['size']}, {r['steps']} steps; torch {r['versions']['torch']}; "
+             f"cudnn.benchmark_limit {r['cudnn_benchmark_limit']}", "",
              f"Kernel time of one eager UNet step: {k['total_ms']:.2f} ms", "",
              "| kind | ms per step | share | kernels per step |", "|---|---|---|---|"]
     lines += [f"| {name} | {v['ms']:.3f} | {v['ms'] / k['total_ms']:.0%} | {v['count']:.0f} |"
@@ -248,7 +255,7 @@ def markdown(r: dict) -> str:
                      f"| {name} | {v['step_ms']:.2f} | {v['rel_diff']:.1e} | {v['setup_s']:.1f} |")
     d, e = r["vae_decode_ms"], r["e2e_ms"]
     lines += ["", f"VAE decode: eager {d['eager']:.2f} ms, CUDA graph {d['graph']:.2f} ms", "",
-              f"text_to_image with CUDA graphs: {e['total']:.1f} ms = UNet steps {e['unet_steps']:.1f} + VAE decode "
+              f"one text_to_image call (CUDA graphs on a GPU): {e['total']:.1f} ms = UNet steps {e['unet_steps']:.1f} + VAE decode "
               f"{e['vae_decode']:.1f} + rest {e['rest']:.1f}"]
     return "\n".join(lines)
 
