@@ -2,8 +2,8 @@
 # The GPU benchmark in one go, on a fresh machine: make a full-size fp16 random-weight checkpoint on the GPU;
 # time our UNet step and VAE decode under layout/autotuning variants (step_variants.py), see where the step's
 # kernel time goes (step_breakdown.py; BREAKDOWN_COMPILE=default adds torch.compile, minutes;
-# BREAKDOWN_CUDNN_LIMIT=0 lets cuDNN try every convolution algorithm), and time the
-# flows only we have (flows_run.py); compare our fp16 path with diffusers' stage by stage (fp16_check.py); then bench.py for
+# BREAKDOWN_CUDNN_LIMIT=0 lets cuDNN try every convolution algorithm), and time the flows only we have
+# (flows_run.py); compare our fp16 path with diffusers' stage by stage (fp16_check.py); then bench.py for
 # the three tasks at 512x512, 50 DDIM steps, fp16, batch 1, CFG 7.5, ours against diffusers in the same
 # process. Writes *.json, *.md and the logs to $OUT. About 6-7 minutes on an H100.
 #
@@ -64,7 +64,8 @@ fi
 if [ "${BREAKDOWN:-1}" = 1 ]; then  # kernel time by kind, SDPA backends, channels-last GroupNorm, e2e split
     "$PY" benchmarks/step_breakdown.py "$CKPT" --device "$DEVICE" --steps "$STEPS" --size "$SIZE" \
         ${BREAKDOWN_COMPILE:+--compile "$BREAKDOWN_COMPILE"} \
-        ${BREAKDOWN_CUDNN_LIMIT:+--cudnn-benchmark-limit "$BREAKDOWN_CUDNN_LIMIT"} --json "$OUT/step_breakdown.json" 2>&1 \
+        ${BREAKDOWN_CUDNN_LIMIT:+--cudnn-benchmark-limit "$BREAKDOWN_CUDNN_LIMIT"} \
+        --json "$OUT/step_breakdown.json" 2>&1 \
         | tee "$OUT/step_breakdown.log" || echo "step_breakdown.py failed; going on"  # diagnostics only
 fi
 if [ "${FLOWS:-1}" = 1 ]; then  # image_to_text, text_variation, blend, image_variation with focus/fidelity

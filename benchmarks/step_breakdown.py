@@ -166,7 +166,8 @@ def main(argv=None) -> dict:
     lat = a.size // 8
     x = torch.randn(2, unet.config.in_channels, lat, lat, generator=g).to(device, dtype)
     tokens = torch.randn(2, 77, pipe.c.text_unet.config.context_dim[0], generator=g).to(device, dtype)
-    z = (torch.randn(1, vae.config.latent_channels, lat, lat, generator=g) / vae.config.scaling_factor).to(device, dtype)
+    z = torch.randn(1, vae.config.latent_channels, lat, lat, generator=g) / vae.config.scaling_factor
+    z = z.to(device, dtype)
     t = torch.tensor(981, device=device)
     streams = [Context(pipe.c.text_unet.context_layers(), tokens)]
     result = dict(device=device_name(device), versions=versions(), size=a.size, steps=a.steps,
@@ -226,9 +227,10 @@ def main(argv=None) -> dict:
                                    graph=median_ms(graph_of(decode, device), device, max(5, a.repeats // 4)))
 
     # 4. one whole call with CUDA graphs
-    call = lambda: pipe.text_to_image("a photograph of an astronaut riding a horse", height=a.size, width=a.size,  # noqa: E731
-                                      num_inference_steps=a.steps, output_type="np", progress=False,
-                                      generator=torch.Generator().manual_seed(0))
+    def call():
+        return pipe.text_to_image("a photograph of an astronaut riding a horse", height=a.size, width=a.size,
+                                  num_inference_steps=a.steps, output_type="np", progress=False,
+                                  generator=torch.Generator().manual_seed(0))
     e2e_ms = median_ms(call, device, max(2, a.repeats // 10), warmup=1)
     steps_ms = a.steps * variants["default"]["step_ms"]
     result["e2e_ms"] = dict(total=e2e_ms, unet_steps=steps_ms, vae_decode=result["vae_decode_ms"]["eager"],
@@ -255,8 +257,8 @@ def markdown(r: dict) -> str:
                      f"| {name} | {v['step_ms']:.2f} | {v['rel_diff']:.1e} | {v['setup_s']:.1f} |")
     d, e = r["vae_decode_ms"], r["e2e_ms"]
     lines += ["", f"VAE decode: eager {d['eager']:.2f} ms, CUDA graph {d['graph']:.2f} ms", "",
-              f"one text_to_image call (CUDA graphs on a GPU): {e['total']:.1f} ms = UNet steps {e['unet_steps']:.1f} + VAE decode "
-              f"{e['vae_decode']:.1f} + rest {e['rest']:.1f}"]
+              f"one text_to_image call (CUDA graphs on a GPU): {e['total']:.1f} ms = UNet steps "
+              f"{e['unet_steps']:.1f} + VAE decode {e['vae_decode']:.1f} + rest {e['rest']:.1f}"]
     return "\n".join(lines)
 
 
