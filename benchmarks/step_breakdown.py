@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import device_name, sync, versions  # noqa: E402
+from bench import device_name, sync, timed, versions  # noqa: E402
 
 # kernel (CUDA) or aten op (CPU) name -> kind; the first match wins
 KINDS = [
@@ -53,14 +53,7 @@ def kind_of(name: str) -> str:
 def median_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device) for _ in range(repeats)) * 1e3
 
 
 def kernel_table(fn, device: torch.device, calls: int) -> dict:
@@ -185,7 +178,7 @@ def main(argv=None) -> dict:
         try:
             step = make()
             start = time.perf_counter()
-            out = step(x, t, streams)
+            out = step(x, t, streams)  # the capture (and compile) happen here
             sync(device)
             setup_s = time.perf_counter() - start
             variants[name] = dict(step_ms=median_ms(lambda: step(x, t, streams), device, a.repeats),
