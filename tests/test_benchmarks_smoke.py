@@ -132,7 +132,8 @@ def test_group_norm_channels_last_variant_is_group_norm():
     group_norm_channels_last = _script("step_breakdown").group_norm_channels_last
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(4, 12, eps=1e-6).double()
-    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
     x = (torch.randn(2, 12, 5, 7, dtype=torch.float64) * 3 + 1).to(memory_format=torch.channels_last)
     out = group_norm_channels_last(norm, x)
     assert out.is_contiguous(memory_format=torch.channels_last)
