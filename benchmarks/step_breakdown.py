@@ -33,12 +33,13 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import device_name, sync, timed, versions  # noqa: E402
+from fp16_check import rel  # noqa: E402
 
 # kernel (CUDA) or aten op (CPU) name -> kind; the first match wins
 KINDS = [
-    ("attention", r"flash|fmha|attention|sdpa|_efficient_attention"),
+    ("attention", r"flash|fmha|attention|sdpa"),
     ("convolution", r"conv|fprop|dgrad|implicit_gemm|winograd"),
-    ("matmul", r"gemm|nvjet|cutlass|addmm|\bmm\b|aten::mm|bmm|matmul|linear"),
+    ("matmul", r"gemm|nvjet|cutlass|addmm|\bmm\b|bmm|matmul|linear"),
     ("group_norm", r"group_norm|GroupNorm|RowwiseMoments|ComputeFusedParams"),
     ("layer_norm", r"layer_norm|LayerNorm"),
     ("layout copies", r"nchwToNhwc|nhwcToNchw|copy|contiguous|clone"),
@@ -123,10 +124,6 @@ def graph_of(fn, device: torch.device):
     return replay
 
 
-def rel_diff(a: Tensor, b: Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
 @torch.no_grad()
 def main(argv=None) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -182,7 +179,7 @@ def main(argv=None) -> dict:
             sync(device)
             setup_s = time.perf_counter() - start
             variants[name] = dict(step_ms=median_ms(lambda: step(x, t, streams), device, a.repeats),
-                                  rel_diff=rel_diff(out, reference), setup_s=setup_s)
+                                  rel_diff=rel(out, reference), setup_s=setup_s)
         except Exception as e:  # a backend this card or build lacks: say so and go on
             variants[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         print(name, json.dumps(variants[name]), flush=True)

@@ -74,9 +74,9 @@ def load_components(ckpt: Checkpoint, tasks: Iterable[str], device: torch.device
     ckpt.validate({f"{c}.{s}" if s else c: built[c] for c, subs in by_component.items() for s in subs})
     with ThreadPoolExecutor(1, thread_name_prefix="vd-tokenizer") as pool:
         # the CLIP tokenizer (tens of milliseconds of Python) loads while the weights are read
-        tokenizer = pool.submit(_clip_tokenizer, ckpt.tokenizer) if "text_encoder" in built else None
+        pending = pool.submit(_clip_tokenizer, ckpt.tokenizer) if "text_encoder" in built else None
         loaded = ckpt.load_parts(parts, dtype, device)
-        tokenizer = tokenizer.result() if tokenizer is not None else None
+        tokenizer = pending.result() if pending is not None else None
     for component, model in built.items():
         state = {}
         for sub in by_component[component]:
