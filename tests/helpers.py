@@ -22,6 +22,15 @@ TINY_UNET_B = dict(
     norm_num_groups=4, use_linear_projection=True, flip_sin_to_cos=False, freq_shift=1,
     mid_block_scale_factor=1.5, norm_eps=1e-4, time_embedding_dim=48,
 )
+# Options VD leaves at their defaults; the reference's cross-attention mid block ignores only_cross_attention.
+TINY_UNET_C = dict(
+    sample_size=8, in_channels=2, out_channels=3, block_out_channels=[16, 24], layers_per_block=[1, 2],
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[2, 4], cross_attention_dim=12,
+    norm_num_groups=4, only_cross_attention=True, upcast_attention=True, conv_in_kernel=1, conv_out_kernel=5,
+    center_input_sample=True, downsample_padding=0,
+)
+TINY_UNET_NO_MID = dict(TINY_UNET_A, mid_block_type=None, only_cross_attention=[False, True])
 
 
 def flat_config(image_config: dict, in_features: int | list[int]) -> dict:

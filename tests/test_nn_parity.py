@@ -8,7 +8,8 @@ scale in float64.
 import pytest
 import torch
 
-from helpers import (TINY_UNET_A, TINY_UNET_B, TINY_VAE_A, TINY_VAE_B, flat_config, randomize_, rel_err)
+from helpers import (TINY_UNET_A, TINY_UNET_B, TINY_UNET_C, TINY_UNET_NO_MID, TINY_VAE_A, TINY_VAE_B, flat_config,
+                     randomize_, rel_err)
 from vd.nn import AutoencoderKL, Context, UNet, UNetConfig, VAEConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -45,7 +46,8 @@ def _same_context_dim(config: dict) -> dict:
     return d
 
 
-@pytest.mark.parametrize("config", [TINY_UNET_A, _same_context_dim(TINY_UNET_B)], ids=["A", "B"])
+@pytest.mark.parametrize("config", [TINY_UNET_A, _same_context_dim(TINY_UNET_B), TINY_UNET_C, TINY_UNET_NO_MID],
+                         ids=["A", "B", "C", "no_mid"])
 @pytest.mark.parametrize("n_tokens", [77, 257])
 @pytest.mark.parametrize("size", [(8, 8), (9, 7)])
 @torch.no_grad()
@@ -60,7 +62,8 @@ def test_unet2d(config, n_tokens, size, check):
     check(rel_err(got, want), TOL)
 
 
-@pytest.mark.parametrize("config", [TINY_UNET_A, _same_context_dim(TINY_UNET_B)], ids=["A", "B"])
+@pytest.mark.parametrize("config", [TINY_UNET_A, _same_context_dim(TINY_UNET_B), TINY_UNET_C, TINY_UNET_NO_MID],
+                         ids=["A", "B", "C", "no_mid"])
 @pytest.mark.parametrize("in_features", [[24, 1, 1], 6])
 @torch.no_grad()
 def test_unet_flat(config, in_features, check):

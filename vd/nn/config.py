@@ -26,7 +26,6 @@ class UNetConfig:
     only_cross_attention: tuple[bool, ...]   # attn1 attends to the context too (not in VD)
     mid_attention: bool = True               # False: no mid block at all
     mid_transformer_depth: int = 1           # transformer blocks in the mid context layer
-    mid_only_cross_attention: bool = False
     norm_groups: int = 32
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
@@ -170,9 +169,6 @@ def _unet_from_diffusers(d: dict) -> UNetConfig:
         raise ValueError("UNet config norm_num_groups=None is not supported")
     heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
     only_cross = d.get("only_cross_attention", False)
-    mid_only_cross = d.get("mid_block_only_cross_attention")
-    if mid_only_cross is None:
-        mid_only_cross = only_cross if isinstance(only_cross, bool) else False
 
     def io(value):  # the flat UNet's data shape: an int n means (n, flat_dim, 1)
         if not flat:
@@ -181,7 +177,8 @@ def _unet_from_diffusers(d: dict) -> UNetConfig:
 
     depth = _per_level(d.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
     # parity: the reference's flat down/up blocks drop transformer_layers_per_block (one transformer block
-    # each); only its mid block honours it
+    # each); only its mid block honours it. Its cross-attention mid blocks (2D and flat) also drop
+    # mid_block_only_cross_attention: the mid transformer's attn1 is always self-attention.
     return UNetConfig(
         in_channels=io(d.get("in_channels", 4)),
         out_channels=io(d.get("out_channels", 4)),
@@ -195,7 +192,6 @@ def _unet_from_diffusers(d: dict) -> UNetConfig:
         mid_transformer_depth=depth[-1],
         only_cross_attention=_per_level(only_cross, n, "only_cross_attention"),
         mid_attention=_MID[mid_type],
-        mid_only_cross_attention=bool(mid_only_cross),
         norm_groups=d.get("norm_num_groups", 32),
         norm_eps=d.get("norm_eps", 1e-5),
         flip_sin_to_cos=d.get("flip_sin_to_cos", True),

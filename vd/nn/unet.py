@@ -101,7 +101,7 @@ class UNet(nn.Module):
                     [resnet(chs[-1], chs[-1], cfg.mid_block_scale_factor) for _ in range(2)])
             if context:
                 self.mid_block.attentions = nn.ModuleList(
-                    [transformer(chs[-1], n - 1, cfg.mid_only_cross_attention, cfg.mid_transformer_depth)])
+                    [transformer(chs[-1], n - 1, False, cfg.mid_transformer_depth)])
 
         self.up_blocks = nn.ModuleList()
         prev = chs[-1]
