@@ -122,14 +122,6 @@ def test_text_to_image_composition(config, check):
     assert rel_err(plain, want) > 1e-3  # the text context layers really were used
 
 
-def _patched_dual_forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask=None, **kwargs):
-    """diffusers 0.42.1's DualTransformer2DModel.forward lacks this keyword its callers pass (vd-reference D.7 #1)."""
-    return _original_dual_forward(self, hidden_states, encoder_hidden_states, **kwargs)
-
-
-_original_dual_forward = DualTransformer2DModel.forward
-
-
 def _to_dual(ref_img, ref_txt, mix: float, text_len: int, image_len: int) -> None:
     """diffusers' _convert_to_dual_attention + set_transformer_params, on the modules directly."""
     for name, module in list(ref_img.named_modules()):
@@ -149,8 +141,7 @@ def _to_dual(ref_img, ref_txt, mix: float, text_len: int, image_len: int) -> Non
 @pytest.mark.parametrize("config", [TINY_UNET_A, _same_context_dim(TINY_UNET_B)], ids=["A", "B"])
 @pytest.mark.parametrize("s", [0.0, 0.3, 1.0])
 @torch.no_grad()
-def test_dual_guidance(config, s, monkeypatch, check):
-    monkeypatch.setattr(DualTransformer2DModel, "forward", _patched_dual_forward)
+def test_dual_guidance(config, s, patched_dual, check):
     ref_img, ref_txt, ours_img, ours_txt = _vd_pair(config)
     x = torch.randn(2, config["in_channels"], 8, 8, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
     text, image = _context(config, 77, 2, seed=15), _context(config, 257, 2, seed=16)

@@ -13,7 +13,6 @@ import torch
 import tiny_pipeline as tp
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers.models import DualTransformer2DModel  # noqa: E402
 
 from vd import VersatileDiffusion  # noqa: E402
 
@@ -41,20 +40,6 @@ def _image(seed: int, size=(40, 56)) -> PIL.Image.Image:
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-_original_dual_forward = DualTransformer2DModel.forward
-
-
-def _dual_forward_accepting_mask(self, hidden_states, encoder_hidden_states, encoder_attention_mask=None, **kw):
-    """The smallest patch that lets diffusers' dual pipeline run (vd-reference.md D.7 #1): accept and drop
-    the keyword its callers pass."""
-    return _original_dual_forward(self, hidden_states, encoder_hidden_states, **kw)
-
-
-@pytest.fixture
-def patched_dual(monkeypatch):
-    monkeypatch.setattr(DualTransformer2DModel, "forward", _dual_forward_accepting_mask)
 
 
 def _diff(a, b) -> float:

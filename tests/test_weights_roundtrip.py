@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 import tiny_pipeline as tp
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers.models import DualTransformer2DModel  # noqa: E402
 
 from vd import VersatileDiffusion  # noqa: E402
 from vd.loading import load_components  # noqa: E402
@@ -109,16 +108,6 @@ def pipeline(ckpt: Checkpoint, tasks=TASKS) -> VersatileDiffusion:
 def _diff(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.abs(a - b).max())
-
-
-@pytest.fixture
-def patched_dual(monkeypatch):
-    """diffusers' dual pipeline passes a keyword its DualTransformer2DModel refuses (vd-reference.md D.7 #1)."""
-    original = DualTransformer2DModel.forward
-
-    def forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask=None, **kw):
-        return original(self, hidden_states, encoder_hidden_states, **kw)
-    monkeypatch.setattr(DualTransformer2DModel, "forward", forward)
 
 
 @pytest.fixture(scope="module")
