@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tiny_pipeline as tp
+from helpers import rel_err
 from vd import VersatileDiffusion
 
 pytest.importorskip("diffusers")
@@ -120,6 +121,21 @@ def test_long_prompt_warns_once_naming_the_dropped_part(pipe):
         warnings.simplefilter("always")
         pipe.text_to_image("the cat", output_type="latent", **OK)
     assert not [w for w in caught if "dropped" in str(w.message)]
+
+
+def test_long_prompt_in_a_batch_of_short_ones(pipe, check):
+    """A batch may mix prompts over CLIP's 77 tokens with short ones; each is cut on its own. (Tolerance: relative
+    to the latents' scale, as a batch of two and a batch of one sum in different orders: short prompts differ
+    by as much, 3e-6.)"""
+    long = "the cat " * 40 + "and the dog"
+    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        both = pipe.text_to_image(["a", long], generator=[g(0), g(1)], output_type="latent", **OK).images
+    ours = [w for w in caught if "dropped" in str(w.message)]
+    assert len(ours) == 1 and "the dog" in str(ours[0].message)
+    alone = pipe.text_to_image(long, generator=g(1), output_type="latent", **OK).images
+    check(rel_err(both[1:], alone), 1e-5)
 
 
 def test_errors_leave_no_trace(pipe):
