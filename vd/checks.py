@@ -13,6 +13,15 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 def _show(value: object) -> str:
+    """A short description of a value: arrays, tensors and images by type and shape, not by their contents."""
+    if isinstance(value, np.ndarray):
+        return f"a numpy array of shape {list(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {list(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, PIL.Image.Image):
+        return f"a PIL image of mode {value.mode} and size {value.size}"
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (np.ndarray, Tensor, PIL.Image.Image)):
+        return f"a {type(value).__name__} of {len(value)}, the first {_show(value[0])}"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
