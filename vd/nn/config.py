@@ -3,7 +3,8 @@
 Our field names say what they mean: diffusers' `attention_head_dim` is really the number of heads for these
 models (diffusers issue #2011), so here it is `num_heads`. Per-level tuples are in down-path order; the up path
 mirrors them. Options of diffusers' UNet2DConditionModel that VD never uses are refused with a clear error
-rather than silently ignored.
+rather than silently ignored, unless the reference ignores them too (mid_block_only_cross_attention for its
+cross-attention mid blocks; upcast_attention, which only changes fp16 rounding).
 """
 
 from dataclasses import dataclass
