@@ -1,7 +1,9 @@
-"""Shared test helpers: tiny diffusers configs, full re-randomisation, comparisons."""
+"""Shared test helpers: tiny diffusers configs, full re-randomisation, comparisons, seeded inputs."""
 
 import math
 
+import numpy as np
+import PIL.Image
 import torch
 from torch import nn
 
@@ -68,3 +70,13 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """Max abs difference relative to the output scale (max abs of the reference)."""
     return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def random_image(seed: int, size: tuple[int, int] = (40, 56)) -> PIL.Image.Image:
+    """A random RGB image of size (height, width)."""
+    rng = np.random.RandomState(seed)
+    return PIL.Image.fromarray((rng.rand(*size, 3) * 255).astype(np.uint8))
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_pipeline as tp
+from helpers import random_image, seeded
 from vd import VersatileDiffusion
 from vd.colors import match_colors
 from vd.conditioning import encode_image, encode_text, mask_token_weights, pixel_values, uncond_pixel_values
@@ -46,16 +47,6 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(folder):
     return VersatileDiffusion.from_pretrained(folder, tasks=ALL_TASKS, device="cpu")
-
-
-def _image(seed: int, size=(40, 56)) -> PIL.Image.Image:
-    """Random RGB image of size (height, width)."""
-    rng = np.random.RandomState(seed)
-    return PIL.Image.fromarray((rng.rand(*size, 3) * 255).astype(np.uint8))
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _same_layers(a, b) -> bool:
@@ -103,19 +94,19 @@ def _clip_text(pipe, texts) -> torch.Tensor:
 
 @pytest.mark.parametrize("s", [0.3, 1.0])
 def test_blend_one_image_with_text_is_dual_guided(pipe, s):
-    img = _image(1, (48, 48))  # square: the blend's squash and the crop agree
-    got = pipe.blend([img], prompt="the cat", text_strength=s, generator=_gen(2), output_type="np", **FAST).images
-    want = pipe.dual_guided("the cat", img, s, uncond_image="zeros", generator=_gen(2), output_type="np",
+    img = random_image(1, (48, 48))  # square: the blend's squash and the crop agree
+    got = pipe.blend([img], prompt="the cat", text_strength=s, generator=seeded(2), output_type="np", **FAST).images
+    want = pipe.dual_guided("the cat", img, s, uncond_image="zeros", generator=seeded(2), output_type="np",
                             **FAST).images
     assert np.array_equal(got, want)
 
 
 def test_blend_one_image_is_image_variation(pipe):
-    img = _image(2, (40, 40))
-    got = pipe.blend([img], generator=_gen(3), output_type="np", **FAST).images
-    want = pipe.image_variation(img, uncond_image="zeros", generator=_gen(3), output_type="np", **FAST).images
+    img = random_image(2, (40, 40))
+    got = pipe.blend([img], generator=seeded(3), output_type="np", **FAST).images
+    want = pipe.image_variation(img, uncond_image="zeros", generator=seeded(3), output_type="np", **FAST).images
     assert np.array_equal(got, want)
-    other = pipe.image_variation(img, generator=_gen(3), output_type="np", **FAST).images  # grey "no image"
+    other = pipe.image_variation(img, generator=seeded(3), output_type="np", **FAST).images  # grey "no image"
     assert not np.array_equal(got, other)
 
 
@@ -160,7 +151,7 @@ BLEND_CASES = {
 @pytest.mark.parametrize("case", list(BLEND_CASES))
 def test_blend_streams(case, pipe, captured):
     cfg = BLEND_CASES[case]
-    imgs = [_image(10 + i, size) for i, size in enumerate(cfg["sizes"])]
+    imgs = [random_image(10 + i, size) for i, size in enumerate(cfg["sizes"])]
     k, n = len(imgs), cfg["per_prompt"]
     masks = None
     if cfg["masks"] is not None:
@@ -177,12 +168,12 @@ def test_blend_streams(case, pipe, captured):
                 masks.append(None)
     pipe.blend(imgs, weights=cfg["weights"], masks=masks, focus=cfg["focus"], prompt=cfg["prompt"],
                text_strength=cfg["text_strength"], num_images_per_prompt=n, guidance_scale=cfg["guidance"],
-               generator=_gen(5), output_type="latent", **FAST)
+               generator=seeded(5), output_type="latent", **FAST)
     (call,) = captured
 
     weights = cfg["weights"] if isinstance(cfg["weights"], list) else [cfg["weights"] or 1.0] * k
     focus = cfg["focus"] if isinstance(cfg["focus"], list) else [cfg["focus"] or 0.5] * k
-    g = _gen(5)  # one generator: every image's focus draws from it, in order, before the noise
+    g = seeded(5)  # one generator: every image's focus draws from it, in order, before the noise
     per_image = []
     for i, img in enumerate(imgs):
         tokens = _clip_image(pipe, [img], square=True, keep=_keep_of(masks[i] if masks else None))
@@ -217,10 +208,10 @@ def test_blend_streams(case, pipe, captured):
 
 def test_blend_focus_with_a_generator_list(pipe, captured):
     """A list of generators (one per sample): every image's focus draws from the first sample's generator."""
-    imgs = [_image(20, (48, 48)), _image(21, (40, 56))]
-    pipe.blend(imgs, focus=[0.2, 0.8], num_images_per_prompt=2, generator=[_gen(6), _gen(7)], output_type="latent",
+    imgs = [random_image(20, (48, 48)), random_image(21, (40, 56))]
+    pipe.blend(imgs, focus=[0.2, 0.8], num_images_per_prompt=2, generator=[seeded(6), seeded(7)], output_type="latent",
                **FAST)
-    g = _gen(6)
+    g = seeded(6)
     want = torch.cat([adjust_focus(_clip_image(pipe, [im], square=True), f, generator=g)
                       for im, f in zip(imgs, (0.2, 0.8))], dim=1).repeat_interleave(2, dim=0)
     assert torch.equal(captured[0].streams[0].tokens[2:], want)
@@ -229,31 +220,31 @@ def test_blend_focus_with_a_generator_list(pipe, captured):
 # ---- 3. image variation's focus
 
 def test_image_variation_focus_tokens(pipe, captured):
-    imgs = [_image(30), _image(31, (48, 48))]
-    gens = [_gen(s) for s in (1, 2, 3, 4)]  # 2 images x 2 samples; image i uses the generator of its first sample
+    imgs = [random_image(30), random_image(31, (48, 48))]
+    gens = [seeded(s) for s in (1, 2, 3, 4)]  # 2 images x 2 samples; image i uses the generator of its first sample
     pipe.image_variation(imgs, focus=0.2, num_images_per_prompt=2, generator=gens, output_type="latent", **FAST)
-    pipe.image_variation(imgs[0], focus=0.8, generator=_gen(5), output_type="latent", **FAST)
-    pipe.image_variation(imgs[0], focus=0.5, generator=_gen(5), output_type="latent", **FAST)
+    pipe.image_variation(imgs[0], focus=0.8, generator=seeded(5), output_type="latent", **FAST)
+    pipe.image_variation(imgs[0], focus=0.5, generator=seeded(5), output_type="latent", **FAST)
     plain = _clip_image(pipe, imgs)
     grey = encode_image(pipe.c.image_encoder, uncond_pixel_values(pipe.c.image_processor, "grey", 2))
 
     tokens = captured[0].streams[0].tokens
-    want = torch.cat([adjust_focus(plain[:1], 0.2, generator=_gen(1)),
-                      adjust_focus(plain[1:], 0.2, generator=_gen(3))])
+    want = torch.cat([adjust_focus(plain[:1], 0.2, generator=seeded(1)),
+                      adjust_focus(plain[1:], 0.2, generator=seeded(3))])
     assert torch.equal(tokens[4:], want.repeat_interleave(2, dim=0))
     assert torch.equal(tokens[:4], grey.repeat_interleave(2, dim=0))  # "no image" is not focus-adjusted
     assert not torch.allclose(tokens[4:], plain.repeat_interleave(2, dim=0), atol=1e-3)
 
     one = _clip_image(pipe, imgs[:1])  # encoded alone, as the call does (a batch may round differently)
-    assert torch.equal(captured[1].streams[0].tokens[1:], adjust_focus(one, 0.8, generator=_gen(5)))
+    assert torch.equal(captured[1].streams[0].tokens[1:], adjust_focus(one, 0.8, generator=seeded(5)))
     assert torch.equal(captured[2].streams[0].tokens[1:], one)  # 0.5: untouched
 
 
 def test_image_variation_focus_changes_the_image_deterministically(pipe):
-    img = _image(32)
+    img = random_image(32)
 
     def run(focus, seed=0):
-        return pipe.image_variation(img, focus=focus, generator=_gen(seed), output_type="np", **FAST).images
+        return pipe.image_variation(img, focus=focus, generator=seeded(seed), output_type="np", **FAST).images
 
     out = {f: run(f) for f in (0.1, 0.5, 0.9)}
     for a, b in [(0.1, 0.5), (0.5, 0.9), (0.1, 0.9)]:
@@ -292,28 +283,28 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_fidelity_one_returns_the_input(pipe, monkeypatch, check):
-    img = _image(40, (40, 56))
+    img = random_image(40, (40, 56))
     counter = Counting(pipe.denoiser)
     monkeypatch.setattr(pipe, "denoiser", counter)
-    out = pipe.image_variation(img, fidelity=1.0, height=64, width=48, num_images_per_prompt=2, generator=_gen(0),
+    out = pipe.image_variation(img, fidelity=1.0, height=64, width=48, num_images_per_prompt=2, generator=seeded(0),
                                output_type="np", **FAST).images
     ref = _resized_np(img, 64, 48)
     assert out.shape == (2, 64, 48, 3)
     assert np.array_equal(out[0], ref) and np.array_equal(out[1], ref)
     latents = pipe.image_variation(img, fidelity=1.0, height=64, width=48, num_images_per_prompt=2,
-                                   generator=_gen(1), output_type="latent", **FAST).images
-    check(_max_diff(latents, _encoded(pipe, ref, _gen(1), per_prompt=2)), 1e-5, "encoded latents")
+                                   generator=seeded(1), output_type="latent", **FAST).images
+    check(_max_diff(latents, _encoded(pipe, ref, seeded(1), per_prompt=2)), 1e-5, "encoded latents")
     assert torch.equal(latents[0], latents[1])  # one posterior draw per image, repeated for its samples
     assert counter.ts == []
 
 
 @pytest.mark.parametrize("steps,fidelity,keep", [(4, 0.5, 2), (4, 0.6, 1), (3, 0.2, 2), (5, 0.3, 3)])
 def test_fidelity_starts_part_way(steps, fidelity, keep, pipe, captured, monkeypatch, check):
-    img = _image(41)
+    img = random_image(41)
     counter = Counting(pipe.denoiser)
     monkeypatch.setattr(pipe, "denoiser", counter)
     seen = []
-    got = pipe.image_variation(img, fidelity=fidelity, num_inference_steps=steps, generator=_gen(2),
+    got = pipe.image_variation(img, fidelity=fidelity, num_inference_steps=steps, generator=seeded(2),
                                output_type="latent", callback=lambda i, t, x: seen.append(i), progress=False).images
     sampler = sampler_from_config("ddim", pipe.c.scheduler_config)
     ts = sampler.timesteps(steps)
@@ -321,7 +312,7 @@ def test_fidelity_starts_part_way(steps, fidelity, keep, pipe, captured, monkeyp
     assert keep == int(steps * (1 - fidelity))
     assert counter.ts == ts[skip:].tolist() and seen == list(range(skip, steps))
 
-    g = _gen(2)
+    g = seeded(2)
     x0 = _encoded(pipe, _resized_np(img, 64, 64), g)
     z = randn(x0.shape, g, CPU, x0.dtype)  # the forward noise continues the same generator
     start = sampler.noised(x0, int(ts[skip]), z)
@@ -342,13 +333,13 @@ def test_fidelity_starts_part_way(steps, fidelity, keep, pipe, captured, monkeyp
 
 def test_fidelity_with_nothing_left_to_denoise(pipe, monkeypatch, check):
     """int(10 * (1 - 0.99)) == 0: the input's latent is decoded as it is."""
-    img = _image(42)
+    img = random_image(42)
     counter = Counting(pipe.denoiser)
     monkeypatch.setattr(pipe, "denoiser", counter)
     kw = dict(fidelity=0.99, num_inference_steps=10, progress=False)
-    latents = pipe.image_variation(img, generator=_gen(3), output_type="latent", **kw).images
-    check(_max_diff(latents, _encoded(pipe, _resized_np(img, 64, 64), _gen(3))), 1e-5, "encoded latents")
-    images = pipe.image_variation(img, generator=_gen(3), output_type="pt", **kw).images
+    latents = pipe.image_variation(img, generator=seeded(3), output_type="latent", **kw).images
+    check(_max_diff(latents, _encoded(pipe, _resized_np(img, 64, 64), seeded(3))), 1e-5, "encoded latents")
+    images = pipe.image_variation(img, generator=seeded(3), output_type="pt", **kw).images
     with torch.no_grad():
         want = (pipe.c.vae.decode(latents / pipe.c.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1)
     assert torch.equal(images, want)
@@ -359,7 +350,7 @@ def test_fidelity_with_nothing_left_to_denoise(pipe, monkeypatch, check):
                                      (dict(latents=torch.zeros(1, 4, 8, 8)), "latents")])
 def test_fidelity_refusals(kw, name, pipe, captured):
     with pytest.raises(ValueError, match=name):
-        pipe.image_variation(_image(43), fidelity=0.5, **kw, **FAST)
+        pipe.image_variation(random_image(43), fidelity=0.5, **kw, **FAST)
     assert captured == []
 
 
@@ -375,8 +366,8 @@ def _flat_image(seed: int, means, size=(48, 48), spread=0.04) -> PIL.Image.Image
 def test_color_adjust(pipe, check):
     imgs = [_flat_image(50, (0.3, 0.5, 0.7)), _flat_image(51, (0.6, 0.4, 0.45), (40, 56))]
     kw = dict(num_images_per_prompt=2, output_type="pt", **FAST)
-    plain = pipe.image_variation(imgs, generator=_gen(4), **kw).images
-    got = pipe.image_variation(imgs, color_adjust=True, generator=_gen(4), **kw).images
+    plain = pipe.image_variation(imgs, generator=seeded(4), **kw).images
+    got = pipe.image_variation(imgs, color_adjust=True, generator=seeded(4), **kw).images
     refs = torch.stack([torch.from_numpy(_resized_np(im, 64, 64)).permute(2, 0, 1) for im in imgs])
     refs = refs.repeat_interleave(2, dim=0)
     assert torch.equal(got, match_colors(plain, refs))  # the relation, on the generated images
@@ -431,16 +422,16 @@ def _text_contexts(pipe, texts, negatives, n, guidance=7.5):
 
 
 I2T_CASES = {
-    "default": dict(imgs=[_image(60)], n=1, steps=2),
-    "two_images_x2": dict(imgs=[_image(61), _image(62, (48, 48))], n=2, steps=3),
-    "no_dedupe": dict(imgs=[_image(60)], n=1, steps=2, decoding=dict(dedupe=False)),
-    "greedy": dict(imgs=[_image(60)], n=2, steps=2, decoding=dict(greedy=True)),
-    "greedy_repeats": dict(imgs=[_image(60)], n=1, steps=2, seed=2, decoding=dict(greedy=True)),  # "re re ..."
-    "greedy_repeats_raw": dict(imgs=[_image(60)], n=1, steps=2, seed=2, decoding=dict(greedy=True, dedupe=False)),
-    "filtered": dict(imgs=[_image(63)], n=1, steps=2, decoding=dict(temperature=0.7, top_k=20, top_p=0.9,
+    "default": dict(imgs=[random_image(60)], n=1, steps=2),
+    "two_images_x2": dict(imgs=[random_image(61), random_image(62, (48, 48))], n=2, steps=3),
+    "no_dedupe": dict(imgs=[random_image(60)], n=1, steps=2, decoding=dict(dedupe=False)),
+    "greedy": dict(imgs=[random_image(60)], n=2, steps=2, decoding=dict(greedy=True)),
+    "greedy_repeats": dict(imgs=[random_image(60)], n=1, steps=2, seed=2, decoding=dict(greedy=True)),  # "re re ..."
+    "greedy_repeats_raw": dict(imgs=[random_image(60)], n=1, steps=2, seed=2, decoding=dict(greedy=True, dedupe=False)),
+    "filtered": dict(imgs=[random_image(63)], n=1, steps=2, decoding=dict(temperature=0.7, top_k=20, top_p=0.9,
                                                                      max_length=12)),
-    "generator_list": dict(imgs=[_image(61), _image(62)], n=1, steps=2, gens=[9, 10]),
-    "given_latents": dict(imgs=[_image(60)], n=2, steps=2, latents=True),
+    "generator_list": dict(imgs=[random_image(61), random_image(62)], n=1, steps=2, gens=[9, 10]),
+    "given_latents": dict(imgs=[random_image(60)], n=2, steps=2, latents=True),
 }
 
 
@@ -449,8 +440,8 @@ def test_image_to_text_is_the_manual_composition(case, pipe):
     cfg = I2T_CASES[case]
     imgs, n, steps, decoding = cfg["imgs"], cfg["n"], cfg["steps"], cfg.get("decoding", {})
     total = len(imgs) * n
-    gens = (lambda: [_gen(s) for s in cfg["gens"]]) if "gens" in cfg else (lambda: _gen(cfg.get("seed", 7)))
-    latents = torch.randn(total, LATENT, generator=_gen(99)) if cfg.get("latents") else None
+    gens = (lambda: [seeded(s) for s in cfg["gens"]]) if "gens" in cfg else (lambda: seeded(cfg.get("seed", 7)))
+    latents = torch.randn(total, LATENT, generator=seeded(99)) if cfg.get("latents") else None
     out = pipe.image_to_text(imgs if len(imgs) > 1 else imgs[0], num_inference_steps=steps,
                              num_texts_per_prompt=n, generator=gens(), latents=latents, progress=False, **decoding)
     texts, z = _manual_text(pipe, _image_contexts(pipe, imgs, n), total, steps, 7.5, gens(), latents, **decoding)
@@ -462,10 +453,10 @@ def test_image_to_text_is_the_manual_composition(case, pipe):
 
 def test_text_options_make_a_difference(pipe):
     """dedupe, greedy and the given latents each change what comes out (so the cases above can fail)."""
-    img = _image(60)
+    img = random_image(60)
 
     def run(seed=7, **kw):
-        return pipe.image_to_text(img, generator=_gen(seed), **FAST, **kw)
+        return pipe.image_to_text(img, generator=seeded(seed), **FAST, **kw)
 
     base, raw, greedy = run(), run(dedupe=False), run(greedy=True)
     tok = pipe.c.optimus_tokenizer
@@ -499,8 +490,8 @@ def test_text_variation_is_the_manual_composition(case, pipe):
         [cfg["negative"]] if isinstance(cfg["negative"], str) else cfg["negative"])
     n, steps, guidance, decoding = cfg["n"], cfg["steps"], cfg.get("guidance", 7.5), cfg.get("decoding", {})
     total = len(texts_in) * n
-    gens = (lambda: [_gen(s) for s in cfg["gens"]]) if "gens" in cfg else (lambda: _gen(11))
-    latents = torch.randn(total, LATENT, generator=_gen(98)) if cfg.get("latents") else None
+    gens = (lambda: [seeded(s) for s in cfg["gens"]]) if "gens" in cfg else (lambda: seeded(11))
+    latents = torch.randn(total, LATENT, generator=seeded(98)) if cfg.get("latents") else None
     out = pipe.text_variation(cfg["prompt"], negative_prompt=cfg["negative"], num_inference_steps=steps,
                               guidance_scale=guidance, num_texts_per_prompt=n, generator=gens(), latents=latents,
                               progress=False, **decoding)
@@ -512,8 +503,8 @@ def test_text_variation_is_the_manual_composition(case, pipe):
 
 
 def test_text_variation_negative_prompt_counts(pipe):
-    a = pipe.text_variation("the cat", generator=_gen(0), **FAST)
-    b = pipe.text_variation("the cat", negative_prompt="rain", generator=_gen(0), **FAST)
+    a = pipe.text_variation("the cat", generator=seeded(0), **FAST)
+    b = pipe.text_variation("the cat", negative_prompt="rain", generator=seeded(0), **FAST)
     assert not torch.equal(a.latents, b.latents)
 
 
@@ -536,9 +527,9 @@ def test_image_to_text_loads_only_its_parts(folder, pipe, loaded_parts):
         lean.text_to_image("the cat", **FAST)
     with pytest.raises(ValueError, match="text_variation"):
         lean.text_variation("the cat", **FAST)
-    img = _image(70)
-    a = lean.image_to_text(img, generator=_gen(0), **FAST)
-    b = pipe.image_to_text(img, generator=_gen(0), **FAST)
+    img = random_image(70)
+    a = lean.image_to_text(img, generator=seeded(0), **FAST)
+    b = pipe.image_to_text(img, generator=seeded(0), **FAST)
     assert torch.equal(a.latents, b.latents) and a.texts == b.texts
 
 
@@ -550,8 +541,8 @@ def test_text_variation_loads_only_its_parts(folder, pipe, loaded_parts):
     assert set(dict(c.image_unet.named_parameters())) == {k for k, _ in pipe.c.image_unet.named_parameters()
                                                           if k.startswith("time_embedding.")}
     assert c.optimus.parts == {"decoder"}
-    a = lean.text_variation("the cat", generator=_gen(0), **FAST)
-    b = pipe.text_variation("the cat", generator=_gen(0), **FAST)
+    a = lean.text_variation("the cat", generator=seeded(0), **FAST)
+    b = pipe.text_variation("the cat", generator=seeded(0), **FAST)
     assert torch.equal(a.latents, b.latents) and a.texts == b.texts
 
 
@@ -561,7 +552,7 @@ def test_default_tasks_leave_the_text_flows_out(folder, loaded_parts):
     assert not any(p.startswith("optimus") or p == "text_unet.data" for p in loaded_parts)
     assert plain.c.optimus is None and plain.text_denoiser is None
     with pytest.raises(ValueError, match=r"load it with tasks=\[\.\.\., 'image_to_text'\]"):
-        plain.image_to_text(_image(71), **FAST)
+        plain.image_to_text(random_image(71), **FAST)
     with pytest.raises(ValueError, match=r"load it with tasks=\[\.\.\., 'text_variation'\]"):
         plain.text_variation("the cat", **FAST)
 
@@ -590,8 +581,8 @@ def layouts(folder, tmp_path_factory):
 
 
 def _text_outputs(p: VersatileDiffusion):
-    a = p.image_to_text(_image(80), generator=_gen(0), **FAST)
-    b = p.text_variation("the cat", num_texts_per_prompt=2, generator=_gen(1), **FAST)
+    a = p.image_to_text(random_image(80), generator=seeded(0), **FAST)
+    b = p.text_variation("the cat", num_texts_per_prompt=2, generator=seeded(1), **FAST)
     return a.latents, a.texts, b.latents, b.texts
 
 
@@ -661,8 +652,8 @@ def no_model_runs(pipe, monkeypatch):
     return pipe
 
 
-IMG = _image(90, (32, 32))
-TWO = [IMG, _image(91, (32, 48))]
+IMG = random_image(90, (32, 32))
+TWO = [IMG, random_image(91, (32, 48))]
 ERRORS = [
     ("blend", dict(images=[IMG] * 5), ValueError, ["images", "5 images", "1 to 4"]),
     ("blend", dict(images=[]), ValueError, ["images", "non-empty"]),
@@ -684,7 +675,7 @@ ERRORS = [
     ("blend", dict(images=TWO, prompt=["a"]), TypeError, ["prompt", "['a']"]),
     ("blend", dict(images=TWO, negative_prompt=3), TypeError, ["negative_prompt", "3"]),
     ("blend", dict(images=TWO, num_images_per_prompt=0), ValueError, ["num_images_per_prompt", "0"]),
-    ("blend", dict(images=TWO, generator=[_gen(), _gen()]), ValueError, ["generator", "2 generators"]),
+    ("blend", dict(images=TWO, generator=[seeded(), seeded()]), ValueError, ["generator", "2 generators"]),
     ("image_variation", dict(image=IMG, focus=1.2), ValueError, ["focus", "1.2"]),
     ("image_variation", dict(image=IMG, fidelity=-0.1), ValueError, ["fidelity", "-0.1"]),
     ("image_variation", dict(image=IMG, fidelity=1.5), ValueError, ["fidelity", "1.5"]),

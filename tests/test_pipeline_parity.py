@@ -6,11 +6,11 @@ end of a pytest run).
 """
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 import tiny_pipeline as tp
+from helpers import random_image, seeded
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -33,15 +33,6 @@ def ours(folder):
     return VersatileDiffusion.from_pretrained(folder, uncond_image="diffusers")
 
 
-def _image(seed: int, size=(40, 56)) -> PIL.Image.Image:
-    rng = np.random.RandomState(seed)
-    return PIL.Image.fromarray((rng.rand(*size, 3) * 255).astype(np.uint8))
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _diff(a, b) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.abs(a - b).max())
@@ -56,7 +47,7 @@ TEXT_CASES = {
     "eta_0.7_generator": dict(prompt="the cat", eta=0.7),
     "pndm": dict(prompt="the cat", scheduler="pndm"),
     "lms": dict(prompt="the cat", scheduler="lms"),
-    "generator_list": dict(prompt=["the cat", "a dog"], generator=[_gen(3), _gen(4)]),
+    "generator_list": dict(prompt=["the cat", "a dog"], generator=[seeded(3), seeded(4)]),
 }
 
 
@@ -66,15 +57,15 @@ def test_text_to_image(case, ours, folder, check):
     scheduler = kw.pop("scheduler", "ddim")
     gens = kw.pop("generator", None)
     ref = tp.reference("text_to_image", folder, scheduler)
-    want = ref(**kw, num_inference_steps=STEPS, generator=gens or _gen(), output_type="np").images
-    gens = [torch.Generator().manual_seed(s) for s in (3, 4)] if gens else _gen()
+    want = ref(**kw, num_inference_steps=STEPS, generator=gens or seeded(), output_type="np").images
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)] if gens else seeded()
     got = ours.text_to_image(**kw, num_inference_steps=STEPS, generator=gens, output_type="np", scheduler=scheduler,
                              progress=False).images
     check(_diff(got, want), TOL)
 
 
 def test_text_to_image_given_latents(ours, folder, check):
-    latents = torch.randn(2, 4, 8, 8, generator=_gen(5))
+    latents = torch.randn(2, 4, 8, 8, generator=seeded(5))
     ref = tp.reference("text_to_image", folder, "lms")  # LMS also scales given latents by its init sigma
     want = ref(["the cat", "on"], num_inference_steps=STEPS, latents=latents.clone(), output_type="np").images
     got = ours.text_to_image(["the cat", "on"], num_inference_steps=STEPS, latents=latents.clone(), output_type="np",
@@ -83,14 +74,15 @@ def test_text_to_image_given_latents(ours, folder, check):
 
 
 IMAGE_CASES = {
-    "default": dict(image=_image(0)),
-    "batch2x2_negative": dict(image=[_image(1), _image(2, (64, 32))], negative_prompt=[_image(3), _image(4)],
+    "default": dict(image=random_image(0)),
+    "batch2x2_negative": dict(image=[random_image(1), random_image(2, (64, 32))],
+                              negative_prompt=[random_image(3), random_image(4)],
                               num_images_per_prompt=2),
-    "one_negative": dict(image=_image(5), negative_prompt=_image(6)),
-    "no_cfg_non_square": dict(image=_image(7), guidance_scale=1.0, height=48, width=24),
-    "pndm_eta_ignored": dict(image=_image(8), scheduler="pndm", eta=0.7),
-    "lms": dict(image=_image(9), scheduler="lms"),
-    "ddim_eta": dict(image=_image(10), eta=0.7),
+    "one_negative": dict(image=random_image(5), negative_prompt=random_image(6)),
+    "no_cfg_non_square": dict(image=random_image(7), guidance_scale=1.0, height=48, width=24),
+    "pndm_eta_ignored": dict(image=random_image(8), scheduler="pndm", eta=0.7),
+    "lms": dict(image=random_image(9), scheduler="lms"),
+    "ddim_eta": dict(image=random_image(10), eta=0.7),
 }
 
 
@@ -99,8 +91,8 @@ def test_image_variation(case, ours, folder, check):
     kw = dict(IMAGE_CASES[case])
     scheduler = kw.pop("scheduler", "ddim")
     ref = tp.reference("image_variation", folder, scheduler)
-    want = ref(**kw, num_inference_steps=STEPS, generator=_gen(1), output_type="np").images
-    got = ours.image_variation(**kw, num_inference_steps=STEPS, generator=_gen(1), output_type="np",
+    want = ref(**kw, num_inference_steps=STEPS, generator=seeded(1), output_type="np").images
+    got = ours.image_variation(**kw, num_inference_steps=STEPS, generator=seeded(1), output_type="np",
                                scheduler=scheduler, progress=False).images
     check(_diff(got, want), TOL)
 
@@ -108,19 +100,19 @@ def test_image_variation(case, ours, folder, check):
 @pytest.mark.parametrize("strength", [0.0, 0.3, 0.5, 1.0])
 def test_dual_guided(strength, ours, folder, patched_dual, check):
     ref = tp.reference("dual_guided", folder)
-    kw = dict(prompt=["the cat", "a dog"], image=[_image(11), _image(12)], text_to_image_strength=strength,
+    kw = dict(prompt=["the cat", "a dog"], image=[random_image(11), random_image(12)], text_to_image_strength=strength,
               num_inference_steps=STEPS, output_type="np", num_images_per_prompt=2)
-    want = ref(**kw, generator=_gen(2)).images
-    got = ours.dual_guided(**kw, generator=_gen(2), progress=False).images
+    want = ref(**kw, generator=seeded(2)).images
+    got = ours.dual_guided(**kw, generator=seeded(2), progress=False).images
     check(_diff(got, want), TOL)
 
 
 def test_dual_guided_lms_no_cfg(ours, folder, patched_dual, check):
     ref = tp.reference("dual_guided", folder, "lms")
-    kw = dict(prompt="the cat", image=_image(13), text_to_image_strength=0.7, num_inference_steps=STEPS,
+    kw = dict(prompt="the cat", image=random_image(13), text_to_image_strength=0.7, num_inference_steps=STEPS,
               output_type="np", guidance_scale=1.0, height=40, width=56)
-    check(_diff(ours.dual_guided(**kw, scheduler="lms", generator=_gen(), progress=False).images,
-                ref(**kw, generator=_gen()).images), TOL)
+    check(_diff(ours.dual_guided(**kw, scheduler="lms", generator=seeded(), progress=False).images,
+                ref(**kw, generator=seeded()).images), TOL)
 
 
 def test_output_types_and_callback(ours, folder):
@@ -128,16 +120,16 @@ def test_output_types_and_callback(ours, folder):
     ref = tp.reference("text_to_image", folder)
     seen_ref, seen_ours = [], []
     kw = dict(num_inference_steps=4, callback_steps=2)
-    want = ref("the cat", generator=_gen(), callback=lambda i, t, x: seen_ref.append((i, int(t), x.clone())), **kw)
-    got = ours.text_to_image("the cat", generator=_gen(), progress=False,
+    want = ref("the cat", generator=seeded(), callback=lambda i, t, x: seen_ref.append((i, int(t), x.clone())), **kw)
+    got = ours.text_to_image("the cat", generator=seeded(), progress=False,
                              callback=lambda i, t, x: seen_ours.append((i, int(t), x.clone())), **kw)
     assert [(i, t) for i, t, _ in seen_ours] == [(i, t) for i, t, _ in seen_ref] == [(0, 751), (2, 251)]
     for (_, _, a), (_, _, b) in zip(seen_ours, seen_ref):
         assert (a - b).abs().max() <= 1e-5
     assert [np.asarray(i) for i in got.images][0].tolist() == np.asarray(want.images[0]).tolist()
     for output_type in ("pt", "latent"):
-        a = ours.text_to_image("the cat", generator=_gen(), output_type=output_type, progress=False, **kw).images
-        b = ref("the cat", generator=_gen(), output_type=output_type, **kw).images
+        a = ours.text_to_image("the cat", generator=seeded(), output_type=output_type, progress=False, **kw).images
+        b = ref("the cat", generator=seeded(), output_type=output_type, **kw).images
         assert a.shape == b.shape and (a - b).abs().max() <= TOL
 
 
@@ -160,18 +152,18 @@ def test_uncond_image_default_is_grey(task, ours, folder, patched_dual, monkeypa
     double rescale is fixed, and differs from the reference as it ships."""
     grey = VersatileDiffusion.from_pretrained(folder, tasks=[task])  # default uncond_image="grey"
     kw = dict(num_inference_steps=STEPS, output_type="np")
-    args = dict(image=_image(14)) if task == "image_variation" else dict(prompt="the cat", image=_image(14))
+    args = dict(image=random_image(14)) if task == "image_variation" else dict(prompt="the cat", image=random_image(14))
     ref = tp.reference(task, folder)
-    as_shipped = ref(**args, **kw, generator=_gen()).images
-    got = getattr(grey, task)(**args, **kw, generator=_gen(), progress=False).images
+    as_shipped = ref(**args, **kw, generator=seeded()).images
+    got = getattr(grey, task)(**args, **kw, generator=seeded(), progress=False).images
     assert _diff(got, as_shipped) > 1e-3  # it really is a different condition
     # per call, the reference's behaviour is one argument away
-    again = getattr(grey, task)(**args, **kw, generator=_gen(), progress=False, uncond_image="diffusers").images
+    again = getattr(grey, task)(**args, **kw, generator=seeded(), progress=False, uncond_image="diffusers").images
     check(_diff(again, as_shipped), TOL, "uncond_image='diffusers'")
     # (this patches the processor class, which our pipeline shares: so it comes last)
     processor = ref.image_feature_extractor
     monkeypatch.setattr(processor.__class__, "__call__", _grey_fixed(processor))
-    fixed = ref(**args, **kw, generator=_gen()).images
+    fixed = ref(**args, **kw, generator=seeded()).images
     check(_diff(got, fixed), TOL, "vs fixed reference")
 
 
@@ -179,15 +171,15 @@ def test_uncond_image_zeros_is_a_zero_embedding(ours):
     """uncond_image='zeros' (the original SHI-Labs app): the unconditional tokens are all zero."""
     from vd.pipeline import _Run
     run = _Run(None, STEPS, 7.5, 2, 0.0, None, None, (), "np", None, 1)
-    tokens = ours._image_tokens([_image(15)], None, "zeros", run)
+    tokens = ours._image_tokens([random_image(15)], None, "zeros", run)
     assert tokens.shape[0] == 4 and tokens[:2].abs().max() == 0 and tokens[2:].abs().max() > 0
 
 
 def test_tensor_image_equals_the_same_pil_image(ours, check):
     """A [B, 3, H, W] tensor in [0, 1] is the image it depicts (the reference would rescale it by 1/255 again)."""
-    pil = _image(16)
+    pil = random_image(16)
     tensor = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1)[None].float() / 255
     kw = dict(num_inference_steps=STEPS, output_type="np", progress=False)
-    a = ours.image_variation(pil, generator=_gen(), **kw).images
-    b = ours.image_variation(tensor, generator=_gen(), **kw).images
+    a = ours.image_variation(pil, generator=seeded(), **kw).images
+    b = ours.image_variation(tensor, generator=seeded(), **kw).images
     check(_diff(a, b), 0.0)

@@ -13,12 +13,12 @@ import fnmatch
 import shutil
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import tiny_pipeline as tp
+from helpers import random_image, seeded
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -70,29 +70,20 @@ def originals(folders, tmp_path_factory):
 
 # ---- running the three tasks
 
-def _image(seed: int, size=(40, 56)) -> PIL.Image.Image:
-    rng = np.random.RandomState(seed)
-    return PIL.Image.fromarray((rng.rand(*size, 3) * 255).astype(np.uint8))
-
-
-def _gen() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
-
-
 CALLS = {
     "text_to_image": dict(prompt="the cat"),
-    "image_variation": dict(image=_image(1)),
-    "dual_guided": dict(prompt="the cat", image=_image(1), text_to_image_strength=0.75),
+    "image_variation": dict(image=random_image(1)),
+    "dual_guided": dict(prompt="the cat", image=random_image(1), text_to_image_strength=0.75),
 }
 
 
 def run_ours(pipe: VersatileDiffusion, task: str) -> np.ndarray:
-    return getattr(pipe, task)(**CALLS[task], num_inference_steps=STEPS, generator=_gen(), output_type="np",
+    return getattr(pipe, task)(**CALLS[task], num_inference_steps=STEPS, generator=seeded(), output_type="np",
                                progress=False).images
 
 
 def run_reference(task: str, folder) -> np.ndarray:
-    return tp.reference(task, folder)(**CALLS[task], num_inference_steps=STEPS, generator=_gen(),
+    return tp.reference(task, folder)(**CALLS[task], num_inference_steps=STEPS, generator=seeded(),
                                       output_type="np").images
 
 
