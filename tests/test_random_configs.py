@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tiny_pipeline as tp
-from helpers import flat_config, randomize_, rel_err
+from helpers import flat_config, random_image, randomize_, rel_err
 from vd.nn import AutoencoderKL, Context, UNet, UNetConfig, VAEConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -162,15 +162,15 @@ def random_pipeline(r: random.Random, seed: int) -> dict:
 
 
 def _image(r: random.Random) -> PIL.Image.Image:
-    pixels = np.random.RandomState(r.randint(0, 999)).rand(r.randint(20, 80), r.randint(20, 80), 3)
-    return PIL.Image.fromarray((pixels * 255).astype(np.uint8))
+    return random_image(r.randint(0, 999), (r.randint(20, 80), r.randint(20, 80)))
 
 
 PROMPTS = ["the cat", "a dog", "rain", "", "and on ring", "cat " * 40]
 
 
-def random_call(r: random.Random, task: str, unet: dict, vae: dict) -> dict:
-    """Arguments both implementations take; sizes are multiples of 8, which the reference requires."""
+def random_call(r: random.Random, task: str, unet: dict, vae: dict) -> tuple[dict, list[int]]:
+    """Arguments both implementations take (sizes are multiples of 8, which the reference requires), and the
+    seeds of the generators to pass with them."""
     batch = r.randint(1, 2)
 
     def some(draw):
