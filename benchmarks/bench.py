@@ -197,11 +197,27 @@ class Impl:
         return self._run(task, **kw)
 
 
-OURS = {"eager": {}, "graphs": {"cuda_graphs": True}, "compile": {"compile": True, "cuda_graphs": True}}
+OURS = {"eager": {}, "graphs": {"cuda_graphs": True}, "compile": {"compile": True, "cuda_graphs": True},
+        # candidates for the fast path, measured before they become its default (vd/fast.py)
+        "graphs+cudnn_attention": {"cuda_graphs": True}, "graphs+nhwc_norm": {"cuda_graphs": True},
+        "graphs+cudnn_attention+nhwc_norm": {"cuda_graphs": True}}
 
 
 def ours_name(variant: str) -> str:
-    return {"eager": "ours", "graphs": "ours+graphs", "compile": "ours+compile+graphs"}[variant]
+    return {"eager": "ours", "compile": "ours+compile+graphs"}.get(variant, f"ours+{variant}")
+
+
+def tune_ours(pipe, variant: str) -> None:
+    """The candidates' changes to a loaded pipeline: cuDNN attention first, GroupNorm in channels-last."""
+    from torch.nn.attention import SDPBackend
+
+    from vd.fast import channels_last_group_norms_
+    if "cudnn_attention" in variant.split("+"):
+        pipe.denoiser.attention = (SDPBackend.CUDNN_ATTENTION,)
+    if "nhwc_norm" in variant.split("+"):
+        for unet in (pipe.c.image_unet, pipe.c.text_unet):  # text_to_image runs the text UNet's context layers
+            if unet is not None:
+                channels_last_group_norms_(unet)
 
 
 def load_ours(ckpt: Path, task: str, device: torch.device, dtype: torch.dtype, variant: str = "eager") -> Impl:
@@ -209,6 +225,7 @@ def load_ours(ckpt: Path, task: str, device: torch.device, dtype: torch.dtype, v
     # the reference's "no image" condition (a CLIP encoding either way), so outputs can be compared
     pipe = VersatileDiffusion.from_pretrained(ckpt, tasks=[task], device=device, dtype=dtype,
                                               uncond_image="diffusers", **OURS[variant])
+    tune_ours(pipe, variant)
     return Impl(ours_name(variant), pipe, pipe.c.image_unet,
                 lambda t, **kw: getattr(pipe, t)(**kw, progress=False).images, step=pipe.denoiser)
 
@@ -454,7 +471,9 @@ def header(result: dict) -> list[str]:
             "batch 1", "",
             f"{env['date']}; torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, "
             f"accelerate {v['accelerate']}; load average {env['load_average_at_start'][0]:.1f} at start, "
-            f"{env['load_average_at_end'][0]:.1f} at end.", ""]
+            f"{env['load_average_at_end'][0]:.1f} at end."
+            + (f" cuDNN autotuning tries {s['cudnn_benchmark_limit'] or 'all'} algorithms per convolution."
+               if s.get("cudnn_benchmark_limit") is not None else ""), ""]
 
 
 def achieved(x: dict, gpu: bool, peak: float | None) -> str:
@@ -597,7 +616,12 @@ def parse_args(argv=None):
     ap.add_argument("--no-reference", action="store_true", help="measure ours only")
     ap.add_argument("--ours", nargs="+", choices=list(OURS), default=["eager"],
                     help="our variants to time: eager (default path), graphs (cuda_graphs=True), compile "
-                    "(compile=True, cuda_graphs=True); the first is the one named 'ours'")
+                    "(compile=True, cuda_graphs=True), and fast-path candidates on top of graphs "
+                    "(+cudnn_attention: cuDNN's SDPA first; +nhwc_norm: vd.fast.ChannelsLastGroupNorm); the first "
+                    "is the one named 'ours'")
+    ap.add_argument("--cudnn-benchmark-limit", type=int, metavar="N",
+                    help="cuDNN algorithms to try per convolution when autotuning, for the whole process "
+                    "(torch's default 10; 0: all)")
     ap.add_argument("--no-isolate", action="store_true", help="skip the fresh-process memory/load runs")
     ap.add_argument("--skip-timing", action="store_true", help="only the fresh-process memory/load runs")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -620,6 +644,8 @@ def main(argv=None) -> dict | None:
     if a.child:
         child_main(a)
         return None
+    if a.cudnn_benchmark_limit is not None:  # before any convolution is tuned: the choices are cached per process
+        torch.backends.cudnn.benchmark_limit = a.cudnn_benchmark_limit
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
     if "eager" not in a.ours:
         a.ours = ["eager", *a.ours]

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one go, on a fresh machine: make a full-size fp16 random-weight checkpoint on the GPU;
-# time our UNet step and VAE decode under layout/autotuning variants (step_variants.py), see where the step's
-# kernel time goes (step_breakdown.py; BREAKDOWN_COMPILE=default adds torch.compile, minutes;
-# BREAKDOWN_CUDNN_LIMIT=0 lets cuDNN try every convolution algorithm), and time the flows only we have
-# (flows_run.py); compare our fp16 path with diffusers' stage by stage (fp16_check.py); then bench.py for
-# the three tasks at 512x512, 50 DDIM steps, fp16, batch 1, CFG 7.5, ours against diffusers in the same
-# process. Writes *.json, *.md and the logs to $OUT. About 6-7 minutes on an H100.
+# The GPU benchmark in one go, on a fresh machine, most wanted first (what ran comes back if time runs out):
+#  1. make a full-size fp16 random-weight checkpoint on the GPU;
+#  2. time the fast-path candidates on text_to_image beside the reference in one process (bench.py --ours ...;
+#     CANDIDATES_CUDNN_LIMIT=0 makes cuDNN try every convolution algorithm in that process);
+#  3. bench.py for the three tasks at 512x512, 50 DDIM steps, fp16, batch 1, CFG 7.5, ours against diffusers
+#     in the same process, with the fresh-process memory and load runs;
+#  4. our UNet step and VAE decode under layout/autotuning variants (step_variants.py, STEP_VARIANTS=1);
+#  5. where the step's kernel time goes (step_breakdown.py; BREAKDOWN_COMPILE=default adds torch.compile,
+#     minutes; BREAKDOWN_CUDNN_LIMIT=0 lets cuDNN try every convolution algorithm);
+#  6. the flows only we have (flows_run.py) and our fp16 path against diffusers' stage by stage (fp16_check.py);
+#  7. torch.compile on top of the CUDA graphs, if fewer than COMPILE_IF_BEFORE seconds have passed.
+# Writes *.json, *.md and the logs to $OUT. About 6-8 minutes on an H100.
 #
 #   bash benchmarks/gpu_run.sh                      # from the repository root
 #   STEP_REPEATS=10 E2E_REPEATS=2 PROFILE=0 bash benchmarks/gpu_run.sh
@@ -57,6 +62,24 @@ if [ ! -f "$CKPT/model_index.json" ]; then
 fi
 echo "checkpoint ready after $((SECONDS - start)) s"
 
+if [ "${CANDIDATES:-1}" = 1 ]; then  # fast-path candidates, text_to_image, in one process with the reference
+    "$PY" benchmarks/bench.py "$CKPT" --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" \
+        --tasks text_to_image --no-isolate --step-repeats "$STEP_REPEATS" --e2e-repeats "$E2E_REPEATS" \
+        --ours eager graphs graphs+cudnn_attention graphs+nhwc_norm graphs+cudnn_attention+nhwc_norm \
+        ${CANDIDATES_CUDNN_LIMIT:+--cudnn-benchmark-limit "$CANDIDATES_CUDNN_LIMIT"} \
+        --json "$OUT/candidates.json" 2>&1 | tee "$OUT/candidates.log" || echo "candidates failed; going on"
+    echo "candidates done after $((SECONDS - start)) s"
+fi
+
+profile=()
+if [ "$PROFILE" = 1 ]; then
+    profile=(--profile "$OUT/profile" --profile-steps 3)
+fi
+"$PY" benchmarks/bench.py "$CKPT" --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" \
+    --step-repeats "$STEP_REPEATS" --e2e-repeats "$E2E_REPEATS" --ours eager graphs "${profile[@]}" \
+    --json "$OUT/bench.json" --markdown "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log" || echo "bench failed; going on"
+echo "bench done after $((SECONDS - start)) s"
+
 if [ "${STEP_VARIANTS:-1}" = 1 ]; then  # channels-last vs NCHW, cudnn.benchmark off/on (ours only)
     "$PY" benchmarks/step_variants.py "$CKPT" --device "$DEVICE" --json "$OUT/step_variants.json" 2>&1 \
         | tee "$OUT/step_variants.log"
@@ -78,14 +101,6 @@ if [ "${FP16_CHECK:-1}" = 1 ]; then  # stage-by-stage fp16 closeness to the refe
     "$PY" benchmarks/fp16_check.py "$CKPT" --device "$DEVICE" --steps "$STEPS" 2>&1 | tee "$OUT/fp16_check.log"
 fi
 
-profile=()
-if [ "$PROFILE" = 1 ]; then
-    profile=(--profile "$OUT/profile" --profile-steps 3)
-fi
-"$PY" benchmarks/bench.py "$CKPT" --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" \
-    --step-repeats "$STEP_REPEATS" --e2e-repeats "$E2E_REPEATS" --ours eager graphs "${profile[@]}" \
-    --json "$OUT/bench.json" --markdown "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log"
-echo "bench done after $((SECONDS - start)) s"
 # torch.compile on top of the CUDA graphs, text_to_image only, if the time allows (compiling takes minutes)
 if [ "$((SECONDS - start))" -lt "${COMPILE_IF_BEFORE:-300}" ]; then
     "$PY" benchmarks/bench.py "$CKPT" --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" \

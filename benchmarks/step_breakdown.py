@@ -7,10 +7,11 @@
    attention, GroupNorm, LayerNorm, layout copies, other elementwise; from the torch profiler over eager steps.
    Their sum is the device's busy time, which a CUDA-graph step approaches but cannot beat; the top kernels
    are listed by name. On a CPU the same table sorts aten ops instead of kernels.
-2. The CUDA-graph step with each SDPA backend (default, flash, memory-efficient, cuDNN), with GroupNorm
-   computed on the channels-last tensor (CUDA's GroupNorm kernel wants NCHW, so each one costs two layout
-   copies), and with `--compile MODE` (torch.compile of the UNet, then a CUDA graph). Each is checked against
-   the default step's output.
+2. The CUDA-graph step with each SDPA backend preferred (flash, memory-efficient, cuDNN), with cuBLASLt for
+   the matmuls, with GroupNorm computed on the channels-last tensor (vd.fast.ChannelsLastGroupNorm: CUDA's
+   GroupNorm kernel wants NCHW, so each one costs two layout copies), that with cuDNN attention, and with
+   `--compile MODE` (torch.compile of the UNet, then a CUDA graph). Each is checked against the default step's
+   output.
    `--cudnn-benchmark-limit 0` makes cuDNN's autotuning try every convolution algorithm, for the whole run.
 3. The VAE decode, eager and from a CUDA graph (how much of it is launch overhead).
 4. A whole text_to_image call with CUDA graphs, split into steps x graph step, the decode, and the rest.
@@ -28,8 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import device_name, sync, timed, versions  # noqa: E402
@@ -88,22 +88,6 @@ def kernel_table(fn, device: torch.device, calls: int) -> dict:
                 top=[dict(name=name[:160], ms=us / 1e3, count=n) for name, (us, n) in top])
 
 
-def group_norm_channels_last(norm: nn.GroupNorm, x: Tensor) -> Tensor:
-    """GroupNorm that reads and writes x in its own (channels-last) layout: statistics over (H, W, C/G) of the
-    NHWC view, then one fused multiply-add. fp16 statistics, so close to (not equal to) the native kernel."""
-    if not x.is_contiguous(memory_format=torch.channels_last) or x.dim() != 4:
-        return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    b, c, h, w = x.shape
-    g = norm.num_groups
-    y = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g)
-    var, mean = torch.var_mean(y, dim=(1, 3), keepdim=True, correction=0)
-    wide = torch.promote_types(x.dtype, torch.float32)
-    scale = (var.to(wide) + norm.eps).rsqrt() * norm.weight.to(wide).view(1, 1, g, c // g)
-    shift = norm.bias.to(wide).view(1, 1, g, c // g) - mean.to(wide) * scale
-    out = torch.addcmul(shift.to(x.dtype), y, scale.to(x.dtype))
-    return out.reshape(b, h, w, c).permute(0, 3, 1, 2)
-
-
 def graph_of(fn, device: torch.device):
     """fn captured in a CUDA graph (replay returns its static output), or fn itself off CUDA."""
     if device.type != "cuda":
@@ -126,9 +110,9 @@ def graph_of(fn, device: torch.device):
 
 @torch.no_grad()
 def main(argv=None) -> dict:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
-    from vd.fast import Denoiser
+    from vd.fast import Denoiser, channels_last_group_norms_
     from vd.nn import Context
     from vd.pipeline import VersatileDiffusion
 
@@ -185,24 +169,35 @@ def main(argv=None) -> dict:
         print(name, json.dumps(variants[name]), flush=True)
 
     variant("default", lambda: pipe.denoiser)
-    for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
-        def make(backend=getattr(SDPBackend, backend)):
-            step = Denoiser(unet, cuda_graphs=True)
+    for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):  # preferred, others as fallback
+        variant(f"sdpa {backend.lower()}",
+                lambda b=getattr(SDPBackend, backend): Denoiser(unet, cuda_graphs=True, attention=[b]))
 
-            def run(*args):  # the capture happens in the first call, under this backend only
-                with sdpa_kernel(backend):
-                    return step(*args)
-            return run
-        variant(f"sdpa {backend.lower()}", make)
+    def cublaslt():  # cuBLASLt instead of cuBLAS for the matmuls captured in this graph
+        step = Denoiser(unet, cuda_graphs=True)
 
-    norms = [m for m in unet.modules() if isinstance(m, nn.GroupNorm)]
-    for m in norms:
-        m.forward = lambda x, m=m: group_norm_channels_last(m, x)
+        def run(*args):
+            before = torch.backends.cuda.preferred_blas_library()
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            try:
+                return step(*args)
+            finally:
+                torch.backends.cuda.preferred_blas_library(before)
+        return run
+    variant("blas cublaslt", cublaslt)
+
+    unets = [unet, pipe.c.text_unet]  # text_to_image runs the text UNet's context layers too
+    plain_norms = [(parent, name, child) for m in unets for parent in m.modules()
+                   for name, child in parent.named_children() if type(child) is nn.GroupNorm]
+    for m in unets:
+        channels_last_group_norms_(m)
     try:
         variant("group_norm channels-last", lambda: Denoiser(unet, cuda_graphs=True))
+        variant("group_norm channels-last + sdpa cudnn_attention",
+                lambda: Denoiser(unet, cuda_graphs=True, attention=[SDPBackend.CUDNN_ATTENTION]))
     finally:
-        for m in norms:
-            del m.forward
+        for parent, name, child in plain_norms:
+            setattr(parent, name, child)
     if a.compile:
         def compiled():
             step = Denoiser(unet, cuda_graphs=True)

@@ -10,12 +10,14 @@ None of this changes the math; outputs equal the plain path within the dtype's r
 through scaled_dot_product_attention, which picks flash attention on the GPU by itself.
 """
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vd.nn import Context, UNet
 from vd.nn.layers import Attention, TimestepEmbedding
@@ -30,6 +32,42 @@ def speed_up_(*modules: nn.Module | None) -> None:
         for sub in m.modules():
             if isinstance(sub, Attention):
                 sub.fuse_projections()
+
+
+class ChannelsLastGroupNorm(nn.GroupNorm):
+    """GroupNorm that leaves a channels-last input channels-last.
+
+    CUDA's GroupNorm kernel reads NCHW, so in a channels-last UNet every GroupNorm costs two layout copies (into
+    NCHW, and back for the convolution after it). Here the statistics are taken over (H, W, C/G) of the NHWC view
+    and applied in one multiply-add. Other inputs take the plain kernel. The parameters are the same.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        b, c, h, w = x.shape
+        g = self.num_groups
+        y = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g)
+        var, mean = torch.var_mean(y, dim=(1, 3), keepdim=True, correction=0)  # accumulated in float32
+        wide = torch.promote_types(x.dtype, torch.float32)
+        scale = (var.to(wide) + self.eps).rsqrt()
+        shift = -mean.to(wide) * scale
+        if self.affine:
+            scale = scale * self.weight.to(wide).view(1, 1, g, c // g)
+            shift = shift * self.weight.to(wide).view(1, 1, g, c // g) + self.bias.to(wide).view(1, 1, g, c // g)
+        out = torch.addcmul(shift.to(x.dtype), y, scale.to(x.dtype))
+        return out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def channels_last_group_norms_(module: nn.Module) -> None:
+    """Replace every nn.GroupNorm in `module` with a ChannelsLastGroupNorm on the same parameters, in place."""
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.GroupNorm:
+                norm = ChannelsLastGroupNorm(child.num_groups, child.num_channels, child.eps, child.affine,
+                                             device="meta")
+                norm.weight, norm.bias = child.weight, child.bias
+                setattr(parent, name, norm)
 
 
 @dataclass
@@ -50,8 +88,9 @@ class Denoiser:
     """
 
     def __init__(self, unet: UNet, *, time_embedding: TimestepEmbedding | None = None, compile: bool = False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, attention: Sequence[SDPBackend] = ()):
         self.unet, self.time_embedding = unet, time_embedding  # time_embedding: another UNet's (text flows)
+        self.attention = tuple(attention)  # SDPA backends to try first on CUDA, in order; () = torch's choice
         self.dtype = next(unet.parameters()).dtype
         self.compiled = torch.compile(unet, dynamic=False) if compile else unet
         self.cuda_graphs = cuda_graphs
@@ -68,10 +107,16 @@ class Denoiser:
         autotune = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = x.is_cuda or autotune  # shapes are fixed for a whole run
         try:
-            with torch.autocast(x.device.type, enabled=False):
+            with torch.autocast(x.device.type, enabled=False), self._attention_backends(x):
                 return self._call(x, t, streams)
         finally:
             torch.backends.cudnn.benchmark = autotune
+
+    def _attention_backends(self, x: Tensor) -> contextlib.AbstractContextManager:
+        if not (self.attention and x.is_cuda):
+            return contextlib.nullcontext()
+        fallbacks = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        return sdpa_kernel([*self.attention, *fallbacks], set_priority=True)
 
     def forward(self, x: Tensor, t: Tensor, streams: Sequence[Context]) -> Tensor:
         if self.time_embedding is None:
