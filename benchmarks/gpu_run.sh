@@ -3,7 +3,7 @@
 #  1. make a full-size fp16 random-weight checkpoint on the GPU;
 #  2. time the fast-path candidates on text_to_image beside the reference in one process (bench.py --ours ...;
 #     CANDIDATES_CUDNN_LIMIT=0 makes cuDNN try every convolution algorithm in that process);
-#  3. bench.py for the three tasks at 512x512, 50 DDIM steps, fp16, batch 1, CFG 7.5, ours against diffusers
+#  3. bench.py (BENCH=1) for the three tasks at 512x512, 50 DDIM steps, fp16, batch 1, CFG 7.5, ours against diffusers
 #     in the same process, with the fresh-process memory and load runs;
 #  4. our UNet step and VAE decode under layout/autotuning variants (step_variants.py, STEP_VARIANTS=1);
 #  5. where the step's kernel time goes (step_breakdown.py; BREAKDOWN_COMPILE=default adds torch.compile,
@@ -65,19 +65,21 @@ echo "checkpoint ready after $((SECONDS - start)) s"
 if [ "${CANDIDATES:-1}" = 1 ]; then  # fast-path candidates, text_to_image, in one process with the reference
     "$PY" benchmarks/bench.py "$CKPT" --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" \
         --tasks text_to_image --no-isolate --step-repeats "$STEP_REPEATS" --e2e-repeats "$E2E_REPEATS" \
-        --ours eager graphs graphs+cudnn_attention graphs+nhwc_norm graphs+cudnn_attention+nhwc_norm \
+        --ours ${CANDIDATES_OURS:-eager graphs graphs+cudnn_attention graphs+nhwc_norm graphs+cudnn_attention+nhwc_norm} \
         ${CANDIDATES_CUDNN_LIMIT:+--cudnn-benchmark-limit "$CANDIDATES_CUDNN_LIMIT"} \
         --json "$OUT/candidates.json" 2>&1 | tee "$OUT/candidates.log" || echo "candidates failed; going on"
     echo "candidates done after $((SECONDS - start)) s"
 fi
 
-profile=()
-if [ "$PROFILE" = 1 ]; then
-    profile=(--profile "$OUT/profile" --profile-steps 3)
+if [ "${BENCH:-1}" = 1 ]; then  # the three tasks, with the fresh-process memory and load runs
+    profile=()
+    if [ "$PROFILE" = 1 ]; then
+        profile=(--profile "$OUT/profile" --profile-steps 3)
+    fi
+    "$PY" benchmarks/bench.py "$CKPT" --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" \
+        --step-repeats "$STEP_REPEATS" --e2e-repeats "$E2E_REPEATS" --ours eager graphs "${profile[@]}" \
+        --json "$OUT/bench.json" --markdown "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log" || echo "bench failed; going on"
 fi
-"$PY" benchmarks/bench.py "$CKPT" --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" \
-    --step-repeats "$STEP_REPEATS" --e2e-repeats "$E2E_REPEATS" --ours eager graphs "${profile[@]}" \
-    --json "$OUT/bench.json" --markdown "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log" || echo "bench failed; going on"
 echo "bench done after $((SECONDS - start)) s"
 
 if [ "${STEP_VARIANTS:-1}" = 1 ]; then  # channels-last vs NCHW, cudnn.benchmark off/on (ours only)

@@ -192,6 +192,8 @@ def main(argv=None) -> dict:
     for m in unets:
         channels_last_group_norms_(m)
     try:
+        result["kernels_channels_last_group_norm"] = kernel_table(lambda: eager(x, t, streams), device,
+                                                                  a.profile_calls)
         variant("group_norm channels-last", lambda: Denoiser(unet, cuda_graphs=True))
         variant("group_norm channels-last + sdpa cudnn_attention",
                 lambda: Denoiser(unet, cuda_graphs=True, attention=[SDPBackend.CUDNN_ATTENTION]))
@@ -210,6 +212,20 @@ def main(argv=None) -> dict:
     decode = lambda: vae.decode(z)  # noqa: E731
     result["vae_decode_ms"] = dict(eager=median_ms(decode, device, max(5, a.repeats // 4)),
                                    graph=median_ms(graph_of(decode, device), device, max(5, a.repeats // 4)))
+    # ... with the decoder channels-last and its GroupNorms kept so (the plain GroupNorm's copies made it slower)
+    plain_image = decode()
+    decoder_norms = [(parent, name, child) for parent in vae.modules() for name, child in parent.named_children()
+                     if type(child) is nn.GroupNorm]
+    vae.to(memory_format=torch.channels_last)
+    channels_last_group_norms_(vae)
+    try:
+        decode_cl = lambda: vae.decode(z.to(memory_format=torch.channels_last))  # noqa: E731
+        result["vae_decode_ms"]["channels_last_eager"] = median_ms(decode_cl, device, max(5, a.repeats // 4))
+        result["vae_decode_ms"]["channels_last_rel_diff"] = rel(decode_cl(), plain_image)
+    finally:
+        for parent, name, child in decoder_norms:
+            setattr(parent, name, child)
+        vae.to(memory_format=torch.contiguous_format)
 
     # 4. one whole call with CUDA graphs
     def call():
@@ -226,22 +242,29 @@ def main(argv=None) -> dict:
     return result
 
 
-def markdown(r: dict) -> str:
-    k = r["kernels"]
-    lines = [f"{r['device']}; {r['size']}x{r['size']}, {r['steps']} steps; torch {r['versions']['torch']}; "
-             f"cudnn.benchmark_limit {r['cudnn_benchmark_limit']}", "",
-             f"Kernel time of one eager UNet step: {k['total_ms']:.2f} ms", "",
-             "| kind | ms per step | share | kernels per step |", "|---|---|---|---|"]
+def kernel_lines(title: str, k: dict) -> list[str]:
+    lines = [f"{title}: {k['total_ms']:.2f} ms", "", "| kind | ms per step | share | kernels per step |",
+             "|---|---|---|---|"]
     lines += [f"| {name} | {v['ms']:.3f} | {v['ms'] / k['total_ms']:.0%} | {v['count']:.0f} |"
               for name, v in k["kinds"].items()]
     lines += ["", "| top kernels | ms per step | calls |", "|---|---|---|"]
-    lines += [f"| `{t['name'][:100]}` | {t['ms']:.3f} | {t['count']:.0f} |" for t in k["top"]]
-    lines += ["", "| graph step variant | ms | relative diff to default | setup (s) |", "|---|---|---|---|"]
+    return lines + [f"| `{t['name'][:100]}` | {t['ms']:.3f} | {t['count']:.0f} |" for t in k["top"]] + [""]
+
+
+def markdown(r: dict) -> str:
+    lines = [f"{r['device']}; {r['size']}x{r['size']}, {r['steps']} steps; torch {r['versions']['torch']}; "
+             f"cudnn.benchmark_limit {r['cudnn_benchmark_limit']}", ""]
+    lines += kernel_lines("Kernel time of one eager UNet step", r["kernels"])
+    if "kernels_channels_last_group_norm" in r:
+        lines += kernel_lines("... with vd.fast.ChannelsLastGroupNorm", r["kernels_channels_last_group_norm"])
+    lines += ["| graph step variant | ms | relative diff to default | setup (s) |", "|---|---|---|---|"]
     for name, v in r["variants"].items():
         lines.append(f"| {name} | {v['error']} | | |" if "error" in v else
                      f"| {name} | {v['step_ms']:.2f} | {v['rel_diff']:.1e} | {v['setup_s']:.1f} |")
     d, e = r["vae_decode_ms"], r["e2e_ms"]
-    lines += ["", f"VAE decode: eager {d['eager']:.2f} ms, CUDA graph {d['graph']:.2f} ms", "",
+    lines += ["", f"VAE decode: eager {d['eager']:.2f} ms, CUDA graph {d['graph']:.2f} ms; channels-last with "
+              f"ChannelsLastGroupNorm, eager {d['channels_last_eager']:.2f} ms (relative diff "
+              f"{d['channels_last_rel_diff']:.1e})", "",
               f"one text_to_image call (CUDA graphs on a GPU): {e['total']:.1f} ms = UNet steps "
               f"{e['unet_steps']:.1f} + VAE decode {e['vae_decode']:.1f} + rest {e['rest']:.1f}"]
     return "\n".join(lines)

@@ -328,3 +328,24 @@ def test_hub_download_for_image_variation(hub_repo, tmp_path, monkeypatch):
     components = {f.split("/")[0] for f in hub.files()}
     assert components == {"model_index.json", "scheduler", "image_unet", "vae", "image_encoder",
                           "image_feature_extractor"}
+
+
+def test_meta_builds_skip_initialisers_only_while_building():
+    """build_meta skips the constructors' random fills (there is nothing to fill on the meta device); modules built
+    afterwards, and in another thread meanwhile, are initialised as usual."""
+    import threading
+
+    from helpers import TINY_UNET_A
+    from vd.nn import UNetConfig
+    from weights_convert.checkpoint import _SkipInit, build_meta
+
+    unet = build_meta("image_unet", UNetConfig.from_diffusers(TINY_UNET_A), {"global", "data", "context"})
+    assert all(p.is_meta for p in unet.parameters())
+    other = []
+    with torch.device("meta"), _SkipInit():
+        t = threading.Thread(target=lambda: other.append(torch.nn.Linear(64, 64)))
+        t.start()
+        t.join()
+    after = torch.nn.Linear(64, 64)
+    for layer in (other[0], after):
+        assert not layer.weight.is_meta and layer.weight.std() > 0.01 and layer.bias.abs().max() > 0
