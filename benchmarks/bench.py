@@ -198,9 +198,8 @@ class Impl:
 
 
 OURS = {"eager": {}, "graphs": {"cuda_graphs": True}, "compile": {"compile": True, "cuda_graphs": True},
-        # candidates for the fast path, measured before they become its default (vd/fast.py)
-        "graphs+cudnn_attention": {"cuda_graphs": True}, "graphs+nhwc_norm": {"cuda_graphs": True},
-        "graphs+cudnn_attention+nhwc_norm": {"cuda_graphs": True}}
+        # a fast-path candidate, measured before it could become a default: GroupNorm kept channels-last
+        "graphs+nhwc_norm": {"cuda_graphs": True}}
 
 
 def ours_name(variant: str) -> str:
@@ -208,13 +207,9 @@ def ours_name(variant: str) -> str:
 
 
 def tune_ours(pipe, variant: str) -> None:
-    """The candidates' changes to a loaded pipeline: cuDNN attention first, GroupNorm in channels-last."""
-    from torch.nn.attention import SDPBackend
-
-    from vd.fast import channels_last_group_norms_
-    if "cudnn_attention" in variant.split("+"):
-        pipe.denoiser.attention = (SDPBackend.CUDNN_ATTENTION,)
-    if "nhwc_norm" in variant.split("+"):
+    """The candidate's change to a loaded pipeline (benchmarks/channels_last_group_norm.py)."""
+    if variant.endswith("+nhwc_norm"):
+        from channels_last_group_norm import channels_last_group_norms_
         for unet in (pipe.c.image_unet, pipe.c.text_unet):  # text_to_image runs the text UNet's context layers
             if unet is not None:
                 channels_last_group_norms_(unet)
@@ -616,9 +611,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-reference", action="store_true", help="measure ours only")
     ap.add_argument("--ours", nargs="+", choices=list(OURS), default=["eager"],
                     help="our variants to time: eager (default path), graphs (cuda_graphs=True), compile "
-                    "(compile=True, cuda_graphs=True), and fast-path candidates on top of graphs "
-                    "(+cudnn_attention: cuDNN's SDPA first; +nhwc_norm: vd.fast.ChannelsLastGroupNorm); the first "
-                    "is the one named 'ours'")
+                    "(compile=True, cuda_graphs=True), graphs+nhwc_norm (graphs with the GroupNorms of "
+                    "channels_last_group_norm.py); the first is the one named 'ours'")
     ap.add_argument("--cudnn-benchmark-limit", type=int, metavar="N",
                     help="cuDNN algorithms to try per convolution when autotuning, for the whole process "
                     "(torch's default 10; 0: all)")

@@ -65,7 +65,7 @@ echo "checkpoint ready after $((SECONDS - start)) s"
 if [ "${CANDIDATES:-1}" = 1 ]; then  # fast-path candidates, text_to_image, in one process with the reference
     "$PY" benchmarks/bench.py "$CKPT" --device "$DEVICE" --dtype "$DTYPE" --size "$SIZE" --steps "$STEPS" \
         --tasks text_to_image --no-isolate --step-repeats "$STEP_REPEATS" --e2e-repeats "$E2E_REPEATS" \
-        --ours ${CANDIDATES_OURS:-eager graphs graphs+cudnn_attention graphs+nhwc_norm graphs+cudnn_attention+nhwc_norm} \
+        --ours ${CANDIDATES_OURS:-eager graphs graphs+nhwc_norm} \
         ${CANDIDATES_CUDNN_LIMIT:+--cudnn-benchmark-limit "$CANDIDATES_CUDNN_LIMIT"} \
         --json "$OUT/candidates.json" 2>&1 | tee "$OUT/candidates.log" || echo "candidates failed; going on"
     echo "candidates done after $((SECONDS - start)) s"

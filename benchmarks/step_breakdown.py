@@ -6,14 +6,15 @@
 1. Kernel time of one guided UNet step (batch 2, the prompt's 77 tokens) by kind: convolution, matmul,
    attention, GroupNorm, LayerNorm, layout copies, other elementwise; from the torch profiler over eager steps.
    Their sum is the device's busy time, which a CUDA-graph step approaches but cannot beat; the top kernels
-   are listed by name. On a CPU the same table sorts aten ops instead of kernels.
-2. The CUDA-graph step with each SDPA backend preferred (flash, memory-efficient, cuDNN), with cuBLASLt for
-   the matmuls, with GroupNorm computed on the channels-last tensor (vd.fast.ChannelsLastGroupNorm: CUDA's
-   GroupNorm kernel wants NCHW, so each one costs two layout copies), that with cuDNN attention, and with
-   `--compile MODE` (torch.compile of the UNet, then a CUDA graph). Each is checked against the default step's
-   output.
+   are listed by name. On a CPU the same table sorts aten ops instead of kernels. The same again with the
+   GroupNorms of channels_last_group_norm.py (CUDA's GroupNorm kernel wants NCHW, so in a channels-last UNet
+   each one costs two layout copies).
+2. The CUDA-graph step with each SDPA backend first (flash, memory-efficient, cuDNN), with cuBLASLt for the
+   matmuls, with those GroupNorms, and with `--compile MODE` (torch.compile of the UNet, then a CUDA graph).
+   Each is checked against the default step's output.
    `--cudnn-benchmark-limit 0` makes cuDNN's autotuning try every convolution algorithm, for the whole run.
-3. The VAE decode, eager and from a CUDA graph (how much of it is launch overhead).
+3. The VAE decode, eager and from a CUDA graph (how much of it is launch overhead), and eager with the decoder
+   channels-last and those GroupNorms.
 4. A whole text_to_image call with CUDA graphs, split into steps x graph step, the decode, and the rest.
 
 Off CUDA everything runs eagerly (no graphs); that is only a smoke test of the script.
@@ -33,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import device_name, sync, timed, versions  # noqa: E402
+from channels_last_group_norm import channels_last_group_norms_  # noqa: E402
 from fp16_check import rel  # noqa: E402
 
 # kernel (CUDA) or aten op (CPU) name -> kind; the first match wins
@@ -110,9 +112,9 @@ def graph_of(fn, device: torch.device):
 
 @torch.no_grad()
 def main(argv=None) -> dict:
-    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from vd.fast import Denoiser, channels_last_group_norms_
+    from vd.fast import Denoiser
     from vd.nn import Context
     from vd.pipeline import VersatileDiffusion
 
@@ -169,9 +171,16 @@ def main(argv=None) -> dict:
         print(name, json.dumps(variants[name]), flush=True)
 
     variant("default", lambda: pipe.denoiser)
-    for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):  # preferred, others as fallback
-        variant(f"sdpa {backend.lower()}",
-                lambda b=getattr(SDPBackend, backend): Denoiser(unet, cuda_graphs=True, attention=[b]))
+    for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        def make(backend=getattr(SDPBackend, backend)):
+            step = Denoiser(unet, cuda_graphs=True)
+            others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+            def run(*args):  # the capture happens in the first call: this backend first, the others as fallback
+                with sdpa_kernel([backend, *others], set_priority=True):
+                    return step(*args)
+            return run
+        variant(f"sdpa {backend.lower()} first", make)
 
     def cublaslt():  # cuBLASLt instead of cuBLAS for the matmuls captured in this graph
         step = Denoiser(unet, cuda_graphs=True)
@@ -195,8 +204,6 @@ def main(argv=None) -> dict:
         result["kernels_channels_last_group_norm"] = kernel_table(lambda: eager(x, t, streams), device,
                                                                   a.profile_calls)
         variant("group_norm channels-last", lambda: Denoiser(unet, cuda_graphs=True))
-        variant("group_norm channels-last + sdpa cudnn_attention",
-                lambda: Denoiser(unet, cuda_graphs=True, attention=[SDPBackend.CUDNN_ATTENTION]))
     finally:
         for parent, name, child in plain_norms:
             setattr(parent, name, child)
@@ -256,7 +263,7 @@ def markdown(r: dict) -> str:
              f"cudnn.benchmark_limit {r['cudnn_benchmark_limit']}", ""]
     lines += kernel_lines("Kernel time of one eager UNet step", r["kernels"])
     if "kernels_channels_last_group_norm" in r:
-        lines += kernel_lines("... with vd.fast.ChannelsLastGroupNorm", r["kernels_channels_last_group_norm"])
+        lines += kernel_lines("... with channels_last_group_norm.py", r["kernels_channels_last_group_norm"])
     lines += ["| graph step variant | ms | relative diff to default | setup (s) |", "|---|---|---|---|"]
     for name, v in r["variants"].items():
         lines.append(f"| {name} | {v['error']} | | |" if "error" in v else

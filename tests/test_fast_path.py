@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-from helpers import TINY_UNET_A, flat_config, randomize_, rel_err
-from torch import nn
-from torch.nn.attention import SDPBackend
 
-from vd.fast import ChannelsLastGroupNorm, Denoiser, channels_last_group_norms_, speed_up_
+from helpers import TINY_UNET_A, flat_config, randomize_, rel_err
+from vd.fast import Denoiser, speed_up_
 from vd.nn import Context, UNet, UNetConfig
 
 
@@ -85,45 +83,3 @@ def test_denoiser_leaves_cudnn_autotuning_as_it_found_it(before):
         assert torch.backends.cudnn.benchmark is before
     finally:
         torch.backends.cudnn.benchmark = False
-
-
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape", [(2, 32, 8, 8), (1, 12, 5, 3), (3, 8, 1, 1), (2, 16, 6, 1)])
-def test_channels_last_group_norm_equals_group_norm(check, shape, affine):
-    plain = nn.GroupNorm(4, shape[1], eps=1e-6, affine=affine).double()
-    if affine:
-        randomize_(plain, 3)
-    norm = ChannelsLastGroupNorm(4, shape[1], eps=1e-6, affine=affine).double()
-    norm.load_state_dict(plain.state_dict())
-    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3 + 1
-    for layout in (torch.channels_last, torch.contiguous_format):
-        xl = x.to(memory_format=layout)
-        got = norm(xl)
-        check(rel_err(got, plain(x)), 1e-12)
-        # the output keeps the input's layout: no copy back to NCHW before the next channels-last convolution
-        assert got.is_contiguous(memory_format=layout)
-
-
-@torch.no_grad()
-def test_channels_last_group_norms_keep_the_unet_and_its_keys(check):
-    image, text = _unets()
-    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 16)
-    streams = [Context(text.context_layers(), ctx)]
-    want = image(x, 500, streams)
-    keys = image.state_dict().keys()
-    speed_up_(image)
-    channels_last_group_norms_(image)
-    norms = [m for m in image.modules() if isinstance(m, nn.GroupNorm)]
-    assert norms and all(type(m) is ChannelsLastGroupNorm for m in norms)
-    assert image.state_dict().keys() == keys
-    check(rel_err(image(x.to(memory_format=torch.channels_last), 500, streams), want), 1e-5)
-
-
-def test_attention_preference_is_ignored_off_cuda():
-    """The SDPA backend preference applies to CUDA inputs only (cuDNN attention does not exist on the CPU)."""
-    image, text = _unets()
-    d = Denoiser(image, attention=[SDPBackend.CUDNN_ATTENTION])
-    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 16)
-    streams = [Context(text.context_layers(), ctx)]
-    with torch.no_grad():
-        assert torch.equal(d(x, torch.tensor(5), streams), image(x, torch.tensor(5), streams))

@@ -7,17 +7,17 @@ channels-last makes the UNet step 16% faster (12.1 -> 10.2 ms from a CUDA graph)
 a heuristic query per convolution, which makes the eager step 27% faster (33.8 -> 24.7 ms).
 
 None of this changes the math; outputs equal the plain path within the dtype's rounding. Attention already goes
-through scaled_dot_product_attention, which picks flash attention on the GPU by itself.
+through scaled_dot_product_attention, which picks its kernel by itself: cuDNN's fused attention on an H100 with
+torch 2.11 (preferring flash or memory-efficient attention made the step 7-25% slower). What the remaining step
+time is spent on, and what else was tried without gain: benchmarks/RESULTS.md, runs 4-6.
 """
 
-import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vd.nn import Context, UNet
 from vd.nn.layers import Attention, TimestepEmbedding
@@ -32,49 +32,6 @@ def speed_up_(*modules: nn.Module | None) -> None:
         for sub in m.modules():
             if isinstance(sub, Attention):
                 sub.fuse_projections()
-
-
-class ChannelsLastGroupNorm(nn.GroupNorm):
-    """GroupNorm that leaves a channels-last input channels-last.
-
-    CUDA's GroupNorm kernel reads NCHW, so in a channels-last UNet every GroupNorm costs two layout copies (into
-    NCHW, and back for the convolution after it), and its statistics kernel runs one block per (sample, group).
-    Here the NHWC memory is read as rows of pixels: one column reduction gives each channel's mean and variance,
-    the law of total variance turns them into the group's, and one multiply-add applies them. Other inputs take
-    the plain kernel. The parameters are the same.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-            return super().forward(x)
-        b, c, h, w = x.shape
-        g = self.num_groups
-        y = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of the NHWC memory
-        # Each reduction accumulates in float32; only the [B, C] and [B, G] statistics are rounded to x's dtype.
-        # Few small kernels: in a CUDA graph each costs about as much as its launch.
-        var_c, mean_c = torch.var_mean(y, dim=1, correction=0)
-        within = var_c.view(b, g, c // g).mean(-1, dtype=torch.promote_types(x.dtype, torch.float32))
-        between, mean = torch.var_mean(mean_c.view(b, g, c // g), dim=-1, correction=0, keepdim=True)
-        rstd = torch.rsqrt(within.add_(between.squeeze(-1)).add_(self.eps)).to(x.dtype)[..., None]  # [B, G, 1]
-        if self.affine:
-            scale = rstd * self.weight.view(g, c // g)
-            shift = torch.addcmul(self.bias.view(g, c // g), mean, scale, value=-1)
-        else:
-            scale = rstd.expand(b, g, c // g)
-            shift = mean * -scale
-        out = torch.addcmul(shift.reshape(b, 1, c), y, scale.reshape(b, 1, c))
-        return out.view(b, h, w, c).permute(0, 3, 1, 2)
-
-
-def channels_last_group_norms_(module: nn.Module) -> None:
-    """Replace every nn.GroupNorm in `module` with a ChannelsLastGroupNorm on the same parameters, in place."""
-    for parent in list(module.modules()):
-        for name, child in parent.named_children():
-            if type(child) is nn.GroupNorm:
-                norm = ChannelsLastGroupNorm(child.num_groups, child.num_channels, child.eps, child.affine,
-                                             device="meta")
-                norm.weight, norm.bias = child.weight, child.bias
-                setattr(parent, name, norm)
 
 
 @dataclass
@@ -95,9 +52,8 @@ class Denoiser:
     """
 
     def __init__(self, unet: UNet, *, time_embedding: TimestepEmbedding | None = None, compile: bool = False,
-                 cuda_graphs: bool = False, attention: Sequence[SDPBackend] = ()):
+                 cuda_graphs: bool = False):
         self.unet, self.time_embedding = unet, time_embedding  # time_embedding: another UNet's (text flows)
-        self.attention = tuple(attention)  # SDPA backends to try first on CUDA, in order; () = torch's choice
         self.dtype = next(unet.parameters()).dtype
         self.compiled = torch.compile(unet, dynamic=False) if compile else unet
         self.cuda_graphs = cuda_graphs
@@ -114,16 +70,10 @@ class Denoiser:
         autotune = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = x.is_cuda or autotune  # shapes are fixed for a whole run
         try:
-            with torch.autocast(x.device.type, enabled=False), self._attention_backends(x):
+            with torch.autocast(x.device.type, enabled=False):
                 return self._call(x, t, streams)
         finally:
             torch.backends.cudnn.benchmark = autotune
-
-    def _attention_backends(self, x: Tensor) -> contextlib.AbstractContextManager:
-        if not (self.attention and x.is_cuda):
-            return contextlib.nullcontext()
-        fallbacks = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        return sdpa_kernel([*self.attention, *fallbacks], set_priority=True)
 
     def forward(self, x: Tensor, t: Tensor, streams: Sequence[Context]) -> Tensor:
         if self.time_embedding is None:
