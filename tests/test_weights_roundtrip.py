@@ -331,8 +331,8 @@ def test_hub_download_for_image_variation(hub_repo, tmp_path, monkeypatch):
 
 
 def test_meta_builds_skip_initialisers_only_while_building():
-    """build_meta skips the constructors' random fills (there is nothing to fill on the meta device); modules built
-    afterwards, and in another thread meanwhile, are initialised as usual."""
+    """build_meta skips the constructors' random fills of meta tensors (there is nothing to fill); real tensors,
+    modules built afterwards, and modules built in another thread meanwhile are initialised as usual."""
     import threading
 
     from helpers import TINY_UNET_A
@@ -346,6 +346,8 @@ def test_meta_builds_skip_initialisers_only_while_building():
         t = threading.Thread(target=lambda: other.append(torch.nn.Linear(64, 64)))
         t.start()
         t.join()
+        real = torch.nn.init.ones_(torch.empty(3, device="cpu"))  # only meta tensors are skipped
+    assert torch.equal(real, torch.ones(3))
     after = torch.nn.Linear(64, 64)
     for layer in (other[0], after):
         assert not layer.weight.is_meta and layer.weight.std() > 0.01 and layer.bias.abs().max() > 0
