@@ -41,8 +41,10 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
         return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
-def channels_last_group_norms_(module: nn.Module) -> None:
-    """Replace every nn.GroupNorm in `module` with a ChannelsLastGroupNorm on the same parameters, in place."""
+def channels_last_group_norms_(module: nn.Module) -> list[tuple[nn.Module, str, nn.GroupNorm]]:
+    """Replace every nn.GroupNorm in `module` with a ChannelsLastGroupNorm on the same parameters, in place.
+    Returns (parent, name, replaced GroupNorm) for each, so a caller can put them back."""
+    replaced = []
     for parent in list(module.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.GroupNorm:
@@ -50,3 +52,5 @@ def channels_last_group_norms_(module: nn.Module) -> None:
                                              device="meta")
                 norm.weight, norm.bias = child.weight, child.bias
                 setattr(parent, name, norm)
+                replaced.append((parent, name, child))
+    return replaced

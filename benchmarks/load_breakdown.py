@@ -10,7 +10,6 @@ process runs give first-load times; these are the steady-state ones, with more s
 
 import argparse
 import cProfile
-import gc
 import json
 import pstats
 import statistics
@@ -41,8 +40,7 @@ def load_once(impl: str, ckpt: Path, task: str, device: torch.device, dtype: tor
     sync(device)
     seconds = time.perf_counter() - t
     del pipe
-    gc.collect()
-    free(device)
+    free(device)  # collects the pipeline and returns its device memory
     return seconds
 
 

@@ -30,7 +30,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import device_name, sync, timed, versions  # noqa: E402
@@ -195,11 +194,8 @@ def main(argv=None) -> dict:
         return run
     variant("blas cublaslt", cublaslt)
 
-    unets = [unet, pipe.c.text_unet]  # text_to_image runs the text UNet's context layers too
-    plain_norms = [(parent, name, child) for m in unets for parent in m.modules()
-                   for name, child in parent.named_children() if type(child) is nn.GroupNorm]
-    for m in unets:
-        channels_last_group_norms_(m)
+    # text_to_image runs the text UNet's context layers too
+    plain_norms = channels_last_group_norms_(unet) + channels_last_group_norms_(pipe.c.text_unet)
     try:
         result["kernels_channels_last_group_norm"] = kernel_table(lambda: eager(x, t, streams), device,
                                                                   a.profile_calls)
@@ -221,10 +217,8 @@ def main(argv=None) -> dict:
                                    graph=median_ms(graph_of(decode, device), device, max(5, a.repeats // 4)))
     # ... with the decoder channels-last and its GroupNorms kept so (the plain GroupNorm's copies made it slower)
     plain_image = decode()
-    decoder_norms = [(parent, name, child) for parent in vae.modules() for name, child in parent.named_children()
-                     if type(child) is nn.GroupNorm]
     vae.to(memory_format=torch.channels_last)
-    channels_last_group_norms_(vae)
+    decoder_norms = channels_last_group_norms_(vae)
     try:
         decode_cl = lambda: vae.decode(z.to(memory_format=torch.channels_last))  # noqa: E731
         result["vae_decode_ms"]["channels_last_eager"] = median_ms(decode_cl, device, max(5, a.repeats // 4))
