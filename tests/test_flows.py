@@ -21,6 +21,7 @@ from vd.conditioning import encode_image, encode_text, mask_token_weights, pixel
 from vd.focus import adjust_focus
 from vd.loading import load_components
 from vd.nn import Context
+from vd import sampling as core
 from vd.pipeline import DEFAULT_TASKS
 from vd.sched import randn, sampler_from_config
 from vd.text_vae import remove_duplicate_word
@@ -55,15 +56,16 @@ def _same_layers(a, b) -> bool:
 
 @pytest.fixture
 def captured(monkeypatch):
-    """Every `_sample` call's streams, denoiser, start and skip (the call still runs)."""
+    """Every call of the core's loop (vd.sampling.denoise): its denoiser, streams, start and skip (it still runs)."""
     calls = []
-    original = VersatileDiffusion._sample
+    original = core.denoise
 
-    def spy(self, run, streams, denoise, progress, start=None, skip=0):
-        calls.append(SimpleNamespace(run=run, streams=streams, denoise=denoise, start=start, skip=skip))
-        return original(self, run, streams, denoise, progress, start=start, skip=skip)
+    def spy(denoiser, streams, x, s):
+        skip = 0 if s.t_enc is None else s.num_steps - s.t_enc
+        calls.append(SimpleNamespace(denoise=denoiser, streams=streams, start=x, skip=skip, sampling=s))
+        return original(denoiser, streams, x, s)
 
-    monkeypatch.setattr(VersatileDiffusion, "_sample", spy)
+    monkeypatch.setattr(core, "denoise", spy)
     return calls
 
 
@@ -300,7 +302,9 @@ def test_fidelity_one_returns_the_input(pipe, monkeypatch, check):
 
 @pytest.mark.parametrize("steps,fidelity,keep", [(4, 0.5, 2), (4, 0.6, 1), (3, 0.2, 2), (5, 0.3, 3)])
 def test_fidelity_starts_part_way(steps, fidelity, keep, pipe, captured, monkeypatch, check):
-    img = random_image(41)
+    """Fidelity f is the original's img2img: t_enc = int(steps * (1 - f)) steps left; the input's latent is noised
+    to the ascending grid's entry t_enc, one grid step above the first step denoised; output at the input's size."""
+    img = random_image(41)  # 40 x 56
     counter = Counting(pipe.denoiser)
     monkeypatch.setattr(pipe, "denoiser", counter)
     seen = []
@@ -313,11 +317,11 @@ def test_fidelity_starts_part_way(steps, fidelity, keep, pipe, captured, monkeyp
     assert counter.ts == ts[skip:].tolist() and seen == list(range(skip, steps))
 
     g = seeded(2)
-    x0 = _encoded(pipe, _resized_np(img, 64, 64), g)
+    x0 = _encoded(pipe, _resized_np(img, 40, 56), g)
     z = randn(x0.shape, g, CPU, x0.dtype)  # the forward noise continues the same generator
-    start = sampler.noised(x0, int(ts[skip]), z)
+    start = sampler.noised(x0, int(ts.flip(0)[keep]), z)
     (call,) = captured
-    assert call.skip == skip
+    assert call.skip == skip and int(ts.flip(0)[keep]) == int(ts[skip - 1])
     check(_max_diff(call.start, start), 1e-5, "start")
 
     streams = _grey_streams(pipe, img)
@@ -332,13 +336,17 @@ def test_fidelity_starts_part_way(steps, fidelity, keep, pipe, captured, monkeyp
 
 
 def test_fidelity_with_nothing_left_to_denoise(pipe, monkeypatch, check):
-    """int(10 * (1 - 0.99)) == 0: the input's latent is decoded as it is."""
+    """int(10 * (1 - 0.99)) == 0: the input's latent, noised to the grid's first entry, is decoded as it is."""
     img = random_image(42)
     counter = Counting(pipe.denoiser)
     monkeypatch.setattr(pipe, "denoiser", counter)
     kw = dict(fidelity=0.99, num_inference_steps=10, progress=False)
     latents = pipe.image_variation(img, generator=seeded(3), output_type="latent", **kw).images
-    check(_max_diff(latents, _encoded(pipe, _resized_np(img, 64, 64), seeded(3))), 1e-5, "encoded latents")
+    g = seeded(3)
+    x0 = _encoded(pipe, _resized_np(img, 40, 56), g)
+    sampler = sampler_from_config("ddim", pipe.c.scheduler_config)
+    noised = sampler.noised(x0, int(sampler.timesteps(10)[-1]), randn(x0.shape, g, CPU, x0.dtype))
+    check(_max_diff(latents, noised), 1e-5, "noised latents")
     images = pipe.image_variation(img, generator=seeded(3), output_type="pt", **kw).images
     with torch.no_grad():
         want = (pipe.c.vae.decode(latents / pipe.c.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1)

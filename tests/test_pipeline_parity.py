@@ -169,10 +169,14 @@ def test_uncond_image_default_is_grey(task, ours, folder, patched_dual, monkeypa
 
 def test_uncond_image_zeros_is_a_zero_embedding(ours):
     """uncond_image='zeros' (the original SHI-Labs app): the unconditional tokens are all zero."""
-    from vd.pipeline import _Run
-    run = _Run(None, STEPS, 7.5, 2, 0.0, None, None, (), "np", None, 1)
-    tokens = ours._image_tokens([random_image(15)], None, "zeros", run)
-    assert tokens.shape[0] == 4 and tokens[:2].abs().max() == 0 and tokens[2:].abs().max() > 0
+    img = random_image(15)
+    tokens = ours.encode_image(img)
+    kw = dict(num_inference_steps=STEPS, num_images_per_prompt=2, output_type="latent", progress=False)
+    got = ours.image_variation(img, uncond_image="zeros", generator=seeded(), **kw).images
+    want = ours.image_variation(image_embeds=tokens, negative_image_embeds=torch.zeros_like(tokens),
+                                generator=seeded(), **kw).images
+    grey = ours.image_variation(img, generator=seeded(), **kw).images
+    assert torch.equal(got, want) and not torch.equal(got, grey)
 
 
 def test_tensor_image_equals_the_same_pil_image(ours, check):

@@ -114,19 +114,20 @@ def generator(value: object, total: int) -> torch.Generator | list[torch.Generat
     fail("generator", value, "a torch.Generator or a list of them", TypeError)
 
 
-def latents(value: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+def latents(value: object, shape: tuple[int, ...], device: torch.device, name: str = "latents"
+            ) -> torch.Tensor | None:
     if value is None:
         return None
     if not isinstance(value, torch.Tensor):
-        fail("latents", value, "a torch.Tensor", TypeError)
+        fail(name, value, "a torch.Tensor", TypeError)
     if tuple(value.shape) != shape:
-        fail("latents", f"tensor of shape {tuple(value.shape)}", f"shape {shape}")
+        fail(name, f"tensor of shape {tuple(value.shape)}", f"shape {shape}")
     if not value.is_floating_point():
-        fail("latents", f"tensor of dtype {value.dtype}", "a floating-point tensor")
+        fail(name, f"tensor of dtype {value.dtype}", "a floating-point tensor")
     if value.device.type not in ("cpu", device.type):
-        fail("latents", f"tensor on {value.device}", f"a tensor on the CPU or on {device}")
+        fail(name, f"tensor on {value.device}", f"a tensor on the CPU or on {device}")
     if not torch.isfinite(value).all():
-        fail("latents", "tensor with NaN or inf values", "finite values")
+        fail(name, "tensor with NaN or inf values", "finite values")
     return value
 
 
@@ -186,3 +187,49 @@ def decoding(temperature, top_k, top_p, greedy, max_length, dedupe, *, max_posit
     return dict(temperature=temperature, top_k=integer("top_k", top_k, 0),
                 top_p=number("top_p", top_p, 0.0, 1.0), greedy=greedy,
                 max_length=integer("max_length", max_length, 2, max_positions), dedupe=dedupe)
+
+
+def boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        fail(name, value, "True or False", TypeError)
+    return value
+
+
+def tensor(name: str, value: object, dims: int) -> Tensor:
+    """A floating-point tensor with `dims` dimensions and finite values."""
+    if not isinstance(value, Tensor):
+        fail(name, value, f"a torch.Tensor with {dims} dimensions", TypeError)
+    if value.dim() != dims or not value.is_floating_point() or 0 in value.shape:
+        fail(name, value, f"a non-empty floating-point tensor with {dims} dimensions")
+    return finite(name, value)
+
+
+def finite(name: str, value: Tensor) -> Tensor:
+    if not torch.isfinite(value).all():
+        fail(name, "a tensor with NaN or inf values", "finite values")
+    return value
+
+
+def tokens(name: str, value: object, shape: tuple[int, int], device: torch.device,
+           batch: int | tuple[int, ...] | None = None) -> Tensor:
+    """Context tokens [B, L, D] as the encoders give them (`shape` = (L, D)), B in `batch` when given."""
+    value = tensor(name, value, dims=3)
+    if tuple(value.shape[1:]) != tuple(shape):
+        fail(name, value, f"context tokens of shape [B, {shape[0]}, {shape[1]}]")
+    allowed = (batch,) if isinstance(batch, int) else batch
+    if allowed is not None and value.shape[0] not in allowed:
+        fail(name, value, f"a batch of {' or '.join(map(str, allowed))} (one per prompt)")
+    if value.device.type not in ("cpu", device.type):
+        fail(name, f"tensor on {value.device}", f"a tensor on the CPU or on {device}")
+    return value
+
+
+def common_size(name: str, value: list[PIL.Image.Image] | Tensor, factor: int) -> tuple[int, int]:
+    """(height, width) shared by all images, rounded down to a multiple of `factor`."""
+    sizes = {(im.height, im.width) for im in value} if isinstance(value, list) else {tuple(value.shape[-2:])}
+    if len(sizes) > 1:
+        fail(name, f"images of sizes {sorted(sizes)}", "images of one size, or height= and width= to resize them to")
+    h, w = sizes.pop()
+    if h < factor or w < factor:
+        fail(name, f"an image of {h}x{w} pixels", f"at least {factor}x{factor} pixels")
+    return h // factor * factor, w // factor * factor

@@ -1,15 +1,16 @@
-"""`VersatileDiffusion`: every flow of the VD paper with one set of weights.
+"""`VersatileDiffusion`: every flow of the VD paper with one set of weights, checked and convenient.
 
 Images: text_to_image, image_variation (with focus, fidelity and colour matching), dual_guided, blend.
 Text: image_to_text, text_variation (the text UNet's data layers, decoded by the Optimus text VAE).
 
-Each task is: encode the condition(s) into context tokens -> pick the context streams -> sample latents with
-classifier-free guidance -> decode. The UNet modules are never modified; a task only chooses which data and
-context layers run (vd.nn.unet). Nothing is kept between calls, so any order of calls gives what a fresh
-pipeline gives.
+Each flow method checks its arguments (all of them, before any model runs), encodes its conditions into context
+tokens (or takes them as tensors), picks the start (noise, given latents, or an init image noised part-way) and
+calls the flow of the functional core, `vd.sampling`, where a reader learns what the flow computes. Then it
+decodes and converts. Nothing is kept between calls, so any order of calls gives what a fresh pipeline gives.
 """
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -23,21 +24,24 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vd import checks
+from vd import sampling as core
 from vd.colors import match_colors
 from vd.conditioning import (UNCOND_IMAGES, encode_image, encode_text, mask_token_weights, pixel_values, resized,
                              uncond_pixel_values)
 from vd.fast import Denoiser, speed_up_
 from vd.focus import adjust_focus
 from vd.loading import Components, load_components, resolve
-from vd.nn import Context
-from vd.sched import DDIM, SAMPLERS, randn, sampler_from_config
+from vd.sched import SAMPLERS, randn, sampler_from_config
 from vd.text_vae import remove_duplicate_word
 from weights_convert import TASK_PARTS, TASKS
 
 DEFAULT_REPO = "shi-labs/versatile-diffusion"
 DEFAULT_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")  # the image flows; text needs asking
 MAX_BLEND_IMAGES = 4
+DEFAULT_STRENGTH = 0.75  # Brain-Diffuser's, and close to img2img's usual 0.8
 Callback = Callable[[int, Tensor, Tensor], None]
+Images = PIL.Image.Image | list[PIL.Image.Image] | Tensor
+Generator = torch.Generator | list[torch.Generator] | None
 
 
 @dataclass
@@ -82,19 +86,22 @@ class VersatileDiffusion:
                         compile: bool = False, cuda_graphs: bool = False) -> "VersatileDiffusion":
         """Load from a hub repo id, a diffusers-layout folder, an original .pth or a converted folder.
 
-        tasks: the tasks to load weights for (default: the four image tasks; image_to_text and text_variation
-        must be asked for, as they need the text UNet's 1.44 B data parameters and the Optimus decoder); only
-        their parts are read. device: default CUDA if available, else CPU. dtype: default float16 on CUDA (the
-        UNets, the VAE and Optimus run in it, as the reference does; the CLIP encoders under autocast), float32
-        on CPU. scheduler: "ddim", "pndm" or "lms" (overridable per call). uncond_image: the image condition
-        used for "no image" in classifier-free guidance: "grey" (a mid-grey image, what the reference intends),
-        "zeros" (an all-zero embedding, as the original SHI-Labs app), or "diffusers" (what diffusers 0.42.1
-        actually computes: CLIP of a near-black image). kl_f8, clip: for an original .pth, the VAE file and a
-        diffusers-layout folder with CLIP (default: found beside it). optimus: optimus-vae.pth (default: in
-        pretrained_pth/ of the repo or folder). optimus_tokenizer: a folder with BERT's vocab.txt and GPT-2's
-        vocab.json + merges.txt (default: the folder's optimus_tokenizer/, else bert-base-cased and gpt2 from
-        the hub). compile: torch.compile the denoising step. cuda_graphs: replay the denoising step from CUDA
-        graphs (CUDA only; one capture per shape).
+        tasks: the flows (method names) to load weights for; only their parts are read. Default: the four image
+          flows; image_to_text and text_variation (the text UNet's 1.44 B data parameters, the Optimus decoder)
+          and encode_text_latents (the Optimus encoder) must be asked for.
+        device: default CUDA if available, else CPU.
+        dtype: default float16 on CUDA (UNets, VAE and Optimus run in it, as the reference does; CLIP under
+          autocast), float32 on CPU.
+        scheduler: a name of vd.sched.SAMPLERS (default "ddim", as shipped); overridable per call.
+        uncond_image: "no image" for classifier-free guidance: "grey" (what the reference means to do), "zeros"
+          (the original app's all-zero embedding) or "diffusers" (what diffusers 0.42.1 computes).
+        revision: the hub revision.
+        kl_f8, clip: for an original .pth, the VAE file and a diffusers-layout folder with CLIP (default: beside it).
+        optimus: optimus-vae.pth (default: in pretrained_pth/ of the repo or folder).
+        optimus_tokenizer: a folder with BERT's vocab.txt and GPT-2's vocab.json + merges.txt (default: the
+          folder's optimus_tokenizer/, else bert-base-cased and gpt2 from the hub).
+        compile: torch.compile the denoising step.
+        cuda_graphs: replay the denoising step from CUDA graphs (CUDA only; one capture per shape).
         """
         tasks = tuple(DEFAULT_TASKS if tasks is None else [checks.choice("tasks", t, TASKS) for t in tasks])
         if not tasks:
@@ -110,120 +117,177 @@ class VersatileDiffusion:
         return cls(components, tasks=tasks, device=device, dtype=dtype, scheduler=scheduler, uncond_image=uncond_image,
                    compile=compile, cuda_graphs=cuda_graphs)
 
+    # ---- conditions as data
+
+    def encode_prompt(self, prompts: str | list[str]) -> Tensor:
+        """The context tokens [B, 77, D] the flows use for these prompts (CLIP text, VD's normalisation)."""
+        self._need_parts("encode_prompt", "text_encoder")
+        texts = checks.prompts("prompts", prompts)
+        with torch.no_grad(), self._autocast():
+            return encode_text(self.c.text_encoder, self.c.tokenizer, texts, self.device)
+
+    def encode_image(self, images: Images, focus: float = 0.5, generator: Generator = None) -> Tensor:
+        """The context tokens [B, 257, D] the flows use for these images (CLIP vision, centre crop), focus-adjusted
+        as image_variation does (its randomised PCA draws from `generator`: one, or one per image)."""
+        self._need_parts("encode_image", "image_encoder")
+        imgs = checks.images("images", images)
+        focus = checks.number("focus", focus, 0.0, 1.0)
+        generator = checks.generator(generator, len(imgs))
+        with torch.no_grad(), self._autocast():
+            return self._encode_images(imgs, focus, generator)
+
+    def encode_text_latents(self, texts: str | list[str]) -> Tensor:
+        """Optimus text latents [B, 768] of sentences (the posterior mean, as the original): what image_to_text
+        and text_variation sample and `decode_text` reads. Needs tasks=[..., "encode_text_latents"]."""
+        self._need("encode_text_latents")
+        ids, mask = self.c.optimus_tokenizer.encode_batch(checks.prompts("texts", texts))
+        optimus = self.c.optimus
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            return optimus.encode(ids.to(self.device), mask.to(self.device))
+
+    def decode_text(self, latents: Tensor, generator: Generator = None, *, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0, greedy: bool = False, max_length: int = 30,
+                    dedupe: bool = True) -> list[str]:
+        """Sentences from Optimus text latents [N, 768], one per latent, each sampled with its generator (or all
+        from one); decoding options as in image_to_text. Needs the Optimus decoder (a text flow's task)."""
+        if self.c.optimus is None or "decoder" not in self.c.optimus.parts:
+            raise ValueError(f"this pipeline was loaded for tasks {list(self.tasks)}; load it with tasks=[..., "
+                             "'image_to_text'] or [..., 'text_variation'] to decode text latents")
+        width = self.c.optimus.config.latent_dim
+        if not isinstance(latents, Tensor) or latents.dim() != 2 or latents.shape[1] != width:
+            checks.fail("latents", latents, f"a tensor [N, {width}]", TypeError if not isinstance(latents, Tensor)
+                        else ValueError)
+        checks.finite("latents", latents)
+        generator = checks.generator(generator, len(latents))
+        decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
+        return self._decode_text(latents, generator, decoding)
+
     # ---- image flows
 
-    def text_to_image(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def text_to_image(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                       height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
                       guidance_scale: float = 7.5, num_images_per_prompt: int = 1, eta: float = 0.0,
-                      generator: torch.Generator | list[torch.Generator] | None = None, latents: Tensor | None = None,
-                      output_type: str = "pil", callback: Callback | None = None, callback_steps: int = 1, *,
-                      scheduler: str | None = None, progress: bool = True) -> GenerationOutput:
-        """Generate images from text: image UNet data layers + text UNet context layers."""
+                      generator: Generator = None, latents: Tensor | None = None, output_type: str = "pil",
+                      callback: Callback | None = None, callback_steps: int = 1, *,
+                      prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None,
+                      init_image: Images | None = None, init_latents: Tensor | None = None,
+                      strength: float | None = None, scheduler: str | None = None,
+                      progress: bool = True) -> GenerationOutput:
+        """Images from text (or its tokens, `prompt_embeds` [B, 77, D]), optionally from an init image."""
         self._need("text_to_image")
-        texts = checks.prompts("prompt", prompt)
-        negatives = checks.negative("negative_prompt", negative_prompt, len(texts), "text")
-        run = self._prepare(len(texts), height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                            eta, generator, latents, output_type, callback, callback_steps, scheduler)
-        with self._autocast():
-            tokens = self._text_tokens(texts, negatives, run)
-        return self._generate(run, [Context(self.c.text_unet.context_layers(), tokens)], progress)
+        text = self._text_arg("prompt", prompt, prompt_embeds)
+        negative = self._negative_text(negative_prompt, negative_prompt_embeds, len(text))
+        run = self._prepare(len(text), height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                            eta, generator, latents, output_type, callback, callback_steps, scheduler,
+                            init_image=init_image, init_latents=init_latents, strength=strength)
+        with torch.no_grad(), self._autocast():
+            tokens = self._text_tokens(text, negative, run)
+            x = self._sample(run, lambda s, x: core.text_to_image(self._nets, tokens, x, s), progress)
+        return self._images(x, run)
 
-    def image_variation(self, image: PIL.Image.Image | list[PIL.Image.Image] | Tensor,
-                        negative_prompt: PIL.Image.Image | list[PIL.Image.Image] | Tensor | None = None,
+    def image_variation(self, image: Images | None = None, negative_prompt: Images | None = None,
                         height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
                         guidance_scale: float = 7.5, num_images_per_prompt: int = 1, eta: float = 0.0,
-                        generator: torch.Generator | list[torch.Generator] | None = None,
-                        latents: Tensor | None = None, output_type: str = "pil", callback: Callback | None = None,
-                        callback_steps: int = 1, *, focus: float = 0.5, fidelity: float = 0.0,
-                        color_adjust: bool = False, scheduler: str | None = None, uncond_image: str | None = None,
+                        generator: Generator = None, latents: Tensor | None = None, output_type: str = "pil",
+                        callback: Callback | None = None, callback_steps: int = 1, *, focus: float = 0.5,
+                        fidelity: float = 0.0, color_adjust: bool = False, image_embeds: Tensor | None = None,
+                        negative_image_embeds: Tensor | None = None, init_image: Images | None = None,
+                        init_latents: Tensor | None = None, strength: float | None = None,
+                        scheduler: str | None = None, uncond_image: str | None = None,
                         progress: bool = True) -> GenerationOutput:
-        """Generate variations of images (a tensor is [B, 3, H, W] in [0, 1]); negative_prompt is an image.
+        """Variations of images (or of their tokens, `image_embeds` [B, 257, D]); negative_prompt is an image.
 
-        focus: 0.5 = plain variation; towards 0 keeps the semantics and lets the style go (drops the top
-          principal components of the local image tokens), towards 1 keeps the style (keeps only a few of them);
-          the randomised PCA draws from `generator`, so a seeded call is deterministic (vd.focus).
-        fidelity: 0 = start from noise; in (0, 1) start from the input's VAE latent noised part-way, denoising
-          only the last int(steps * (1 - fidelity)) steps (DDIM only); 1 = return the input.
-        color_adjust: match each output's per-channel mean and std to the input's.
+        focus: 0.5 = plain variation; towards 0 keeps the semantics and lets the style go, towards 1 keeps the
+          style (a low-rank adjustment of the local image tokens whose randomised PCA draws from `generator`).
+        fidelity: the input image itself as init image at strength 1 - fidelity (see `init_image`); 1 returns the
+          input (at its own size unless height and width are given).
+        color_adjust: match each output's per-channel mean and std to the input's (or the init image's).
         """
         self._need("image_variation")
-        imgs = checks.images("image", image)
-        negatives = checks.negative("negative_prompt", negative_prompt, len(imgs), "image")
+        cond = self._image_arg("image", image, image_embeds)
+        negative = self._negative_image(negative_prompt, negative_image_embeds, len(cond))
         mode = self._uncond_mode(uncond_image)
         focus = checks.number("focus", focus, 0.0, 1.0)
         fidelity = checks.number("fidelity", fidelity, 0.0, 1.0)
-        if not isinstance(color_adjust, bool):
-            checks.fail("color_adjust", color_adjust, "True or False", TypeError)
-        run = self._prepare(len(imgs), height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                            eta, generator, latents, output_type, callback, callback_steps, scheduler)
-        if fidelity > 0 and not isinstance(run.sampler, DDIM):
-            checks.fail("fidelity", fidelity, "0 unless scheduler='ddim' (only DDIM starts part-way here)")
-        if fidelity > 0 and latents is not None:
-            checks.fail("latents", "a tensor", "None when fidelity > 0 (the start comes from the input image)")
-        height, width = (run.shape[2] * self._factor, run.shape[3] * self._factor)
-        reference = resized(imgs, height, width).to(self.device)  # [B, 3, h, w] in [0, 1]
+        checks.boolean("color_adjust", color_adjust)
+        if fidelity > 0:
+            if isinstance(cond, Tensor) and image is None:
+                checks.fail("fidelity", fidelity, "0 when the condition is given as image_embeds (fidelity starts "
+                            "from the input image; pass init_image= with strength=)")
+            if init_image is not None or init_latents is not None:
+                checks.fail("fidelity", fidelity, "0 when init_image or init_latents is given (fidelity f is "
+                            "init_image=image with strength=1 - f)")
+            init_image, strength = cond, 1.0 - fidelity
+        if color_adjust and init_image is None and not isinstance(image, (PIL.Image.Image, list, Tensor)):
+            checks.fail("color_adjust", color_adjust, "False when no image or init_image gives the colours")
+        run = self._prepare(len(cond), height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                            eta, generator, latents, output_type, callback, callback_steps, scheduler,
+                            init_image=init_image, init_latents=init_latents, strength=strength,
+                            init_name="image" if fidelity > 0 else "init_image")
+        reference = run.init_images if run.init_images is not None else None
+        if color_adjust and reference is None:
+            size = (run.shape[2] * self._factor, run.shape[3] * self._factor)
+            reference = resized(cond if image is not None else init_image, *size).to(self.device)
         if fidelity == 1:  # parity: the original returns the input itself
             if output_type == "latent":
-                return GenerationOutput(self._encode_latents(reference, run))
+                with torch.no_grad():
+                    return GenerationOutput(self._init_latents(run))
             return GenerationOutput(to_output(reference.repeat_interleave(run.per_prompt, dim=0).float(), output_type))
-        with self._autocast():
-            tokens = self._image_tokens(imgs, negatives, mode, run, focus=focus)
-        start, skip = None, 0
-        if fidelity > 0:
-            start, skip = self._fidelity_start(reference, fidelity, run)
-        x = self._sample(run, [Context(self.c.image_unet.context_layers(), tokens)], self.denoiser, progress,
-                         start=start, skip=skip)
-        if run.output_type == "latent":
-            return GenerationOutput(x)
-        images = self._decode(x)
-        if color_adjust:
-            images = match_colors(images, reference.repeat_interleave(run.per_prompt, dim=0).float())
-        return GenerationOutput(to_output(images, run.output_type))
+        with torch.no_grad(), self._autocast():
+            tokens = self._image_tokens(cond, negative, mode, run, focus=focus)
+            x = self._sample(run, lambda s, x: core.image_variation(self._nets, tokens, x, s), progress)
+        match = reference.repeat_interleave(run.per_prompt, dim=0).float() if color_adjust else None
+        return self._images(x, run, match_to=match)
 
-    def dual_guided(self, prompt: str | list[str], image: PIL.Image.Image | list[PIL.Image.Image] | Tensor,
+    def dual_guided(self, prompt: str | list[str] | None = None, image: Images | None = None,
                     text_to_image_strength: float = 0.5, height: int | None = None, width: int | None = None,
                     num_inference_steps: int = 50, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
-                    eta: float = 0.0, generator: torch.Generator | list[torch.Generator] | None = None,
-                    latents: Tensor | None = None, output_type: str = "pil", callback: Callback | None = None,
-                    callback_steps: int = 1, *, negative_prompt: str | list[str] | None = None,
-                    scheduler: str | None = None, uncond_image: str | None = None,
-                    progress: bool = True) -> GenerationOutput:
-        """Generate from a text and an image together. At every context layer the text stream weighs
-        text_to_image_strength and the image stream 1 - text_to_image_strength (1: pure text-to-image)."""
+                    eta: float = 0.0, generator: Generator = None, latents: Tensor | None = None,
+                    output_type: str = "pil", callback: Callback | None = None, callback_steps: int = 1, *,
+                    negative_prompt: str | list[str] | None = None, prompt_embeds: Tensor | None = None,
+                    negative_prompt_embeds: Tensor | None = None, image_embeds: Tensor | None = None,
+                    negative_image_embeds: Tensor | None = None, init_image: Images | None = None,
+                    init_latents: Tensor | None = None, strength: float | None = None, scheduler: str | None = None,
+                    uncond_image: str | None = None, progress: bool = True) -> GenerationOutput:
+        """Images from a text and an image (or their tokens). At every context layer the text stream weighs
+        text_to_image_strength and the image stream the rest (1: pure text-to-image, 0: pure variation)."""
         self._need("dual_guided")
-        texts = checks.prompts("prompt", prompt)
-        imgs = checks.images("image", image)
-        if len(imgs) != len(texts):
-            checks.fail("image", f"{len(imgs)} image(s)", f"one image per prompt ({len(texts)})")
-        s = checks.number("text_to_image_strength", text_to_image_strength, 0.0, 1.0)
-        negatives = checks.negative("negative_prompt", negative_prompt, len(texts), "text")
+        text = self._text_arg("prompt", prompt, prompt_embeds)
+        cond = self._image_arg("image", image, image_embeds)
+        if len(cond) != len(text):
+            checks.fail("image" if image_embeds is None else "image_embeds", f"{len(cond)} image(s)",
+                        f"one image per prompt ({len(text)})")
+        mixing = checks.number("text_to_image_strength", text_to_image_strength, 0.0, 1.0)
+        negative = self._negative_text(negative_prompt, negative_prompt_embeds, len(text))
+        negative_image = self._negative_image(None, negative_image_embeds, len(cond))
         mode = self._uncond_mode(uncond_image)
-        run = self._prepare(len(texts), height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                            eta, generator, latents, output_type, callback, callback_steps, scheduler)
-        with self._autocast():
-            text = self._text_tokens(texts, negatives, run)
-            image_tokens = self._image_tokens(imgs, None, mode, run)
-        streams = [Context(self.c.text_unet.context_layers(), text, s),
-                   Context(self.c.image_unet.context_layers(), image_tokens, 1.0 - s)]
-        return self._generate(run, streams, progress)
+        run = self._prepare(len(text), height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                            eta, generator, latents, output_type, callback, callback_steps, scheduler,
+                            init_image=init_image, init_latents=init_latents, strength=strength)
+        with torch.no_grad(), self._autocast():
+            text_tokens = self._text_tokens(text, negative, run)
+            image_tokens = self._image_tokens(cond, negative_image, mode, run)
+            x = self._sample(run, lambda s, x: core.dual_guided(self._nets, text_tokens, image_tokens, mixing, x, s),
+                             progress)
+        return self._images(x, run)
 
     def blend(self, images: list[PIL.Image.Image] | Tensor, weights: list[float] | None = None,
               masks: list[PIL.Image.Image | Tensor | None] | None = None, focus: float | list[float] | None = None,
               prompt: str | None = None, text_strength: float = 0.0, height: int | None = None,
               width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-              num_images_per_prompt: int = 1, eta: float = 0.0,
-              generator: torch.Generator | list[torch.Generator] | None = None, latents: Tensor | None = None,
-              output_type: str = "pil", callback: Callback | None = None, callback_steps: int = 1, *,
-              negative_prompt: str | None = None, scheduler: str | None = None,
+              num_images_per_prompt: int = 1, eta: float = 0.0, generator: Generator = None,
+              latents: Tensor | None = None, output_type: str = "pil", callback: Callback | None = None,
+              callback_steps: int = 1, *, negative_prompt: str | None = None, prompt_embeds: Tensor | None = None,
+              negative_prompt_embeds: Tensor | None = None, init_image: Images | None = None,
+              init_latents: Tensor | None = None, strength: float | None = None, scheduler: str | None = None,
               progress: bool = True) -> GenerationOutput:
         """One image from up to four images (and optionally a text), as the original's multi-context app.
 
-        Each image's 257 CLIP tokens are focus-adjusted (see image_variation), scaled by its weight and
-        concatenated along the token axis, so the image context layers attend over all of them at once. A mask
-        (same aspect as its image; white = leave this region out, as the original app's painted mask) weights
-        the image's patches inside CLIP. Images and masks are squashed to CLIP's square input, as the original
-        does, so that patches and mask line up. With a prompt and text_strength s > 0, the text stream weighs
-        s and the image stream 1 - s at every context layer. "No image" for guidance is an all-zero embedding.
+        Each image's 257 CLIP tokens are focus-adjusted (see image_variation), scaled by its weight and placed
+        side by side (vd.sampling.blend_tokens). A mask (same aspect as its image; white = leave this region out)
+        weights the image's patches inside CLIP. Images and masks are squashed to CLIP's square input, as the
+        original does, so that patches and mask line up. With a text (prompt or prompt_embeds [1, 77, D]) and
+        text_strength s > 0, the text stream weighs s and the images 1 - s. "No image" is an all-zero embedding.
         """
         self._need("blend")
         imgs = checks.images("images", images)
@@ -238,77 +302,139 @@ class VersatileDiffusion:
             checks.fail("prompt", prompt, "a string or None", TypeError)
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             checks.fail("negative_prompt", negative_prompt, "a string or None", TypeError)
-        use_text = bool(prompt) and s > 0  # parity: the original ignores an empty text or a zero strength
+        text = None
+        if prompt is not None or prompt_embeds is not None:
+            text = self._text_arg("prompt", prompt, prompt_embeds, batch=1)
+        negative = self._negative_text(negative_prompt, negative_prompt_embeds, 1)
+        use_text = text is not None and (isinstance(text, Tensor) or bool(prompt)) and s > 0  # parity: the original
         run = self._prepare(1, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
-                            generator, latents, output_type, callback, callback_steps, scheduler)
-        with self._autocast():
+                            generator, latents, output_type, callback, callback_steps, scheduler,
+                            init_image=init_image, init_latents=init_latents, strength=strength)
+        with torch.no_grad(), self._autocast():  # ignores an empty text or a zero strength
             per_image = []
             for i in range(k):
-                one = imgs[i:i + 1]
-                pixels = pixel_values(self.c.image_processor, one, square=True).to(self.device, self.dtype)
+                pixels = pixel_values(self.c.image_processor, imgs[i:i + 1], square=True).to(self.device, self.dtype)
                 tw = None
                 if keep[i] is not None:
                     tw = mask_token_weights(keep[i].to(self.device), self._patch, pixels.shape[-1])
                 tokens = encode_image(self.c.image_encoder, pixels, token_weights=tw)
-                tokens = self._focus(tokens, focus[i], run, first=0)  # all images serve the one prompt
-                per_image.append(tokens * weights[i])
-            cond = torch.cat(per_image, dim=1).repeat_interleave(run.per_prompt, dim=0)
-            image_tokens = torch.cat([torch.zeros_like(cond), cond]) if run.cfg else cond
-            streams = [Context(self.c.image_unet.context_layers(), image_tokens, 1.0 - s if use_text else 1.0)]
+                per_image.append(self._focus(tokens, focus[i], run.generator, index=0))  # all serve one prompt
+            cond = core.blend_tokens(per_image, weights).repeat_interleave(run.per_prompt, dim=0)
+            image_tokens = core.guided_tokens(cond, torch.zeros_like(cond), run.sampling.guidance_scale)
             if use_text:
-                text = self._text_tokens([prompt], None if negative_prompt is None else [negative_prompt], run)
-                streams.insert(0, Context(self.c.text_unet.context_layers(), text, s))
-        return self._generate(run, streams, progress)
+                text_tokens = self._text_tokens(text, negative, run)
+                flow = lambda st, x: core.dual_guided(self._nets, text_tokens, image_tokens, s, x, st)  # noqa: E731
+            else:
+                flow = lambda st, x: core.image_variation(self._nets, image_tokens, x, st)  # noqa: E731
+            x = self._sample(run, flow, progress)
+        return self._images(x, run)
 
     # ---- text flows
 
-    def image_to_text(self, image: PIL.Image.Image | list[PIL.Image.Image] | Tensor, num_inference_steps: int = 50,
-                      guidance_scale: float = 7.5, num_texts_per_prompt: int = 1, eta: float = 0.0,
-                      generator: torch.Generator | list[torch.Generator] | None = None,
+    def image_to_text(self, image: Images | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                      num_texts_per_prompt: int = 1, eta: float = 0.0, generator: Generator = None,
                       latents: Tensor | None = None, callback: Callback | None = None, callback_steps: int = 1, *,
+                      image_embeds: Tensor | None = None, negative_image_embeds: Tensor | None = None,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                       max_length: int = 30, dedupe: bool = True, scheduler: str | None = None,
                       progress: bool = True) -> TextOutput:
-        """Describe images: text UNet data layers + image UNet context layers, latents [N, 768] decoded by
-        Optimus. "No image" for guidance is CLIP of an all-black image, as the original. Decoding samples with
-        `temperature`, `top_k`, `top_p` (or `greedy`) up to `max_length` tokens; `dedupe` collapses repeated
-        words as the original app does."""
+        """Describe images (or their tokens): text UNet data layers + image UNet context layers, latents [N, 768]
+        decoded by Optimus. "No image" for guidance is CLIP of an all-black image, as the original. Decoding samples
+        with `temperature`, `top_k`, `top_p` (or `greedy`) up to `max_length` tokens; `dedupe` collapses repeated
+        words as the original app does. `latents` [N, 768] is the start noise."""
         self._need("image_to_text")
-        imgs = checks.images("image", image)
-        run = self._prepare_text(len(imgs), num_inference_steps, guidance_scale, num_texts_per_prompt, eta,
+        cond = self._image_arg("image", image, image_embeds)
+        negative = self._negative_image(None, negative_image_embeds, len(cond))
+        run = self._prepare_text(len(cond), num_inference_steps, guidance_scale, num_texts_per_prompt, eta,
                                  generator, latents, callback, callback_steps, scheduler)
-        decoding = checks.decoding(temperature, top_k, top_p, greedy, max_length, dedupe,
-                                   max_positions=self.c.optimus.config.dec_positions)
-        with self._autocast():
-            tokens = self._image_tokens(imgs, None, "black", run)
-        return self._generate_text(run, [Context(self.c.image_unet.context_layers(), tokens)], decoding, progress)
+        decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
+        with torch.no_grad(), self._autocast():
+            tokens = self._image_tokens(cond, negative, "black", run)
+            x = self._sample(run, lambda s, x: core.image_to_text(self._nets, tokens, x, s), progress).flatten(1)
+        return TextOutput(self._decode_text(x, run.generator, decoding), x)
 
-    def text_variation(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def text_variation(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                        num_inference_steps: int = 50, guidance_scale: float = 7.5, num_texts_per_prompt: int = 1,
-                       eta: float = 0.0, generator: torch.Generator | list[torch.Generator] | None = None,
-                       latents: Tensor | None = None, callback: Callback | None = None, callback_steps: int = 1, *,
+                       eta: float = 0.0, generator: Generator = None, latents: Tensor | None = None,
+                       callback: Callback | None = None, callback_steps: int = 1, *,
+                       prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                        max_length: int = 30, dedupe: bool = True, scheduler: str | None = None,
                        progress: bool = True) -> TextOutput:
-        """Rephrase texts: text UNet data + context layers, decoded by Optimus (see image_to_text)."""
+        """Rephrase texts (or their tokens): text UNet data + context layers, decoded by Optimus (see
+        image_to_text)."""
         self._need("text_variation")
-        texts = checks.prompts("prompt", prompt)
-        negatives = checks.negative("negative_prompt", negative_prompt, len(texts), "text")
-        run = self._prepare_text(len(texts), num_inference_steps, guidance_scale, num_texts_per_prompt, eta,
+        text = self._text_arg("prompt", prompt, prompt_embeds)
+        negative = self._negative_text(negative_prompt, negative_prompt_embeds, len(text))
+        run = self._prepare_text(len(text), num_inference_steps, guidance_scale, num_texts_per_prompt, eta,
                                  generator, latents, callback, callback_steps, scheduler)
-        decoding = checks.decoding(temperature, top_k, top_p, greedy, max_length, dedupe,
-                                   max_positions=self.c.optimus.config.dec_positions)
-        with self._autocast():
-            tokens = self._text_tokens(texts, negatives, run)
-        return self._generate_text(run, [Context(self.c.text_unet.context_layers(), tokens)], decoding, progress)
+        decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
+        with torch.no_grad(), self._autocast():
+            tokens = self._text_tokens(text, negative, run)
+            x = self._sample(run, lambda s, x: core.text_variation(self._nets, tokens, x, s), progress).flatten(1)
+        return TextOutput(self._decode_text(x, run.generator, decoding), x)
 
-    # ---- shared steps
+    # ---- checks
 
     def _need(self, task: str) -> None:
+        self._need_parts(task, *TASK_PARTS[task], task=task)
+
+    def _need_parts(self, what: str, *parts: str, task: str | None = None) -> None:
         have = {p for t in self.tasks for p in TASK_PARTS[t]}
-        if not set(TASK_PARTS[task]) <= have:
+        if not set(parts) <= have:
+            hint = task or next(t for t in TASKS if set(parts) <= set(TASK_PARTS[t]))
             raise ValueError(f"this pipeline was loaded for tasks {list(self.tasks)}; load it with "
-                             f"tasks=[..., {task!r}] to run {task}")
+                             f"tasks=[..., {hint!r}] to run {what}")
+
+    def _text_arg(self, name: str, prompt: object, embeds: object, batch: int | None = None) -> list[str] | Tensor:
+        """Prompts as a list of strings, or their tokens [B, 77, D] as given in `{name}_embeds`."""
+        if embeds is None:
+            if prompt is None:
+                checks.fail(name, prompt, f"a string, a list of strings, or {name}_embeds", TypeError)
+            return checks.prompts(name, prompt)
+        if prompt is not None:
+            checks.fail(f"{name}_embeds", embeds, f"None when {name} is given (one or the other)")
+        return checks.tokens(f"{name}_embeds", embeds, self._text_token_shape, self.device, batch=batch)
+
+    def _image_arg(self, name: str, image: object, embeds: object) -> list[PIL.Image.Image] | Tensor:
+        """Images (a list of PIL images or a [B, 3, H, W] tensor), or their tokens [B, 257, D] from image_embeds."""
+        if embeds is None:
+            if image is None:
+                checks.fail(name, image, f"a PIL image, a list of them, a [B, 3, H, W] tensor, or image_embeds",
+                            TypeError)
+            return checks.images(name, image)
+        if image is not None:
+            checks.fail("image_embeds", embeds, f"None when {name} is given (one or the other)")
+        return checks.tokens("image_embeds", embeds, self._image_token_shape, self.device)
+
+    def _negative_text(self, negative: object, embeds: object, batch: int) -> list[str] | Tensor | None:
+        if embeds is None:
+            return checks.negative("negative_prompt", negative, batch, "text")
+        if negative is not None:
+            checks.fail("negative_prompt_embeds", embeds, "None when negative_prompt is given (one or the other)")
+        return checks.tokens("negative_prompt_embeds", embeds, self._text_token_shape, self.device, batch=(1, batch))
+
+    def _negative_image(self, negative: object, embeds: object, batch: int) -> list | Tensor | None:
+        if embeds is None:
+            return checks.negative("negative_prompt", negative, batch, "image")
+        if negative is not None:
+            checks.fail("negative_image_embeds", embeds, "None when negative_prompt is given (one or the other)")
+        return checks.tokens("negative_image_embeds", embeds, self._image_token_shape, self.device, batch=(1, batch))
+
+    @property
+    def _text_token_shape(self) -> tuple[int, int]:
+        """(tokens, width) of a prompt's context: CLIP's 77 positions, the text UNet's context width."""
+        length = self.c.text_encoder.config.max_position_embeddings
+        return length, self.c.text_unet.config.context_dim[0]
+
+    @property
+    def _image_token_shape(self) -> tuple[int, int]:
+        cfg = self.c.image_encoder.config
+        return (cfg.image_size // cfg.patch_size) ** 2 + 1, self.c.image_unet.config.context_dim[0]
+
+    def _decoding(self, temperature, top_k, top_p, greedy, max_length, dedupe) -> dict:
+        return checks.decoding(temperature, top_k, top_p, greedy, max_length, dedupe,
+                               max_positions=self.c.optimus.config.dec_positions)
 
     @property
     def _factor(self) -> int:
@@ -317,6 +443,14 @@ class VersatileDiffusion:
     @property
     def _patch(self) -> int:
         return self.c.image_encoder.config.patch_size
+
+    @property
+    def _nets(self) -> core.Nets:
+        image, text = self.c.image_unet, self.c.text_unet
+        return core.Nets(image=self.denoiser, text=self.text_denoiser,
+                         image_context=image.context_layers() if image is not None and "context" in image.parts
+                         else None,
+                         text_context=text.context_layers() if text is not None and "context" in text.parts else None)
 
     def _uncond_mode(self, value: str | None) -> str:
         return self.uncond_image if value is None else checks.choice("uncond_image", value, UNCOND_IMAGES)
@@ -327,25 +461,66 @@ class VersatileDiffusion:
         return nullcontext()
 
     def _prepare(self, batch, height, width, steps, guidance, per_prompt, eta, generator, latents, output_type,
-                 callback, callback_steps, scheduler) -> "_Run":
-        """Check every generation argument before any model runs."""
+                 callback, callback_steps, scheduler, *, init_image=None, init_latents=None, strength=None,
+                 init_name="init_image") -> "_Call":
+        """Check every argument of an image flow before any model runs."""
         unet, factor = self.c.image_unet.config, self._factor
+        init_images = None
+        if init_image is not None and init_latents is not None:
+            checks.fail("init_latents", init_latents, "None when init_image is given (one or the other)")
+        if init_image is not None:
+            init_images = checks.images(init_name, init_image)
+            if len(init_images) not in (1, batch):
+                checks.fail(init_name, f"{len(init_images)} images", f"one image or {batch} (one per prompt)")
+            if height is None and width is None:  # the init image's own size, as img2img
+                height, width = checks.common_size(init_name, init_images, factor)
         default = (unet.sample_size or 64) * factor
+        if init_latents is not None:
+            checks.tensor("init_latents", init_latents, dims=4)
+            default_h, default_w = (init_latents.shape[2] * factor, init_latents.shape[3] * factor)
+            height, width = default_h if height is None else height, default_w if width is None else width
         height = checks.size("height", default if height is None else height, factor)
         width = checks.size("width", default if width is None else width, factor)
         checks.choice("output_type", output_type, checks.OUTPUT_TYPES)
-        return self._run(batch, (unet.in_channels, height // factor, width // factor), steps, guidance, per_prompt,
+        run = self._call(batch, (unet.in_channels, height // factor, width // factor), steps, guidance, per_prompt,
                          "num_images_per_prompt", eta, generator, latents, output_type, callback, callback_steps,
                          scheduler)
+        starts = init_images is not None or init_latents is not None
+        if strength is not None and not starts:
+            checks.fail("strength", strength, "None unless init_image or init_latents is given")
+        if not starts:
+            return run
+        name = init_name if init_latents is None else "init_latents"
+        if latents is not None:
+            checks.fail("latents", "a tensor", f"None when {name} is given (the start comes from it)")
+        if not getattr(run.sampling.sampler, "starts_part_way", False):
+            checks.fail(name if init_name == "init_image" else "fidelity", "given",
+                        f"a scheduler that starts part-way (ddim), not {run.scheduler!r}")
+        strength = checks.number("strength", DEFAULT_STRENGTH if strength is None else strength, 0.0, 1.0)
+        if init_latents is not None:
+            rows = (batch, run.shape[0])
+            init_latents = checks.latents(init_latents, (init_latents.shape[0], *run.shape[1:]), self.device,
+                                          name="init_latents")
+            if init_latents.shape[0] not in rows:
+                checks.fail("init_latents", init_latents, f"{batch} or {run.shape[0]} rows (per prompt or per image)")
+        elif init_images is not None:
+            init_images = resized(init_images, height, width).to(self.device)
+            if len(init_images) == 1 and batch > 1:
+                init_images = init_images.expand(batch, -1, -1, -1)
+        t_enc = core.start_step(strength, run.sampling.num_steps)
+        return dataclasses.replace(run, init_images=init_images, init_latents=init_latents,
+                                   sampling=dataclasses.replace(run.sampling, t_enc=t_enc))
 
     def _prepare_text(self, batch, steps, guidance, per_prompt, eta, generator, latents, callback, callback_steps,
-                      scheduler) -> "_Run":
+                      scheduler) -> "_Call":
         features = tuple(self.c.text_unet.config.in_channels)  # (768, 1, 1): text latents as the text UNet sees them
-        return self._run(batch, features, steps, guidance, per_prompt, "num_texts_per_prompt", eta, generator,
-                         latents, "text", callback, callback_steps, scheduler)
+        if isinstance(latents, Tensor) and latents.dim() == 2:
+            latents = latents.reshape(latents.shape[0], -1, *([1] * (len(features) - 1)))  # from [N, 768]
+        return self._call(batch, features, steps, guidance, per_prompt, "num_texts_per_prompt", eta, generator,
+                          latents, "text", callback, callback_steps, scheduler)
 
-    def _run(self, batch, sample_shape, steps, guidance, per_prompt, per_prompt_name, eta, generator, latents,
-             output_type, callback, callback_steps, scheduler) -> "_Run":
+    def _call(self, batch, sample_shape, steps, guidance, per_prompt, per_prompt_name, eta, generator, latents,
+              output_type, callback, callback_steps, scheduler) -> "_Call":
         name = checks.choice("scheduler", self.scheduler if scheduler is None else scheduler, list(SAMPLERS))
         sampler = sampler_from_config(name, self.c.scheduler_config)
         steps = checks.integer("num_inference_steps", steps, 1, sampler.num_train_timesteps)
@@ -353,171 +528,165 @@ class VersatileDiffusion:
         per_prompt = checks.integer(per_prompt_name, per_prompt, 1)
         eta = checks.number("eta", eta, 0.0)
         total = batch * per_prompt
-        generator = checks.generator(generator, total)
         shape = (total, *sample_shape)
-        if output_type == "text" and isinstance(latents, Tensor) and latents.dim() == 2:
-            latents = latents.reshape(latents.shape[0], -1, *([1] * (len(sample_shape) - 1)))  # [N, 768] form
-        latents = checks.latents(latents, shape, self.device)
-        callback_steps = checks.callback(callback, callback_steps)
-        return _Run(sampler, steps, guidance, per_prompt, eta, generator, latents, shape, output_type, callback,
-                    callback_steps)
+        sampling = core.Sampling(sampler=sampler, num_steps=steps, guidance_scale=guidance, eta=eta,
+                                 generator=checks.generator(generator, total))
+        return _Call(sampling=sampling, scheduler=name, per_prompt=per_prompt, shape=shape,
+                     latents=checks.latents(latents, shape, self.device), output_type=output_type,
+                     callback=callback, callback_steps=checks.callback(callback, callback_steps))
 
-    def _text_tokens(self, texts: list[str], negatives: list[str] | None, run: "_Run") -> Tensor:
-        enc, tok = self.c.text_encoder, self.c.tokenizer
-        cond = encode_text(enc, tok, texts, self.device).repeat_interleave(run.per_prompt, dim=0)
-        if not run.cfg:
+    # ---- conditions
+
+    def _text_tokens(self, cond: list[str] | Tensor, negative: list[str] | Tensor | None, run: "_Call") -> Tensor:
+        """Text tokens of a run: [uncond; cond], each repeated for the samples of its prompt (cond alone unguided)."""
+        cond = self._text_embeds(cond).repeat_interleave(run.per_prompt, dim=0)
+        if not run.sampling.guided:
             return cond
-        uncond = encode_text(enc, tok, negatives or [""] * len(texts), self.device)
-        return torch.cat([uncond.repeat_interleave(run.per_prompt, dim=0), cond])
+        n = len(cond) // run.per_prompt
+        uncond = self._text_embeds([""] * n if negative is None else negative)
+        uncond = uncond.expand(n, -1, -1) if len(uncond) == 1 else uncond
+        return core.guided_tokens(cond, uncond.repeat_interleave(run.per_prompt, dim=0), run.sampling.guidance_scale)
 
-    def _image_tokens(self, imgs, negatives, mode: str, run: "_Run", focus: float = 0.5) -> Tensor:
-        proc, enc = self.c.image_processor, self.c.image_encoder
+    def _text_embeds(self, texts: list[str] | Tensor) -> Tensor:
+        if isinstance(texts, Tensor):
+            return texts.to(self.device)
+        return encode_text(self.c.text_encoder, self.c.tokenizer, texts, self.device)
 
-        def encode(pixels: Tensor) -> Tensor:
-            return encode_image(enc, pixels.to(self.device, self.dtype))
-
-        cond = encode(pixel_values(proc, imgs))
-        if focus != 0.5:
-            cond = torch.cat([self._focus(cond[i:i + 1], focus, run, first=i) for i in range(len(cond))])
+    def _image_tokens(self, cond: list | Tensor, negative: list | Tensor | None, mode: str, run: "_Call",
+                      focus: float = 0.5) -> Tensor:
+        """Image tokens of a run: [uncond; cond] per sample; "no image" is `negative`, or else by `mode`."""
+        n = len(cond)
+        if isinstance(cond, Tensor) and cond.dim() == 3:  # tokens given
+            cond = torch.cat([self._focus(cond[i:i + 1].to(self.device), focus, run.generator, i * run.per_prompt)
+                              for i in range(n)])
+        else:
+            cond = self._encode_images(cond, focus, run.generator, stride=run.per_prompt)
         cond = cond.repeat_interleave(run.per_prompt, dim=0)
-        if not run.cfg:
+        if not run.sampling.guided:
             return cond
-        if negatives is not None:
-            uncond = encode(pixel_values(proc, negatives))
+        if isinstance(negative, Tensor) and negative.dim() == 3:
+            uncond = negative.to(self.device).expand(n, -1, -1)
+        elif negative is not None:
+            uncond = self._encode_images(negative, 0.5, None)
         elif mode == "zeros":
             uncond = torch.zeros_like(cond[::run.per_prompt])
         else:
-            uncond = encode(uncond_pixel_values(proc, mode, len(imgs)))
-        return torch.cat([uncond.repeat_interleave(run.per_prompt, dim=0), cond])
+            pixels = uncond_pixel_values(self.c.image_processor, mode, n)
+            uncond = encode_image(self.c.image_encoder, pixels.to(self.device, self.dtype))
+        return core.guided_tokens(cond, uncond.repeat_interleave(run.per_prompt, dim=0), run.sampling.guidance_scale)
 
-    def _focus(self, tokens: Tensor, focus: float, run: "_Run", first: int) -> Tensor:
-        """Focus-adjust one image's tokens [1, 257, D] with its generator (the first of its samples), on the
-        generator's device so a CPU-seeded result is the same on every device."""
+    def _encode_images(self, imgs: list | Tensor, focus: float, generator: Generator, stride: int = 1) -> Tensor:
+        """CLIP tokens of images, each focus-adjusted with generator[i * stride] (the first of its samples)."""
+        pixels = pixel_values(self.c.image_processor, imgs).to(self.device, self.dtype)
+        tokens = encode_image(self.c.image_encoder, pixels)
         if focus == 0.5:
             return tokens
-        g = run.generator[first * run.per_prompt] if isinstance(run.generator, list) else run.generator
+        return torch.cat([self._focus(tokens[i:i + 1], focus, generator, i * stride) for i in range(len(tokens))])
+
+    def _focus(self, tokens: Tensor, focus: float, generator: Generator, index: int) -> Tensor:
+        """Focus-adjust one image's tokens [1, 257, D] on the generator's device (so a CPU seed gives the same
+        result on every device), with generator[index] of a list."""
+        if focus == 0.5:
+            return tokens
+        g = generator[index] if isinstance(generator, list) else generator
         where = g.device if g is not None else tokens.device
         return adjust_focus(tokens.to(where), focus, generator=g).to(tokens.device, tokens.dtype)
 
-    @torch.no_grad()
-    def _encode_latents(self, images: Tensor, run: "_Run") -> Tensor:
-        """Images [B, 3, h, w] in [0, 1] -> scaled VAE latents, one posterior draw per image (repeated for its
-        samples, as the original), drawn from the image's generator."""
-        vae = self.c.vae
-        with torch.autocast(self.device.type, enabled=False):
-            post = vae.encode((2 * images - 1).to(next(vae.parameters()).dtype))
-        gens = run.generator[::run.per_prompt] if isinstance(run.generator, list) else run.generator
-        x0 = post.mean + post.std * randn(post.mean.shape, gens, self.device, post.mean.dtype)
-        return (vae.config.scaling_factor * x0).repeat_interleave(run.per_prompt, dim=0)
+    # ---- sampling and outputs
 
-    def _fidelity_start(self, reference: Tensor, fidelity: float, run: "_Run") -> tuple[Tensor, int]:
-        """The input's latent, noised to the first timestep that will be denoised, and how many steps to skip
-        (all of them, and no noise, when int(steps * (1 - fidelity)) is 0).
+    def _init_latents(self, run: "_Call") -> Tensor:
+        """The init latents of a run, one row per sample: given, or one posterior draw per init image from its
+        generator (the first of its samples), repeated for its samples as the original does."""
+        x0 = run.init_latents
+        if x0 is None:
+            gens = run.generator[::run.per_prompt] if isinstance(run.generator, list) else run.generator
+            x0 = core.encode_latents(self.c.vae, run.init_images, gens)
+        x0 = x0.to(self.device)
+        return x0 if len(x0) == run.shape[0] else x0.repeat_interleave(run.per_prompt, dim=0)
 
-        divergence: the original noises to one grid step before the first step it denoises (vd-reference D.8
-        #3); we noise to the level that step expects, as img2img does.
-        """
-        x0 = self._encode_latents(reference, run)
-        ts = run.sampler.timesteps(run.steps)
-        keep = int(len(ts) * (1 - fidelity))  # parity: the original's int(steps * (1 - fidelity))
-        skip = len(ts) - keep
-        if keep == 0:
-            return x0, skip
-        z = randn(x0.shape, run.generator, self.device, x0.dtype)
-        return run.sampler.noised(x0, int(ts[skip]), z), skip
-
-    def _sample(self, run: "_Run", streams: list[Context], denoise: Denoiser, progress: bool,
-                start: Tensor | None = None, skip: int = 0) -> Tensor:
-        """Sample latents with classifier-free guidance. `start`/`skip`: begin from a noised sample part-way
-        (DDIM only)."""
-        # parity: noise is drawn in the model's dtype, as the reference does (its embeddings' dtype); under
-        # autocast our tokens may be float32, and fp16 and fp32 draws from one generator differ
-        if start is not None:
-            x = start
+    def _sample(self, run: "_Call", flow: Callable[[core.Sampling, Tensor], Tensor], progress: bool) -> Tensor:
+        """Start latents (noise in the model's dtype as the reference draws it, given latents, or noised init
+        latents), then `flow(sampling, x)` with a progress bar and the user's callback."""
+        s = run.sampling
+        if s.t_enc is not None:
+            x = core.noised_start(s.sampler, self._init_latents(run), s.num_steps, s.t_enc, s.generator)
         elif run.latents is not None:
             x = run.latents.to(self.device)
         else:
-            x = randn(run.shape, run.generator, self.device, self.dtype)
-
-        def eps_fn(x_in: Tensor, t: Tensor) -> Tensor:
-            if run.cfg:
-                uncond, cond = denoise(torch.cat([x_in, x_in]), t, streams).chunk(2)
-                return uncond + run.guidance * (cond - uncond)
-            return denoise(x_in, t, streams)
-
-        timesteps = run.sampler.timesteps(run.steps)
-        bar = tqdm(total=len(timesteps) - skip, disable=not progress, desc="denoising")
+            x = randn(run.shape, s.generator, self.device, self.dtype)
+        total = s.num_steps if s.t_enc is None else min(s.t_enc, s.num_steps)
+        bar = tqdm(total=total, disable=not progress, desc="denoising")
 
         def on_step(i: int, t: Tensor, latents: Tensor) -> None:
             bar.update()
             if run.callback is not None and i % run.callback_steps == 0:
                 run.callback(i, t, latents)
 
-        extra = {"skip": skip} if skip else {}
         try:
-            with torch.no_grad():  # (the denoiser runs in the weights' dtype; the sampler's math is elementwise)
-                x = run.sampler.sample(eps_fn, x, run.steps, generator=run.generator, eta=run.eta, callback=on_step,
-                                       **extra)
+            x = flow(dataclasses.replace(s, callback=on_step), x)
         finally:
             bar.close()
         if not torch.isfinite(x).all():
-            raise FloatingPointError("denoising produced NaN or inf latents; try float32 (dtype=torch.float32)")
+            hint = "; try float32 (dtype=torch.float32)" if x.dtype != torch.float32 else ""
+            raise FloatingPointError(f"denoising produced NaN or inf latents{hint}")
         return x
 
-    def _generate(self, run: "_Run", streams: list[Context], progress: bool) -> GenerationOutput:
-        x = self._sample(run, streams, self.denoiser, progress)
+    def _images(self, x: Tensor, run: "_Call", match_to: Tensor | None = None) -> GenerationOutput:
         if run.output_type == "latent":
             return GenerationOutput(x)
-        return GenerationOutput(to_output(self._decode(x), run.output_type))
-
-    def _generate_text(self, run: "_Run", streams: list[Context], decoding: dict, progress: bool) -> TextOutput:
-        x = self._sample(run, streams, self.text_denoiser, progress).flatten(1)  # [N, 768]
-        optimus, tok = self.c.optimus, self.c.optimus_tokenizer
-        dedupe = decoding.pop("dedupe")
-        gens = run.generator if isinstance(run.generator, list) else [run.generator] * len(x)
-        texts = []
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            z = x.to(next(optimus.parameters()).dtype)
-            for zi, g in zip(z, gens):  # one sentence per latent, drawing from its generator, as the original
-                ids = optimus.generate(zi[None], tok.bos_id, tok.eos_id, generator=g, **decoding)[0]
-                text = tok.decode(ids)
-                texts.append(remove_duplicate_word(text) if dedupe else text)
-        return TextOutput(texts, x)
+        images = self._decode(x)
+        if match_to is not None:
+            images = match_colors(images, match_to)
+        return GenerationOutput(to_output(images, run.output_type))
 
     @torch.no_grad()
     def _decode(self, latents: Tensor) -> Tensor:
         """Latents -> images [N, 3, H, W] in [0, 1]. A non-finite fp16 decode is retried in float32."""
         vae = self.c.vae
-        z = latents / vae.config.scaling_factor
         with torch.autocast(self.device.type, enabled=False):  # in the weights' dtype, as the reference does
-            images = vae.decode(z.to(next(vae.parameters()).dtype))
-        if not torch.isfinite(images).all() and self.dtype != torch.float32:
-            warnings.warn("the VAE decode gave NaN/inf in reduced precision; decoding again in float32", stacklevel=3)
-            images = copy.deepcopy(vae).float().decode(z.float())
+            images = core.decode_latents(vae, latents)
+            if not torch.isfinite(images).all() and self.dtype != torch.float32:
+                warnings.warn("the VAE decode gave NaN/inf in reduced precision; decoding again in float32",
+                              stacklevel=3)
+                images = core.decode_latents(copy.deepcopy(vae).float(), latents.float())
         if not torch.isfinite(images).all():
             raise FloatingPointError("the VAE decode produced NaN or inf values even in float32")
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return images.clamp(0, 1)
+
+    def _decode_text(self, latents: Tensor, generator: Generator, decoding: dict) -> list[str]:
+        """One sentence per latent [N, 768], drawing from its generator, as the original."""
+        optimus, tok = self.c.optimus, self.c.optimus_tokenizer
+        decoding = dict(decoding)
+        dedupe = decoding.pop("dedupe")
+        gens = generator if isinstance(generator, list) else [generator] * len(latents)
+        texts = []
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            z = latents.to(self.device, next(optimus.parameters()).dtype)
+            for zi, g in zip(z, gens):
+                ids = optimus.generate(zi[None], tok.bos_id, tok.eos_id, generator=g, **decoding)[0]
+                text = tok.decode(ids)
+                texts.append(remove_duplicate_word(text) if dedupe else text)
+        return texts
 
 
-@dataclass
-class _Run:
-    """The checked arguments of one generation."""
+@dataclass(frozen=True, kw_only=True)
+class _Call:
+    """The checked arguments of one flow call."""
 
-    sampler: object
-    steps: int
-    guidance: float
+    sampling: core.Sampling
+    scheduler: str
     per_prompt: int
-    eta: float
-    generator: torch.Generator | list[torch.Generator] | None
+    shape: tuple[int, ...]  # (N, C, h, w) latents, or (N, 768, 1, 1) text latents
     latents: Tensor | None
-    shape: tuple[int, ...]
     output_type: str
     callback: Callback | None
     callback_steps: int
+    init_images: Tensor | None = None   # [B, 3, H, W] in [0, 1], at the output size
+    init_latents: Tensor | None = None  # [B or N, C, h, w]
 
     @property
-    def cfg(self) -> bool:
-        return self.guidance > 1.0  # parity: guidance <= 1 means no classifier-free guidance
+    def generator(self) -> Generator:
+        return self.sampling.generator
 
 
 def to_output(images: Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray | Tensor:
@@ -528,4 +697,3 @@ def to_output(images: Tensor, output_type: str) -> list[PIL.Image.Image] | np.nd
     if output_type == "np":
         return arr
     return [PIL.Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
-

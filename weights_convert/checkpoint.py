@@ -34,18 +34,20 @@ COMPONENT_PARTS = {
 }
 ALL_PARTS = tuple(f"{c}.{p}" if p else c for c, ps in COMPONENT_PARTS.items() for p in (ps or ("",)))
 
-_DUAL = ("image_unet.global", "image_unet.data", "image_unet.context", "text_unet.context", "vae.decoder",
-         "text_encoder", "image_encoder")
-TASK_PARTS = {  # vd-reference.md G.8
-    "text_to_image": ("image_unet.global", "image_unet.data", "text_unet.context", "vae.decoder", "text_encoder"),
+_DUAL = ("image_unet.global", "image_unet.data", "image_unet.context", "text_unet.context", "vae.encoder",
+         "vae.decoder", "text_encoder", "image_encoder")
+TASK_PARTS = {  # the image flows take the VAE encoder (34 M) for an init image
+    "text_to_image": ("image_unet.global", "image_unet.data", "text_unet.context", "vae.encoder", "vae.decoder",
+                      "text_encoder"),
     "image_variation": ("image_unet.global", "image_unet.data", "image_unet.context", "vae.encoder", "vae.decoder",
-                        "image_encoder"),  # the VAE encoder (34 M) for fidelity
+                        "image_encoder"),
     "dual_guided": _DUAL,
     "blend": _DUAL,
     "image_to_text": ("image_unet.global", "image_unet.context", "text_unet.data", "image_encoder",
                       "optimus.decoder"),
     "text_variation": ("image_unet.global", "text_unet.data", "text_unet.context", "text_encoder",
                        "optimus.decoder"),
+    "encode_text_latents": ("optimus.encoder",),
 }
 TASKS = tuple(TASK_PARTS)
 

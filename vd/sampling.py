@@ -1,0 +1,170 @@
+"""The functional core: every VD flow in a few lines over tensors.
+
+A flow runs the *data* layers of the output's UNet (a denoiser) with the *context* layers of each condition's
+UNet (a `Context` stream: layers, tokens, weight), inside a sampler loop with classifier-free guidance:
+
+    text_to_image    image denoiser + [text context]
+    image_variation  image denoiser + [image context]
+    dual_guided      image denoiser + [text context (weight s), image context (weight 1 - s)]
+    blend            image variation (or dual guidance) on several images' weighted tokens side by side
+    image_to_text    text denoiser  + [image context]
+    text_variation   text denoiser  + [text context]
+
+Conventions. A guided run's tokens are [uncond; cond] along the batch axis (`guided_tokens`), and the sample
+runs through the denoiser twice in one batch. Image latents are the VAE's latents times its scaling factor;
+text latents are Optimus latents [N, 768], which the text UNet sees as [N, 768, 1, 1].
+
+Nothing here checks arguments beyond what torch does, touches PIL or strings, or turns off autograd: a caller
+may differentiate through sampling. `vd.pipeline.VersatileDiffusion` is the checked, convenient front end.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vd.nn import AutoencoderKL, Context
+from vd.sched import randn
+
+Denoise = Callable[[Tensor, Tensor, Sequence[Context]], Tensor]  # (x, t, streams) -> model output
+EpsFn = Callable[[Tensor, Tensor], Tensor]  # (x, t) -> guided model output
+Callback = Callable[[int, Tensor, Tensor], None]  # (step index, t, x) after each step
+Generator = torch.Generator | list[torch.Generator] | None
+
+
+@dataclass(frozen=True)
+class Nets:
+    """What the flows run. `image` and `text` denoise image and text latents (the data layers of that UNet, both
+    with the image UNet's timestep MLP, as VD shares it); `image_context` and `text_context` are the context
+    layers that attend to image and text tokens. A part the loaded tasks do not need is None."""
+
+    image: Denoise | None
+    text: Denoise | None
+    image_context: Sequence[nn.Module] | None
+    text_context: Sequence[nn.Module] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """One sampler loop: `sampler` (a vd.sched sampler) run for `num_steps`, classifier-free guidance above a
+    `guidance_scale` of 1, DDIM's `eta`, the noise `generator` (one, or one per sample), and `t_enc`: None to
+    start from noise, or the number of steps left when starting from noised init latents (`noised_start`)."""
+
+    sampler: object
+    num_steps: int
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+    generator: Generator = None
+    t_enc: int | None = None
+    callback: Callback | None = None
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0  # as the reference: a scale of 1 or less runs the conditional half only
+
+
+# ---- the flows
+
+def text_to_image(nets: Nets, text: Tensor, x: Tensor, s: Sampling) -> Tensor:
+    """Image latents from text tokens [B, 77, D] (([uncond; cond] when guided)."""
+    return denoise(nets.image, [Context(nets.text_context, text)], x, s)
+
+
+def image_variation(nets: Nets, image: Tensor, x: Tensor, s: Sampling) -> Tensor:
+    """Image latents from image tokens [B, 257, D] (or several images' tokens side by side, `blend_tokens`)."""
+    return denoise(nets.image, [Context(nets.image_context, image)], x, s)
+
+
+def dual_guided(nets: Nets, text: Tensor, image: Tensor, text_weight: float, x: Tensor, s: Sampling) -> Tensor:
+    """Image latents from a text and an image: at every context layer the text stream weighs `text_weight` and
+    the image stream the rest (the original's `mixed_ratio` is the image's weight)."""
+    streams = [Context(nets.text_context, text, text_weight), Context(nets.image_context, image, 1.0 - text_weight)]
+    return denoise(nets.image, streams, x, s)
+
+
+def image_to_text(nets: Nets, image: Tensor, x: Tensor, s: Sampling) -> Tensor:
+    """Text latents [N, 768, 1, 1] from image tokens."""
+    return denoise(nets.text, [Context(nets.image_context, image)], x, s)
+
+
+def text_variation(nets: Nets, text: Tensor, x: Tensor, s: Sampling) -> Tensor:
+    """Text latents [N, 768, 1, 1] from text tokens."""
+    return denoise(nets.text, [Context(nets.text_context, text)], x, s)
+
+
+def blend_tokens(tokens: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Several images' tokens [B, 257, D], each scaled by its weight, side by side [B, 257 k, D]: the context
+    layers attend over all of them at once (the original app's multi-image context)."""
+    return torch.cat([t * w for t, w in zip(tokens, weights)], dim=1)
+
+
+# ---- the loop
+
+def denoise(denoiser: Denoise, streams: Sequence[Context], x: Tensor, s: Sampling) -> Tensor:
+    """Run `s`'s sampler from x (unit noise, or noised init latents when s.t_enc is set) with guidance."""
+    eps = guided(denoiser, streams, s.guidance_scale)
+    return sample(s.sampler, eps, x, s.num_steps, t_enc=s.t_enc, generator=s.generator, eta=s.eta,
+                  callback=s.callback)
+
+
+def guided(denoiser: Denoise, streams: Sequence[Context], guidance_scale: float) -> EpsFn:
+    """Classifier-free guidance (Ho & Salimans 2022): eps = u + g (c - u), u and c from one batch [x; x]."""
+    if guidance_scale <= 1.0:
+        return lambda x, t: denoiser(x, t, streams)
+
+    def eps(x: Tensor, t: Tensor) -> Tensor:
+        uncond, cond = denoiser(torch.cat([x, x]), t, streams).chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+    return eps
+
+
+def guided_tokens(cond: Tensor, uncond: Tensor | None, guidance_scale: float) -> Tensor:
+    """[uncond; cond] for a guided run, else cond alone."""
+    return torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond
+
+
+def sample(sampler, eps_fn: EpsFn, x: Tensor, num_steps: int, *, t_enc: int | None = None,
+           generator: Generator = None, eta: float = 0.0, callback: Callback | None = None) -> Tensor:
+    """The sampler's loop from x. With `t_enc`, x is init latents noised by `noised_start(..., t_enc, ...)` and
+    only the t_enc least noisy steps run (none for t_enc = 0): the original's `decode_dc(t_start=t_enc)`."""
+    skip = 0 if t_enc is None else max(num_steps - t_enc, 0)
+    extra = {"skip": skip} if skip else {}
+    return sampler.sample(eps_fn, x, num_steps, generator=generator, eta=eta, callback=callback, **extra)
+
+
+def start_step(strength: float, num_steps: int) -> int:
+    """t_enc, the steps left to run for an init image at `strength` in [0, 1]: int(strength * num_steps), as the
+    original (0.75 x 50 gives 37)."""
+    return int(strength * num_steps)
+
+
+def noised_start(sampler, x0: Tensor, num_steps: int, t_enc: int, generator: Generator = None) -> Tensor:
+    """Init latents x0 noised for `sample(..., t_enc=t_enc)`: sqrt(a) x0 + sqrt(1 - a) z, with one draw z for the
+    batch and a = alpha_bar at the ascending timestep grid's entry t_enc (the original's `stochastic_encode`).
+
+    That level is one grid step noisier than the first step then denoised, as in the original. t_enc = num_steps
+    (strength 1, where the original's index runs off its grid) noises to the last trained timestep instead."""
+    grid = sampler.timesteps(num_steps).flip(0).tolist()  # ascending
+    t = grid[t_enc] if t_enc < len(grid) else sampler.num_train_timesteps - 1
+    z = randn(x0.shape, generator, x0.device, x0.dtype)
+    return sampler.noised(x0, int(t), z)
+
+
+# ---- the VAE
+
+def encode_latents(vae: AutoencoderKL, images: Tensor, generator: Generator = None) -> Tensor:
+    """Images [B, 3, H, W] in [0, 1] -> scaled latents, in the VAE's dtype: one posterior sample per image."""
+    post = vae.encode((2 * images - 1).to(_dtype(vae)))
+    z = randn(post.mean.shape, generator, post.mean.device, post.mean.dtype)
+    return vae.config.scaling_factor * (post.mean + post.std * z)
+
+
+def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
+    """Scaled latents -> float32 images [N, 3, H, W], roughly in [0, 1] (clamp them to show them)."""
+    images = vae.decode((latents / vae.config.scaling_factor).to(_dtype(vae)))
+    return images.float() / 2 + 0.5
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
