@@ -1,0 +1,116 @@
+"""The Brain-Diffuser reconstruction recipe against the ORIGINAL code, fp32: init latent noised to a start index,
+then dual-context (image + text tokens, mixed) classifier-free-guided DDIM.
+
+tests/golden/make_research_golden.py ran Brain-Diffuser's `stochastic_encode` + `decode_dc` (on SHI-Labs 51dcd3b's
+model code, cross-checked there against cf0f4a2's `sample_multicontext` from x0) on flows.json's tiny random UNets
+and recorded the results (see its docstring). Here the weights are rebuilt and converted by our reader exactly as
+for tests/test_original_flows.py (its `golden` fixture), and our functional core is checked within 1e-5 of each
+output's scale, together with the original's timesteps and noise draw:
+- t_enc = int(strength * N); x0 is noised to the ascending DDIM grid's entry at index t_enc
+  (t_enc * (1000 // N) + 1) with one draw of global-RNG noise for the whole batch, then the grid entries
+  t_enc - 1 down to 0 are denoised;
+- the image stream (weight mixed_ratio = 1 - mixing) and the text stream (weight mixing) are mixed in both halves
+  of classifier-free guidance: the unconditional half uses uim and utx with the same weights.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from helpers import rel_err
+from test_original_flows import cfg_eps_fn, ddim, golden  # noqa: F401 - `golden` is the shared weights fixture
+from vd.sched import DDIM, randn
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+TOL = 1e-5
+
+
+# --- Stand-ins for vd/sampling.py (not in this branch yet). When merging, replace this block by
+#     from vd.sampling import noised_start, sample
+def noised_start(sampler: DDIM, x0: Tensor, num_steps: int, t_enc: int, generator) -> Tensor:
+    """sqrt(a) x0 + sqrt(1 - a) z, a = alpha_bar at the ascending grid entry of index t_enc, one draw of z."""
+    t = int(sampler.timesteps(num_steps).flip(0)[t_enc])
+    return sampler.noised(x0, t, randn(x0.shape, generator, x0.device, x0.dtype))
+
+
+def sample(sampler: DDIM, eps_fn, x: Tensor, num_steps: int, *, t_enc: int | None = None, generator=None,
+           eta: float = 0.0, callback=None) -> Tensor:
+    """With t_enc, x is the noised start and the grid entries t_enc - 1 down to 0 are denoised."""
+    skip = 0 if t_enc is None else num_steps - t_enc
+    return sampler.sample(eps_fn, x, num_steps, generator=generator, eta=eta, callback=callback, skip=skip)
+# --- end of stand-ins
+
+
+@pytest.fixture(scope="module")
+def research():
+    return json.loads((GOLDEN / "research.json").read_text()), load_file(GOLDEN / "research.safetensors")
+
+
+def _eps_fn(meta, data, unets, case):
+    """decode_dc's guided predictor: image stream uim/cim at mixed_ratio, text stream utx/ctx at mixing."""
+    r = meta["mixed_ratio"]
+    streams = [("image", data[f"{case}.uim"], data[f"{case}.cim"], r),
+               ("text", data[f"{case}.utx"], data[f"{case}.ctx"], 1 - r)]
+    return cfg_eps_fn(unets, "image", streams, meta["guidance_scale"])
+
+
+CASES = ["recipe", "n10"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_timesteps(research, case):
+    """t_enc = int(strength * N); noised to ascending grid[t_enc], then grid[t_enc - 1], ..., grid[0] denoised."""
+    meta, _ = research
+    c = meta["cases"][case]
+    n, t_enc = c["steps"], c["t_enc"]
+    assert t_enc == int(c["strength"] * n)
+    grid = ddim().timesteps(n).flip(0).tolist()  # ascending: k * (1000 // N) + 1
+    assert grid == [k * (1000 // n) + 1 for k in range(n)]
+    assert c["noised_to_t"] == grid[t_enc]
+    assert c["visited"] == grid[:t_enc][::-1]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_noise_draw(research, case):
+    """A torch.Generator seeded like the original's global RNG (torch.manual_seed) gives its noise: one draw of
+    x0's shape for the whole batch."""
+    meta, data = research
+    x0 = data[f"{case}.x0"]
+    z = randn(x0.shape, torch.Generator().manual_seed(meta["cases"][case]["noise_seed"]), x0.device, x0.dtype)
+    assert torch.equal(z, data[f"{case}.noise"])
+
+
+@pytest.mark.parametrize("case", CASES)
+@torch.no_grad()
+def test_recipe(golden, research, case, check):  # noqa: F811
+    """stochastic_encode + decode_dc end to end: our noised start, our loop from the original's start, and ours
+    from ours."""
+    meta, data = research
+    _, _, unets = golden
+    c = meta["cases"][case]
+    n, t_enc = c["steps"], c["t_enc"]
+    sampler = ddim()
+    start = noised_start(sampler, data[f"{case}.x0"], n, t_enc, torch.Generator().manual_seed(c["noise_seed"]))
+    check(rel_err(start, data[f"{case}.z_enc"]), TOL, "noised start")
+
+    eps_fn = _eps_fn(meta, data, unets, case)
+    visited = []
+    loop = sample(sampler, eps_fn, data[f"{case}.z_enc"], n, t_enc=t_enc,
+                  callback=lambda i, t, x: visited.append(int(t)))
+    assert visited == c["visited"]
+    check(rel_err(loop, data[f"{case}.out"]), TOL, "loop from the original's start")
+    got = sample(sampler, eps_fn, start, n, t_enc=t_enc)
+    check(rel_err(got, data[f"{case}.out"]), TOL, "end to end")
+
+
+def test_start_index_zero(research):
+    """t_enc = 0: the original's decode_dc denoises nothing and returns its input; so does ours."""
+    meta, data = research
+    assert meta["edges"]["decode_dc t_start=0"] == "returns its input"
+    x = data["n10.z_enc"]
+    never = lambda x, t: pytest.fail("no step may run")  # noqa: E731
+    assert torch.equal(sample(ddim(), never, x, meta["cases"]["n10"]["steps"], t_enc=0), x)
