@@ -10,9 +10,8 @@ Shape convention of the text flow: the original text UNet takes and returns late
 declared with in-shape [D]); ours, in the diffusers layout with in_channels (D, 1, 1), takes and returns
 [B, D, 1, 1]. The weights and the numbers are the same.
 
-Known divergence (vd-reference D.8 #3): the original's fidelity img2img noises x0 to grid timestep t_s and then
-denoises from t_{s-1}; we noise to the level of the first step we denoise. `test_fidelity_loop` reproduces the
-original's start to show the denoising loops agree; `test_fidelity_start_level` pins the one-step difference.
+Fidelity is the original's img2img exactly: x0 noised to grid timestep t_s, then t_{s-1}, ..., t_0 denoised (one
+grid step below the noise level, as the original does); `test_fidelity_start_level` pins it.
 """
 
 import json
@@ -166,12 +165,13 @@ def test_fidelity_loop(golden, check):
 
 
 def test_fidelity_start_level(golden):
-    """Divergence (on purpose): for fidelity we noise x0 to the level of the first timestep we denoise,
-    timesteps(N)[N - s]; the original noises to grid[s], exactly one grid step (1000 // N) noisier."""
+    """Fidelity (and every init image) noises x0 where the original does: the ascending grid's entry s, one grid step
+    (1000 // N) above the first step denoised. vd.sampling.noised_start's draw is checked in test_research_golden."""
     meta, _, _ = golden
     s, n = meta["fidelity"]["x0_forward_timesteps"], meta["steps"]
-    ours = int(ddim().timesteps(n)[n - s])
-    assert meta["fidelity"]["noised_to_t"] - ours == 1000 // n
+    sampler = ddim()
+    level = int(sampler.timesteps(n).flip(0)[s])
+    assert level == meta["fidelity"]["noised_to_t"] and level - int(sampler.timesteps(n)[n - s]) == 1000 // n
 
 
 @torch.no_grad()

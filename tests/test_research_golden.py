@@ -19,30 +19,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
 
 from helpers import rel_err
 from test_original_flows import cfg_eps_fn, ddim, golden  # noqa: F401 - `golden` is the shared weights fixture
-from vd.sched import DDIM, randn
+from vd import sampling as core
+from vd.sampling import noised_start, sample
+from vd.sched import randn
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 TOL = 1e-5
 
 
-# --- Stand-ins for vd/sampling.py (not in this branch yet). When merging, replace this block by
-#     from vd.sampling import noised_start, sample
-def noised_start(sampler: DDIM, x0: Tensor, num_steps: int, t_enc: int, generator) -> Tensor:
-    """sqrt(a) x0 + sqrt(1 - a) z, a = alpha_bar at the ascending grid entry of index t_enc, one draw of z."""
-    t = int(sampler.timesteps(num_steps).flip(0)[t_enc])
-    return sampler.noised(x0, t, randn(x0.shape, generator, x0.device, x0.dtype))
-
-
-def sample(sampler: DDIM, eps_fn, x: Tensor, num_steps: int, *, t_enc: int | None = None, generator=None,
-           eta: float = 0.0, callback=None) -> Tensor:
-    """With t_enc, x is the noised start and the grid entries t_enc - 1 down to 0 are denoised."""
-    skip = 0 if t_enc is None else num_steps - t_enc
-    return sampler.sample(eps_fn, x, num_steps, generator=generator, eta=eta, callback=callback, skip=skip)
-# --- end of stand-ins
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +101,23 @@ def test_start_index_zero(research):
     x = data["n10.z_enc"]
     never = lambda x, t: pytest.fail("no step may run")  # noqa: E731
     assert torch.equal(sample(ddim(), never, x, meta["cases"]["n10"]["steps"], t_enc=0), x)
+
+
+@pytest.mark.parametrize("case", CASES)
+@torch.no_grad()
+def test_recipe_through_the_core_flow(golden, research, case, check):  # noqa: F811
+    """The same recipe as a research user writes it with vd.sampling: noised_start, then the dual_guided flow with
+    the text weight `mixing` = 1 - mixed_ratio and [uncond; cond] tokens."""
+    meta, data = research
+    _, _, unets = golden
+    c = meta["cases"][case]
+    nets = core.Nets(image=unets["image"], text=None, image_context=unets["image"].context_layers(),
+                     text_context=unets["text"].context_layers())
+    g = meta["guidance_scale"]
+    text = core.guided_tokens(data[f"{case}.ctx"], data[f"{case}.utx"], g)
+    image = core.guided_tokens(data[f"{case}.cim"], data[f"{case}.uim"], g)
+    s = core.Sampling(sampler=ddim(), num_steps=c["steps"], guidance_scale=g, t_enc=core.start_step(c["strength"], c["steps"]))
+    x = core.noised_start(s.sampler, data[f"{case}.x0"], s.num_steps, s.t_enc,
+                          torch.Generator().manual_seed(c["noise_seed"]))
+    got = core.dual_guided(nets, text, image, 1 - meta["mixed_ratio"], x, s)
+    check(rel_err(got, data[f"{case}.out"]), TOL, "dual_guided flow")
