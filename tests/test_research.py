@@ -1,0 +1,263 @@
+"""Research use on the tiny model, fp32 on CPU: conditions as tensors in and out, init images and latents at a
+strength, text latents in and out, and gradients through the functional core (vd.sampling)."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import tiny_pipeline as tp
+from helpers import random_image, seeded
+from vd import VersatileDiffusion
+from vd import sampling as core
+from vd.conditioning import resized
+from vd.sched import randn, sampler_from_config
+from weights_convert import TASKS
+
+FAST = dict(num_inference_steps=4, progress=False)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    folder = tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
+    return VersatileDiffusion.from_pretrained(folder, tasks=list(TASKS), device="cpu")
+
+
+@pytest.fixture
+def loops(monkeypatch):
+    """Every run of the core's loop: its sampling settings and start (the loop still runs)."""
+    calls = []
+    original = core.denoise
+
+    def spy(denoiser, streams, x, s):
+        calls.append((s, x))
+        return original(denoiser, streams, x, s)
+    monkeypatch.setattr(core, "denoise", spy)
+    return calls
+
+
+# ---- conditions as tensors: the tokens encode_* return give what the strings and images give
+
+def test_text_to_image_from_prompt_embeds(pipe):
+    kw = dict(num_images_per_prompt=2, output_type="latent", **FAST)
+    want = pipe.text_to_image(["the cat", "a dog"], negative_prompt="blur", generator=seeded(1), **kw).images
+    got = pipe.text_to_image(prompt_embeds=pipe.encode_prompt(["the cat", "a dog"]),
+                             negative_prompt_embeds=pipe.encode_prompt("blur"), generator=seeded(1), **kw).images
+    assert torch.equal(got, want)
+    plain = pipe.text_to_image(prompt_embeds=pipe.encode_prompt(["the cat", "a dog"]), generator=seeded(1), **kw)
+    empty = pipe.text_to_image(["the cat", "a dog"], generator=seeded(1), **kw)
+    assert torch.equal(plain.images, empty.images)  # no negative: the empty prompt's tokens, as from strings
+
+
+def test_image_variation_from_image_embeds(pipe):
+    img, neg = random_image(1), random_image(2)
+    kw = dict(output_type="latent", **FAST)
+    want = pipe.image_variation(img, negative_prompt=neg, generator=seeded(2), **kw).images
+    got = pipe.image_variation(image_embeds=pipe.encode_image(img), negative_image_embeds=pipe.encode_image(neg),
+                               generator=seeded(2), **kw).images
+    assert torch.equal(got, want)
+    focused = pipe.image_variation(img, focus=0.2, generator=[seeded(3)], **kw).images
+    tokens = pipe.encode_image(img, focus=0.2, generator=seeded(3))
+    g = seeded(3)
+    pipe.encode_image(img, focus=0.2, generator=g)  # the flow's focus draws from its generator before the noise
+    assert torch.equal(pipe.image_variation(image_embeds=tokens, generator=[g], **kw).images, focused)
+
+
+def test_dual_guided_from_embeds(pipe):
+    img = random_image(4)
+    kw = dict(text_to_image_strength=0.3, output_type="latent", **FAST)
+    want = pipe.dual_guided("the cat", img, negative_prompt="blur", generator=seeded(4), **kw).images
+    got = pipe.dual_guided(prompt_embeds=pipe.encode_prompt("the cat"), image_embeds=pipe.encode_image(img),
+                           negative_prompt_embeds=pipe.encode_prompt("blur"), generator=seeded(4), **kw).images
+    assert torch.equal(got, want)
+
+
+def test_blend_text_from_prompt_embeds(pipe):
+    imgs = [random_image(5, (40, 40)), random_image(6, (40, 40))]
+    kw = dict(weights=[1.0, 0.5], text_strength=0.4, output_type="latent", **FAST)
+    want = pipe.blend(imgs, prompt="the cat", negative_prompt="blur", generator=seeded(5), **kw).images
+    got = pipe.blend(imgs, prompt_embeds=pipe.encode_prompt("the cat"),
+                     negative_prompt_embeds=pipe.encode_prompt("blur"), generator=seeded(5), **kw).images
+    assert torch.equal(got, want)
+
+
+def test_text_flows_from_embeds(pipe):
+    img = random_image(7)
+    a = pipe.image_to_text(img, num_texts_per_prompt=2, generator=seeded(6), **FAST)
+    b = pipe.image_to_text(image_embeds=pipe.encode_image(img), num_texts_per_prompt=2, generator=seeded(6), **FAST)
+    assert torch.equal(a.latents, b.latents) and a.texts == b.texts
+    c = pipe.text_variation("the cat", negative_prompt="a dog", generator=seeded(7), **FAST)
+    d = pipe.text_variation(prompt_embeds=pipe.encode_prompt("the cat"),
+                            negative_prompt_embeds=pipe.encode_prompt("a dog"), generator=seeded(7), **FAST)
+    assert torch.equal(c.latents, d.latents) and c.texts == d.texts
+
+
+def test_encoders_return_the_flows_shapes(pipe):
+    assert pipe.encode_prompt(["a", "b", "c"]).shape == (3, 77, 16)
+    assert pipe.encode_image([random_image(8), random_image(9)]).shape == (2, 257, 16)
+
+
+def T(batch: int = 1, length: int = 77, width: int = 16, **kw) -> torch.Tensor:  # text tokens
+    return torch.zeros(batch, length, width, **kw)
+
+
+def V(batch: int = 1) -> torch.Tensor:  # image tokens
+    return torch.zeros(batch, 257, 16)
+
+
+@pytest.mark.parametrize("call,kw,error,words", [
+    ("text_to_image", dict(prompt="a", prompt_embeds=T()), ValueError, ["prompt_embeds", "None when prompt"]),
+    ("text_to_image", dict(prompt_embeds=T(width=8)), ValueError, ["prompt_embeds", "[B, 77, 16]"]),
+    ("text_to_image", dict(prompt_embeds=T(length=76)), ValueError, ["prompt_embeds", "[B, 77, 16]"]),
+    ("text_to_image", dict(prompt_embeds=T(dtype=torch.int64)), ValueError, ["prompt_embeds", "floating-point"]),
+    ("text_to_image", dict(prompt_embeds=T() / 0), ValueError, ["prompt_embeds", "finite"]),
+    ("text_to_image", dict(prompt_embeds=[[0.0]]), TypeError, ["prompt_embeds", "torch.Tensor"]),
+    ("text_to_image", dict(prompt_embeds=T(2), negative_prompt_embeds=T(3)), ValueError,
+     ["negative_prompt_embeds", "1 or 2"]),
+    ("text_to_image", dict(prompt_embeds=T(), negative_prompt="x", negative_prompt_embeds=T()), ValueError,
+     ["negative_prompt_embeds", "None when negative_prompt"]),
+    ("text_to_image", dict(), TypeError, ["prompt", "prompt_embeds"]),
+    ("image_variation", dict(image_embeds=T()), ValueError, ["image_embeds", "[B, 257, 16]"]),
+    ("image_variation", dict(image=random_image(10), image_embeds=V()), ValueError, ["image_embeds", "None when"]),
+    ("image_variation", dict(image_embeds=V(), fidelity=0.5), ValueError, ["fidelity", "image_embeds"]),
+    ("dual_guided", dict(prompt_embeds=T(2), image_embeds=V()), ValueError, ["image_embeds", "one image per"]),
+    ("image_to_text", dict(image_embeds=V(), negative_image_embeds=V(2)), ValueError,
+     ["negative_image_embeds", "1"]),
+    ("text_variation", dict(prompt_embeds=V()), ValueError, ["prompt_embeds", "[B, 77, 16]"]),
+    ("blend", dict(images=[random_image(11)], prompt_embeds=T(2)), ValueError, ["prompt_embeds", "batch of 1"]),
+])
+def test_bad_embeds(pipe, loops, call, kw, error, words):
+    with pytest.raises(error) as e:
+        getattr(pipe, call)(**kw, **FAST)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert loops == []
+
+
+# ---- init image or latents at a strength: the original's img2img
+
+@pytest.mark.parametrize("steps,strength", [(4, 0.75), (5, 0.5), (10, 0.55), (4, 0.0), (4, 1.0)])
+def test_text_to_image_from_init_latents(pipe, loops, steps, strength, check):
+    """t_enc = int(strength * steps); the init latents are noised to the ascending grid's entry t_enc (the last
+    trained timestep for strength 1) with one draw from the generator, and the t_enc least noisy steps run."""
+    x0 = torch.randn(2, 4, 6, 5, generator=seeded(20))
+    seen = []
+    got = pipe.text_to_image("the cat", num_images_per_prompt=2, init_latents=x0, strength=strength,
+                             num_inference_steps=steps, generator=seeded(21), output_type="latent",
+                             callback=lambda i, t, x: seen.append(int(t)), progress=False).images
+    sampler = sampler_from_config("ddim", pipe.c.scheduler_config)
+    ts = sampler.timesteps(steps).tolist()
+    t_enc = int(strength * steps)
+    level = ts[::-1][t_enc] if t_enc < steps else 999
+    ((s, start),) = loops
+    assert s.t_enc == t_enc and seen == ts[steps - t_enc:]
+    check((start - sampler.noised(x0, level, randn(x0.shape, seeded(21)))).abs().max().item(), 0.0, "start")
+    assert got.shape == (2, 4, 6, 5)
+    if t_enc == 0:
+        assert torch.equal(got, start)
+
+
+def test_init_image_is_its_encoded_latents(pipe):
+    """An init image is VAE-encoded (one posterior draw per image from the generator, repeated for its samples),
+    resized to the output size, then noised as init latents: the same draws in the same order."""
+    img = random_image(22, (48, 40))
+    kw = dict(num_images_per_prompt=2, strength=0.5, output_type="latent", **FAST)
+    got = pipe.dual_guided("the cat", img, init_image=img, generator=seeded(23), **kw).images
+    g = seeded(23)
+    with torch.no_grad():
+        x0 = core.encode_latents(pipe.c.vae, resized([img], 48, 40), g)
+    want = pipe.dual_guided("the cat", img, init_latents=x0, generator=g, **kw).images
+    assert got.shape == (2, 4, 6, 5) and torch.equal(got, want)
+
+
+def test_fidelity_is_init_image_at_one_minus_strength(pipe):
+    img = random_image(24)
+    kw = dict(output_type="latent", generator=None, **FAST)
+    a = pipe.image_variation(img, fidelity=0.3, **{**kw, "generator": seeded(25)}).images
+    b = pipe.image_variation(img, init_image=img, strength=0.7, **{**kw, "generator": seeded(25)}).images
+    assert torch.equal(a, b)
+
+
+def test_init_image_on_every_image_flow(pipe):
+    img = random_image(26, (40, 40))
+    kw = dict(init_image=img, strength=0.5, output_type="np", generator=seeded(27), **FAST)
+    outs = [pipe.text_to_image("the cat", **kw).images, pipe.image_variation(img, **kw).images,
+            pipe.dual_guided("the cat", img, **kw).images, pipe.blend([img, img], **kw).images]
+    assert all(o.shape == (1, 40, 40, 3) and np.isfinite(o).all() for o in outs)
+
+
+def test_fidelity_one_returns_the_input_at_its_size(pipe):
+    """A 64 x 32 input comes back as it is (no squash to the default square); height and width still resize."""
+    img = random_image(28, (64, 32))
+    out = pipe.image_variation(img, fidelity=1.0, output_type="pil", **FAST).images[0]
+    assert out.size == (32, 64) and np.array_equal(np.asarray(out), np.asarray(img))
+    assert pipe.image_variation(img, fidelity=1.0, height=32, width=32, output_type="np", **FAST).images.shape == (
+        1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("kw,error,words", [
+    (dict(strength=0.5), ValueError, ["strength", "init_image"]),
+    (dict(init_latents="L", strength=1.5), ValueError, ["strength", "[0.0, 1.0]"]),
+    (dict(init_latents="L", latents="L"), ValueError, ["latents", "init_latents"]),
+    (dict(init_image="IMG", init_latents="L"), ValueError, ["init_latents", "init_image"]),
+    (dict(init_latents="L", scheduler="pndm"), ValueError, ["init_latents", "ddim"]),
+    (dict(init_latents=torch.zeros(1, 3, 6, 6)), ValueError, ["init_latents", "shape"]),
+    (dict(init_latents=torch.zeros(3, 4, 8, 8)), ValueError, ["init_latents", "rows"]),
+    (dict(init_latents=torch.zeros(1, 4, 8)), ValueError, ["init_latents", "4 dimensions"]),
+    (dict(init_image=[random_image(1, (40, 40)), random_image(2, (48, 40))], prompt=["a", "b"]), ValueError,
+     ["init_image", "one size"]),
+    (dict(init_image=[random_image(1), random_image(2)]), ValueError, ["init_image", "one image or 1"]),
+])
+def test_bad_init(pipe, loops, kw, error, words):
+    kw = {k: (torch.zeros(1, 4, 8, 8) if v == "L" else random_image(3) if v == "IMG" else v) for k, v in kw.items()}
+    kw.setdefault("prompt", "the cat")
+    with pytest.raises(error) as e:
+        pipe.text_to_image(**kw, **FAST)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert loops == []
+
+
+# ---- text latents in and out
+
+def test_text_latents_in_and_out(pipe):
+    out = pipe.image_to_text(random_image(30), num_texts_per_prompt=2, generator=seeded(31), greedy=True, **FAST)
+    assert pipe.decode_text(out.latents, greedy=True) == out.texts
+    # given start latents and DDIM with eta 0 draw nothing, so sampled decoding starts from the fresh generator
+    sampled = pipe.image_to_text(random_image(30), latents=out.latents, num_texts_per_prompt=2, generator=seeded(32),
+                                 **FAST)
+    assert pipe.decode_text(sampled.latents, generator=seeded(32)) == sampled.texts
+    start = torch.randn(2, 24, generator=seeded(33))
+    again = pipe.image_to_text(random_image(30), num_texts_per_prompt=2, latents=start, **FAST)
+    z = pipe.encode_text_latents(["the cat", "a dog on a sofa"])
+    assert z.shape == (2, 24) and torch.isfinite(z).all() and not torch.equal(again.latents, out.latents)
+    greedy = pipe.decode_text(z, greedy=True, dedupe=False)
+    assert len(greedy) == 2 and greedy == pipe.decode_text(z, greedy=True, dedupe=False)
+    with pytest.raises(ValueError, match=r"latents: expected a tensor \[N, 24\]"):
+        pipe.decode_text(torch.zeros(2, 5))
+
+
+def test_text_latent_parts_are_asked_for(tmp_path):
+    folder = tp.save(tp.build_components(seed=0), tmp_path / "vd")
+    images_only = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], device="cpu")
+    with pytest.raises(ValueError, match=r"tasks=\[\.\.\., 'encode_text_latents'\]"):
+        images_only.encode_text_latents("the cat")
+    with pytest.raises(ValueError, match="image_to_text"):
+        images_only.decode_text(torch.zeros(1, 24))
+    with pytest.raises(ValueError, match=r"tasks=\[\.\.\., 'image_variation'\]"):
+        images_only.encode_image(random_image(1))
+
+
+# ---- gradients flow through the core
+
+def test_gradients_reach_prompt_embeds_through_two_steps(pipe):
+    """No forced no_grad in vd.sampling: a loss on the latents after two guided DDIM steps backpropagates to the
+    text tokens (optimisation-based reconstruction does this)."""
+    tokens = pipe.encode_prompt("the cat").clone().requires_grad_(True)
+    uncond = pipe.encode_prompt("")
+    nets = core.Nets(image=pipe.c.image_unet, text=None, image_context=pipe.c.image_unet.context_layers(),
+                     text_context=pipe.c.text_unet.context_layers())
+    s = core.Sampling(sampler=sampler_from_config("ddim", pipe.c.scheduler_config), num_steps=2, guidance_scale=3.0)
+    x = torch.randn(1, 4, 8, 8, generator=seeded(40))
+    latents = core.text_to_image(nets, core.guided_tokens(tokens, uncond, s.guidance_scale), x, s)
+    latents.square().mean().backward()
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0 and torch.isfinite(tokens.grad).all()
