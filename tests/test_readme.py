@@ -114,7 +114,7 @@ def test_every_shell_command(tiny, tmp_path, monkeypatch):
 
 
 def test_python_example(tiny, monkeypatch):
-    (code,) = blocks("python")
+    code, _research = blocks("python")
     assert HUB in code
     from vd import VersatileDiffusion
     for task in ("text_to_image", "image_variation", "dual_guided", "blend", "image_to_text",
@@ -130,3 +130,24 @@ def test_python_example(tiny, monkeypatch):
     assert len(namespace["captions"]) == 2 and all(isinstance(t, str) for t in namespace["captions"])
     assert len(namespace["rephrased"]) == 1
     assert isinstance(namespace["g"], torch.Generator)
+
+
+def test_research_example(tiny, tmp_path, monkeypatch):
+    """The research example on the tiny model: predicted features from .npy files (16-wide here, 768 at full
+    size), low-level reconstructions as init images, 2 steps."""
+    _main, code = blocks("python")
+    assert HUB in code
+    from vd import VersatileDiffusion
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.RandomState(0)
+    np.save("pred_text.npy", rng.randn(2, 77, 16).astype(np.float32) * 0.1)
+    np.save("pred_vision.npy", rng.randn(2, 257, 16).astype(np.float32) * 0.1)
+    Path("lowlevel").mkdir()
+    for i in range(2):
+        PIL.Image.fromarray((rng.rand(40, 48, 3) * 255).astype(np.uint8)).save(f"lowlevel/{i}.png")
+    method = VersatileDiffusion.dual_guided
+    monkeypatch.setattr(VersatileDiffusion, "dual_guided",
+                        lambda self, *a, **k: method(self, *a, **{**k, "num_inference_steps": 4}))
+    exec(code.replace(f'"{HUB}"', repr(str(tiny))), {})
+    for i in range(2):
+        assert PIL.Image.open(f"recon-{i}.png").size == (48, 40)
