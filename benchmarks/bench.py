@@ -226,7 +226,7 @@ def load_ours(ckpt: Path, task: str, device: torch.device, dtype: torch.dtype, v
 
 
 def patch_diffusers() -> None:
-    """The two smallest patches that let diffusers 0.42.1 load and run the VD checkpoint (vd-reference.md D.7):
+    """The two smallest patches that let diffusers 0.42.1 load and run the VD checkpoint:
     1. its pipeline loader no longer resolves the library name "versatile_diffusion" that the hub's
        model_index.json gives for text_unet: alias that name to the module that holds the class;
     2. DualTransformer2DModel.forward does not accept the `encoder_attention_mask` its callers pass: accept

@@ -39,10 +39,7 @@ def main() -> None:
     out = {}
 
     want = ref._encode_prompt(PROMPT, device, 1, True, None)  # [uncond, cond]
-    from vd.pipeline import _Run
-    run = _Run(None, 1, 7.5, 1, 0.0, None, None, (), "latent", None, 1)
-    with ours._autocast():
-        got = ours._text_tokens([PROMPT], None, run)
+    got = torch.cat([ours.encode_prompt(""), ours.encode_prompt(PROMPT)])
     out["tokens"] = rel(got, want)
 
     from vd.nn import Context

@@ -42,7 +42,7 @@ def loaded_parts(monkeypatch):
 
 @pytest.fixture
 def patched_dual(monkeypatch):
-    """The smallest patch that lets diffusers 0.42.1's dual pipeline run (vd-reference.md D.7 #1): its callers pass
+    """The smallest patch that lets diffusers 0.42.1's dual pipeline run: its callers pass
     a keyword its DualTransformer2DModel.forward refuses; accept and drop it."""
     from diffusers.models import DualTransformer2DModel
     original = DualTransformer2DModel.forward

@@ -115,7 +115,7 @@ def test_cli_converts_everything(src, tmp_path, expected, check):
 def test_cli_tasks_writes_only_their_parts(src, tmp_path, expected, check):
     out = tmp_path / "t2i"
     assert main([str(src), str(out), "--tasks", "text_to_image"]) == 0
-    parts = ["image_unet.global", "image_unet.data", "text_unet.context", "vae.decoder", "text_encoder"]
+    parts = ["image_unet.global", "image_unet.data", "text_unet.context", "vae.encoder", "vae.decoder", "text_encoder"]
     assert sorted(parts) == sorted(TASK_PARTS["text_to_image"])
     meta = json.loads((out / "config.json").read_text())
     assert meta["parts"] == parts

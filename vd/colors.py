@@ -1,5 +1,5 @@
 """Colour matching of generated images to a reference, the original VD app's "Simple" colour adjustment
-(vd-reference.md G.4; app.py `inference_i2i` of SHI-Labs/Versatile-Diffusion at cf0f4a2)."""
+(app.py `inference_i2i` of SHI-Labs/Versatile-Diffusion at cf0f4a2)."""
 
 import torch
 from torch import Tensor

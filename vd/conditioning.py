@@ -1,4 +1,4 @@
-"""CLIP context embeddings, the way VD conditions its UNets (vd-reference.md D.1).
+"""CLIP context embeddings, the way VD conditions its UNets.
 
 Text: all 77 token states are projected and divided by the norm of the pooled (EOS) embedding of their prompt.
 Image: all 257 token states go through post_layernorm and the projection, divided by the norm of the class token.
@@ -97,7 +97,7 @@ def uncond_pixel_values(processor, mode: str, batch: int) -> Tensor | None:
     grey: a mid-grey image: the reference's own input, float 0.5, scaled once (as the 2022 feature extractor
       did; it becomes 127/255 on the way through PIL). This is what the reference means to do.
     diffusers: exactly what diffusers 0.42.1 computes: the processor rescales the float 0.5 by 1/255 a second
-      time, so CLIP sees a near-black image (vd-reference.md D.7 #5).
+      time, so CLIP sees a near-black image.
     zeros: no pixels; the original SHI-Labs app uses an all-zero embedding instead.
     black: an all-black image, the original's "no image" for image-to-text.
     """

@@ -1,4 +1,4 @@
-"""Focus ("disentanglement") of an image condition, the original VD app's `adjust_rank` (vd-reference.md G.4).
+"""Focus ("disentanglement") of an image condition, the original VD app's `adjust_rank`.
 
 The 256 local CLIP tokens of an image are split by a randomized low-rank SVD into their top q = 20 principal
 components and a residual. The UI calls the slider's ends "Semantic" (0) and "Style" (1):

@@ -1,5 +1,5 @@
 """Settings the original `.pth` files do not carry: those of shi-labs/versatile-diffusion's diffusers folders
-(OpenAI CLIP ViT-L/14 towers, its image preprocessing, the DDIM schedule; vd-reference.md A.5-A.9)."""
+(OpenAI CLIP ViT-L/14 towers, its image preprocessing, the DDIM schedule)."""
 
 CLIP_TEXT = {
     "model_type": "clip_text_model", "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,

@@ -93,7 +93,7 @@ class VAEConfig:
         return _vae_from_diffusers(d)
 
 
-# ---- full-size presets (shi-labs/versatile-diffusion, ../shared/docs/vd-reference.md A.2-A.4)
+# ---- full-size presets (the published config.json files of shi-labs/versatile-diffusion)
 
 _VD_LEVELS = dict(
     block_channels=(320, 640, 1280, 1280),

@@ -3,7 +3,7 @@
 Parameter names follow diffusers (`norm1`, `conv1`, `time_emb_proj`, `to_q`, `ff.net.0.proj`, ...) so the
 diffusers-layout checkpoints of shi-labs/versatile-diffusion load with a strict `load_state_dict`, with no
 renaming. The math is that of the original LDM/VD code (CompVis `openaimodel.py`, SHI-Labs `openaimodel.py`
-at cf0f4a2); `../shared/docs/vd-reference.md` B.1-B.6 describes each block.
+at cf0f4a2).
 """
 
 import math

@@ -1,8 +1,7 @@
 """Optimus, VD's text VAE: a BERT encoder to a 768-d latent and a GPT-2 decoder that writes a sentence from it.
 
 Mirrors `optimus_vae_next` of the original code (SHI-Labs/Versatile-Diffusion@cf0f4a2,
-lib/model_zoo/optimus.py and optimus_models/optimus_{bert,gpt2}.py); `../shared/docs/vd-reference.md` G.1
-describes it. Parameter names are those of `optimus-vae.pth`, so its state dict loads strictly once the
+lib/model_zoo/optimus.py and optimus_models/optimus_{bert,gpt2}.py). Parameter names are those of `optimus-vae.pth`, so its state dict loads strictly once the
 causal-mask buffers and the tied `decoder.lm_head.weight` are dropped (weights_convert/optimus.py). The encoder
 is transformers' BertModel; the decoder is a small GPT-2 of our own, because the latent enters it in two ways
 transformers' GPT-2 has no place for:
@@ -12,6 +11,7 @@ transformers' GPT-2 has no place for:
 """
 
 import math
+from typing import NoReturn
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vd.checks import fail
 
 OPTIMUS_PARTS = frozenset({"encoder", "decoder"})
 Cache = list[tuple[Tensor, Tensor]]  # per decoder layer: keys, values [B, heads, S, head_dim]
@@ -297,6 +296,10 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         drop[1:] = cum[:-1] > top_p
         logits[order[drop]] = -math.inf
     return logits
+
+
+def fail(name: str, got: object, expected: str, error: type[Exception] = ValueError) -> NoReturn:
+    raise error(f"{name}: expected {expected}, got {got!r}")
 
 
 def _is_int(value: object) -> bool:
