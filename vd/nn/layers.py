@@ -89,7 +89,7 @@ class FlatLinear(nn.Linear):
         super().__init__(math.prod(in_shape), math.prod(out_shape))
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
 
-    def forward(self, x: Tensor, output_size: object = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[: x.dim() - len(self.in_shape)]
         return super().forward(x.reshape(*lead, self.in_features)).reshape(*lead, *self.out_shape)
 

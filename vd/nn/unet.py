@@ -153,34 +153,37 @@ class UNet(nn.Module):
                 raise ValueError(f"a context stream has {len(c.layers)} layers, this UNet needs {cfg.num_context_sites}")
 
         t = torch.as_tensor(t, device=x.device)
-        t = (t[None] if t.dim() == 0 else t).expand(x.shape[0])
+        t = (t[None] if t.dim() == 0 else t).expand(x.shape[0])  # (B,)
         temb = time_mlp(timestep_embedding(t, cfg.block_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).to(x.dtype))
+        sites = iter(range(cfg.num_context_sites))  # context sites in forward order, as context_layers() lists them
 
         if cfg.center_input_sample:
             x = 2 * x - 1.0
-        h = self.conv_in(x)
-        skips, site = [h], 0
+        h = self.conv_in(x)  # (B, C0, H, W); the text UNet: (B, C0, fd, 1)
+        skips = [h]
         for i, block in enumerate(self.down_blocks):
             for resnet in block.resnets:
                 h = resnet(h, temb)
                 if cfg.down_attention[i]:
-                    h, site = apply_context(site, h, contexts), site + 1
+                    h = apply_context(next(sites), h, contexts)
                 skips.append(h)
             if hasattr(block, "downsamplers"):
-                h = block.downsamplers[0](h)
+                h = block.downsamplers[0](h)  # (B, Ci, H / 2^(i+1), W / 2^(i+1)); flat: same shape
                 skips.append(h)
 
         if cfg.mid_attention:
             h = self.mid_block.resnets[0](h, temb)
-            h, site = apply_context(site, h, contexts), site + 1
+            h = apply_context(next(sites), h, contexts)
             h = self.mid_block.resnets[1](h, temb)
 
         for i, block in enumerate(self.up_blocks):
             for resnet in block.resnets:
-                h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
+                h = resnet(torch.cat([h, skips.pop()], dim=1), temb)  # the skip of the same level, on channels
                 if cfg.up_attention[i]:
-                    h, site = apply_context(site, h, contexts), site + 1
+                    h = apply_context(next(sites), h, contexts)
             if hasattr(block, "upsamplers"):
-                # an odd-sized latent upsamples to the size of the skip it meets next
-                h = block.upsamplers[0](h, skips[-1].shape[2:])
+                up = block.upsamplers[0]
+                # an odd-sized latent upsamples to the size of the skip it meets next (flat: a Linear, no size)
+                h = up(h, skips[-1].shape[2:]) if isinstance(up, Upsample) else up(h)
+        # (B, C0, H, W) -> (B, out_channels, H, W); flat: (B, C0, fd, 1) -> (B, *out_channels)
         return self.conv_out(F.silu(self.conv_norm_out(h)))

@@ -109,7 +109,8 @@ class Decoder(nn.Module):
 
 @dataclass
 class LatentDistribution:
-    """The encoder's diagonal Gaussian over latents (unscaled: multiply samples by `scaling_factor`)."""
+    """The encoder's diagonal Gaussian over latents (unscaled: multiply samples by `scaling_factor`); draw with
+    vd.sampling.encode_latents, which takes one generator or one per image."""
 
     mean: Tensor
     logvar: Tensor
@@ -117,10 +118,6 @@ class LatentDistribution:
     @property
     def std(self) -> Tensor:
         return torch.exp(0.5 * self.logvar)
-
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
 
 
 class AutoencoderKL(nn.Module):
