@@ -18,9 +18,33 @@ import torch
 from manifests import read_manifest
 from vd.nn.optimus import VD_OPTIMUS, OptimusConfig, OptimusVAE, filter_logits
 from vd.text_vae import OptimusTokenizers, remove_duplicate_word
-from weights_convert.optimus import WHY_CAUSAL_MASK, WHY_TIED_HEAD, convert
+from weights_convert.optimus import WHY_CAUSAL_MASK, WHY_TIED_HEAD, route
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
+PREFIXES = ("", "optimus.", "vae.text.")  # optimus-vae.pth, the deprecated full model, the current full model
+
+
+def convert(state: dict[str, torch.Tensor], prefix: str | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`route` over a whole Optimus state dict (prefix guessed when None) -> (our state dict, {ignored key: reason}).
+
+    Keys outside the prefix are left alone (a full-model file holds other components); keys inside it that
+    are neither ours nor known to be ignorable raise KeyError."""
+    if prefix is None:
+        prefix = next((p for p in PREFIXES[1:] if any(k.startswith(p + "decoder.") or k.startswith(p + "encoder.")
+                                                       for k in state)), "")
+    ours, ignored = {}, {}
+    for key, tensor in state.items():
+        if not key.startswith(prefix):
+            continue
+        r = route(key, prefix)
+        if r is None:
+            raise KeyError(f"{key!r}: not a key of the Optimus text VAE")
+        if isinstance(r, str):
+            ignored[key] = r
+        else:
+            ours[r[1]] = tensor
+    return ours, ignored
 
 
 class Golden:
