@@ -57,6 +57,7 @@ class DDIM(Schedule):
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
 
+    starts_part_way: ClassVar[bool] = True  # sample(..., skip=k): see sample()
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         "trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False,
     }
