@@ -30,7 +30,7 @@ from vd.fast import Denoiser, speed_up_
 from vd.focus import adjust_focus
 from vd.loading import Components, load_components, resolve
 from vd.nn import Context
-from vd.sched import DDIM, SAMPLERS, randn, sampler_from_config
+from vd.sched import DDIM, SCHEDULERS, randn, sampler_from_config
 from vd.text_vae import remove_duplicate_word
 from weights_convert import TASK_PARTS, TASKS
 
@@ -61,7 +61,7 @@ class VersatileDiffusion:
                  scheduler: str = "ddim", uncond_image: str = "grey", compile: bool = False,
                  cuda_graphs: bool = False):
         self.c, self.tasks, self.device, self.dtype = components, tuple(tasks), device, dtype
-        self.scheduler = checks.choice("scheduler", scheduler, list(SAMPLERS))
+        self.scheduler = checks.choice("scheduler", scheduler, list(SCHEDULERS))
         self.uncond_image = checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         image_unet, text_unet = components.image_unet, components.text_unet
         if device.type == "cuda":  # the fast path: same math, GPU-friendly layouts (not for the VAE: vd/fast.py)
@@ -86,7 +86,7 @@ class VersatileDiffusion:
         must be asked for, as they need the text UNet's 1.44 B data parameters and the Optimus decoder); only
         their parts are read. device: default CUDA if available, else CPU. dtype: default float16 on CUDA (the
         UNets, the VAE and Optimus run in it, as the reference does; the CLIP encoders under autocast), float32
-        on CPU. scheduler: "ddim", "pndm" or "lms" (overridable per call). uncond_image: the image condition
+        on CPU. scheduler: a name of vd.sched.SCHEDULERS (overridable per call). uncond_image: the image condition
         used for "no image" in classifier-free guidance: "grey" (a mid-grey image, what the reference intends),
         "zeros" (an all-zero embedding, as the original SHI-Labs app), or "diffusers" (what diffusers 0.42.1
         actually computes: CLIP of a near-black image). kl_f8, clip: for an original .pth, the VAE file and a
@@ -99,7 +99,7 @@ class VersatileDiffusion:
         tasks = tuple(DEFAULT_TASKS if tasks is None else [checks.choice("tasks", t, TASKS) for t in tasks])
         if not tasks:
             checks.fail("tasks", tasks, f"some of {list(TASKS)}")
-        checks.choice("scheduler", scheduler, list(SAMPLERS))
+        checks.choice("scheduler", scheduler, list(SCHEDULERS))
         checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
@@ -346,7 +346,7 @@ class VersatileDiffusion:
 
     def _run(self, batch, sample_shape, steps, guidance, per_prompt, per_prompt_name, eta, generator, latents,
              output_type, callback, callback_steps, scheduler) -> "_Run":
-        name = checks.choice("scheduler", self.scheduler if scheduler is None else scheduler, list(SAMPLERS))
+        name = checks.choice("scheduler", self.scheduler if scheduler is None else scheduler, list(SCHEDULERS))
         sampler = sampler_from_config(name, self.c.scheduler_config)
         steps = checks.integer("num_inference_steps", steps, 1, sampler.num_train_timesteps)
         guidance = checks.number("guidance_scale", guidance, 0.0)
