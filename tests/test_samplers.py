@@ -266,6 +266,8 @@ def test_registry():
     assert {n: SCHEDULERS[n] for n in SAMPLERS} == SAMPLERS
     assert {n for n, cls in SCHEDULERS.items() if cls.starts_part_way} == {"ddim"}
     assert all(isinstance(cls.starts_part_way, bool) for cls in SCHEDULERS.values())
+    assert {n for n, cls in SCHEDULERS.items() if cls.evals_per_step != 1} == {"heun", "heun_karras"}
+    assert HeunDiscreteScheduler.order == 2 and DPMSolverMultistepScheduler.order == UniPCMultistepScheduler.order == 1
     with pytest.raises(ValueError, match=r"scheduler must be one of \[.*'dpmpp_2m_karras'.*\], got 'dpm\+\+'"):
         sampler_from_config("dpm++", VD)
 

@@ -450,8 +450,8 @@ class VersatileDiffusion:
 
         def on_step(i: int, t: Tensor, latents: Tensor) -> None:
             bar.update()
-            if run.callback is not None and i % run.callback_steps == 0:
-                run.callback(i, t, latents)
+            if run.callback is not None and i % run.callback_steps == 0:  # parity: i counts model evaluations
+                run.callback(i // run.sampler.evals_per_step, t, latents)
 
         extra = {"skip": skip} if skip else {}
         try:

@@ -84,6 +84,9 @@ class Schedule:
     UNSUPPORTED: ClassVar[dict[str, Any]] = {"trained_betas": None}
     # whether sample(..., skip=k) starts from a sample noised part-way (init image, fidelity)
     starts_part_way: ClassVar[bool] = False
+    # model evaluations per step (diffusers' `scheduler.order`): the callback's index i counts evaluations; the
+    # reference pipelines report step i // evals_per_step to the user (after filtering i by callback_steps)
+    evals_per_step: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
         for key, allowed in (

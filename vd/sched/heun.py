@@ -30,6 +30,8 @@ class Heun(SigmaSchedule):
     clip_sample: bool = False
     clip_sample_range: float = 1.0
 
+    evals_per_step: ClassVar[int] = 2
+
     def timesteps(self, num_steps: int) -> Tensor:
         """float32 timesteps of the 2N − 1 evaluations: t_0, then t_i twice for i >= 1."""
         ts = self.schedule(num_steps)[0]
