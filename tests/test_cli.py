@@ -75,7 +75,7 @@ def test_dual_guided_as_python_module(model, picture, tmp_path):
     (["text-to-image", "a", "-o", "{tmp}/missing/x.png"], ["--output", "does not exist"]),
     (["text-to-image", "a", "-o", "{tmp}/x.png", "--steps", "0"], ["num_inference_steps", "0"]),
     (["text-to-image", "a", "-o", "{tmp}/x.png", "--height", "100"], ["height", "100", "multiple of 8"]),
-    (["text-to-image", "a", "-o", "{tmp}/x.png", "--scheduler", "heun"], ["scheduler", "heun"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--scheduler", "k_heun"], ["scheduler", "k_heun"]),
     (["text-to-image", "a", "-o", "{tmp}/x.png", "--num-images", "0"], ["--num-images", "0"]),
     (["image-variation", "{tmp}/nope.png", "-o", "{tmp}/x.png"], ["image", "nope.png"]),
     (["dual-guided", "a", "{tmp}/x.txt", "-o", "{tmp}/x.png"], ["image", "x.txt"]),

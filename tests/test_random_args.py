@@ -45,7 +45,7 @@ def _arguments(rng: random.Random) -> tuple[str, dict]:
         height=pick([None, 32, 48], [12, 0, "64"]),
         width=pick([None, 40, 64], [7, -8]),
         eta=pick([0.0, 0.5], [-1.0]),
-        scheduler=pick(["ddim", "pndm", "lms"], ["euler", None, 5]),
+        scheduler=pick(["ddim", "pndm", "lms"], ["k_euler", None, 5]),
         output_type=pick(["np", "pil", "pt"], ["png", None]),
         progress=False,
     )

@@ -323,8 +323,8 @@ def test_config_defaults_follow_diffusers_from_config():
 
 
 def test_unknown_scheduler_name():
-    with pytest.raises(ValueError, match=r"scheduler.*ddim.*'euler'"):
-        sampler_from_config("euler", VD)
+    with pytest.raises(ValueError, match=r"scheduler.*ddim.*'k_euler'"):
+        sampler_from_config("k_euler", VD)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))

@@ -64,7 +64,7 @@ CASES = [
     ("text_to_image", dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), ValueError,
      ["negative_prompt", "3", "2"]),
     ("text_to_image", dict(prompt="a", negative_prompt=5), TypeError, ["negative_prompt", "5"]),
-    ("text_to_image", dict(prompt="a", scheduler="euler"), ValueError, ["scheduler", "'euler'", "ddim"]),
+    ("text_to_image", dict(prompt="a", scheduler="k_euler"), ValueError, ["scheduler", "'k_euler'", "ddim"]),
     ("text_to_image", dict(prompt="a", output_type="jpg"), ValueError, ["output_type", "'jpg'", "pil"]),
     ("text_to_image", dict(prompt="a", callback=3), TypeError, ["callback", "3", "callable"]),
     ("text_to_image", dict(prompt="a", callback_steps=0), ValueError, ["callback_steps", "0"]),
@@ -100,8 +100,8 @@ def test_bad_argument(no_model_runs, task, kwargs, error, words):
 def test_unknown_task_and_scheduler_at_load(tmp_path):
     with pytest.raises(ValueError, match=r"tasks: expected one of .*got 'upscale'"):
         VersatileDiffusion.from_pretrained(tmp_path, tasks=["upscale"])
-    with pytest.raises(ValueError, match=r"scheduler: expected one of .*got 'heun'"):
-        VersatileDiffusion.from_pretrained(tmp_path, scheduler="heun")
+    with pytest.raises(ValueError, match=r"scheduler: expected one of .*got 'k_heun'"):
+        VersatileDiffusion.from_pretrained(tmp_path, scheduler="k_heun")
     with pytest.raises(ValueError, match=r"uncond_image"):
         VersatileDiffusion.from_pretrained(tmp_path, uncond_image="white")
 

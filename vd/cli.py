@@ -8,6 +8,8 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from vd.sched import SCHEDULERS
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 WRITABLE = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 TASK_OF = {"text-to-image": "text_to_image", "image-variation": "image_variation", "dual-guided": "dual_guided",
@@ -45,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
         s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
         s.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-        s.add_argument("--scheduler", default="ddim", help="ddim, pndm or lms (default ddim)")
+        s.add_argument("--scheduler", default="ddim", help=f"sampler: {', '.join(SCHEDULERS)} (default ddim)")
         s.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
         s.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                        help="weights dtype (default fp16 on CUDA, fp32 on CPU)")

@@ -31,7 +31,7 @@ from vd.conditioning import (UNCOND_IMAGES, encode_image, encode_text, mask_toke
 from vd.fast import Denoiser, speed_up_
 from vd.focus import adjust_focus
 from vd.loading import Components, load_components, resolve
-from vd.sched import SAMPLERS, randn, sampler_from_config
+from vd.sched import SCHEDULERS, randn, sampler_from_config
 from vd.text_vae import remove_duplicate_word
 from weights_convert import TASK_PARTS, TASKS
 
@@ -65,7 +65,7 @@ class VersatileDiffusion:
                  scheduler: str = "ddim", uncond_image: str = "grey", compile: bool = False,
                  cuda_graphs: bool = False):
         self.c, self.tasks, self.device, self.dtype = components, tuple(tasks), device, dtype
-        self.scheduler = checks.choice("scheduler", scheduler, list(SAMPLERS))
+        self.scheduler = checks.choice("scheduler", scheduler, list(SCHEDULERS))
         self.uncond_image = checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         image_unet, text_unet = components.image_unet, components.text_unet
         if device.type == "cuda":  # the fast path: same math, GPU-friendly layouts (not for the VAE: vd/fast.py)
@@ -92,7 +92,7 @@ class VersatileDiffusion:
         device: default CUDA if available, else CPU.
         dtype: default float16 on CUDA (UNets, VAE and Optimus run in it, as the reference does; CLIP under
           autocast), float32 on CPU.
-        scheduler: a name of vd.sched.SAMPLERS (default "ddim", as shipped); overridable per call.
+        scheduler: a sampler name of vd.sched.SCHEDULERS (default "ddim", as shipped); overridable per call.
         uncond_image: "no image" for classifier-free guidance: "grey" (what the reference means to do), "zeros"
           (the original app's all-zero embedding) or "diffusers" (what diffusers 0.42.1 computes).
         revision: the hub revision.
@@ -106,7 +106,7 @@ class VersatileDiffusion:
         tasks = tuple(DEFAULT_TASKS if tasks is None else [checks.choice("tasks", t, TASKS) for t in tasks])
         if not tasks:
             checks.fail("tasks", tasks, f"some of {list(TASKS)}")
-        checks.choice("scheduler", scheduler, list(SAMPLERS))
+        checks.choice("scheduler", scheduler, list(SCHEDULERS))
         checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
@@ -521,7 +521,7 @@ class VersatileDiffusion:
 
     def _call(self, batch, sample_shape, steps, guidance, per_prompt, per_prompt_name, eta, generator, latents,
               output_type, callback, callback_steps, scheduler) -> "_Call":
-        name = checks.choice("scheduler", self.scheduler if scheduler is None else scheduler, list(SAMPLERS))
+        name = checks.choice("scheduler", self.scheduler if scheduler is None else scheduler, list(SCHEDULERS))
         sampler = sampler_from_config(name, self.c.scheduler_config)
         steps = checks.integer("num_inference_steps", steps, 1, sampler.num_train_timesteps)
         guidance = checks.number("guidance_scale", guidance, 0.0)
@@ -614,13 +614,13 @@ class VersatileDiffusion:
             x = run.latents.to(self.device)
         else:
             x = randn(run.shape, s.generator, self.device, self.dtype)
-        total = s.num_steps if s.t_enc is None else min(s.t_enc, s.num_steps)
+        total = len(s.sampler.timesteps(s.num_steps)) if s.t_enc is None else s.t_enc  # model calls
         bar = tqdm(total=total, disable=not progress, desc="denoising")
 
         def on_step(i: int, t: Tensor, latents: Tensor) -> None:
             bar.update()
-            if run.callback is not None and i % run.callback_steps == 0:
-                run.callback(i, t, latents)
+            if run.callback is not None and i % run.callback_steps == 0:  # parity: i counts model evaluations
+                run.callback(i // s.sampler.evals_per_step, t, latents)
 
         try:
             x = flow(dataclasses.replace(s, callback=on_step), x)

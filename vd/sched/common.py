@@ -82,6 +82,11 @@ class Schedule:
     PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
     # config keys we accept only at the given value (the features are not implemented)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {"trained_betas": None}
+    # whether sample(..., skip=k) starts from a sample noised part-way (init image, fidelity)
+    starts_part_way: ClassVar[bool] = False
+    # model evaluations per step (diffusers' `scheduler.order`): the callback's index i counts evaluations; the
+    # reference pipelines report step i // evals_per_step to the user (after filtering i by callback_steps)
+    evals_per_step: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
         for key, allowed in (
@@ -106,7 +111,8 @@ class Schedule:
         for key, only in cls.UNSUPPORTED.items():
             if key in given and given[key] != only:
                 value = reprlib.repr(given[key])
-                raise ValueError(f"{key}={value} is not supported by {cls.__name__} (only {only!r} is)")
+                hint = "; choose a scheduler name ending in '_karras'" if key == "use_karras_sigmas" else ""
+                raise ValueError(f"{key}={value} is not supported by {cls.__name__} (only {only!r} is){hint}")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in given.items() if k in names})
 

@@ -1,5 +1,6 @@
 """Linear multistep (LMS) sampler of order 4 in sigma space (Karras et al. 2022 notation; k-diffusion's
-`sample_lms`), matching diffusers' `LMSDiscreteScheduler` (v0.42.1) without scipy:
+`sample_lms`), matching diffusers' `LMSDiscreteScheduler` (v0.42.1) without scipy, also with Karras sigmas
+(`lms_karras`; the schedule is in sigma_space.py):
 https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_lms_discrete.py
 
 x lives at noise level sigma = sqrt((1 − alpha_bar)/alpha_bar) (x_sigma = x0 + sigma·eps, the
@@ -16,7 +17,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, Schedule, spaced_timesteps
+from .common import Callback, EpsFn
+from .sigma_space import SigmaSchedule
+from .sigmas import denoised
 
 ORDER = 4  # diffusers' default `order` of LMSDiscreteScheduler.step
 
@@ -68,34 +71,8 @@ def lms_coefficients(sigmas: Tensor, i: int, order: int, dtype: torch.dtype = to
 
 
 @dataclass(frozen=True, kw_only=True)
-class LMS(Schedule):
+class LMS(SigmaSchedule):
     """LMS with diffusers' LMSDiscreteScheduler defaults (note: "linspace" spacing, float timesteps)."""
-
-    timestep_spacing: str = "linspace"
-
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "trained_betas": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-    }
-
-    def timesteps(self, num_steps: int) -> Tensor:
-        """Descending float32 timesteps (fractional for "linspace"), as `set_timesteps(num_steps)`."""
-        T = self.num_train_timesteps
-        return spaced_timesteps(self.timestep_spacing, num_steps, T, self.steps_offset).float()
-
-    def sigmas(self, num_steps: int) -> Tensor:
-        """float32 (N+1,): sigma at each timestep (linear interpolation in t), then a final 0."""
-        a_bar = self.alpha_bars()
-        train = (((1 - a_bar) / a_bar) ** 0.5).double()  # (T,) float32 values, interpolated in float64
-        t = self.timesteps(num_steps).double()
-        lo = t.floor().long().clamp(0, len(train) - 2)
-        s = (train[lo + 1] - train[lo]) * (t - lo) + train[lo]  # np.interp's formula (unit spacing in t)
-        return torch.cat([s, s.new_zeros(1)]).float()
-
-    def init_noise_sigma(self, num_steps: int) -> float:
-        """Std of the initial x: sigma_max, or sqrt(sigma_max² + 1) for "leading" (parity: diffusers)."""
-        s_max = self.sigmas(num_steps).max()
-        return float(s_max if self.timestep_spacing in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5)
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
@@ -103,7 +80,7 @@ class LMS(Schedule):
     ) -> Tensor:
         """Run the LMS loop from unit-variance noise `x` (B, ...). Deterministic: eta, generator, noise
         are accepted for a uniform call and ignored."""
-        ts, sig = self.timesteps(num_steps), self.sigmas(num_steps)  # (N,), (N+1,) float32
+        ts, sig = self.schedule(num_steps)  # (N,), (N+1,) float32
         ts_dev = ts.to(x.device).unbind()  # 0-d timesteps passed to eps_fn and callback
         x = x * self.init_noise_sigma(num_steps)
         ds: list[Tensor] = []  # last ORDER derivatives d = dx/dsigma, oldest first
@@ -111,12 +88,7 @@ class LMS(Schedule):
             s = sig[i]  # 0-d float32
             # the model sees x = x0 + sigma·eps scaled back to the variance-preserving x_t
             out = eps_fn(x / (s**2 + 1) ** 0.5, ts_dev[i])
-            if self.prediction_type == "epsilon":
-                x0 = x - s * out
-            elif self.prediction_type == "v_prediction":
-                x0 = out * (-s / (s**2 + 1) ** 0.5) + x / (s**2 + 1)
-            else:  # "sample"
-                x0 = out
+            x0 = denoised(out, x, s, self.prediction_type)
             ds = (ds + [(x - x0) / s])[-ORDER:]
             coeffs = lms_coefficients(sig, i, min(i + 1, ORDER), dtype=torch.float32)
             # x_{i+1} = x_i + sum_j c_j·d_{i−j} (newest d first), in diffusers' summation order
@@ -124,3 +96,10 @@ class LMS(Schedule):
             if callback is not None:
                 callback(i, ts_dev[i], x)
         return x
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMSKarras(LMS):
+    """LMS on Karras et al.'s sigmas (eq. 5, rho = 7; diffusers: use_karras_sigmas=True)."""
+
+    karras: ClassVar[bool] = True

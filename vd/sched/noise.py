@@ -4,7 +4,7 @@ Mirrors `diffusers.utils.torch_utils.randn_tensor` (v0.42.1):
 https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/utils/torch_utils.py
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -40,3 +40,20 @@ def randn(
         return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(target)
     one = (1, *shape[1:])
     return torch.cat([torch.randn(one, generator=g, device=draw_on, dtype=dtype) for g in gens]).to(target)
+
+
+def step_noises(
+    noise: Sequence[Tensor] | None, generator: torch.Generator | Sequence[torch.Generator] | None, num: int,
+) -> Callable[[int, Tensor, torch.dtype], Tensor]:
+    """The fresh noise of a stochastic sampler's step i: `noise[i]` when given (one tensor per step), else a draw
+    from `generator` of `like`'s shape, in the order diffusers' step functions draw (one randn_tensor per step)."""
+    if noise is not None and generator is not None:
+        raise ValueError("pass either noise or generator, not both")
+    if noise is not None and len(noise) < num:
+        raise ValueError(f"noise: need {num} tensors, got {len(noise)}")
+
+    def z(i: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+        if noise is not None:
+            return noise[i].to(like.device, dtype)
+        return randn(like.shape, generator, like.device, dtype)
+    return z

@@ -1,0 +1,119 @@
+"""Every new sampler in the flows: our facade against diffusers 0.42.1's VD pipelines with the scheduler swapped as a
+user swaps it (`pipe.scheduler = XScheduler.from_config(pipe.scheduler.config, <override>)`), on the tiny random
+pipeline of test_pipeline_parity.py, fp32 on CPU. Tolerance: max abs diff of the "np" output <= 1e-3, as there
+(measured: the table at the end of a run). Few steps, tiny sizes: each case is a second or two.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_pipeline as tp
+from helpers import random_image, seeded
+
+diffusers = pytest.importorskip("diffusers")
+
+from test_samplers import NEW, REF, STOCHASTIC  # noqa: E402
+from vd import VersatileDiffusion  # noqa: E402
+
+TOL = 1e-3
+STEPS = 3
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning",
+                                        "ignore:.*rescale already rescaled.*")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
+
+
+@pytest.fixture(scope="module")
+def ours(folder):
+    return VersatileDiffusion.from_pretrained(folder, uncond_image="diffusers")  # the reference's "no image"
+
+
+def reference(task: str, folder, name: str):
+    pipe = tp.reference(task, folder)
+    cls, override = REF[name]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **override)
+    return pipe
+
+
+def _diff(a, b) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max())
+
+
+def _gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_text_to_image(name, ours, folder, check):
+    """Two prompts with a negative each, guidance, one generator per image (stochastic samplers draw from them)."""
+    kw = dict(prompt=["the cat", "a dog running"], negative_prompt=["the", "rain"], num_inference_steps=STEPS,
+              output_type="np", height=40, width=56)
+    want = reference("text_to_image", folder, name)(**kw, generator=_gens([3, 4])).images
+    got = ours.text_to_image(**kw, generator=_gens([3, 4]), scheduler=name, progress=False).images
+    check(_diff(got, want), TOL)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_image_variation(name, ours, folder, check):
+    """Two images per input, one generator, eta given (ignored by all of these, as by diffusers)."""
+    kw = dict(image=random_image(9), num_images_per_prompt=2, num_inference_steps=STEPS, output_type="np", eta=0.5)
+    want = reference("image_variation", folder, name)(**kw, generator=seeded(1)).images
+    got = ours.image_variation(**kw, generator=seeded(1), scheduler=name, progress=False).images
+    check(_diff(got, want), TOL)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_karras", "euler_a", "unipc"])
+def test_dual_guided(name, ours, folder, patched_dual, check):
+    kw = dict(prompt="the cat", image=random_image(11), text_to_image_strength=0.6, num_inference_steps=STEPS,
+              output_type="np")
+    want = reference("dual_guided", folder, name)(**kw, generator=seeded(2)).images
+    got = ours.dual_guided(**kw, generator=seeded(2), scheduler=name, progress=False).images
+    check(_diff(got, want), TOL)
+
+
+@pytest.mark.parametrize("name", ["euler_karras", "dpmpp_2m_sde", "heun"])
+def test_given_latents_no_guidance(name, ours, folder, check):
+    """Given latents (scaled by the sampler's own start-noise std), guidance off."""
+    latents = torch.randn(1, 4, 8, 8, generator=seeded(5))
+    kw = dict(prompt="the cat", num_inference_steps=STEPS, output_type="np", guidance_scale=1.0)
+    want = reference("text_to_image", folder, name)(**kw, latents=latents.clone(), generator=seeded(6)).images
+    got = ours.text_to_image(**kw, latents=latents.clone(), generator=seeded(6), scheduler=name,
+                             progress=False).images
+    check(_diff(got, want), TOL)
+
+
+def test_callback_heun_counts_evaluations(ours, folder):
+    """Heun's callback follows the reference's: every callback_steps-th of its 2N − 1 evaluations, reporting the
+    step (evaluation // 2) and the evaluation's timestep."""
+    seen_ref, seen_ours = [], []
+    kw = dict(num_inference_steps=3, callback_steps=2, output_type="latent")
+    ref = reference("text_to_image", folder, "heun")
+    ref("the cat", generator=seeded(), callback=lambda i, t, x: seen_ref.append((i, float(t), x.clone())), **kw)
+    ours.text_to_image("the cat", generator=seeded(), scheduler="heun", progress=False,
+                       callback=lambda i, t, x: seen_ours.append((i, float(t), x.clone())), **kw)
+    assert [(i, t) for i, t, _ in seen_ours] == [(i, t) for i, t, _ in seen_ref]
+    assert [i for i, _, _ in seen_ours] == [0, 1, 2]
+    for (_, _, a), (_, _, b) in zip(seen_ours, seen_ref):
+        assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(set(NEW) - {"ddim"}))
+def test_fidelity_needs_a_sampler_that_starts_part_way(name, ours):
+    """Starting part-way (image variation's fidelity) is DDIM's only; the others are refused by name."""
+    with pytest.raises(ValueError, match="fidelity.*ddim"):
+        ours.image_variation(random_image(1), fidelity=0.5, num_inference_steps=STEPS, scheduler=name,
+                             progress=False)
+
+
+def test_stochastic_samplers_follow_the_generator(ours):
+    """A stochastic sampler's picture depends on the seed even for the same start latents; a deterministic one's not."""
+    latents = torch.randn(1, 4, 8, 8, generator=seeded(5))
+    for name, differs in (("euler_a", True), ("dpmpp_2m", False)):
+        a, b = (ours.text_to_image("the cat", latents=latents.clone(), generator=seeded(s), scheduler=name,
+                                   num_inference_steps=STEPS, output_type="np", progress=False).images for s in (1, 2))
+        assert (np.abs(a - b).max() > 1e-4) == differs == (name in STOCHASTIC), name

@@ -1,0 +1,307 @@
+"""Parity of the samplers added for issue 17 (DDPM, Euler, Euler ancestral, Heun, DPM-Solver++(2M) and its SDE
+form, UniPC, and the "_karras" variants) with diffusers 0.42.1, each built as a user builds it:
+`XScheduler.from_config(<VD's scheduler config>, <the one override of the name>)`.
+
+Whole trajectories on a deterministic fake model, float32: every model input and every x after a step (via our
+callback) within 1e-6 of the reference's largest value (measured differences: the table at the end of a run);
+the stochastic ones with the same generator (or one per batch item) on both sides.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                       LMSDiscreteScheduler, UniPCMultistepScheduler)
+
+from vd.sched import SAMPLERS, SCHEDULERS, sampler_from_config  # noqa: E402
+
+VD = json.loads((Path(__file__).parent / "data" / "scheduler_config.json").read_text())
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+KARRAS = {"use_karras_sigmas": True}
+SDE = {"algorithm_type": "sde-dpmsolver++"}
+# our name -> the diffusers class and the one from_config override a user passes
+REF = {
+    "ddpm": (DDPMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_karras": (EulerDiscreteScheduler, KARRAS),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "heun_karras": (HeunDiscreteScheduler, KARRAS),
+    "lms_karras": (LMSDiscreteScheduler, KARRAS),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, KARRAS),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, SDE),
+    "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {**SDE, **KARRAS}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+NEW = sorted(REF)
+STOCHASTIC = {"ddpm", "euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}
+CONFIGS = {
+    "vd": VD,
+    # what pipe.scheduler.config holds after loading VD's file (keys the file lacks in _use_default_values)
+    "vd_loaded": DDIMScheduler.from_config(VD).config,
+    "vd_leading": {**VD, "timestep_spacing": "leading"},
+    "linear_trailing": {**VD, "beta_schedule": "linear", "timestep_spacing": "trailing", "steps_offset": 0},
+    "cosine": {"beta_schedule": "squaredcos_cap_v2"},
+}
+
+
+def reference(name: str, cfg) -> object:
+    cls, override = REF[name]
+    return cls.from_config(cfg, **override)
+
+
+def fake_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A cheap smooth nonlinear stand-in for the UNet, depending on both x and t."""
+    return 0.1 * x * torch.cos(t.to(x.dtype) / 100) + 0.05 * torch.sin(x)
+
+
+def start_noise(batch: int = 2) -> torch.Tensor:
+    return torch.randn((batch, 4, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+
+
+def gens(per_item: bool, batch: int = 2):
+    return [torch.Generator().manual_seed(7 + b) for b in range(batch)] if per_item else torch.Generator().manual_seed(7)
+
+
+def reference_run(sched, x, n, generator=None):
+    """diffusers' pipeline loop: every (t, model input) and every x after a step."""
+    sched.set_timesteps(n)
+    x = x * sched.init_noise_sigma
+    calls, xs = [], []
+    kw = {"generator": generator} if generator is not None else {}
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(x, t)
+        calls.append((t, inp))
+        x = sched.step(fake_eps(inp, t), t, x, **kw).prev_sample
+        xs.append(x)
+    return calls, xs
+
+
+def our_run(sampler, x, n, **kw):
+    calls, xs = [], []
+
+    def eps(inp, t):
+        calls.append((t, inp))
+        return fake_eps(inp, t)
+
+    def callback(i, t, x_i):
+        assert i == len(xs) and t is calls[-1][0]
+        xs.append(x_i)
+
+    out = sampler.sample(eps, x, n, callback=callback, **kw)
+    assert out is xs[-1]
+    return calls, xs
+
+
+def relative_diff(ours, ref, exact_timesteps=True) -> float:
+    """Max over the run of max|a − b| / max|b| (model inputs and x after each step); timesteps equal (fractional
+    Karras ones: within 1e-6 of max(t, 1), as numpy's float32 log and torch's differ in the last bit)."""
+    (calls, xs), (calls_ref, xs_ref) = ours, ref
+    assert len(calls) == len(calls_ref) and len(xs) == len(xs_ref)
+    worst = 0.0
+    for (t, a), (t_ref, b) in zip(calls, calls_ref):
+        assert t.dtype == t_ref.dtype and t.dim() == 0
+        if exact_timesteps:
+            assert t.item() == t_ref.item()
+        else:
+            assert abs(t.item() - t_ref.item()) <= 1e-6 * max(abs(t_ref.item()), 1)
+        worst = max(worst, ((a.double() - b.double()).abs().max() / b.double().abs().max()).item())
+    for a, b in zip(xs, xs_ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        worst = max(worst, ((a.double() - b.double()).abs().max() / b.double().abs().max()).item())
+    return worst
+
+
+# ------------------------------------------------------------------------------------------ schedules
+
+
+@pytest.mark.parametrize("cfg_name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", NEW)
+def test_timesteps_and_sigmas(name, cfg_name, check):
+    """Timesteps (dtype and values), sigmas and the start-noise std, for step counts from 1 to 999. Fractional
+    Karras timesteps: within 1e-6 of max(t, 1) (numpy's float32 log and torch's differ in the last bit)."""
+    cfg, worst = CONFIGS[cfg_name], 0.0
+    for n in (1, 2, 3, 7, 20, 25, 50, 100, 999):
+        if n == 999 and name in ("dpmpp_2m", "dpmpp_2m_sde", "unipc") and "leading" in cfg_name:
+            continue  # 1000 "leading" points with steps_offset 1 reach t = 1000: diffusers reads past the end
+        ours, ref = sampler_from_config(name, cfg), reference(name, cfg)
+        ref.set_timesteps(n)
+        ts = ours.timesteps(n)
+        assert ts.dtype == ref.timesteps.dtype and ts.shape == ref.timesteps.shape, n
+        if "karras" in name and ts.is_floating_point():  # fractional: numpy's float32 log vs torch's
+            worst = max(worst, ((ts - ref.timesteps).abs() / ref.timesteps.abs().clamp(min=1)).max().item())
+        else:
+            assert torch.equal(ts, ref.timesteps), n
+        sig = ours.schedule(n)[1] if hasattr(ours, "schedule") else None
+        if sig is not None:
+            want = ref.sigmas if not name.startswith("heun") else torch.cat([ref.sigmas[:1], ref.sigmas[1::2]])
+            assert torch.equal(sig, want), n
+        assert ours.init_noise_sigma(n) == float(ref.init_noise_sigma), n
+    if "karras" in name and ts.is_floating_point():
+        check(worst, 1e-6, "timesteps: max |t - t_ref| / max(t_ref, 1)")
+
+
+def test_vd_known_values():
+    """Spot values, independent of diffusers: the default spacings of the new classes on VD's config."""
+    assert sampler_from_config("dpmpp_2m", VD).timesteps(20)[[0, 1, -1]].tolist() == [999, 949, 50]
+    assert sampler_from_config("dpmpp_2m", CONFIGS["vd_leading"]).timesteps(20)[[0, 1, -1]].tolist() == [941, 894, 48]
+    assert sampler_from_config("ddpm", VD).timesteps(50)[[0, -1]].tolist() == [981, 1]
+    euler = sampler_from_config("euler", VD)
+    assert euler.timesteps(25)[[0, -1]].tolist() == [999.0, 0.0]
+    karras = sampler_from_config("dpmpp_2m_karras", VD).schedule(20)[1]
+    assert abs(karras[0].item() - 14.6146) < 1e-4 and abs(karras[-2].item() - 0.0292) < 1e-4 and karras[-1] == 0
+    assert len(sampler_from_config("heun", VD).timesteps(10)) == 19
+
+
+# ------------------------------------------------------------------------------------------ trajectories
+
+RUNS = [("vd", 25), ("vd", 20), ("vd", 2), ("vd_loaded", 7), ("vd_leading", 10), ("linear_trailing", 12),
+        ("cosine", 16)]
+
+
+@pytest.mark.parametrize("cfg_name,n", RUNS)
+@pytest.mark.parametrize("name", NEW)
+def test_trajectory(name, cfg_name, n, check):
+    cfg, x = CONFIGS[cfg_name], start_noise()
+    kw = {"generator": gens(False)} if name in STOCHASTIC else {}
+    if name.startswith("dpmpp") and name.endswith("karras") and cfg_name == "cosine":
+        # cosine betas end at huge sigmas: the first Karras sigmas truncate to the same timestep; diffusers then
+        # starts at the second of the equal timesteps and steps past its sigmas (IndexError). We run all of them.
+        ts = sampler_from_config(name, cfg).timesteps(n)
+        assert ts[0] == ts[1]
+        with pytest.raises(IndexError):
+            reference_run(reference(name, cfg), x, n, **kw)
+        calls, xs = our_run(sampler_from_config(name, cfg), x, n, **kw)
+        assert len(calls) == len(xs) == n and torch.isfinite(xs[-1]).all()
+        return
+    ref = reference_run(reference(name, cfg), x, n, **kw)
+    kw = {"generator": gens(False)} if name in STOCHASTIC else {}
+    ours = our_run(sampler_from_config(name, cfg), x, n, **kw)
+    check(relative_diff(ours, ref, exact_timesteps="karras" not in name), 1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+@pytest.mark.parametrize("name", NEW)
+def test_trajectory_prediction_types(name, prediction_type, check):
+    cfg, x = {**VD, "prediction_type": prediction_type}, start_noise()
+    if name == "euler_a" and prediction_type == "sample":  # diffusers raises NotImplementedError
+        with pytest.raises(ValueError, match="prediction_type"):
+            sampler_from_config(name, cfg)
+        return
+    kw = {"generator": gens(False)} if name in STOCHASTIC else {}
+    ref = reference_run(reference(name, cfg), x, 10, **kw)
+    kw = {"generator": gens(False)} if name in STOCHASTIC else {}
+    ours = our_run(sampler_from_config(name, cfg), x, 10, **kw)
+    check(relative_diff(ours, ref, exact_timesteps="karras" not in name), 1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(STOCHASTIC))
+def test_generator_list_and_injected_noise(name, check):
+    """One generator per batch item (diffusers' list form); and `noise=` (one tensor per step) is the same as
+    drawing those tensors from the generator."""
+    x = start_noise(3)
+    ref = reference_run(reference(name, VD), x, 8, generator=gens(True, 3))
+    ours = our_run(sampler_from_config(name, VD), x, 8, generator=gens(True, 3))
+    check(relative_diff(ours, ref, exact_timesteps="karras" not in name), 1e-6, "generator list")
+    g, dtype = torch.Generator().manual_seed(5), torch.float32
+    noise = [torch.randn(x.shape, generator=g, dtype=dtype) for _ in range(8)]
+    sampler = sampler_from_config(name, VD)
+    a = sampler.sample(fake_eps, x, 8, noise=noise)
+    b = sampler.sample(fake_eps, x, 8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="noise"):
+        sampler.sample(fake_eps, x, 8, noise=noise[:3])
+    with pytest.raises(ValueError, match="noise"):
+        sampler.sample(fake_eps, x, 8, noise=noise, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc", "heun"])
+@pytest.mark.parametrize("order_or_type", ["solver_order=1", "solver_type"])
+def test_config_variants(name, order_or_type, check):
+    """The other config values we accept: first-order DPM-Solver++/UniPC, DPM-Solver++'s Heun form, UniPC's
+    bh1; Heun with x0 clipping."""
+    variant = {"dpmpp_2m": {"solver_order": 1} if order_or_type == "solver_order=1" else {"solver_type": "heun"},
+               "unipc": {"solver_order": 1} if order_or_type == "solver_order=1" else {"solver_type": "bh1"},
+               "heun": {"clip_sample": True, "clip_sample_range": 0.5 if order_or_type == "solver_type" else 2.0}}
+    cfg, x = {**VD, **variant[name]}, start_noise()
+    ref = reference_run(reference(name, cfg), x, 9)
+    check(relative_diff(our_run(sampler_from_config(name, cfg), x, 9), ref), 1e-6)
+
+
+def test_unipc_third_order(check):
+    cfg, x = {**VD, "solver_order": 3}, start_noise()
+    ref = reference_run(reference("unipc", cfg), x, 12)
+    check(relative_diff(our_run(sampler_from_config("unipc", cfg), x, 12), ref), 1e-6)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large"])
+def test_ddpm_variance_types(variance_type, check):
+    cfg, x = {**VD, "variance_type": variance_type, "timestep_spacing": "linspace"}, start_noise()
+    ref = reference_run(reference("ddpm", cfg), x, 10, generator=gens(False))
+    check(relative_diff(our_run(sampler_from_config("ddpm", cfg), x, 10, generator=gens(False)), ref), 1e-6)
+
+
+# ------------------------------------------------------------------------------------------ config, names, errors
+
+
+def test_config_defaults_follow_diffusers_from_config():
+    """A key the file lacks takes each class's own default, also through diffusers' _use_default_values."""
+    for name in NEW:
+        for cfg in CONFIGS.values():
+            ours, ref = sampler_from_config(name, cfg), reference(name, cfg).config
+            for f in dataclasses.fields(ours):
+                assert getattr(ours, f.name) == ref[f.name], (name, f.name)
+
+
+def test_registry():
+    """Every name of the issue, the original three unchanged; only DDIM starts part-way."""
+    assert sorted(SCHEDULERS) == sorted([*SAMPLERS, *NEW])
+    assert {n: SCHEDULERS[n] for n in SAMPLERS} == SAMPLERS
+    assert {n for n, cls in SCHEDULERS.items() if cls.starts_part_way} == {"ddim"}
+    assert all(isinstance(cls.starts_part_way, bool) for cls in SCHEDULERS.values())
+    assert {n for n, cls in SCHEDULERS.items() if cls.evals_per_step != 1} == {"heun", "heun_karras"}
+    assert HeunDiscreteScheduler.order == 2 and DPMSolverMultistepScheduler.order == UniPCMultistepScheduler.order == 1
+    with pytest.raises(ValueError, match=r"scheduler must be one of \[.*'dpmpp_2m_karras'.*\], got 'dpm\+\+'"):
+        sampler_from_config("dpm++", VD)
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("n", [0, -1, 1001])
+def test_bad_num_steps(name, n):
+    sampler = sampler_from_config(name, VD)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sampler.timesteps(n)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sampler.sample(fake_eps, start_noise(), n)
+
+
+@pytest.mark.parametrize("name,key,value", [
+    ("euler", "use_karras_sigmas", True),  # the "_karras" names do this
+    ("dpmpp_2m", "algorithm_type", "dpmsolver"),
+    ("dpmpp_2m", "solver_order", 3),
+    ("dpmpp_2m", "use_lu_lambdas", True),
+    ("dpmpp_2m", "final_sigmas_type", "sigma_min"),
+    ("dpmpp_2m", "solver_type", "logrho"),
+    ("unipc", "predict_x0", False),
+    ("unipc", "disable_corrector", [0]),
+    ("unipc", "solver_type", "bh3"),
+    ("unipc", "solver_order", 4),
+    ("ddpm", "variance_type", "learned_range"),
+    ("ddpm", "thresholding", True),
+    ("heun", "beta_schedule", "exp"),
+    ("euler", "interpolation_type", "log_linear"),
+    ("euler_a", "prediction_type", "sample"),
+])
+def test_unsupported_config(name, key, value):
+    with pytest.raises(ValueError, match=key) as err:
+        sampler_from_config(name, {**VD, key: value})
+    assert repr(value) in str(err.value)
+    if key == "use_karras_sigmas":
+        assert "_karras" in str(err.value)

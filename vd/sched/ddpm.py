@@ -1,0 +1,89 @@
+"""DDPM ancestral sampler (Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models",
+arXiv:2006.11239), matching diffusers' `DDPMScheduler` (v0.42.1) on a spaced schedule:
+https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_ddpm.py
+
+Each step samples the posterior q(x_prev | x_t, x0) of eq. 6-7 with x0 predicted by the model, where x_prev
+is at the next timestep of the (spaced) schedule, and alpha_t = a / a_prev, beta_t = 1 − alpha_t are the
+spaced step's (as in Nichol & Dhariwal 2021, eq. 19). Notation: a, a_prev = alpha_bar at t and at the
+next timestep (1 after the last); the fresh noise z is drawn at every t > 0 (also at VD's last t = 1).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .common import Callback, EpsFn, Schedule, spaced_timesteps
+from .noise import step_noises
+
+VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DDPM(Schedule):
+    """DDPM with diffusers' DDPMScheduler defaults ("leading" spacing, x0 clipped to [-1, 1])."""
+
+    variance_type: str = "fixed_small"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False,
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variance_type not in VARIANCES:
+            raise ValueError(f"variance_type must be one of {VARIANCES} for DDPM, got {self.variance_type!r}")
+
+    def timesteps(self, num_steps: int) -> Tensor:
+        """Descending int64 timesteps, as `DDPMScheduler.set_timesteps(num_steps)`."""
+        T = self.num_train_timesteps
+        return spaced_timesteps(self.timestep_spacing, num_steps, T, self.steps_offset).round().long()
+
+    def init_noise_sigma(self, num_steps: int) -> float:
+        return 1.0
+
+    def sample(
+        self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None, eta: float = 0.0,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+    ) -> Tensor:
+        """Run the loop from unit-variance noise `x`. The fresh noise of step i is `noise[i]` or drawn from
+        `generator` as diffusers does. eta is ignored (DDPM is DDIM's eta = 1 up to the variance choice)."""
+        ts = self.timesteps(num_steps)
+        z = step_noises(noise, generator, len(ts))
+        a_bar, one = self.alpha_bars(), torch.tensor(1.0)
+        t_list, ts_dev = ts.tolist(), ts.to(x.device).unbind()
+        x = x * self.init_noise_sigma(num_steps)
+        for i, t in enumerate(t_list):
+            out = eps_fn(x, ts_dev[i])
+            a = a_bar[t]
+            a_prev = a_bar[t_list[i + 1]] if i + 1 < len(t_list) else one
+            b, b_prev = 1 - a, 1 - a_prev
+            alpha = a / a_prev
+            beta = 1 - alpha
+            if self.prediction_type == "epsilon":
+                x0 = (x - b**0.5 * out) / a**0.5
+            elif self.prediction_type == "v_prediction":
+                x0 = a**0.5 * x - b**0.5 * out
+            else:  # "sample"
+                x0 = out
+            if self.clip_sample:
+                x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+            # posterior mean, eq. 7: mu = sqrt(a_prev)·beta/b · x0 + sqrt(alpha)·b_prev/b · x_t
+            x = a_prev**0.5 * beta / b * x0 + alpha**0.5 * b_prev / b * x
+            if t > 0:
+                var = torch.clamp((1 - a_prev) / (1 - a) * (1 - a / a_prev), min=1e-20)  # beta-tilde, eq. 7
+                if self.variance_type == "fixed_small":
+                    std = var**0.5
+                elif self.variance_type == "fixed_small_log":
+                    std = torch.exp(0.5 * torch.log(var))
+                else:  # "fixed_large": sigma² = beta_t
+                    std = beta**0.5
+                x = x + std * z(i, out, out.dtype)
+            if callback is not None:
+                callback(i, ts_dev[i], x)
+        return x

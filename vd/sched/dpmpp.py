@@ -1,0 +1,110 @@
+"""DPM-Solver++(2M) and its SDE form (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
+Diffusion Probabilistic Models", arXiv:2211.01095, Algorithm 2), matching diffusers'
+`DPMSolverMultistepScheduler` (v0.42.1) with algorithm_type "dpmsolver++" (`dpmpp_2m`) or
+"sde-dpmsolver++" (`dpmpp_2m_sde`):
+https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_dpmsolver_multistep.py
+
+Notation (paper): x_t = alpha_t·x0 + sigma_t·eps, lambda_t = log(alpha_t/sigma_t), h = lambda_t − lambda_s for
+a step s -> t; D0 = the model's x0 at s, D1 its divided difference with the previous step's x0 (r0 = h_prev/h).
+The first step and the last (into sigma = 0) are first order (DPM-Solver++(1) = DDIM), the others second order.
+The SDE form adds exp(−h) damping and fresh noise of std sigma_t·sqrt(1 − exp(−2h)), drawn in float32 every
+step. diffusers steps in float32 whatever the model's dtype; so do we.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .common import Callback, EpsFn
+from .multistep import MultistepSchedule
+from .noise import step_noises
+from .sigmas import log_snr, vp
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPMSolverPP(MultistepSchedule):
+    """DPM-Solver++(2M) with diffusers' DPMSolverMultistepScheduler defaults."""
+
+    solver_type: str = "midpoint"
+    sde: ClassVar[bool] = False  # the SDE form: diffusers' algorithm_type="sde-dpmsolver++"
+
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        **MultistepSchedule.UNSUPPORTED, "algorithm_type": "dpmsolver++", "use_lu_lambdas": False,
+        "lambda_min_clipped": -float("inf"), "variance_type": None,
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.solver_type not in ("midpoint", "heun"):
+            raise ValueError(f"solver_type must be one of ('midpoint', 'heun') for DPMSolverPP, "
+                             f"got {self.solver_type!r}")
+
+    def sample(
+        self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None, eta: float = 0.0,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+    ) -> Tensor:
+        """Run the loop from unit-variance noise `x`. SDE form: the fresh noise of step i is `noise[i]` or drawn
+        from `generator` as diffusers does. eta is ignored (as diffusers)."""
+        ts, sig = self.schedule(num_steps)
+        z = step_noises(noise, generator, len(ts)) if self.sde else None
+        ts_dev = ts.to(x.device).unbind()
+        x = x * self.init_noise_sigma(num_steps)
+        x0_prev = None  # the previous step's D0
+        for i in range(num_steps):
+            out = eps_fn(x, ts_dev[i])
+            alpha_s, sigma_s = vp(sig[i])
+            if self.prediction_type == "epsilon":
+                x0 = (x - sigma_s * out) / alpha_s
+            elif self.prediction_type == "v_prediction":
+                x0 = alpha_s * x - sigma_s * out
+            else:  # "sample"
+                x0 = out
+            alpha_t, sigma_t = vp(sig[i + 1])
+            h = log_snr(sig[i + 1]) - log_snr(sig[i])
+            D0, x = x0, x.float()
+            first_order = self.solver_order == 1 or i == 0 or i == num_steps - 1
+            D1 = None if first_order else 1.0 / ((log_snr(sig[i]) - log_snr(sig[i - 1])) / h) * (x0 - x0_prev)
+            if not self.sde:  # x_t = sigma_t/sigma_s·x − alpha_t·(e^−h − 1)·(D0 + D1/2 | + (…)·D1)
+                x = sigma_t / sigma_s * x - alpha_t * (torch.exp(-h) - 1.0) * D0
+                if D1 is not None and self.solver_type == "midpoint":
+                    x = x - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
+                elif D1 is not None:
+                    x = x + alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0) * D1
+            else:
+                zi = z(i, out, torch.float32)
+                x = sigma_t / sigma_s * torch.exp(-h) * x + alpha_t * (1 - torch.exp(-2.0 * h)) * D0
+                if D1 is not None and self.solver_type == "midpoint":
+                    x = x + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
+                elif D1 is not None:
+                    x = x + alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0) * D1
+                x = x + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * zi
+            x = x.to(out.dtype)
+            x0_prev = x0
+            if callback is not None:
+                callback(i, ts_dev[i], x)
+        return x
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPMSolverPPKarras(DPMSolverPP):
+    """DPM-Solver++(2M) on Karras et al.'s sigmas (diffusers: use_karras_sigmas=True)."""
+
+    karras: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPMSolverPPSDE(DPMSolverPP):
+    """SDE-DPM-Solver++(2M) (diffusers: algorithm_type="sde-dpmsolver++")."""
+
+    sde: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPMSolverPPSDEKarras(DPMSolverPPSDE):
+    """SDE-DPM-Solver++(2M) on Karras et al.'s sigmas."""
+
+    karras: ClassVar[bool] = True

@@ -1,0 +1,90 @@
+"""Euler and Euler ancestral samplers in sigma space (Karras et al. 2022, "Elucidating the Design Space of
+Diffusion-Based Generative Models", arXiv:2206.00364; k-diffusion's `sample_euler`/`sample_euler_ancestral`),
+matching diffusers' `EulerDiscreteScheduler` and `EulerAncestralDiscreteScheduler` (v0.42.1):
+https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_euler_discrete.py
+
+Notation: sigma_i the noise levels (sigma_space.py), x0 the denoised estimate D(x; sigma),
+d = (x − x0)/sigma = dx/dsigma of the probability-flow ODE (eq. 4 with sigma(t) = t).
+diffusers steps in float32 whatever the model's dtype and returns x in the model output's dtype; so do we.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .common import Callback, EpsFn
+from .noise import step_noises
+from .sigma_space import SigmaSchedule
+from .sigmas import denoised
+
+
+@dataclass(frozen=True, kw_only=True)
+class Euler(SigmaSchedule):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
+
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        **SigmaSchedule.UNSUPPORTED, "sigma_min": None, "sigma_max": None, "interpolation_type": "linear",
+        "timestep_type": "discrete", "final_sigmas_type": "zero", "rescale_betas_zero_snr": False,
+    }
+
+    def sample(
+        self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+    ) -> Tensor:
+        """Run the loop from unit-variance noise `x`. Deterministic: eta, generator, noise are ignored."""
+        ts, sig = self.schedule(num_steps)
+        ts_dev = ts.to(x.device).unbind()
+        x = x * self.init_noise_sigma(num_steps)
+        for i in range(num_steps):
+            s, s_next = sig[i], sig[i + 1]
+            out = eps_fn(x / (s**2 + 1) ** 0.5, ts_dev[i])  # the model sees the variance-preserving x_t
+            x32 = x.float()
+            d = (x32 - denoised(out, x32, s, self.prediction_type)) / s
+            x = (x32 + d * (s_next - s)).to(out.dtype)
+            if callback is not None:
+                callback(i, ts_dev[i], x)
+        return x
+
+
+@dataclass(frozen=True, kw_only=True)
+class EulerAncestral(SigmaSchedule):
+    """Euler ancestral: an Euler step down to sigma_down, then fresh noise of std sigma_up back up to
+    sigma_{i+1} (k-diffusion's `sample_euler_ancestral`, the ancestral step of Ho et al. 2020 in sigma space)."""
+
+    PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {"trained_betas": None, "rescale_betas_zero_snr": False}
+
+    def sample(
+        self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None, eta: float = 0.0,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+    ) -> Tensor:
+        """Run the loop from unit-variance noise `x`. The fresh noise of step i is `noise[i]` or drawn from
+        `generator` (one draw per step, the last included, as diffusers). eta is ignored (as diffusers)."""
+        ts, sig = self.schedule(num_steps)
+        z = step_noises(noise, generator, len(ts))
+        ts_dev = ts.to(x.device).unbind()
+        x = x * self.init_noise_sigma(num_steps)
+        for i in range(num_steps):
+            s, s_next = sig[i], sig[i + 1]
+            out = eps_fn(x / (s**2 + 1) ** 0.5, ts_dev[i])
+            x32 = x.float()
+            d = (x32 - denoised(out, x32, s, self.prediction_type)) / s
+            # split sigma_{i+1}² into a deterministic part sigma_down² and fresh noise sigma_up²
+            sigma_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
+            sigma_down = (s_next**2 - sigma_up**2) ** 0.5
+            x = x32 + d * (sigma_down - s)
+            x = (x + z(i, out, out.dtype) * sigma_up).to(out.dtype)
+            if callback is not None:
+                callback(i, ts_dev[i], x)
+        return x
+
+
+@dataclass(frozen=True, kw_only=True)
+class EulerKarras(Euler):
+    """Euler on Karras et al.'s sigmas (eq. 5, rho = 7; diffusers: use_karras_sigmas=True)."""
+
+    karras: ClassVar[bool] = True

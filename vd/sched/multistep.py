@@ -1,0 +1,66 @@
+"""The schedule of the multistep solvers in lambda = log(alpha_t/sigma_t) (DPM-Solver++, UniPC), as diffusers'
+DPMSolverMultistepScheduler and UniPCMultistepScheduler (v0.42.1) compute it.
+
+x stays the variance-preserving x_t (start noise std 1, the model sees x as is). Their default spacing is
+"linspace", not VD's "leading" (VD's config has no timestep_spacing, so each class keeps its own), and unlike
+the other samplers "linspace" and "leading" place N + 1 points and drop the last (t = 0 for "linspace"):
+with 20 steps "linspace" runs t = 999, 949, ..., 50 and VD's "leading" 941, 894, ..., 48 (with its steps_offset 1). Timesteps
+are integers; the sigmas after them end in 0. With Karras sigmas the N levels span the whole training range
+(t = 999 down to t = 0) and each timestep is its sigma's, rounded (except for cosine betas: truncated).
+"""
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .common import Schedule, spaced_timesteps
+from .sigmas import interp, karras, sigma_to_t, train_sigmas
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultistepSchedule(Schedule):
+    """Timesteps and sigmas of the multistep solvers; the "Karras" subclasses set `karras`."""
+
+    timestep_spacing: str = "linspace"
+    solver_order: int = 2
+    karras: ClassVar[bool] = False  # Karras et al.'s sigmas: diffusers' use_karras_sigmas=True
+
+    ORDERS: ClassVar[tuple[int, ...]] = (1, 2)
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "trained_betas": None, "thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+        "use_beta_sigmas": False, "use_flow_sigmas": False, "final_sigmas_type": "zero",
+        "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.solver_order not in self.ORDERS:
+            name = type(self).__name__
+            raise ValueError(f"solver_order must be one of {self.ORDERS} for {name}, got {self.solver_order!r}")
+
+    def schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
+        """(timesteps int64 (N,), sigmas float32 (N+1,) ending in 0), as `set_timesteps(num_steps)`."""
+        T, N = self.num_train_timesteps, num_steps
+        train = train_sigmas(self.alpha_bars())
+        if not 1 <= N <= T:
+            raise ValueError(f"num_inference_steps must be in [1, {T}], got {N}")
+        if self.karras:
+            sig = karras(train[0].item(), train[-1].item(), N)
+            ts = sigma_to_t(sig, train)
+            ts = ts if self.beta_schedule == "squaredcos_cap_v2" else ts.round()
+        else:
+            if self.timestep_spacing == "trailing":
+                ts = spaced_timesteps("trailing", N, T, self.steps_offset).round()
+            else:  # N + 1 points, the last dropped
+                ts = spaced_timesteps(self.timestep_spacing, N + 1, T, self.steps_offset).round()[:-1]
+            sig = interp(train, ts)
+        return ts.long(), torch.cat([sig, sig.new_zeros(1)]).float()
+
+    def timesteps(self, num_steps: int) -> Tensor:
+        """Descending int64 timesteps of the model evaluations."""
+        return self.schedule(num_steps)[0]
+
+    def init_noise_sigma(self, num_steps: int) -> float:
+        return 1.0

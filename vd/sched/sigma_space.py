@@ -1,0 +1,55 @@
+"""The schedule of the samplers that step x_sigma = x0 + sigma·eps in sigma (Euler, Euler ancestral, Heun, LMS),
+as diffusers' EulerDiscreteScheduler & co. (v0.42.1) compute it.
+
+Their default spacing is "linspace" (N timesteps evenly over [0, T − 1], fractional, ending at t = 0), not
+VD's "leading": VD's scheduler_config.json has no timestep_spacing, so each class keeps its own default
+(diffusers does the same). With "leading" the start noise has std sqrt(sigma_max² + 1), else sigma_max.
+With Karras sigmas the N noise levels are eq. 5 of Karras et al. 2022 between the spaced schedule's first
+and last sigma, and each timestep is the (fractional) one of its sigma.
+"""
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .common import Schedule, spaced_timesteps
+from .sigmas import interp, karras, sigma_to_t, train_sigmas
+
+
+@dataclass(frozen=True, kw_only=True)
+class SigmaSchedule(Schedule):
+    """Timesteps and sigmas of the sigma-space samplers; the "_karras" subclasses set `karras`."""
+
+    timestep_spacing: str = "linspace"
+    karras: ClassVar[bool] = False  # Karras et al.'s sigmas: diffusers' use_karras_sigmas=True
+
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "trained_betas": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+    }
+
+    def schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
+        """(timesteps float32 (N,), sigmas float32 (N+1,) ending in 0), as `set_timesteps(num_steps)`."""
+        T = self.num_train_timesteps
+        ts = spaced_timesteps(self.timestep_spacing, num_steps, T, self.steps_offset).float()
+        train = train_sigmas(self.alpha_bars())
+        sig = interp(train, ts)  # float64
+        if self.karras:
+            sig = karras(sig[-1].item(), sig[0].item(), num_steps)
+            ts = sigma_to_t(sig, train).float()
+        return ts, torch.cat([sig, sig.new_zeros(1)]).float()
+
+    def timesteps(self, num_steps: int) -> Tensor:
+        """Descending float32 timesteps of the model evaluations (fractional for "linspace" and Karras)."""
+        return self.schedule(num_steps)[0]
+
+    def sigmas(self, num_steps: int) -> Tensor:
+        """float32 (N+1,): sigma at each timestep, then a final 0."""
+        return self.schedule(num_steps)[1]
+
+    def init_noise_sigma(self, num_steps: int) -> float:
+        """Std of the initial x: sigma_max, or sqrt(sigma_max² + 1) for "leading" (parity: diffusers)."""
+        s_max = self.sigmas(num_steps).max()
+        return float(s_max if self.timestep_spacing in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5)

@@ -1,0 +1,71 @@
+"""Noise levels sigma = sqrt((1 − alpha_bar)/alpha_bar): the variance-exploding view of VD's diffusion,
+x_sigma = x0 + sigma·eps (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
+Models", arXiv:2206.00364), shared by the samplers that step in sigma (Euler, Heun, LMS) or in
+lambda = −log sigma (DPM-Solver++, UniPC).
+
+Numbers follow diffusers 0.42.1: float32 training sigmas, float64 schedule arithmetic, float32 at the end.
+Two of its steps run in numpy's float32 log and float64 power, whose last bit varies with numpy's SIMD
+code; ours are torch's, so Karras sigmas and timesteps can differ from it in the last bit.
+"""
+
+import torch
+from torch import Tensor
+
+
+def linspace(start: float, stop: float, n: int) -> Tensor:
+    """float64 `np.linspace(start, stop, n)`: start + i·step, the last point set to stop exactly."""
+    out = start + torch.arange(n, dtype=torch.float64) * ((stop - start) / (n - 1) if n > 1 else 0.0)
+    out[-1] = stop if n > 1 else start
+    return out
+
+
+def train_sigmas(alpha_bar: Tensor) -> Tensor:
+    """sigma_t for t = 0..T−1, float32 (ascending in t)."""
+    return ((1 - alpha_bar) / alpha_bar) ** 0.5
+
+
+def interp(train: Tensor, t: Tensor) -> Tensor:
+    """float64 sigma at (fractional) timesteps t, linear between the training timesteps (np.interp)."""
+    train, t = train.double(), t.double()
+    lo = t.floor().long().clamp(0, len(train) - 2)
+    return (train[lo + 1] - train[lo]) * (t - lo) + train[lo]
+
+
+def karras(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022, eq. 5: n sigmas evenly spaced in sigma^(1/rho), from sigma_max down to sigma_min."""
+    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (hi + linspace(0, 1, n) * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigmas: Tensor, train: Tensor) -> Tensor:
+    """float64 (fractional) timestep of each sigma: linear interpolation in log sigma between the two training
+    timesteps around it, clamped to [0, T − 1]."""
+    log_train = train.log()  # float32, as diffusers (np.log of the float32 sigmas)
+    log_s = sigmas.double().clamp(min=1e-10).log()
+    # index of the last training sigma <= sigma (0 if none), at most T − 2
+    low = ((log_s[:, None] - log_train[None, :].double()) >= 0).sum(1).sub(1).clamp(0, len(train) - 2)
+    lo, hi = log_train[low], log_train[low + 1]
+    # parity: diffusers takes lo − hi in float32
+    w = ((lo.double() - log_s) / (lo - hi).double()).clamp(0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def denoised(out: Tensor, x: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """x0 from the model output at noise level sigma (x in the sigma view; v as Salimans & Ho 2022)."""
+    if prediction_type == "epsilon":
+        return x - sigma * out
+    if prediction_type == "v_prediction":
+        return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+    return out  # "sample"
+
+
+def vp(sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(alpha_t, sigma_t) of the variance-preserving x_t = alpha_t·x0 + sigma_t·eps at noise level sigma."""
+    alpha = 1 / (sigma**2 + 1) ** 0.5
+    return alpha, sigma * alpha
+
+
+def log_snr(sigma: Tensor) -> Tensor:
+    """lambda_t = log(alpha_t / sigma_t) (= −log sigma), computed as diffusers does (inf at sigma = 0)."""
+    alpha, s = vp(sigma)
+    return torch.log(alpha) - torch.log(s)

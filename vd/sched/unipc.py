@@ -1,0 +1,107 @@
+"""UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
+Models", arXiv:2302.04867): the UniP-p predictor with the UniC corrector, in data prediction (x0) form,
+matching diffusers' `UniPCMultistepScheduler` (v0.42.1) defaults (order 2, B(h) = e^h − 1 "bh2"):
+https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_unipc_multistep.py
+
+Notation (paper): x_t = alpha_t·x0 + sigma_t·eps, lambda = log(alpha_t/sigma_t), h = lambda_t − lambda_s0;
+m_k the model's x0 at past steps, r_k = (lambda_{s_k} − lambda_s0)/h, D_k = (m_k − m0)/r_k; the weights rho
+solve R·rho = b with R_ij = r_j^i and b_i = i!·phi_{i+1}(hh)/B(h) (eq. 7-8; rho = 1/2 at order 2/1).
+Step i evaluates the model at the predicted x_i, corrects x_i with that evaluation (UniC, free: no extra call),
+then predicts x_{i+1} (UniP); the order ramps up from 1 and back down to 1 at the last step.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .common import Callback, EpsFn
+from .multistep import MultistepSchedule
+from .sigmas import log_snr, vp
+
+
+@dataclass(frozen=True, kw_only=True)
+class UniPC(MultistepSchedule):
+    """UniPC (bh2, data prediction) with diffusers' UniPCMultistepScheduler defaults."""
+
+    solver_type: str = "bh2"
+    lower_order_final: bool = True
+
+    ORDERS: ClassVar[tuple[int, ...]] = (1, 2, 3)
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        **MultistepSchedule.UNSUPPORTED, "predict_x0": True, "disable_corrector": [], "solver_p": None,
+        "sigma_min": None, "sigma_max": None, "shift_terminal": None,
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.solver_type not in ("bh1", "bh2"):
+            raise ValueError(f"solver_type must be one of ('bh1', 'bh2') for UniPC, got {self.solver_type!r}")
+
+    def sample(
+        self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+    ) -> Tensor:
+        """Run the loop from unit-variance noise `x`. Deterministic: eta, generator, noise are ignored."""
+        ts, sig = self.schedule(num_steps)
+        lam = [log_snr(s) for s in sig]  # lambda at each sigma (inf at the final 0)
+        ts_dev = ts.to(x.device).unbind()
+        x = x * self.init_noise_sigma(num_steps)
+        ms: list[Tensor] = []  # past x0 predictions, newest last
+        x_last, order = x, 1  # x and the predictor's order of the previous step
+        for i in range(num_steps):
+            out = eps_fn(x, ts_dev[i])
+            alpha, sigma = vp(sig[i])
+            if self.prediction_type == "epsilon":
+                m = (x - sigma * out) / alpha
+            elif self.prediction_type == "v_prediction":
+                m = alpha * x - sigma * out
+            else:  # "sample"
+                m = out
+            if i > 0:  # UniC: redo the last step s0 = i − 1 -> i with the new x0 m as an extra point
+                x = self.update(x_last, ms, lam, sig, i - 1, order, m_t=m)
+            ms = (ms + [m])[-self.solver_order:]
+            left = num_steps - i if self.lower_order_final else self.solver_order
+            order = min(self.solver_order, left, i + 1)
+            x_last = x
+            x = self.update(x, ms, lam, sig, i, order)  # UniP: i -> i + 1
+            if callback is not None:
+                callback(i, ts_dev[i], x)
+        return x
+
+    def update(self, x: Tensor, ms: list[Tensor], lam: list[Tensor], sig: Tensor, s: int, order: int,
+               m_t: Tensor | None = None) -> Tensor:
+        """x at step s + 1 from x at step s and the x0 history ms (ms[-1] at s): the predictor UniP-order, or with
+        m_t (the x0 at s + 1) the corrector UniC-order."""
+        alpha_t, sigma_t = vp(sig[s + 1])
+        _, sigma_s0 = vp(sig[s])
+        h = lam[s + 1] - lam[s]
+        m0 = ms[-1]
+        rks = [(lam[s - k] - lam[s]) / h for k in range(1, order)]  # r_k of the earlier points
+        D1s = [(ms[-(k + 1)] - m0) / rk for k, rk in enumerate(rks, start=1)]
+        hh = -h  # data prediction
+        h_phi_1 = torch.expm1(hh)  # e^hh − 1
+        B_h = hh if self.solver_type == "bh1" else torch.expm1(hh)
+        # b_k = k!·phi_{k+1}(hh)/B(h) with phi_{k+1} from h_phi_k = h_phi_{k−1}/hh − 1/k!
+        r = torch.stack([*rks, torch.ones(())])
+        R, b, h_phi_k, fact = [], [], h_phi_1 / hh - 1, 1
+        for k in range(1, order + 1):
+            R.append(torch.pow(r, k - 1))
+            b.append(h_phi_k * fact / B_h)
+            fact *= k + 1
+            h_phi_k = h_phi_k / hh - 1 / fact
+        R, b = torch.stack(R), torch.stack(b)
+        x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
+        if m_t is None:  # predictor: uses the order − 1 earlier points
+            if order == 1:
+                return x_t.to(x.dtype)
+            rho = torch.full((1,), 0.5) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+            res = sum(p * d for p, d in zip(rho.to(x.dtype), D1s))
+            return (x_t - alpha_t * B_h * res).to(x.dtype)
+        # corrector: the earlier points and the new one, D1_t = m_t − m0
+        rho = torch.full((1,), 0.5) if order == 1 else torch.linalg.solve(R, b)
+        rho = rho.to(x.dtype)
+        res = sum(p * d for p, d in zip(rho[:-1], D1s))
+        return (x_t - alpha_t * B_h * (res + rho[-1] * (m_t - m0))).to(x.dtype)
