@@ -101,7 +101,7 @@ class VersatileDiffusion:
             checks.fail("tasks", tasks, f"some of {list(TASKS)}")
         checks.choice("scheduler", scheduler, list(SAMPLERS))
         checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = checks.device(device)
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         ckpt = resolve(src, tasks, revision=revision, kl_f8=kl_f8, clip=clip, optimus=optimus,
@@ -334,9 +334,11 @@ class VersatileDiffusion:
         height = checks.size("height", default if height is None else height, factor)
         width = checks.size("width", default if width is None else width, factor)
         checks.choice("output_type", output_type, checks.OUTPUT_TYPES)
-        return self._run(batch, (unet.in_channels, height // factor, width // factor), steps, guidance, per_prompt,
-                         "num_images_per_prompt", eta, generator, latents, output_type, callback, callback_steps,
-                         scheduler)
+        run = self._run(batch, (unet.in_channels, height // factor, width // factor), steps, guidance, per_prompt,
+                        "num_images_per_prompt", eta, generator, latents, output_type, callback, callback_steps,
+                        scheduler)
+        checks.pixel_budget(run.shape[0], height, width)
+        return run
 
     def _prepare_text(self, batch, steps, guidance, per_prompt, eta, generator, latents, callback, callback_steps,
                       scheduler) -> "_Run":
@@ -348,10 +350,10 @@ class VersatileDiffusion:
              output_type, callback, callback_steps, scheduler) -> "_Run":
         name = checks.choice("scheduler", self.scheduler if scheduler is None else scheduler, list(SAMPLERS))
         sampler = sampler_from_config(name, self.c.scheduler_config)
-        steps = checks.integer("num_inference_steps", steps, 1, sampler.num_train_timesteps)
-        guidance = checks.number("guidance_scale", guidance, 0.0)
+        steps = checks.steps(steps, sampler)
+        guidance = checks.guidance(guidance)
         per_prompt = checks.integer(per_prompt_name, per_prompt, 1)
-        eta = checks.number("eta", eta, 0.0)
+        eta = checks.eta(eta)
         total = batch * per_prompt
         generator = checks.generator(generator, total)
         shape = (total, *sample_shape)
