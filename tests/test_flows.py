@@ -23,8 +23,9 @@ from vd.loading import load_components
 from vd.nn import Context
 from vd.pipeline import DEFAULT_TASKS
 from vd.sched import randn, sampler_from_config
+from vd.tasks import TASK_PARTS
 from vd.text_vae import remove_duplicate_word
-from weights_convert import TASK_PARTS, open_checkpoint
+from weights_convert import open_checkpoint
 from weights_convert.convert import convert
 
 pytest.importorskip("diffusers")

@@ -32,7 +32,9 @@ def temp_path(path: Path) -> Path:
 
 
 def describe(e: OSError) -> str:
-    return e.strerror or type(e).__name__
+    """The reason of an OSError, without the path (messages name it themselves)."""
+    text = str(e).strip()
+    return e.strerror or (text.splitlines()[0] if text else type(e).__name__)
 
 
 def save(path: Path, write: Callable[[Path], None]) -> None:

@@ -17,7 +17,8 @@ from torch import nn
 from vd.nn import AutoencoderKL, UNet
 from vd.nn.optimus import OptimusVAE
 from vd.text_vae import OptimusTokenizers
-from weights_convert import Checkpoint, CheckpointError, open_checkpoint, parts_for
+from vd.tasks import parts_for
+from weights_convert import Checkpoint, CheckpointError, open_checkpoint
 from weights_convert.checkpoint import build_meta
 from weights_convert.hub import download, looks_like_repo_id
 

@@ -31,8 +31,8 @@ from vd.focus import adjust_focus
 from vd.loading import Components, load_components, resolve
 from vd.nn import Context
 from vd.sched import DDIM, SAMPLERS, randn, sampler_from_config
+from vd.tasks import TASK_PARTS, TASKS
 from vd.text_vae import remove_duplicate_word
-from weights_convert import TASK_PARTS, TASKS
 
 DEFAULT_REPO = "shi-labs/versatile-diffusion"
 DEFAULT_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")  # the image flows; text needs asking
