@@ -44,9 +44,11 @@ def _open(path) -> PIL.Image.Image:
 
 
 def _api(model, task, *args, **kw):
+    """The Python call the CLI makes with --seed 0: output k drawn from a generator seeded with 0 + k."""
     pipe = VersatileDiffusion.from_pretrained(model, tasks=[task], device="cpu")
-    return getattr(pipe, task)(*args, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                               progress=False, **kw)
+    n = kw.get("num_texts_per_prompt", kw.get("num_images_per_prompt", 1))
+    return getattr(pipe, task)(*args, num_inference_steps=2, progress=False,
+                               generator=[torch.Generator().manual_seed(k) for k in range(n)], **kw)
 
 
 def test_image_to_text_prints_one_line_per_text(model, files, capsys):

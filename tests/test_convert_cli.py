@@ -20,7 +20,8 @@ import tiny_pipeline as tp
 
 pytest.importorskip("diffusers")
 from vd import VersatileDiffusion  # noqa: E402
-from weights_convert import ALL_PARTS, TASK_PARTS, CheckpointError, open_checkpoint  # noqa: E402
+from vd.tasks import TASK_PARTS, parts_for  # noqa: E402
+from weights_convert import ALL_PARTS, CheckpointError, open_checkpoint  # noqa: E402
 from weights_convert.__main__ import main  # noqa: E402
 from weights_convert.convert import convert  # noqa: E402
 
@@ -151,6 +152,93 @@ def test_cli_errors(src, tmp_path, capsys):
     assert main([str(tmp_path / "nothing"), str(tmp_path / "o")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and _leftovers(tmp_path / "o") == []
+
+
+# ---- output problems: one line naming the path, status 2 (130 for Ctrl-C), nothing half-written
+
+def _one_line(capsys, *words) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert str(w) in err, (w, err)
+    return err
+
+
+def _fail_on(monkeypatch, error: BaseException, after: int = 0) -> None:
+    """The converter's part writer raises `error` (as the OS would) on its call number `after`."""
+    import weights_convert.convert as conv
+    real, calls = conv.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > after:
+            raise error
+        real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(conv, "save_file", save_file)
+
+
+def test_output_location_is_checked_first(denoisers_only, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    cases = [(tmp_path / "file" / "out", ["file", "is not a folder"]),
+             (tmp_path / "missing" / "out", ["missing", "does not exist"]),
+             (tmp_path / ("n" * 250), ["n" * 250, "name too long"])]  # fits, but not with the temporary suffix
+    for out, words in cases:
+        assert main([str(denoisers_only), str(out)]) == 2
+        _one_line(capsys, *words)
+    # a read-only folder: the temporary folder cannot be made (as the OS refuses it)
+    import pathlib
+    real_mkdir = pathlib.Path.mkdir
+
+    def refuse(self, *a, **k):
+        if self.name.startswith(".ro.partial-"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+    monkeypatch.setattr(pathlib.Path, "mkdir", refuse)
+    opened = []
+    monkeypatch.setattr("weights_convert.convert.open_checkpoint", lambda *a, **k: opened.append(a))
+    assert main([str(denoisers_only), str(tmp_path / "ro")]) == 2
+    _one_line(capsys, tmp_path / "ro", "Permission denied")
+    assert not opened  # refused before the source was even opened
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+@pytest.mark.parametrize("error,status,words", [
+    (OSError(28, "No space left on device"), 2, ["No space left on device"]),
+    (KeyboardInterrupt(), 130, ["interrupted"]),
+])
+def test_failure_midway_leaves_nothing(denoisers_only, tmp_path, capsys, monkeypatch, error, status, words):
+    _fail_on(monkeypatch, error, after=1)
+    out = tmp_path / "out"
+    assert main([str(denoisers_only), str(out)]) == status
+    _one_line(capsys, out, *words)
+    assert os.listdir(tmp_path) == []
+
+
+def test_two_converts_to_one_destination(denoisers_only, tmp_path, capsys, monkeypatch):
+    """The other run finishes first (simulated: the destination appears while this one writes)."""
+    out = tmp_path / "out"
+    import weights_convert.convert as conv
+    real = conv.save_file
+
+    def other_run_finishes(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        if not out.exists():
+            out.mkdir()
+            (out / "config.json").write_text("{}")
+    monkeypatch.setattr(conv, "save_file", other_run_finishes)
+    assert main([str(denoisers_only), str(out)]) == 2
+    _one_line(capsys, out, "already exists", "another run")
+    assert os.listdir(out) == ["config.json"] and _leftovers(out) == []
+
+
+def test_source_folder_with_a_symlink_loop(denoisers_only, tmp_path, capsys):
+    import shutil
+    src = shutil.copytree(denoisers_only, tmp_path / "src")
+    shutil.rmtree(src / "vae")
+    (src / "vae").symlink_to(src / "vae")  # a loop
+    assert main([str(src), str(tmp_path / "out")]) == 2
+    _one_line(capsys, src / "vae")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path / "out") == []
 
 
 # ---- atomic output

@@ -24,8 +24,9 @@ from vd.nn import Context
 from vd import sampling as core
 from vd.pipeline import DEFAULT_TASKS
 from vd.sched import randn, sampler_from_config
+from vd.tasks import TASK_PARTS
 from vd.text_vae import remove_duplicate_word
-from weights_convert import TASK_PARTS, open_checkpoint
+from weights_convert import open_checkpoint
 from weights_convert.convert import convert
 
 pytest.importorskip("diffusers")

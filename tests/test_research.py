@@ -12,7 +12,7 @@ from vd import VersatileDiffusion
 from vd import sampling as core
 from vd.conditioning import resized
 from vd.sched import randn, sampler_from_config
-from weights_convert import TASKS
+from vd.tasks import TASKS
 
 FAST = dict(num_inference_steps=4, progress=False)
 CPU = torch.device("cpu")

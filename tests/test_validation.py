@@ -47,7 +47,26 @@ CASES = [
     ("text_to_image", dict(prompt="a", num_inference_steps=0), ValueError, ["num_inference_steps", "0", ">= 1"]),
     ("text_to_image", dict(prompt="a", num_inference_steps=2.5), TypeError, ["num_inference_steps", "2.5"]),
     ("text_to_image", dict(prompt="a", num_inference_steps=1001), ValueError, ["num_inference_steps", "1001"]),
-    ("text_to_image", dict(prompt="a", guidance_scale=-1), ValueError, ["guidance_scale", "-1", ">= 0"]),
+    # the real bound: VD's "leading" schedule with steps_offset 1 reaches timestep 1000 with 1000 steps
+    ("text_to_image", dict(prompt="a", num_inference_steps=1000), ValueError,
+     ["num_inference_steps", "<= 999", "1000"]),
+    # arguments that make the result non-finite for sure are refused before sampling
+    ("text_to_image", dict(prompt="a", guidance_scale=math.inf), ValueError, ["guidance_scale", "inf", "finite"]),
+    ("text_to_image", dict(prompt="a", guidance_scale=1e30), ValueError, ["guidance_scale", "1e+30", "1000"]),
+    ("text_to_image", dict(prompt="a", eta=1e6), ValueError, ["eta", "1000000.0", "[0.0, 1.0]"]),
+    ("text_to_image", dict(prompt="a", eta=math.inf), ValueError, ["eta", "inf"]),
+    ("blend", dict(images=[IMG], weights=[math.inf]), ValueError, ["weights[0]", "inf", "finite"]),
+    ("blend", dict(images=[IMG], focus=[math.nan]), ValueError, ["focus[0]", "nan"]),
+    # a per-call pixel budget instead of an allocator failure
+    ("text_to_image", dict(prompt="a", height=1048576), ValueError,
+     ["num_images_per_prompt x height x width", "16777216", "1048576"]),
+    ("text_to_image", dict(prompt="a", num_images_per_prompt=10**12), ValueError, ["16777216", "1000000000000"]),
+    ("image_variation", dict(image=torch.rand(1, 3, 0, 5)), ValueError, ["image", "(1, 3, 0, 5)", "1 pixel"]),
+    ("image_variation", dict(image=torch.rand(2, 3, 4, 0)), ValueError, ["image", "(2, 3, 4, 0)", "1 pixel"]),
+    ("image_variation", dict(image=PIL.Image.new("RGB", (0, 0))), ValueError, ["image", "1 pixel"]),
+    ("image_variation", dict(image=PIL.Image.fromarray(np.full((8, 8), 2.0, np.float32))), ValueError,
+     ["image", "mode F", "[0, 1]", "2"]),
+    ("text_to_image", dict(prompt="a", guidance_scale=-1), ValueError, ["guidance_scale", "-1", "[0.0, 1000.0]"]),
     ("text_to_image", dict(prompt="a", guidance_scale="7"), TypeError, ["guidance_scale", "'7'", "number"]),
     ("text_to_image", dict(prompt="a", guidance_scale=math.nan), ValueError, ["guidance_scale", "nan"]),
     ("text_to_image", dict(prompt="a", num_images_per_prompt=0), ValueError, ["num_images_per_prompt", "0"]),
@@ -95,6 +114,17 @@ def test_bad_argument(no_model_runs, task, kwargs, error, words):
     message = str(info.value)
     for w in words:
         assert w in message, f"{w!r} not in {message!r}"
+
+
+def test_device_that_is_not_there(tmp_path):
+    """An unknown device name, and CUDA on a machine without it, are one ValueError before anything is read."""
+    with pytest.raises(ValueError, match=r"device: expected a device name .*got 'foo'"):
+        VersatileDiffusion.from_pretrained(tmp_path, device="foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device: expected a device this machine has \(CUDA is not available"):
+            VersatileDiffusion.from_pretrained(tmp_path, device="cuda")
+    with pytest.raises(ValueError, match=r"device: .*CUDA device index|device: .*CUDA is not available"):
+        VersatileDiffusion.from_pretrained(tmp_path, device="cuda:99")
 
 
 def test_unknown_task_and_scheduler_at_load(tmp_path):

@@ -354,3 +354,72 @@ def test_not_a_vd_checkpoint(tmp_path):
         open_checkpoint(pth)
     with pytest.raises(CheckpointError, match="no such file"):
         open_checkpoint(tmp_path / "nothing.pth")
+
+
+# ---- only what the tasks need is opened (README: "a damaged text UNet does not stop image_variation")
+
+TEXT_UNET_FILE = "text_unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_text_unet_does_not_stop_image_variation(folder, damage):
+    f = folder / TEXT_UNET_FILE
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:1000])
+    else:
+        f.unlink()
+    pipe = VersatileDiffusion.from_pretrained(folder, tasks=["image_variation"])
+    img = pipe.image_variation(torch.rand(1, 3, 16, 16), num_inference_steps=1, height=16, width=16,
+                               output_type="np", progress=False).images
+    assert img.shape == (1, 16, 16, 3)
+    _raises(folder, f if damage == "truncate" else folder / "text_unet", tasks=["text_to_image"])  # needed there
+
+
+def test_converted_folder_opens_only_the_parts_of_its_tasks(pristine, tmp_path):
+    from weights_convert.convert import convert
+    out = convert(pristine, tmp_path / "conv")
+    data = out / "text_unet.data.safetensors"  # text-to-image needs only the text UNet's context part
+    data.write_bytes(data.read_bytes()[:100])
+    VersatileDiffusion.from_pretrained(out, tasks=["text_to_image"])
+    (out / "image_encoder.safetensors").unlink()
+    VersatileDiffusion.from_pretrained(out, tasks=["text_to_image"])
+    _raises(out, data, "safetensors", tasks=["text_variation"])
+    _raises(out, out / "image_encoder.safetensors", "no such file", tasks=["image_variation"])
+
+
+# ---- wrongly typed or inconsistent configs: refused when opened, naming the file and the key
+
+@pytest.mark.parametrize("component,changes,key", [
+    ("image_unet", dict(layers_per_block="2"), "layers_per_block"),
+    ("image_unet", dict(norm_num_groups=5), "norm_num_groups"),        # does not divide 32 and 64 channels
+    ("image_unet", dict(block_out_channels=[32, "64"]), "block_out_channels"),
+    ("image_unet", dict(norm_eps="1e-5"), "norm_eps"),
+    ("text_unet", dict(cross_attention_dim=16.0), "cross_attention_dim"),
+    ("vae", dict(scaling_factor="0.18215"), "scaling_factor"),
+    ("vae", dict(layers_per_block=[1]), "layers_per_block"),
+    ("vae", dict(norm_num_groups=3), "norm_num_groups"),
+    ("text_encoder", dict(hidden_size="32"), "hidden_size"),
+    ("image_encoder", dict(num_attention_heads=5), "num_attention_heads"),  # does not divide hidden_size 32
+    ("image_encoder", dict(patch_size=0), "patch_size"),
+])
+def test_bad_config_value_names_file_and_key(folder, component, changes, key):
+    conf = folder / component / "config.json"
+    _edit_config(conf, **changes)
+    tasks = ["text_to_image"] if component in ("text_unet", "text_encoder") else ["image_variation"]
+    _raises(folder, conf, key, tasks=tasks)
+
+
+def test_config_that_is_not_an_object(folder):
+    conf = folder / "vae" / "config.json"
+    conf.write_text("[1, 2]")
+    _raises(folder, conf, "JSON object")
+
+
+def test_converted_config_with_a_bad_value(pristine, tmp_path):
+    from weights_convert.convert import convert
+    out = convert(pristine, tmp_path / "conv", parts=["vae.encoder", "vae.decoder"])
+    meta = json.loads((out / "config.json").read_text())
+    meta["configs"]["vae"]["scaling_factor"] = "0.18215"
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"config\.json: configs\.vae: scaling_factor: expected a positive"):
+        open_checkpoint(out)

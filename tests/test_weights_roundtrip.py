@@ -24,7 +24,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from vd import VersatileDiffusion  # noqa: E402
 from vd.loading import load_components  # noqa: E402
-from weights_convert import TASK_PARTS, Checkpoint, CheckpointError, open_checkpoint  # noqa: E402
+from vd.tasks import TASK_PARTS, parts_for  # noqa: E402
+from weights_convert import Checkpoint, CheckpointError, open_checkpoint  # noqa: E402
 from weights_convert.convert import convert  # noqa: E402
 from weights_convert import keymaps as km  # noqa: E402
 from weights_convert.layouts import SCHEDULE_BUFFERS  # noqa: E402
@@ -185,7 +186,8 @@ def test_deprecated_without_tokenizer_is_not_converted(originals, tmp_path):
     with pytest.raises(CheckpointError, match="has no tokenizer"):
         convert(originals["deprecated"], tmp_path / "out", configs=originals["configs"])
     assert list(tmp_path.iterdir()) == []
-    out = convert(originals["deprecated"], tmp_path / "out", configs=originals["configs"], tasks=["image_variation"])
+    out = convert(originals["deprecated"], tmp_path / "out", configs=originals["configs"],
+                  parts=parts_for(["image_variation"]))
     assert "tokenizer" not in {p.name for p in out.iterdir()}
 
 

@@ -2,11 +2,11 @@
 
 Each non-blank line of JOBS.jsonl is one JSON object: `task` ("text_to_image", "image_variation" or
 "dual_guided"), `seed` (an integer >= 0), an optional `id` (letters, digits, ".", "_", "-"; default: the first
-12 hex digits of the SHA-256 of the line's canonical JSON) and the task's arguments: `prompt` (text_to_image,
-dual_guided), `image` (image_variation, dual_guided: an image file, relative to the JSONL's folder),
-`negative_prompt` (a text; for image_variation an image file), `text_to_image_strength` (dual_guided), `height`,
-`width`, `num_inference_steps`, `guidance_scale`, `num_images_per_prompt`, `eta`, `scheduler`. Omitted arguments
-take the facade's defaults. A line that is not such an object is reported with its number and skipped.
+12 hex digits of the SHA-256 of the line's canonical JSON) and the task's arguments (vd.jobs.KEYS). Omitted
+arguments take the facade's defaults. Every line is checked completely before anything runs (types, ranges,
+seeds, the pixel budget, its image files: inside the JSONL's folder unless --allow-any-path, and readable); a
+line that fails is reported with its number and skipped. Any error while running a job (out of memory
+included) is that job's failure, reported with its line, and the run goes on.
 
 Image k of a job is drawn from its own CPU generator seeded with `seed + k`, whatever the batch, rank or device
 count: a one-image facade call with `generator=torch.Generator().manual_seed(seed + k)` redraws it (up to float
@@ -14,14 +14,15 @@ summation order). Jobs with the same task and shared arguments go `--batch-size`
 are made from the whole file, so any number of ranks and any restart run the same calls. Under torchrun
 (WORLD_SIZE > 1) the batches are dealt round-robin to the ranks, one device each (cuda:LOCAL_RANK, else the
 CPU); torch.distributed only gathers the final counts. Outputs: DIR/ID-K.png and its record DIR/ID-K.json,
-each written atomically (temporary file, fsync, rename; SIGTERM/SIGINT wait for the pair being written). A job
-is finished when all its pairs exist, and a rerun skips it; at the end rank 0 merges the records, in job order,
-into DIR/records.jsonl.
+each written atomically (temporary file, fsync, rename; SIGTERM/SIGINT wait for the pair being written). The
+record carries the SHA-256 of the job's task, seed and arguments: an output is finished when its image exists
+and its record reads and matches the job, so a damaged record, or an edited job, is made again on a rerun. At
+the end rank 0 merges the records, in job order, into DIR/records.jsonl. Runs sharing DIR (concurrent, or
+the ranks of other nodes) leave each other's temporary files alone.
 """
 
 import argparse
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -31,7 +32,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -40,108 +40,23 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from vd import checks, files
+from vd.files import OutputError
+from vd.images import open_image
+from vd.jobs import PER_JOB, Job, image_path, read_jobs
 from vd.pipeline import DEFAULT_REPO, VersatileDiffusion
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-COMMON = ("negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt",
-          "eta", "scheduler")
-REQUIRED = {"text_to_image": ("prompt",), "image_variation": ("image",), "dual_guided": ("prompt", "image")}
-OPTIONAL = {"text_to_image": COMMON, "image_variation": COMMON, "dual_guided": ("text_to_image_strength", *COMMON)}
-TYPES = {"prompt": str, "image": str, "negative_prompt": str, "scheduler": str, "height": int, "width": int,
-         "num_inference_steps": int, "num_images_per_prompt": int, "guidance_scale": float, "eta": float,
-         "text_to_image_strength": float}
-TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
-PER_JOB = {"prompt", "image", "negative_prompt"}  # the arguments that may differ inside one batch
-ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-PARTIAL = re.compile(r"\.(.+)\.partial-\d+")  # temporary files: .NAME.partial-PID
+# temporary files: .NAME.partial-HOST-PID (vd.files); older runs wrote .NAME.partial-PID
+PARTIAL = re.compile(r"\..+\.partial-(?:(?P<host>[^-]+)-)?(?P<pid>\d+)")
+STALE_SECONDS = 600  # a temporary file lives for one write; one of another host older than this is a leftover
 RECORDS = "records.jsonl"
-GENERATION_ERRORS = (ValueError, TypeError, FloatingPointError, torch.cuda.OutOfMemoryError)
 # ranks wait for the slowest one at the end; jobs of very different sizes can leave them far apart
 COLLECTIVE_TIMEOUT = timedelta(hours=24)
-
-
-@dataclass
-class Job:
-    """One valid line of the job file."""
-
-    line: int
-    id: str
-    task: str
-    seed: int
-    args: dict  # the facade's keyword arguments, defaults filled in; image arguments are paths as given
-
-    @property
-    def names(self) -> list[str]:
-        return [f"{self.id}-{k}" for k in range(self.args["num_images_per_prompt"])]
-
-    def finished(self, on_disk: set[str]) -> bool:
-        return all(f"{n}.png" in on_disk and f"{n}.json" in on_disk for n in self.names)
-
-    def batch_key(self) -> tuple:
-        shared = tuple((k, v) for k, v in sorted(self.args.items()) if k not in PER_JOB)
-        return self.task, shared, self.args["negative_prompt"] is not None
+__all__ = ["main", "make_batches", "read_jobs", "Job"]
 
 
 class Interrupted(Exception):
     """SIGTERM or SIGINT arrived; raised outside the output writes only."""
-
-
-def _parse(text: str, line: int) -> Job:
-    """One job line -> Job; ValueError(reason) if it is malformed."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    task = obj.get("task")
-    if task not in REQUIRED:
-        raise ValueError(f"task: expected one of {list(REQUIRED)}, got {task!r}")
-    unknown = sorted(set(obj) - {"task", "seed", "id", *REQUIRED[task], *OPTIONAL[task]})
-    if unknown:
-        raise ValueError(f"unknown key(s) for {task}: {', '.join(unknown)}")
-    missing = [k for k in ("seed", *REQUIRED[task]) if k not in obj]
-    if missing:
-        raise ValueError(f"missing key(s): {', '.join(missing)}")
-    for key, value in obj.items():
-        want = {"seed": int, "id": str, "task": str}.get(key) or TYPES[key]
-        ok = isinstance(value, (int, float) if want is float else want) and not isinstance(value, bool)
-        if not ok:
-            raise ValueError(f"{key}: expected {TYPE_NAMES[want]}, got {value!r}")
-    sig = inspect.signature(getattr(VersatileDiffusion, task)).parameters
-    args = {k: obj.get(k, sig[k].default) for k in (*REQUIRED[task], *OPTIONAL[task])}
-    n, seed = args["num_images_per_prompt"], obj["seed"]
-    if n < 1:
-        raise ValueError(f"num_images_per_prompt: expected an integer >= 1, got {n}")
-    if not 0 <= seed <= 2**64 - n:  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
-        raise ValueError(f"seed: expected an integer in [0, 2**64 - num_images_per_prompt], got {seed}")
-    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    job_id = obj.get("id", hashlib.sha256(canonical.encode()).hexdigest()[:12])
-    if not ID.fullmatch(job_id):
-        raise ValueError(f"id: expected 1-128 letters, digits, '.', '_' or '-' not starting with a symbol, "
-                         f"got {job_id!r}")
-    return Job(line, job_id, task, seed, args)
-
-
-def read_jobs(path: Path) -> tuple[list[Job], list[tuple[int, str]]]:
-    """The jobs of a JSONL file, and (line number, reason) for each malformed line."""
-    jobs, malformed, first_line = [], [], {}
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            text = raw.decode("utf-8-sig")  # -sig: a byte-order mark on line 1 is not an error
-            if not text.strip():
-                continue
-            job = _parse(text, number)
-            if job.id in first_line:
-                raise ValueError(f"duplicate id {job.id!r} (first on line {first_line[job.id]})")
-        except UnicodeDecodeError as e:
-            malformed.append((number, f"not UTF-8 ({e})"))
-        except ValueError as e:
-            malformed.append((number, str(e)))
-        else:
-            first_line[job.id] = number
-            jobs.append(job)
-    return jobs, malformed
 
 
 def make_batches(jobs: list[Job], size: int) -> list[list[Job]]:
@@ -152,11 +67,6 @@ def make_batches(jobs: list[Job], size: int) -> list[list[Job]]:
         groups.setdefault(job.batch_key(), []).append(job)
     batches = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
     return sorted(batches, key=lambda b: b[0].line)
-
-
-def _open_image(folder: Path, name: str) -> PIL.Image.Image:
-    with PIL.Image.open(folder / name) as img:
-        return img.convert("RGB")
 
 
 def _call(pipe: VersatileDiffusion, jobs: list[tuple[Job, dict]]) -> list[list[PIL.Image.Image]]:
@@ -172,28 +82,37 @@ def _call(pipe: VersatileDiffusion, jobs: list[tuple[Job, dict]]) -> list[list[P
     return [images[i * n:(i + 1) * n] for i in range(len(jobs))]
 
 
-def generate(pipe: VersatileDiffusion, batch: list[Job], folder: Path) -> list[tuple[Job, list | str]]:
-    """(job, its images or why it failed) for each job of a batch."""
+def generate(pipe: VersatileDiffusion, batch: list[Job], folder: Path,
+             anywhere: bool = False) -> list[tuple[Job, list | str]]:
+    """(job, its images or why it failed) for each job of a batch. Any exception a job raises (a bad argument,
+    an out-of-memory error of any device, a recursion or decoder error) is that job's failure; SIGTERM/SIGINT
+    (Interrupted) and KeyboardInterrupt still stop the run."""
     results, ready = [], []
     for job in batch:
-        keys = ["image", "negative_prompt"] if job.task == "image_variation" else ["image"]
         try:
-            loaded = {k: _open_image(folder, job.args[k]) for k in keys if job.args.get(k) is not None}
-        except (OSError, ValueError) as e:
-            results.append((job, f"cannot read image: {e}"))
+            loaded = {k: open_image(image_path(folder, job.args[k], anywhere), k) for k in job.image_keys()}
+        except Exception as e:  # the file changed since the job file was checked
+            results.append((job, f"cannot read image: {_reason(e)}"))
             continue
         ready.append((job, loaded))
     error = None
     if ready:
         try:
             results += [(job, images) for (job, _), images in zip(ready, _call(pipe, ready))]
-        except GENERATION_ERRORS as e:
-            error = f"{type(e).__name__}: {e}"  # retried below, once the failed call's tensors are released
+        except Interrupted:
+            raise
+        except Exception as e:
+            error = _reason(e)  # retried below, once the failed call's tensors are released
     if error is not None and len(ready) == 1:
         results.append((ready[0][0], error))
     elif error is not None:  # one job can fail a whole batch: run each alone to find which
-        results += [r for job, _ in ready for r in generate(pipe, [job], folder)]
+        results += [r for job, _ in ready for r in generate(pipe, [job], folder, anywhere)]
     return sorted(results, key=lambda r: r[0].line)
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
 class Signals:
@@ -228,23 +147,58 @@ class Signals:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_bytes(path, data)
 
 
-def remove_stale(out: Path, names: set[str]) -> None:
-    """Delete temporary files a killed run left behind for the outputs this rank owns."""
+def remove_stale(out: Path) -> None:
+    """Delete temporary files that killed runs left behind: those of a process of this host that is gone (or
+    has our pid: pids repeat in fresh containers), and those of other hosts older than STALE_SECONDS. The
+    temporary files of live runs, here or on other nodes, are left alone, so runs can share the folder."""
+    here = files.owner_tag().rsplit("-", 1)[0]
     for entry in os.scandir(out):
         m = PARTIAL.fullmatch(entry.name)
-        if m and m.group(1) in names:
+        if not m:
+            continue
+        pid = int(m.group("pid"))
+        if m.group("host") in (None, here):
+            stale = pid == os.getpid() or not _alive(pid)
+        else:
+            try:
+                stale = time.time() - entry.stat().st_mtime > STALE_SECONDS
+            except FileNotFoundError:
+                continue
+        if stale:
             Path(entry.path).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def finished_names(out: Path, jobs: list[Job]) -> set[str]:
+    """The outputs ID-K of these jobs that are done: the image exists and its record reads and carries the job's
+    digest. A damaged record, or one of an edited job, leaves its image to be made again."""
+    on_disk, done = set(os.listdir(out)), set()
+    for job in jobs:
+        digest = job.digest
+        for name in job.names:
+            if f"{name}.png" in on_disk and f"{name}.json" in on_disk and _record(out, name, digest) is not None:
+                done.add(name)
+    return done
+
+
+def _record(out: Path, name: str, digest: str) -> dict | None:
+    try:
+        record = json.loads((out / f"{name}.json").read_bytes())
+    except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8 or not JSON
+        return None
+    return record if isinstance(record, dict) and record.get("job_sha256") == digest else None
 
 
 def model_revision(model: str, revision: str | None) -> str | None:
@@ -278,22 +232,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--batch-size", type=int, default=1, help="jobs per facade call, among jobs of the same task "
                    "and shape (default 1)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=sorted(checks.DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--allow-any-path", action="store_true", help="let image paths point outside the job file's "
+                   "folder (default: refused)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`vd batch`: 0 when every job is done, 1 when some failed or some lines are malformed, 2 on a usage error,
-    128 + the signal number when stopped by SIGTERM/SIGINT."""
+    """`vd batch`: 0 when every job is done, 1 when some job failed or some line is malformed (the others ran),
+    2 on a usage error (bad options, unreadable job file, an output folder that cannot be written, a model that
+    cannot be loaded), 128 + the signal number when stopped by SIGTERM/SIGINT."""
     args = _parser().parse_args(argv)
     if args.batch_size < 1:
         print(f"vd batch: error: --batch-size: expected an integer >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
     try:
-        jobs, malformed = read_jobs(args.jobs)
+        jobs, malformed = read_jobs(args.jobs, anywhere=args.allow_any_path)
     except OSError as e:
-        print(f"vd batch: error: cannot read {args.jobs}: {e}", file=sys.stderr)
+        print(f"vd batch: error: cannot read {args.jobs}: {files.describe(e)}", file=sys.stderr)
+        return 2
+    try:
+        _prepare_out(args.out)
+    except OutputError as e:
+        print(f"vd batch: error: --out: {e}", file=sys.stderr)
         return 2
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -309,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     signals.install()
     try:
         return _run(args, jobs, malformed, rank, world, device, signals)
+    except OutputError as e:  # a full disk, say: every later job would fail the same way
+        print(f"vd batch: rank {rank}: error: {e}; finished outputs are kept, run again to resume", file=sys.stderr)
+        return 2
     except Interrupted as e:
         name = signal.Signals(e.args[0]).name
         print(f"vd batch: rank {rank}: stopped by {name}; finished outputs are kept, run again to resume",
@@ -349,23 +314,25 @@ class Progress:
 def _run(args, jobs: list[Job], malformed: list[tuple[int, str]], rank: int, world: int, device: torch.device,
          signals: Signals) -> int:
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     mine = make_batches(jobs, args.batch_size)[rank::world]
-    remove_stale(out, {f"{n}.{ext}" for b in mine for j in b for n in j.names for ext in ("png", "json")}
-                 | ({RECORDS} if rank == 0 else set()))
-    on_disk = set(os.listdir(out))
-    todo = [b for b in mine if not all(j.finished(on_disk) for j in b)]
-    skipped = sum(j.finished(on_disk) for b in mine for j in b)
+    remove_stale(out)
+    done_names = finished_names(out, jobs if rank == 0 else [j for b in mine for j in b])
+
+    def finished(job: Job) -> bool:
+        return all(n in done_names for n in job.names)
+
+    todo = [b for b in mine if not all(finished(j) for j in b)]
+    skipped = sum(finished(j) for b in mine for j in b)
 
     def images_left(some_jobs) -> int:
-        return sum(len(j.names) for j in some_jobs if not j.finished(on_disk))
+        return sum(len(j.names) for j in some_jobs if not finished(j))
 
     t0 = time.perf_counter()
     pipe, info = None, {}
     if todo:
         try:
             pipe = VersatileDiffusion.from_pretrained(args.model, tasks=sorted({b[0].task for b in todo}),
-                                                      device=device, dtype=DTYPES.get(args.dtype),
+                                                      device=device, dtype=checks.DTYPES.get(args.dtype),
                                                       revision=args.revision)
         except (OSError, ValueError) as e:  # a CheckpointError is a ValueError
             print(f"vd batch: rank {rank}: error: cannot load {args.model!r}: {e}", file=sys.stderr)
@@ -380,7 +347,7 @@ def _run(args, jobs: list[Job], malformed: list[tuple[int, str]], rank: int, wor
     every = None
     try:
         for batch in todo:
-            for job, result in generate(pipe, batch, args.jobs.parent):
+            for job, result in generate(pipe, batch, args.jobs.parent, args.allow_any_path):
                 if isinstance(result, str):
                     failed.append((job.line, job.id, result))
                     continue
@@ -388,7 +355,7 @@ def _run(args, jobs: list[Job], malformed: list[tuple[int, str]], rank: int, wor
                     for k, (name, img) in enumerate(zip(job.names, result)):
                         _save(out, name, img, job, k, info)
                 images += len(result)
-                done += not job.finished(on_disk)  # a finished job in an unfinished batch is redone, not counted
+                done += not finished(job)  # a finished job in an unfinished batch is redone, not counted
             progress.advance(images_left(batch))
         counts = dict(done=done, skipped=skipped, images=images, seconds=time.perf_counter() - t1, load=t1 - t0,
                       failed=failed)
@@ -410,20 +377,33 @@ def _save(out: Path, name: str, img: PIL.Image.Image, job: Job, k: int, info: di
     img.save(buf, format="PNG")
     write_atomic(out / f"{name}.png", buf.getvalue())
     record = dict(id=job.id, image=f"{name}.png", index=k, line=job.line, task=job.task, seed=job.seed,
-                  image_seed=job.seed + k, arguments=job.args, **info,
+                  image_seed=job.seed + k, arguments=job.args, job_sha256=job.digest, **info,
                   time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     write_atomic(out / f"{name}.json", (json.dumps(record, ensure_ascii=False) + "\n").encode())
 
 
 def _merge_records(out: Path, jobs: list[Job]) -> None:
+    """The records of the current jobs, in job order; unreadable ones and those of edited jobs are left out (their
+    images are made again on the next run)."""
     lines = []
     for job in jobs:
+        digest = job.digest
         for name in job.names:
-            try:
-                lines.append(json.dumps(json.loads((out / f"{name}.json").read_text()), ensure_ascii=False))
-            except FileNotFoundError:
-                pass
+            record = _record(out, name, digest)
+            if record is not None:
+                lines.append(json.dumps(record, ensure_ascii=False))
     write_atomic(out / RECORDS, "".join(line + "\n" for line in lines).encode())
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the output folder and make sure it can be written, before any model is loaded."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{out}: is a file, not a folder") from None
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create the folder ({files.describe(e)})") from None
+    files.check_writable(out / RECORDS)
 
 
 def _summary(args, jobs: list[Job], malformed: list[tuple[int, str]], every: list[dict],

@@ -1,6 +1,7 @@
 """Argument checks for the facade and the CLI: each names the argument, the value given and what was expected,
 and all run before any model does."""
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -9,7 +10,15 @@ import PIL.Image
 import torch
 from torch import Tensor
 
+from vd.images import to_rgb
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the applications' names
+# Per facade call: images x height x width. Beyond it a call is refused rather than left to fail in the
+# allocator (64 images of 512 x 512; the CLI and `vd batch` split larger requests into calls within it).
+MAX_PIXELS = 2**24
+MAX_GUIDANCE = 1000.0  # far above any useful scale (1 to 20); beyond, guided noise overflows fp16 for sure
+MAX_SEED = 2**64 - 1   # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
 
 def _show(value: object) -> str:
@@ -44,13 +53,15 @@ def prompts(name: str, value: object) -> list[str]:
 def images(name: str, value: object) -> list[PIL.Image.Image] | torch.Tensor:
     """A PIL image, a non-empty list of them, or a float tensor [B, 3, H, W] with values in [0, 1]."""
     if isinstance(value, PIL.Image.Image):
-        return [value]
+        return [_pil(name, value)]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, PIL.Image.Image) for v in value):
-        return list(value)
+        return [_pil(f"{name}[{i}]", v) for i, v in enumerate(value)]
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point() or value.dim() != 4 or value.shape[1] != 3 or value.shape[0] == 0:
             fail(name, f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}",
                  "a float tensor of shape [B, 3, H, W]")
+        if value.shape[2] == 0 or value.shape[3] == 0:
+            fail(name, f"tensor of shape {tuple(value.shape)}", "an image at least 1 pixel high and wide")
         if not torch.isfinite(value).all() or value.min() < 0 or value.max() > 1:
             fail(name, f"tensor with values in [{value.min().item():.3g}, {value.max().item():.3g}]",
                  "values in [0, 1]")
@@ -58,6 +69,13 @@ def images(name: str, value: object) -> list[PIL.Image.Image] | torch.Tensor:
     if isinstance(value, (list, tuple)) and not value:
         fail(name, value, "a non-empty list of PIL images")
     fail(name, value, "a PIL image, a list of PIL images, or a float tensor [B, 3, H, W] in [0, 1]", TypeError)
+
+
+def _pil(name: str, img: PIL.Image.Image) -> PIL.Image.Image:
+    """An RGB image with at least one pixel (16-bit and float modes rescaled, not clipped: vd.images)."""
+    if img.width == 0 or img.height == 0:
+        fail(name, img, "an image at least 1 pixel high and wide")
+    return to_rgb(img, name)
 
 
 def integer(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
@@ -69,11 +87,75 @@ def integer(name: str, value: object, minimum: int, maximum: int | None = None) 
 
 
 def number(name: str, value: object, low: float, high: float | None = None) -> float:
+    """A finite real number in [low, high] (NaN and infinities are refused whatever the bounds)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         fail(name, value, "a number", TypeError)
-    if not (value >= low and (high is None or value <= high)):  # also refuses NaN
-        fail(name, value, f"a number in [{low}, {high}]" if high is not None else f"a number >= {low}")
+    if not (math.isfinite(value) and value >= low and (high is None or value <= high)):
+        fail(name, value, f"a finite number in [{low}, {high}]" if high is not None else f"a finite number >= {low}")
     return float(value)
+
+
+def guidance(value: object) -> float:
+    """guidance_scale in [0, MAX_GUIDANCE]: a larger scale makes the latents non-finite for sure."""
+    return number("guidance_scale", value, 0.0, MAX_GUIDANCE)
+
+
+def eta(value: object) -> float:
+    """eta in [0, 1] (0 = DDIM, 1 = DDPM's variance): above 1 the DDIM update takes the square root of a
+    negative number at some step, so the result is NaN for sure."""
+    return number("eta", value, 0.0, 1.0)
+
+
+def seed(name: str, value: object, count: int = 1) -> int:
+    """A seed for `count` generators seeded value, value + 1, ...: an integer in [0, 2**64 - count]."""
+    return integer(name, value, 0, MAX_SEED - (count - 1))
+
+
+def steps(value: object, sampler) -> int:
+    """num_inference_steps in [1, the most this sampler's schedule allows]: with "leading" spacing and a
+    steps_offset (VD: 1), the schedule's first timestep must stay below num_train_timesteps."""
+    total = sampler.num_train_timesteps
+    most = total
+    if getattr(sampler, "timestep_spacing", None) == "leading":
+        offset = getattr(sampler, "steps_offset", 0)
+        while most > 1 and (most - 1) * (total // most) + offset >= total:
+            most -= 1
+    return integer("num_inference_steps", value, 1, most)
+
+
+def pixel_budget(images: int, height: int, width: int) -> None:
+    """Refuse a call whose output would exceed MAX_PIXELS (images x height x width) before anything is
+    allocated; split such a request into several calls (each image seeded on its own gives the same images)."""
+    total = images * height * width
+    if total > MAX_PIXELS:
+        raise ValueError(f"num_images_per_prompt x height x width: expected at most {MAX_PIXELS} pixels per call "
+                         f"(e.g. {MAX_PIXELS // (512 * 512)} images of 512 x 512), got {images} x {height} x "
+                         f"{width} = {total}; ask for fewer or smaller images per call")
+
+
+def device(value: object) -> torch.device:
+    """A device this machine has: ValueError for an unknown name ("foo") or an absent one ("cuda" without CUDA,
+    "cuda:3" with two GPUs)."""
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(value, (str, torch.device)):
+        fail("device", value, "a device name such as 'cpu' or 'cuda', or a torch.device", TypeError)
+    try:
+        dev = torch.device(value)
+    except RuntimeError:
+        fail("device", value, "a device name such as 'cpu', 'cuda' or 'cuda:1'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            fail("device", value, "a device this machine has (CUDA is not available here)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            fail("device", value, f"a CUDA device index below {torch.cuda.device_count()}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        fail("device", value, "a device this machine has (MPS is not available here)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        module = getattr(torch, dev.type, None)
+        if module is None or not getattr(module, "is_available", lambda: False)():
+            fail("device", value, f"a device this machine has ({dev.type} is not available here)")
+    return dev
 
 
 def size(name: str, value: object, factor: int) -> int:
@@ -162,7 +244,7 @@ def keep_masks(masks: object, k: int) -> list[Tensor | None]:
             keep.append(None)
             continue
         if isinstance(m, PIL.Image.Image):  # parity: the original uses the mask image's first channel
-            m = torch.from_numpy(np.asarray(m.convert("RGB"))[..., 0].copy()).float() / 255
+            m = torch.from_numpy(np.asarray(_pil(name, m))[..., 0].copy()).float() / 255
         elif isinstance(m, Tensor):
             if not m.is_floating_point() or m.dim() not in (2, 3) or (m.dim() == 3 and m.shape[0] != 1):
                 fail(name, f"tensor of shape {tuple(m.shape)} and dtype {m.dtype}",

@@ -1,16 +1,21 @@
-"""The `vd` command: one subcommand per task. User mistakes end with one line on stderr and exit status 2."""
+"""The `vd` command: one subcommand per task. User mistakes (bad arguments or files, outputs that cannot be
+written) end with one line on stderr and exit status 2; Ctrl-C with 130. Image k of --num-images is seeded
+with --seed + k and generated in calls of at most CHUNK images, so results do not depend on the chunking."""
 
 import argparse
-import os
+import random
 import sys
 from pathlib import Path
 
 import PIL.Image
 import torch
 
+from vd import checks, files
+from vd.files import OutputError, check_writable
+from vd.images import open_image
 from vd.sched import SCHEDULERS
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CHUNK = 8  # images per facade call (fewer when the pixel budget, vd.checks.MAX_PIXELS, says so)
 WRITABLE = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 TASK_OF = {"text-to-image": "text_to_image", "image-variation": "image_variation", "dual-guided": "dual_guided",
            "blend": "blend", "image-to-text": "image_to_text", "text-variation": "text_variation"}
@@ -46,10 +51,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="hub repo id, diffusers-layout folder, original .pth, or converted folder")
         s.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
         s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-        s.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+        s.add_argument("--seed", type=int, default=None, help="random seed, 0 to 2**64 - 1; image k gets seed + k "
+                       "(default: random)")
         s.add_argument("--scheduler", default="ddim", help=f"sampler: {', '.join(SCHEDULERS)} (default ddim)")
         s.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-        s.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+        s.add_argument("--dtype", choices=sorted(checks.DTYPES), default=None,
                        help="weights dtype (default fp16 on CUDA, fp32 on CPU)")
         s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -91,41 +97,58 @@ def _parser() -> argparse.ArgumentParser:
 
 def _open_image(path: str, what: str) -> PIL.Image.Image:
     try:
-        with PIL.Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise UserError(f"{what}: cannot read image {path!r} ({e})") from None
+        return open_image(path, what)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _outputs(output: str, n: int) -> list[Path]:
     out = Path(output)
     if out.suffix.lower() not in WRITABLE:
         raise UserError(f"--output: expected an image file name ending in one of {sorted(WRITABLE)}, got {output!r}")
-    if not out.parent.resolve().is_dir():
-        raise UserError(f"--output: folder {str(out.parent)!r} does not exist")
-    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"--output: {path}: is a folder, not a file")
+    _writable(paths[-1])  # the longest name; all are in one folder
+    return paths
 
 
-def _save(path: Path, write) -> None:
-    """Write through a temporary file in the same folder (write(tmp)), so a failure leaves no half-written file."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+def _writable(path: Path) -> None:
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        check_writable(path)
+    except OutputError as e:
+        raise UserError(f"--output: {e}") from None
+
+
+def _chunks(n: int, height: int | None, width: int | None) -> list[range]:
+    """Image indices 0..n-1 in facade calls of at most CHUNK images and within the per-call pixel budget (an
+    unset size counts as VD's 512)."""
+    pixels = (height or 512) * (width or 512)
+    checks.pixel_budget(1, height or 512, width or 512)
+    size = max(1, min(CHUNK, checks.MAX_PIXELS // pixels))
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def run(args: argparse.Namespace) -> list[Path]:
     from vd.pipeline import VersatileDiffusion
 
     task = TASK_OF[args.command]
+    flag = "--num-texts" if task in TEXT_TASKS else "--num-images"
     if args.num_images < 1:
-        flag = "--num-texts" if task in TEXT_TASKS else "--num-images"
         raise UserError(f"{flag}: expected an integer >= 1, got {args.num_images}")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
+    try:
+        checks.seed("--seed", seed, args.num_images)
+    except ValueError:
+        raise UserError(f"--seed: expected an integer in [0, {checks.MAX_SEED - (args.num_images - 1)}] (output k "
+                        f"is seeded with seed + k), got {seed}") from None
+    device = checks.device(args.device)
     if task in TEXT_TASKS:
         paths = [_text_output(args.output)] if args.output else []
+        chunks = [range(i, min(i + CHUNK, args.num_images)) for i in range(0, args.num_images, CHUNK)]
     else:
+        chunks = _chunks(args.num_images, args.height, args.width)
         paths = _outputs(args.output, args.num_images)
     image = _open_image(args.image, "image") if task in ("image_variation", "dual_guided", "image_to_text") else None
     negative = getattr(args, "negative", None)
@@ -141,42 +164,44 @@ def run(args: argparse.Namespace) -> list[Path]:
                      masks=None if args.masks is None else
                      [None if m.lower() == "none" else _open_image(m, "--masks") for m in args.masks],
                      prompt=args.prompt, text_strength=args.text_strength)
-    pipe = VersatileDiffusion.from_pretrained(args.model, tasks=[task], device=args.device,
-                                              dtype=DTYPES.get(args.dtype), scheduler=args.scheduler,
+    pipe = VersatileDiffusion.from_pretrained(args.model, tasks=[task], device=device,
+                                              dtype=checks.DTYPES.get(args.dtype), scheduler=args.scheduler,
                                               optimus=getattr(args, "optimus", None))
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
-                  progress=not args.no_progress)
-    if task in TEXT_TASKS:
-        kwargs.update(num_texts_per_prompt=args.num_images, temperature=args.temperature, greedy=args.greedy)
-        out = (pipe.image_to_text(image, **kwargs) if task == "image_to_text" else
-               pipe.text_variation(args.prompt, negative_prompt=negative, **kwargs))
-        if paths:
-            _save(paths[0], lambda tmp: tmp.write_text("\n".join(out.texts) + "\n", encoding="utf-8"))
+    kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, progress=not args.no_progress)
+    texts = []
+    for chunk in chunks:  # image (text) k is drawn from its own generator seeded with seed + k, whatever the chunks
+        kwargs["generator"] = [torch.Generator().manual_seed(seed + k) for k in chunk]
+        if task in TEXT_TASKS:
+            kwargs.update(num_texts_per_prompt=len(chunk), temperature=args.temperature, greedy=args.greedy)
+            out = (pipe.image_to_text(image, **kwargs) if task == "image_to_text" else
+                   pipe.text_variation(args.prompt, negative_prompt=negative, **kwargs))
+            texts += out.texts
+            continue
+        kwargs.update(height=args.height, width=args.width, num_images_per_prompt=len(chunk))
+        if task == "text_to_image":
+            out = pipe.text_to_image(args.prompt, negative_prompt=negative, **kwargs)
+        elif task == "image_variation":
+            out = pipe.image_variation(image, negative_prompt=negative, focus=args.focus, fidelity=args.fidelity,
+                                       color_adjust=args.color_adjust, **kwargs)
+        elif task == "dual_guided":
+            out = pipe.dual_guided(args.prompt, image, text_to_image_strength=args.strength,
+                                   negative_prompt=negative, **kwargs)
         else:
-            print("\n".join(out.texts))
-        return paths
-    kwargs.update(height=args.height, width=args.width, num_images_per_prompt=args.num_images)
-    if task == "text_to_image":
-        out = pipe.text_to_image(args.prompt, negative_prompt=negative, **kwargs)
-    elif task == "image_variation":
-        out = pipe.image_variation(image, negative_prompt=negative, focus=args.focus, fidelity=args.fidelity,
-                                   color_adjust=args.color_adjust, **kwargs)
-    elif task == "dual_guided":
-        out = pipe.dual_guided(args.prompt, image, text_to_image_strength=args.strength, negative_prompt=negative,
-                               **kwargs)
-    else:
-        out = pipe.blend(**extra, **kwargs)
-    for img, path in zip(out.images, paths):
-        fmt = PIL.Image.registered_extensions()[path.suffix.lower()]
-        _save(path, lambda tmp: img.save(tmp, format=fmt))
+            out = pipe.blend(**extra, **kwargs)
+        for img, k in zip(out.images, chunk):
+            fmt = PIL.Image.registered_extensions()[paths[k].suffix.lower()]
+            files.save(paths[k], lambda tmp: img.save(tmp, format=fmt))
+    if task in TEXT_TASKS:
+        if paths:
+            files.write_bytes(paths[0], ("\n".join(texts) + "\n").encode())
+        else:
+            print("\n".join(texts))
     return paths
 
 
 def _text_output(output: str) -> Path:
     out = Path(output)
-    if not out.parent.resolve().is_dir():
-        raise UserError(f"--output: folder {str(out.parent)!r} does not exist")
+    _writable(out)
     return out
 
 
@@ -191,7 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for path in run(args):
             print(path)
-    except (UserError, ValueError, TypeError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
-        print(f"vd: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("vd: interrupted; the files already listed are complete, nothing is half-written", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, TypeError, CheckpointError, OSError, FloatingPointError) as e:
+        print(f"vd: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, OutputError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    text = str(e).strip()
+    return " ".join(text.split("\n")) if text else type(e).__name__

@@ -17,7 +17,8 @@ from torch import nn
 from vd.nn import AutoencoderKL, UNet
 from vd.nn.optimus import OptimusVAE
 from vd.text_vae import OptimusTokenizers
-from weights_convert import Checkpoint, CheckpointError, open_checkpoint, parts_for
+from vd.tasks import parts_for
+from weights_convert import Checkpoint, CheckpointError, open_checkpoint
 from weights_convert.checkpoint import build_meta
 from weights_convert.hub import download, looks_like_repo_id
 
@@ -124,13 +125,14 @@ def _rebuild_position_ids(model: nn.Module) -> None:
 
 
 def make_image_processor(config: dict):
-    """The CLIP image processor the reference pipelines use (transformers' PIL backend when torchvision is absent)."""
+    """The CLIP image processor the reference pipelines use: transformers' PIL backend when torchvision is absent,
+    chosen without touching `transformers.CLIPImageProcessor` (merely reading that name makes transformers warn
+    about its fallback to the PIL backend)."""
+    import importlib.util
+
     import transformers
-    cls = transformers.CLIPImageProcessor
+    settings = {k: v for k, v in config.items() if not k.startswith("_")}
     pil = getattr(transformers, "CLIPImageProcessorPil", None)
-    if pil is not None:
-        try:
-            import torchvision  # noqa: F401
-        except ImportError:
-            cls = pil  # the class transformers would fall back to anyway, without its warning
-    return cls.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+    if pil is not None and importlib.util.find_spec("torchvision") is None:
+        return pil.from_dict(settings)
+    return transformers.CLIPImageProcessor.from_dict(settings)

@@ -32,8 +32,8 @@ from vd.fast import Denoiser, speed_up_
 from vd.focus import adjust_focus
 from vd.loading import Components, load_components, resolve
 from vd.sched import SCHEDULERS, randn, sampler_from_config
+from vd.tasks import TASK_PARTS, TASKS
 from vd.text_vae import remove_duplicate_word
-from weights_convert import TASK_PARTS, TASKS
 
 DEFAULT_REPO = "shi-labs/versatile-diffusion"
 DEFAULT_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")  # the image flows; text needs asking
@@ -108,7 +108,7 @@ class VersatileDiffusion:
             checks.fail("tasks", tasks, f"some of {list(TASKS)}")
         checks.choice("scheduler", scheduler, list(SCHEDULERS))
         checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = checks.device(device)
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         ckpt = resolve(src, tasks, revision=revision, kl_f8=kl_f8, clip=clip, optimus=optimus,
@@ -485,6 +485,7 @@ class VersatileDiffusion:
         run = self._call(batch, (unet.in_channels, height // factor, width // factor), steps, guidance, per_prompt,
                          "num_images_per_prompt", eta, generator, latents, output_type, callback, callback_steps,
                          scheduler)
+        checks.pixel_budget(run.shape[0], height, width)
         starts = init_images is not None or init_latents is not None
         if strength is not None and not starts:
             checks.fail("strength", strength, "None unless init_image or init_latents is given")
@@ -523,10 +524,10 @@ class VersatileDiffusion:
               output_type, callback, callback_steps, scheduler) -> "_Call":
         name = checks.choice("scheduler", self.scheduler if scheduler is None else scheduler, list(SCHEDULERS))
         sampler = sampler_from_config(name, self.c.scheduler_config)
-        steps = checks.integer("num_inference_steps", steps, 1, sampler.num_train_timesteps)
-        guidance = checks.number("guidance_scale", guidance, 0.0)
+        steps = checks.steps(steps, sampler)
+        guidance = checks.guidance(guidance)
         per_prompt = checks.integer(per_prompt_name, per_prompt, 1)
-        eta = checks.number("eta", eta, 0.0)
+        eta = checks.eta(eta)
         total = batch * per_prompt
         shape = (total, *sample_shape)
         sampling = core.Sampling(sampler=sampler, num_steps=steps, guidance_scale=guidance, eta=eta,

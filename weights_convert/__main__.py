@@ -1,12 +1,16 @@
 """python -m weights_convert SRC OUT [--dtype fp16|fp32|bf16] [--tasks ...] [--kl-f8 PATH] [--clip DIR]
-                              [--optimus PATH] [--optimus-tokenizer DIR]"""
+                              [--optimus PATH] [--optimus-tokenizer DIR]
+
+Exit status: 0 done, 2 a mistake (one line on stderr naming the path: a bad source, an output that exists or
+cannot be written), 130 interrupted by Ctrl-C, 143 by SIGTERM; an interrupted run leaves nothing behind."""
 
 import argparse
 import signal
 import sys
 
-from weights_convert.checkpoint import TASKS
-from weights_convert.convert import DTYPES, convert
+from vd.checks import DTYPES
+from vd.tasks import TASKS, parts_for
+from weights_convert.convert import convert
 from weights_convert.tensorfile import CheckpointError
 
 
@@ -26,10 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     # a terminated run unwinds through convert(), which removes its temporary folder
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        out = convert(args.src, args.out, dtype=args.dtype, tasks=args.tasks, kl_f8=args.kl_f8, clip=args.clip,
-                      optimus=args.optimus, optimus_tokenizer=args.optimus_tokenizer)
+        out = convert(args.src, args.out, dtype=args.dtype, parts=parts_for(args.tasks) if args.tasks else None,
+                      kl_f8=args.kl_f8, clip=args.clip, optimus=args.optimus,
+                      optimus_tokenizer=args.optimus_tokenizer)
+    except KeyboardInterrupt:
+        print(f"error: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # OutputError names the output; others (a source folder's symlink loop, say) their path
+        print(f"error: {e if e.filename is None else f'{e.filename}: {e.strerror or e}'}", file=sys.stderr)
         return 2
     print(out)
     return 0

@@ -6,8 +6,8 @@ Parts (one safetensors file each once converted):
   vae.encoder / vae.decoder              kl-f8, with quant_conv / post_quant_conv
   text_encoder / image_encoder           CLIP ViT-L/14 towers with their projections (transformers names)
   optimus.encoder / optimus.decoder      the Optimus text VAE (BERT encoder, GPT-2 decoder; vd.nn.optimus)
-A task needs only some parts (`TASK_PARTS`): text-to-image never touches the 1.44 B data parameters of the
-text UNet, and only the text flows need them and the Optimus decoder. Opening a checkpoint reads names and shapes only; `load(part)` reads that part's tensors.
+A caller says which parts it needs (vd.tasks knows which parts a task needs); opening a checkpoint for some
+parts opens only their files, and reads names and shapes only; `load(part)` reads that part's tensors.
 """
 
 from collections.abc import Iterable
@@ -33,34 +33,6 @@ COMPONENT_PARTS = {
     "optimus": ("encoder", "decoder"),
 }
 ALL_PARTS = tuple(f"{c}.{p}" if p else c for c, ps in COMPONENT_PARTS.items() for p in (ps or ("",)))
-
-_DUAL = ("image_unet.global", "image_unet.data", "image_unet.context", "text_unet.context", "vae.encoder",
-         "vae.decoder", "text_encoder", "image_encoder")
-TASK_PARTS = {  # the image flows take the VAE encoder (34 M) for an init image
-    "text_to_image": ("image_unet.global", "image_unet.data", "text_unet.context", "vae.encoder", "vae.decoder",
-                      "text_encoder"),
-    "image_variation": ("image_unet.global", "image_unet.data", "image_unet.context", "vae.encoder", "vae.decoder",
-                        "image_encoder"),
-    "dual_guided": _DUAL,
-    "blend": _DUAL,
-    "image_to_text": ("image_unet.global", "image_unet.context", "text_unet.data", "image_encoder",
-                      "optimus.decoder"),
-    "text_variation": ("image_unet.global", "text_unet.data", "text_unet.context", "text_encoder",
-                       "optimus.decoder"),
-    "encode_text_latents": ("optimus.encoder",),
-}
-TASKS = tuple(TASK_PARTS)
-
-
-def parts_for(tasks: Iterable[str]) -> tuple[str, ...]:
-    """The parts the given tasks need, in canonical order."""
-    tasks = list(tasks)
-    for t in tasks:
-        if t not in TASK_PARTS:
-            raise ValueError(f"tasks: unknown task {t!r}; expected some of {list(TASKS)}")
-    need = {p for t in tasks for p in TASK_PARTS[t]}
-    return tuple(p for p in ALL_PARTS if p in need)
-
 
 def part_of(component: str, key: str) -> str:
     """Which part of `component` our parameter `key` belongs to."""
@@ -229,11 +201,38 @@ def config_to_json(config: object) -> dict:
     return dict(config)
 
 
+_CLIP_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "projection_dim",
+              "vocab_size", "max_position_embeddings", "image_size", "patch_size", "num_channels")
+
+
+def check_clip_config(d: object) -> dict:
+    """A CLIP tower's config (transformers' names), its sizes checked so that a bad value names its key here
+    rather than failing inside transformers; ValueError("key: ...")."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object of settings, got a {type(d).__name__}")
+    for key in _CLIP_INTS:
+        v = d.get(key)
+        if key in d and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{key}: expected a positive integer, got {v!r}")
+    eps = d.get("layer_norm_eps", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"layer_norm_eps: expected a positive number, got {eps!r}")
+    if "hidden_size" in d and "num_attention_heads" in d and d["hidden_size"] % d["num_attention_heads"]:
+        raise ValueError(f"num_attention_heads: expected a divisor of hidden_size {d['hidden_size']}, got "
+                         f"{d['num_attention_heads']}")
+    if "image_size" in d and "patch_size" in d and d["image_size"] % d["patch_size"]:
+        raise ValueError(f"patch_size: expected a divisor of image_size {d['image_size']}, got {d['patch_size']}")
+    return d
+
+
 def config_from_json(component: str, d: dict) -> object:
+    """One component's config from our converted folder's JSON; ValueError/TypeError if it is malformed."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object of settings, got a {type(d).__name__}")
     if component in ("image_unet", "text_unet"):
         return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
     if component == "vae":
         return VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
     if component == "optimus":
         return OptimusConfig(**d)
-    return dict(d)
+    return check_clip_config(dict(d))

@@ -5,6 +5,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from weights_convert.layouts import WEIGHT_STEMS
+from weights_convert.tensorfile import CheckpointError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -23,7 +24,18 @@ def _weight_patterns(component: str, ext: str) -> list[str]:
 
 
 def download(repo_id: str, parts: Iterable[str], revision: str | None = None) -> Path:
-    """Download the diffusers-layout files of `repo_id` that `parts` need; returns the local snapshot folder."""
+    """Download the diffusers-layout files of `repo_id` that `parts` need; returns the local snapshot folder.
+    A failure (offline, no such repo, a mistyped local path taken for a repo id) is one CheckpointError line."""
+    try:
+        return _download(repo_id, parts, revision)
+    except Exception as e:  # the hub client raises many kinds, with multi-line messages
+        text = str(e).strip()
+        why = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+        raise CheckpointError(f"{repo_id}: no such local file or folder; tried as a Hugging Face hub repo id, "
+                              f"which failed ({why})") from None
+
+
+def _download(repo_id: str, parts: Iterable[str], revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     wanted = {p.split(".")[0] for p in parts}

@@ -17,6 +17,7 @@ modules built from the configs (`Checkpoint.validate`).
 """
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from vd.nn import VD_IMAGE_UNET, VD_TEXT_UNET, VD_VAE, UNetConfig, VAEConfig
 from vd.nn.optimus import VD_OPTIMUS
 from weights_convert import optimus as optimus_keys
 from weights_convert import presets
-from weights_convert.checkpoint import ALL_PARTS, COMPONENT_PARTS, Checkpoint, Source, config_from_json, part_of
+from weights_convert.checkpoint import (ALL_PARTS, COMPONENT_PARTS, Checkpoint, Source, check_clip_config,
+                                       config_from_json, part_of)
 from weights_convert.keymaps import (LEGACY_VAE_ATTENTION, Layer, clip_layers, find_layer, rename,
                                      unet_layers_v1, unet_layers_v2, vae_layers_ldm)
 from weights_convert.tensorfile import CheckpointError, TensorFile
@@ -66,24 +68,28 @@ def open_checkpoint(src: str | Path, *, kl_f8: str | Path | None = None, clip: s
       pretrained_pth/). optimus_tokenizer: a folder with vocab.txt, vocab.json, merges.txt (default: an
       optimus_tokenizer/ folder there, if any).
     configs: component configs for original layouts (default: the full-size VD ones; tests pass tiny ones).
-    need: the parts the caller will read (default: all). A separate optimus-vae.pth is opened only if one of them
-      is Optimus's: listing its tensors means unpickling its index, a tenth of a text_to_image load.
+    need: the parts the caller will read (default: all). Only their files are opened and checked (a damaged text
+      UNet does not stop image variation): component folders and converted part files of other components are
+      not opened, kl-f8.pth only for the VAE, the CLIP folder only for the towers. A separate optimus-vae.pth is
+      opened only if one of them is Optimus's: listing its tensors means unpickling its index, a tenth of a
+      text_to_image load.
     """
     path = Path(src)
-    if path.is_dir():
+    need = None if need is None else tuple(need)
+    if _is_dir(path):
         conf = path / "config.json"
         if conf.is_file() and _json(conf).get("format") == FORMAT:
-            ckpt = read_converted(path)
-        elif (path / "model_index.json").is_file() or any((path / c).is_dir() for c in COMPONENT_PARTS):
-            ckpt = read_diffusers(path)
+            ckpt = read_converted(path, need)
+        elif (path / "model_index.json").is_file() or any(_is_dir(path / c) for c in COMPONENT_PARTS):
+            ckpt = read_diffusers(path, need)
         else:
             found = [path / n for n in ORIGINAL_FILES if (path / n).is_file()]
             if not found:
                 raise CheckpointError(f"{path}: not a VD checkpoint folder (no model_index.json, no component "
                                       f"folders, no config.json of ours, no {ORIGINAL_FILES[0]})")
-            ckpt = read_original(found[0], kl_f8=kl_f8, clip=clip, configs=configs)
+            ckpt = read_original(found[0], kl_f8=kl_f8, clip=clip, configs=configs, need=need)
     elif path.is_file():
-        ckpt = read_original(path, kl_f8=kl_f8, clip=clip, configs=configs)
+        ckpt = read_original(path, kl_f8=kl_f8, clip=clip, configs=configs, need=need)
     else:
         raise CheckpointError(f"{path}: no such file or folder")
     wants_optimus = need is None or any(p.split(".")[0] == "optimus" for p in need)
@@ -144,11 +150,24 @@ def _add_optimus(ckpt: Checkpoint, path: Path, optimus: str | Path | None, token
         ckpt.optimus_tokenizer = Path(tokenizer)
 
 
-def _json(path: Path) -> dict:
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, except that a path that exists but cannot be followed (a symlink loop, no permission) is an
+    error naming it rather than silently absent."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return path.is_dir() or (path.is_symlink() and os.stat(path) is None)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
+
+
+def _json(path: Path) -> dict:
+    """A JSON file holding an object; CheckpointError naming the file otherwise."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of settings, got a {type(d).__name__}")
+    return d
 
 
 def _collect(ckpt: Checkpoint, file: TensorFile, route: Callable[[str], Route]) -> None:
@@ -193,11 +212,18 @@ def _diffusers_route(component: str) -> Callable[[str], Route]:
     return route
 
 
-def read_diffusers(folder: Path) -> Checkpoint:
+def _components(need: Iterable[str] | None) -> set[str]:
+    """The components holding the needed parts (all of them when need is None)."""
+    return set(COMPONENT_PARTS) if need is None else {p.split(".")[0] for p in need}
+
+
+def read_diffusers(folder: Path, need: Iterable[str] | None = None) -> Checkpoint:
+    """need: the parts the caller will read (default all); other component folders are not opened."""
     ckpt = Checkpoint(origin=str(folder))
+    wanted = _components(need)
     for component in COMPONENT_PARTS:
         sub = folder / component
-        if not sub.is_dir():
+        if component not in wanted or not _is_dir(sub):
             continue
         conf = sub / "config.json"
         if not conf.is_file():
@@ -209,7 +235,7 @@ def read_diffusers(folder: Path) -> Checkpoint:
             elif component == "vae":
                 ckpt.configs[component] = VAEConfig.from_diffusers(d)
             else:
-                ckpt.configs[component] = {k: v for k, v in d.items() if not k.startswith("_")}
+                ckpt.configs[component] = check_clip_config({k: v for k, v in d.items() if not k.startswith("_")})
         except ValueError as e:
             raise CheckpointError(f"{conf}: {e}") from None
         ckpt.config_files[component] = str(conf)
@@ -250,7 +276,9 @@ def _layer_route(tables: dict[str, list[Layer]], ignore: Callable[[str], str | N
 
 
 def read_original(pth: Path, *, kl_f8: str | Path | None = None, clip: str | Path | None = None,
-                  configs: dict[str, object] | None = None) -> Checkpoint:
+                  configs: dict[str, object] | None = None, need: Iterable[str] | None = None) -> Checkpoint:
+    """need: the parts the caller will read (default all); kl-f8.pth and the CLIP folder only if they hold some."""
+    wanted = _components(need)
     cfg = {"image_unet": VD_IMAGE_UNET, "text_unet": VD_TEXT_UNET, "vae": VD_VAE,
            "text_encoder": presets.CLIP_TEXT, "image_encoder": presets.CLIP_VISION, **(configs or {})}
     file = TensorFile(pth)
@@ -262,7 +290,7 @@ def read_original(pth: Path, *, kl_f8: str | Path | None = None, clip: str | Pat
         _collect(ckpt, file, _layer_route(tables, lambda k: WHY_SCHEDULE if k in SCHEDULE_BUFFERS else None))
         ckpt.configs.update({c: cfg[c] for c in ("image_unet", "text_unet")})
         vae_file = Path(kl_f8) if kl_f8 else pth.parent / "kl-f8.pth"
-        if vae_file.is_file() or kl_f8:
+        if "vae" in wanted and (vae_file.is_file() or kl_f8):
             vae = TensorFile(vae_file)
             _collect(ckpt, vae, _layer_route({"vae": vae_layers_ldm(cfg["vae"])}, lambda k: None))
             ckpt.configs["vae"] = cfg["vae"]
@@ -291,7 +319,7 @@ def read_original(pth: Path, *, kl_f8: str | Path | None = None, clip: str | Pat
     # configs name where a shape mismatch comes from
     ckpt.config_files.update({c: f"the configs[{c!r}] passed in" if c in (configs or {}) else "the VD preset config"
                               for c in ckpt.configs})
-    _add_clip_assets(ckpt, pth, clip)
+    _add_clip_assets(ckpt, pth, clip, wanted)
     return ckpt
 
 
@@ -305,14 +333,14 @@ def _ignore_v1(key: str) -> str | None:
     return None
 
 
-def _add_clip_assets(ckpt: Checkpoint, pth: Path, clip: str | Path | None) -> None:
+def _add_clip_assets(ckpt: Checkpoint, pth: Path, clip: str | Path | None, wanted: set[str]) -> None:
     """Take the CLIP towers (if the .pth lacks them), tokenizer and preprocessing from a diffusers folder."""
     if clip is None:
         guess = pth.resolve().parent.parent
         if not (guess / "tokenizer").is_dir():
             return
         clip = guess
-    other = read_diffusers(Path(clip))
+    other = read_diffusers(Path(clip), [c for c in ("text_encoder", "image_encoder") if c in wanted])
     for component in ("text_encoder", "image_encoder"):
         if component not in ckpt.configs and component in other.configs:
             ckpt.configs[component] = other.configs[component]
@@ -324,16 +352,21 @@ def _add_clip_assets(ckpt: Checkpoint, pth: Path, clip: str | Path | None) -> No
 
 # ---- our converted folders
 
-def read_converted(folder: Path) -> Checkpoint:
+def read_converted(folder: Path, need: Iterable[str] | None = None) -> Checkpoint:
+    """need: the parts the caller will read (default all); other part files are not opened."""
     meta = _json(folder / "config.json")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder / 'config.json'}: format_version {meta.get('format_version')!r} is not "
                               f"{FORMAT_VERSION}; convert the checkpoint again")
     ckpt = Checkpoint(origin=str(folder), image_processor=meta.get("image_processor"), scheduler=meta.get("scheduler"))
-    try:
-        ckpt.configs = {c: config_from_json(c, d) for c, d in meta["configs"].items()}
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{folder / 'config.json'}: malformed configs ({e})") from None
+    configs = meta.get("configs")
+    if not isinstance(configs, dict):
+        raise CheckpointError(f"{folder / 'config.json'}: configs: expected a JSON object, got {configs!r}")
+    for c, d in configs.items():
+        try:
+            ckpt.configs[c] = config_from_json(c, d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder / 'config.json'}: configs.{c}: {e}") from None
     ckpt.config_files = {c: str(folder / "config.json") for c in ckpt.configs}
     if meta.get("tokenizer"):
         ckpt.tokenizer = folder / meta["tokenizer"]
@@ -343,6 +376,8 @@ def read_converted(folder: Path) -> Checkpoint:
         component = part.split(".")[0]
         if component not in ckpt.configs:
             raise CheckpointError(f"{folder / 'config.json'}: part {part!r} has no config for {component!r}")
+        if need is not None and part not in need:
+            continue
         file = TensorFile(folder / f"{part}.safetensors")
         ckpt.sources.setdefault(part, {})
 

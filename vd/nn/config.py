@@ -7,7 +7,8 @@ rather than silently ignored, unless the reference ignores them too (mid_block_o
 cross-attention mid blocks; upcast_attention, which only changes fp16 rounding).
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class UNetConfig:
     flat_dim: int = 0
 
     def __post_init__(self):
+        _check_fields(self, _UNET_KINDS)
         n = len(self.block_channels)
         for name in ("down_attention", "up_attention", "layers_per_block", "num_heads", "context_dim",
                      "transformer_depth", "only_cross_attention"):
@@ -50,6 +52,7 @@ class UNetConfig:
         for ch, heads in zip(self.block_channels, self.num_heads):
             if heads < 1 or ch < heads:
                 raise ValueError(f"UNetConfig: {ch} channels cannot be split into {heads} heads")
+        _check_groups(self.norm_groups, self.block_channels)
 
     @property
     def time_dim(self) -> int:
@@ -65,7 +68,7 @@ class UNetConfig:
     @classmethod
     def from_diffusers(cls, d: dict) -> "UNetConfig":
         """Map a diffusers UNet2DConditionModel / UNetFlatConditionModel config.json onto ours."""
-        return _unet_from_diffusers(d)
+        return _from_diffusers(_unet_from_diffusers, d, _UNET_SOURCE)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,10 @@ class VAEConfig:
     post_quant_conv: bool = True
     sample_size: int | None = None
 
+    def __post_init__(self):
+        _check_fields(self, _VAE_KINDS)
+        _check_groups(self.norm_groups, self.block_channels)
+
     @property
     def downscale(self) -> int:
         """Pixels per latent along each side (8 for kl-f8)."""
@@ -90,7 +97,74 @@ class VAEConfig:
     @classmethod
     def from_diffusers(cls, d: dict) -> "VAEConfig":
         """Map a diffusers AutoencoderKL config.json onto ours."""
-        return _vae_from_diffusers(d)
+        return _from_diffusers(_vae_from_diffusers, d, _VAE_SOURCE)
+
+
+# ---- type and range checks, so a bad config.json is an error naming its key when it is opened, not a failure
+# inside a module (or after denoising)
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _ints(v) -> bool:
+    return isinstance(v, tuple) and len(v) > 0 and all(_positive_int(x) for x in v)
+
+
+def _bools(v) -> bool:
+    return isinstance(v, tuple) and all(isinstance(x, bool) for x in v)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_KINDS = {
+    "int": (_positive_int, "a positive integer"),
+    "int0": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "int?": (lambda v: v is None or _positive_int(v), "a positive integer or null"),
+    "ints": (_ints, "a non-empty list of positive integers"),
+    "int|ints": (lambda v: _positive_int(v) or _ints(v), "a positive integer or a list of them"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "bools": (_bools, "a list of true/false"),
+    "number": (_number, "a finite number"),
+    "positive": (lambda v: _number(v) and v > 0, "a positive number"),
+}
+_UNET_KINDS = {
+    "in_channels": "int|ints", "out_channels": "int|ints", "block_channels": "ints", "down_attention": "bools",
+    "up_attention": "bools", "layers_per_block": "ints", "num_heads": "ints", "context_dim": "ints",
+    "transformer_depth": "ints", "only_cross_attention": "bools", "mid_attention": "bool",
+    "mid_transformer_depth": "int", "norm_groups": "int", "norm_eps": "positive", "flip_sin_to_cos": "bool",
+    "freq_shift": "number", "time_embed_dim": "int?", "downsample_padding": "int0", "mid_block_scale_factor": "number",
+    "linear_projection": "bool", "center_input_sample": "bool", "conv_in_kernel": "int", "conv_out_kernel": "int",
+    "sample_size": "int?", "flat_dim": "int0",
+}
+_VAE_KINDS = {
+    "in_channels": "int", "out_channels": "int", "latent_channels": "int", "block_channels": "ints",
+    "layers_per_block": "int", "norm_groups": "int", "scaling_factor": "positive", "mid_attention": "bool",
+    "quant_conv": "bool", "post_quant_conv": "bool", "sample_size": "int?",
+}
+
+
+class ConfigKeyError(ValueError):
+    """A config value of the wrong type or range; `key` is our field name (the diffusers readers rename it)."""
+
+    def __init__(self, key: str, value, expected: str):
+        super().__init__(f"{key}: expected {expected}, got {value!r}")
+        self.key, self.value, self.expected = key, value, expected
+
+
+def _check_fields(config, kinds: dict[str, str]) -> None:
+    for f in fields(config):
+        ok, expected = _KINDS[kinds[f.name]]
+        if not ok(getattr(config, f.name)):
+            raise ConfigKeyError(f.name, getattr(config, f.name), expected)
+
+
+def _check_groups(groups: int, channels: tuple[int, ...]) -> None:
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise ConfigKeyError("norm_groups", groups, f"a divisor of every block's channels {list(channels)}")
 
 
 # ---- full-size presets (the published config.json files of shi-labs/versatile-diffusion)
@@ -124,6 +198,31 @@ _UNET_FIXED = {
 _DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 _MID = {"UNetMidBlock2DCrossAttn": True, None: False}
+
+
+# our field -> the diffusers config.json key it comes from (for error messages)
+_UNET_SOURCE = {"block_channels": "block_out_channels", "down_attention": "down_block_types",
+                "up_attention": "up_block_types", "num_heads": "attention_head_dim", "context_dim": "cross_attention_dim",
+                "transformer_depth": "transformer_layers_per_block",
+                "mid_transformer_depth": "transformer_layers_per_block", "mid_attention": "mid_block_type",
+                "norm_groups": "norm_num_groups", "time_embed_dim": "time_embedding_dim",
+                "linear_projection": "use_linear_projection"}
+_VAE_SOURCE = {"block_channels": "block_out_channels", "norm_groups": "norm_num_groups",
+               "mid_attention": "mid_block_add_attention", "quant_conv": "use_quant_conv",
+               "post_quant_conv": "use_post_quant_conv"}
+
+
+def _from_diffusers(build, d: dict, renames: dict[str, str]):
+    """build(d) with a config error naming the config.json key, and a non-object config refused."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object of settings, got a {type(d).__name__}")
+    try:
+        return build(d)
+    except ConfigKeyError as e:
+        key = renames.get(e.key, e.key)
+        raise ValueError(f"{key}: expected {e.expected}, got {d.get(key, e.value)!r}") from None
+    except TypeError as e:  # a wrongly typed value met before the field checks (e.g. len() of a number)
+        raise ValueError(f"a value has the wrong type ({e})") from None
 
 
 def _per_level(value, n: int, name: str) -> tuple:

@@ -1,0 +1,143 @@
+"""The `vd` command, hardened: large --num-images run in chunks with per-image seeds (same images whatever the
+chunking), a per-call pixel budget, output problems found before any model runs (or, like a full disk, reported
+when they happen) as one line with status 2 and nothing half-written, devices and seeds checked, and a
+mistyped local path named as such."""
+
+import errno
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import tiny_pipeline as tp
+import vd.cli
+from vd import VersatileDiffusion
+from vd.cli import main
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+FAST = ["--steps", "2", "--seed", "7", "--no-progress", "--height", "16", "--width", "24"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd"))
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a model is loaded: the checks must come first."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the output was checked")
+    monkeypatch.setattr(VersatileDiffusion, "from_pretrained", boom)
+
+
+def _one_line(capsys, *words) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vd: error: ") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert str(w) in err, (w, err)
+    return err
+
+
+def test_chunks_give_the_images_of_per_image_seeds(model, tmp_path, monkeypatch):
+    calls = []
+    real = VersatileDiffusion.text_to_image
+
+    def spy(self, *a, **k):
+        calls.append(k["num_images_per_prompt"])
+        return real(self, *a, **k)
+    monkeypatch.setattr(VersatileDiffusion, "text_to_image", spy)
+    monkeypatch.setattr(vd.cli, "CHUNK", 2)
+    assert main(["text-to-image", "the cat", "-o", str(tmp_path / "a.png"), "--model", model, "--num-images", "5",
+                 *FAST]) == 0
+    assert calls == [2, 2, 1]
+    pipe = VersatileDiffusion.from_pretrained(model, tasks=["text_to_image"])
+    for k in range(5):
+        want = real(pipe, "the cat", num_inference_steps=2, height=16, width=24, progress=False,
+                    generator=torch.Generator().manual_seed(7 + k)).images[0]
+        got = np.asarray(PIL.Image.open(tmp_path / f"a-{k}.png"), dtype=np.int16)
+        # one call per image against calls of two: float summation order may move a pixel one 8-bit step
+        assert np.abs(got - np.asarray(want, dtype=np.int16)).max() <= 1, k
+
+
+def test_pixel_budget_and_sizes_before_loading(no_model, tmp_path, capsys):
+    out = str(tmp_path / "x.png")
+    assert main(["text-to-image", "a", "-o", out, "--height", "1048576", "--width", "512"]) == 2
+    _one_line(capsys, "height x width", "16777216", "1048576")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--seed", str(2**64)], ["--seed", str(2**64)]),
+    (["--seed", "-1"], ["--seed", "-1"]),
+    (["--seed", str(2**64 - 1), "--num-images", "2"], ["--seed", str(2**64 - 2), "seed + k"]),
+    (["--device", "foo"], ["device", "'foo'"]),
+    (["--device", "cuda:99"], ["device", "cuda:99"]),
+])
+def test_bad_seed_and_device_before_loading(no_model, tmp_path, capsys, args, words):
+    assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), *args]) == 2
+    _one_line(capsys, *words)
+
+
+def test_steps_beyond_the_schedule(model, tmp_path, capsys):
+    assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), "--model", model, "--steps", "1000"]) == 2
+    _one_line(capsys, "num_inference_steps", "<= 999", "1000")
+
+
+def test_mistyped_local_path_is_named(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection\nand more lines")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), "--model", "conv/c1x"]) == 2
+    _one_line(capsys, "conv/c1x", "no such local file or folder", "hub repo id", "couldn't connect")
+
+
+def test_output_is_checked_before_loading(no_model, tmp_path, capsys, monkeypatch):
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "file").write_text("x")
+    for out, words in [(tmp_path / "dir.png", ["dir.png", "is a folder"]),
+                       (tmp_path / "file" / "x.png", ["file", "not a folder"]),
+                       (tmp_path / "none" / "x.png", ["none", "does not exist"])]:
+        assert main(["text-to-image", "a", "-o", str(out)]) == 2
+        _one_line(capsys, *words)
+    # a read-only folder, as the OS refuses it (root ignores chmod, so the refusal is patched in)
+    real_open = open
+
+    def read_only(path, *a, **k):
+        if ".partial-" in str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", read_only)
+    assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png")]) == 2
+    _one_line(capsys, tmp_path / "x.png", "Permission denied")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png", "file"]
+
+
+def test_full_disk_while_writing(model, tmp_path, capsys, monkeypatch):
+    real_save = PIL.Image.Image.save
+
+    def full(self, fp, *a, **k):
+        real_save(self, fp, *a, **k)  # the bytes went out, then the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(PIL.Image.Image, "save", full)
+    assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), "--model", model, *FAST]) == 2
+    _one_line(capsys, tmp_path / "x.png", "No space left on device")
+    assert list(tmp_path.iterdir()) == []  # neither the image nor its temporary file
+
+
+def test_long_name_fits_with_the_temporary_suffix(model, tmp_path, capsys):
+    out = tmp_path / ("n" * 250 + ".png")  # 254 bytes: the limit is 255, the temporary suffix adds more
+    assert main(["text-to-image", "a", "-o", str(out), "--model", model, *FAST]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_ctrl_c_is_status_130(model, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(VersatileDiffusion, "text_to_image", interrupted)
+    assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), "--model", model, *FAST]) == 130
+    assert "interrupted" in capsys.readouterr().err and list(tmp_path.iterdir()) == []

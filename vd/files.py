@@ -1,0 +1,89 @@
+"""Writing outputs so that nothing is ever half-written, shared by the applications (`vd`, `vd batch`, the
+converter): a temporary file in the target's folder, fsync, rename. Failures become `OutputError`, one line
+naming the path."""
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+PARTIAL = ".partial-"  # temporary names: .NAME.partial-HOST-PID (NAME shortened to fit the file-name limit)
+
+
+class OutputError(OSError):
+    """An output that cannot be written (folder missing or read-only, disk full, name too long, ...)."""
+
+
+def owner_tag() -> str:
+    """HOST-PID of this process, as written into temporary names (so a cleanup can tell whose they are)."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def temp_path(path: Path) -> Path:
+    """Where `path` is assembled before the rename: a hidden name in the same folder, within the name limit."""
+    suffix = f"{PARTIAL}{owner_tag()}"
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    room = max(1, limit - len(suffix) - 1)
+    name = path.name.encode()[:room].decode(errors="ignore")
+    return path.with_name(f".{name}{suffix}")
+
+
+def describe(e: OSError) -> str:
+    """The reason of an OSError, without the path (messages name it themselves)."""
+    text = str(e).strip()
+    return e.strerror or (text.splitlines()[0] if text else type(e).__name__)
+
+
+def save(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) fills a temporary file, which is fsynced and renamed to `path`; on any failure (or Ctrl-C) the
+    temporary file is removed and `path` is left as it was. OSError -> OutputError naming `path`."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder, not a file")
+        os.replace(tmp, path)
+    except OutputError:
+        raise
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({describe(e)})") from None
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """`save` for bytes."""
+    save(path, lambda tmp: tmp.write_bytes(data))
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, before any model runs, if `path` could not be written: its folder is missing, is not a folder
+    or is read-only, the path is a folder, or the temporary name is refused. Probes by creating (and removing)
+    the temporary file."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder, not a file")
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise OutputError(f"{path}: folder {str(folder)!r} {what}")
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "xb"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({describe(e)})") from None
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
