@@ -187,7 +187,7 @@ def task_kwargs(task: str, size: int, steps: int, guidance: float, seed: int = 0
 
 class Impl:
     """A loaded pipeline: `run(task, **kw)` -> np images [N, H, W, 3]; `unet` is the module called each step and
-    `step` what a denoising step calls (ours: the Denoiser, which may replay a CUDA graph; default `unet`)."""
+    `step` what a denoising step calls (ours: the NoisePredictor, which may replay a CUDA graph; default `unet`)."""
 
     def __init__(self, name: str, pipe, unet, run, step=None):
         self.name, self.pipe, self.unet, self._run = name, pipe, unet, run
@@ -210,7 +210,7 @@ def tune_ours(pipe, variant: str) -> None:
     """The candidate's change to a loaded pipeline (benchmarks/channels_last_group_norm.py)."""
     if variant.endswith("+nhwc_norm"):
         from channels_last_group_norm import channels_last_group_norms_
-        for unet in (pipe.c.image_unet, pipe.c.text_unet):  # text_to_image runs the text UNet's context layers
+        for unet in (pipe.components.image_unet, pipe.components.text_unet):  # text_to_image runs the text UNet's context layers
             if unet is not None:
                 channels_last_group_norms_(unet)
 
@@ -221,8 +221,8 @@ def load_ours(ckpt: Path, task: str, device: torch.device, dtype: torch.dtype, v
     pipe = VersatileDiffusion.from_pretrained(ckpt, tasks=[task], device=device, dtype=dtype,
                                               uncond_image="diffusers", **OURS[variant])
     tune_ours(pipe, variant)
-    return Impl(ours_name(variant), pipe, pipe.c.image_unet,
-                lambda t, **kw: getattr(pipe, t)(**kw, progress=False).images, step=pipe.denoiser)
+    return Impl(ours_name(variant), pipe, pipe.components.image_unet,
+                lambda t, **kw: getattr(pipe, t)(**kw, progress=False).images, step=pipe.image_eps)
 
 
 def patch_diffusers() -> None:
@@ -578,7 +578,7 @@ def time_task(task: str, a, device: torch.device, dtype: torch.dtype, with_ref: 
         res["ours"]["load_s_in_process"] = loaded
         for impl in impls:
             if impl.name.startswith("ours"):  # compile and CUDA-graph capture, kept apart from the timings
-                res[impl.name]["setup_s"] = impl.pipe.denoiser.setup_seconds
+                res[impl.name]["setup_s"] = impl.pipe.image_eps.setup_seconds
         if with_ref:
             res["reference"]["load_s_in_process"] = ref_load
         return res

@@ -46,7 +46,7 @@ def main() -> None:
     x = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     t = torch.tensor(981, device=device)
     ref_eps = ref.image_unet(x, t, encoder_hidden_states=want).sample
-    our_eps = ours.denoiser(x, t, [Context(ours.c.text_unet.context_layers(), want)])
+    our_eps = ours.image_eps(x, t, [Context(ours.components.text_unet.context_layers(), want)])
     out["unet_step"] = rel(our_eps, ref_eps)
 
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731

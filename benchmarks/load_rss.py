@@ -32,7 +32,7 @@ DESCRIBE = {
 
 def modules(pipe) -> list[nn.Module]:
     """The torch modules a loaded pipeline holds (ours: its Components; diffusers: its components dict)."""
-    parts = pipe.components.values() if hasattr(pipe, "components") else vars(pipe.c).values()
+    parts = pipe.components.values() if isinstance(pipe.components, dict) else vars(pipe.components).values()
     return [m for m in parts if isinstance(m, nn.Module)]
 
 

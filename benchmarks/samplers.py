@@ -47,8 +47,8 @@ def one_image(pipe, name: str, steps: int, size: int) -> tuple[float, list[float
 
 def sampler_only(pipe, name: str, steps: int, size: int, repeats: int = 5) -> float:
     """Seconds per step of the sampler's own loop, with a model that costs nothing (a fixed output)."""
-    sampler = sampler_from_config(name, pipe.c.scheduler_config)
-    shape = (1, pipe.c.image_unet.config.in_channels, size // pipe._factor, size // pipe._factor)
+    sampler = sampler_from_config(name, pipe.components.scheduler_config)
+    shape = (1, pipe.components.image_unet.config.in_channels, size // pipe._factor, size // pipe._factor)
     x = torch.randn(shape, device=pipe.device, dtype=pipe.dtype)
     out = torch.randn_like(x)
     times = []

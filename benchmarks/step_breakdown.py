@@ -113,7 +113,7 @@ def graph_of(fn, device: torch.device):
 def main(argv=None) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from vd.fast import Denoiser
+    from vd.fast import NoisePredictor
     from vd.nn import Context
     from vd.pipeline import VersatileDiffusion
 
@@ -136,24 +136,24 @@ def main(argv=None) -> dict:
     dtype = torch.float16 if cuda else torch.float32
     pipe = VersatileDiffusion.from_pretrained(a.ckpt, tasks=["text_to_image"], device=device, dtype=dtype,
                                               cuda_graphs=True)
-    unet, vae = pipe.c.image_unet, pipe.c.vae
+    unet, vae = pipe.components.image_unet, pipe.components.vae
     g = torch.Generator().manual_seed(0)
     lat = a.size // 8
     x = torch.randn(2, unet.config.in_channels, lat, lat, generator=g).to(device, dtype)
-    tokens = torch.randn(2, 77, pipe.c.text_unet.config.context_dim[0], generator=g).to(device, dtype)
+    tokens = torch.randn(2, 77, pipe.components.text_unet.config.context_dim[0], generator=g).to(device, dtype)
     z = torch.randn(1, vae.config.latent_channels, lat, lat, generator=g) / vae.config.scaling_factor
     z = z.to(device, dtype)
     t = torch.tensor(981, device=device)
-    streams = [Context(pipe.c.text_unet.context_layers(), tokens)]
+    streams = [Context(pipe.components.text_unet.context_layers(), tokens)]
     result = dict(device=device_name(device), versions=versions(), size=a.size, steps=a.steps,
                   cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit)
 
     # 1. kernels of an eager step (the fast path's layouts and autotuning, as the denoiser runs it)
-    eager = Denoiser(unet)
+    eager = NoisePredictor(unet)
     result["kernels"] = kernel_table(lambda: eager(x, t, streams), device, a.profile_calls)
 
     # 2. the graph step under variants
-    reference = pipe.denoiser(x, t, streams)
+    reference = pipe.image_eps(x, t, streams)
     variants = {}
 
     def variant(name: str, make) -> None:
@@ -169,10 +169,10 @@ def main(argv=None) -> dict:
             variants[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         print(name, json.dumps(variants[name]), flush=True)
 
-    variant("default", lambda: pipe.denoiser)
+    variant("default", lambda: pipe.image_eps)
     for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
         def make(backend=getattr(SDPBackend, backend)):
-            step = Denoiser(unet, cuda_graphs=True)
+            step = NoisePredictor(unet, cuda_graphs=True)
             others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
             def run(*args):  # the capture happens in the first call: this backend first, the others as fallback
@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
         variant(f"sdpa {backend.lower()} first", make)
 
     def cublaslt():  # cuBLASLt instead of cuBLAS for the matmuls captured in this graph
-        step = Denoiser(unet, cuda_graphs=True)
+        step = NoisePredictor(unet, cuda_graphs=True)
 
         def run(*args):
             before = torch.backends.cuda.preferred_blas_library()
@@ -195,17 +195,17 @@ def main(argv=None) -> dict:
     variant("blas cublaslt", cublaslt)
 
     # text_to_image runs the text UNet's context layers too
-    plain_norms = channels_last_group_norms_(unet) + channels_last_group_norms_(pipe.c.text_unet)
+    plain_norms = channels_last_group_norms_(unet) + channels_last_group_norms_(pipe.components.text_unet)
     try:
         result["kernels_channels_last_group_norm"] = kernel_table(lambda: eager(x, t, streams), device,
                                                                   a.profile_calls)
-        variant("group_norm channels-last", lambda: Denoiser(unet, cuda_graphs=True))
+        variant("group_norm channels-last", lambda: NoisePredictor(unet, cuda_graphs=True))
     finally:
         for parent, name, child in plain_norms:
             setattr(parent, name, child)
     if a.compile:
         def compiled():
-            step = Denoiser(unet, cuda_graphs=True)
+            step = NoisePredictor(unet, cuda_graphs=True)
             step.compiled = torch.compile(unet, mode=None if a.compile == "default" else a.compile, dynamic=False)
             return step
         variant(f"compile {a.compile}", compiled)

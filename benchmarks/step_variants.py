@@ -38,7 +38,7 @@ def median_ms(fn, device: torch.device, repeats: int) -> float:
 
 @torch.no_grad()
 def main() -> None:
-    from vd.fast import Denoiser
+    from vd.fast import NoisePredictor
     from vd.nn import Context
     from vd.pipeline import VersatileDiffusion
 
@@ -50,7 +50,7 @@ def main() -> None:
     a = ap.parse_args()
     device = torch.device(a.device)
     pipe = VersatileDiffusion.from_pretrained(a.ckpt, tasks=["text_to_image"], device=device)
-    unet, vae = pipe.c.image_unet, pipe.c.vae
+    unet, vae = pipe.components.image_unet, pipe.components.vae
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 64, 64, generator=g).to(device, torch.float16)
     tokens = torch.randn(2, 77, 768, generator=g).to(device, torch.float16)
@@ -62,8 +62,8 @@ def main() -> None:
         unet.to(memory_format=fmt)
         vae.to(memory_format=fmt)
         torch.backends.cudnn.benchmark = autotune
-        step = Denoiser(unet, cuda_graphs=True)
-        streams = [Context(pipe.c.text_unet.context_layers(), tokens)]
+        step = NoisePredictor(unet, cuda_graphs=True)
+        streams = [Context(pipe.components.text_unet.context_layers(), tokens)]
         row = dict(layout=layout, cudnn_benchmark=autotune,
                    unet_step_graph_ms=median_ms(lambda: step(x, t, streams), device, a.repeats),
                    unet_step_eager_ms=median_ms(lambda: unet(x, t, streams), device, max(5, a.repeats // 4)),

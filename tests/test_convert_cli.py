@@ -110,7 +110,7 @@ def test_cli_converts_everything(src, tmp_path, expected, check):
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), part
     check(float(np.abs(_text_to_image(out) - expected).max()), 0.0, "converted vs source")
     pipe = VersatileDiffusion.from_pretrained(out, uncond_image="diffusers")  # all three tasks load
-    assert pipe.c.image_encoder is not None and pipe.c.image_processor is not None
+    assert pipe.components.image_encoder is not None and pipe.components.image_processor is not None
 
 
 def test_cli_tasks_writes_only_their_parts(src, tmp_path, expected, check):

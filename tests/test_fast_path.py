@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import TINY_UNET_A, flat_config, randomize_, rel_err
-from vd.fast import Denoiser, speed_up_
+from vd.fast import NoisePredictor, speed_up_
 from vd.nn import Context, UNet, UNetConfig
 
 
@@ -42,9 +42,9 @@ def test_denoiser_plain_and_compiled(check):
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 16)
     streams = [Context(text.context_layers(), ctx)]
     want = image(x, torch.tensor(321), streams)
-    assert torch.equal(Denoiser(image)(x, torch.tensor(321), streams), want)
+    assert torch.equal(NoisePredictor(image)(x, torch.tensor(321), streams), want)
     # torch.compile's graph capture and guards, without paying for code generation in the test suite
-    compiled = Denoiser(image)
+    compiled = NoisePredictor(image)
     compiled.compiled = torch.compile(image, backend="aot_eager", dynamic=False)
     check(rel_err(compiled(x, torch.tensor(321), streams), want), 1e-5)
 
@@ -58,12 +58,12 @@ def test_denoiser_with_another_unets_time_embedding():
     streams = [Context(text.context_layers(), ctx)]
     want = image(x, torch.tensor(321), streams, time_embedding=other)
     assert not torch.equal(want, image(x, torch.tensor(321), streams))
-    assert torch.equal(Denoiser(image, time_embedding=other)(x, torch.tensor(321), streams), want)
+    assert torch.equal(NoisePredictor(image, time_embedding=other)(x, torch.tensor(321), streams), want)
 
 
 def test_cuda_graphs_are_ignored_on_cpu():
     image, text = _unets()
-    d = Denoiser(image, cuda_graphs=True)
+    d = NoisePredictor(image, cuda_graphs=True)
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 16)
     with torch.no_grad():
         assert torch.equal(d(x, torch.tensor(5), [Context(text.context_layers(), ctx)]),
@@ -78,7 +78,7 @@ def test_denoiser_leaves_cudnn_autotuning_as_it_found_it(before):
     torch.backends.cudnn.benchmark = before
     try:
         with torch.no_grad():
-            Denoiser(image)(torch.randn(1, 4, 8, 8), torch.tensor(5), [Context(text.context_layers(),
+            NoisePredictor(image)(torch.randn(1, 4, 8, 8), torch.tensor(5), [Context(text.context_layers(),
                                                                              torch.randn(1, 77, 16))])
         assert torch.backends.cudnn.benchmark is before
     finally:

@@ -82,15 +82,15 @@ class Counting:
 
 
 def _clip_image(pipe, imgs, *, square=False, keep=None) -> torch.Tensor:
-    pixels = pixel_values(pipe.c.image_processor, imgs, square=square)
+    pixels = pixel_values(pipe.components.image_processor, imgs, square=square)
     tw = None
     if keep is not None:
-        tw = mask_token_weights(keep, pipe.c.image_encoder.config.patch_size, pixels.shape[-1])
-    return encode_image(pipe.c.image_encoder, pixels, token_weights=tw)
+        tw = mask_token_weights(keep, pipe.components.image_encoder.config.patch_size, pixels.shape[-1])
+    return encode_image(pipe.components.image_encoder, pixels, token_weights=tw)
 
 
 def _clip_text(pipe, texts) -> torch.Tensor:
-    return encode_text(pipe.c.text_encoder, pipe.c.tokenizer, texts, CPU)
+    return encode_text(pipe.components.text_encoder, pipe.components.tokenizer, texts, CPU)
 
 
 # ---- 1. blend of one image equals dual-guided / image variation with zero "no image"
@@ -191,13 +191,13 @@ def test_blend_streams(case, pipe, captured):
     use_text = bool(cfg["prompt"]) and cfg["text_strength"] > 0
     assert len(call.streams) == (2 if use_text else 1)
     image = call.streams[-1]
-    assert _same_layers(image.layers, pipe.c.image_unet.context_layers())
+    assert _same_layers(image.layers, pipe.components.image_unet.context_layers())
     assert torch.equal(image.tokens, image_want)
     s = cfg["text_strength"]
     assert image.weight == (1.0 - s if use_text else 1.0)
     if use_text:
         text = call.streams[0]
-        assert _same_layers(text.layers, pipe.c.text_unet.context_layers())
+        assert _same_layers(text.layers, pipe.components.text_unet.context_layers())
         assert text.weight == s
         want = _clip_text(pipe, [cfg["prompt"]]).repeat_interleave(n, dim=0)
         if cfg_on:
@@ -229,7 +229,7 @@ def test_image_variation_focus_tokens(pipe, captured):
     pipe.image_variation(imgs[0], focus=0.8, generator=seeded(5), output_type="latent", **FAST)
     pipe.image_variation(imgs[0], focus=0.5, generator=seeded(5), output_type="latent", **FAST)
     plain = _clip_image(pipe, imgs)
-    grey = encode_image(pipe.c.image_encoder, uncond_pixel_values(pipe.c.image_processor, "grey", 2))
+    grey = encode_image(pipe.components.image_encoder, uncond_pixel_values(pipe.components.image_processor, "grey", 2))
 
     tokens = captured[0].streams[0].tokens
     want = torch.cat([adjust_focus(plain[:1], 0.2, generator=seeded(1)),
@@ -267,7 +267,7 @@ def _encoded(pipe, ref: np.ndarray, g, per_prompt: int = 1) -> torch.Tensor:
     """The input's latents: VAE posterior mean + std * noise from the generator, scaled, repeated per sample.
     (Compared within 1e-5: the encoder's convolutions may round differently for another memory layout of the
     same pixels; a wrong draw or scale would be off by O(1).)"""
-    vae = pipe.c.vae
+    vae = pipe.components.vae
     x = torch.from_numpy(ref).permute(2, 0, 1)[None]
     with torch.no_grad():
         post = vae.encode(2 * x - 1)
@@ -276,8 +276,8 @@ def _encoded(pipe, ref: np.ndarray, g, per_prompt: int = 1) -> torch.Tensor:
 
 
 def _grey_streams(pipe, img) -> list[Context]:
-    grey = encode_image(pipe.c.image_encoder, uncond_pixel_values(pipe.c.image_processor, "grey", 1))
-    return [Context(pipe.c.image_unet.context_layers(), torch.cat([grey, _clip_image(pipe, [img])]))]
+    grey = encode_image(pipe.components.image_encoder, uncond_pixel_values(pipe.components.image_processor, "grey", 1))
+    return [Context(pipe.components.image_unet.context_layers(), torch.cat([grey, _clip_image(pipe, [img])]))]
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -287,8 +287,8 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_fidelity_one_returns_the_input(pipe, monkeypatch, check):
     img = random_image(40, (40, 56))
-    counter = Counting(pipe.denoiser)
-    monkeypatch.setattr(pipe, "denoiser", counter)
+    counter = Counting(pipe.image_eps)
+    monkeypatch.setattr(pipe, "image_eps", counter)
     out = pipe.image_variation(img, fidelity=1.0, height=64, width=48, num_images_per_prompt=2, generator=seeded(0),
                                output_type="np", **FAST).images
     ref = _resized_np(img, 64, 48)
@@ -306,12 +306,12 @@ def test_fidelity_starts_part_way(steps, fidelity, keep, pipe, captured, monkeyp
     """Fidelity f is the original's img2img: t_enc = int(steps * (1 - f)) steps left; the input's latent is noised
     to the ascending grid's entry t_enc, one grid step above the first step denoised; output at the input's size."""
     img = random_image(41)  # 40 x 56
-    counter = Counting(pipe.denoiser)
-    monkeypatch.setattr(pipe, "denoiser", counter)
+    counter = Counting(pipe.image_eps)
+    monkeypatch.setattr(pipe, "image_eps", counter)
     seen = []
     got = pipe.image_variation(img, fidelity=fidelity, num_inference_steps=steps, generator=seeded(2),
                                output_type="latent", callback=lambda i, t, x: seen.append(i), progress=False).images
-    sampler = sampler_from_config("ddim", pipe.c.scheduler_config)
+    sampler = sampler_from_config("ddim", pipe.components.scheduler_config)
     ts = sampler.timesteps(steps)
     skip = steps - keep
     assert keep == int(steps * (1 - fidelity))
@@ -328,7 +328,7 @@ def test_fidelity_starts_part_way(steps, fidelity, keep, pipe, captured, monkeyp
     streams = _grey_streams(pipe, img)
 
     def eps(x, t):
-        u, c = pipe.c.image_unet(torch.cat([x, x]), t, streams).chunk(2)
+        u, c = pipe.components.image_unet(torch.cat([x, x]), t, streams).chunk(2)
         return u + 7.5 * (c - u)
 
     with torch.no_grad():  # from the start the call used: exactly the remaining DDIM steps
@@ -339,18 +339,18 @@ def test_fidelity_starts_part_way(steps, fidelity, keep, pipe, captured, monkeyp
 def test_fidelity_with_nothing_left_to_denoise(pipe, monkeypatch, check):
     """int(10 * (1 - 0.99)) == 0: the input's latent, noised to the grid's first entry, is decoded as it is."""
     img = random_image(42)
-    counter = Counting(pipe.denoiser)
-    monkeypatch.setattr(pipe, "denoiser", counter)
+    counter = Counting(pipe.image_eps)
+    monkeypatch.setattr(pipe, "image_eps", counter)
     kw = dict(fidelity=0.99, num_inference_steps=10, progress=False)
     latents = pipe.image_variation(img, generator=seeded(3), output_type="latent", **kw).images
     g = seeded(3)
     x0 = _encoded(pipe, _resized_np(img, 40, 56), g)
-    sampler = sampler_from_config("ddim", pipe.c.scheduler_config)
+    sampler = sampler_from_config("ddim", pipe.components.scheduler_config)
     noised = sampler.noised(x0, int(sampler.timesteps(10)[-1]), randn(x0.shape, g, CPU, x0.dtype))
     check(_max_diff(latents, noised), 1e-5, "noised latents")
     images = pipe.image_variation(img, generator=seeded(3), output_type="pt", **kw).images
     with torch.no_grad():
-        want = (pipe.c.vae.decode(latents / pipe.c.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1)
+        want = (pipe.components.vae.decode(latents / pipe.components.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1)
     assert torch.equal(images, want)
     assert counter.ts == []
 
@@ -392,7 +392,7 @@ def test_color_adjust(pipe, check):
 
 def _manual_text(pipe, contexts, total, steps, guidance, gens, latents=None, dedupe=True, **decoding):
     """DDIM over the text UNet (the image UNet's time MLP), CFG on [uncond, cond], then Optimus per latent."""
-    c, tok = pipe.c, pipe.c.optimus_tokenizer
+    c, tok = pipe.components, pipe.components.optimus_tokenizer
     sampler = sampler_from_config("ddim", c.scheduler_config)
     if latents is None:
         x = randn((total, LATENT, 1, 1), gens, CPU, F32)
@@ -418,8 +418,8 @@ def _manual_text(pipe, contexts, total, steps, guidance, gens, latents=None, ded
 
 def _image_contexts(pipe, imgs, n):
     cond = _clip_image(pipe, imgs).repeat_interleave(n, dim=0)
-    black = encode_image(pipe.c.image_encoder, uncond_pixel_values(pipe.c.image_processor, "black", len(imgs)))
-    return [Context(pipe.c.image_unet.context_layers(), torch.cat([black.repeat_interleave(n, dim=0), cond]))]
+    black = encode_image(pipe.components.image_encoder, uncond_pixel_values(pipe.components.image_processor, "black", len(imgs)))
+    return [Context(pipe.components.image_unet.context_layers(), torch.cat([black.repeat_interleave(n, dim=0), cond]))]
 
 
 def _text_contexts(pipe, texts, negatives, n, guidance=7.5):
@@ -427,7 +427,7 @@ def _text_contexts(pipe, texts, negatives, n, guidance=7.5):
     if guidance > 1:
         uncond = _clip_text(pipe, negatives or [""] * len(texts)).repeat_interleave(n, dim=0)
         cond = torch.cat([uncond, cond])
-    return [Context(pipe.c.text_unet.context_layers(), cond)]
+    return [Context(pipe.components.text_unet.context_layers(), cond)]
 
 
 I2T_CASES = {
@@ -468,13 +468,13 @@ def test_text_options_make_a_difference(pipe):
         return pipe.image_to_text(img, generator=seeded(seed), **FAST, **kw)
 
     base, raw, greedy = run(), run(dedupe=False), run(greedy=True)
-    tok = pipe.c.optimus_tokenizer
+    tok = pipe.components.optimus_tokenizer
     assert torch.equal(base.latents, raw.latents) and torch.equal(base.latents, greedy.latents)
     assert base.texts == [remove_duplicate_word(t) for t in raw.texts]
     looping, looping_raw = run(seed=2, greedy=True), run(seed=2, greedy=True, dedupe=False)
     # greedy decoding of the tiny model loops ("re re re ..."): dedupe collapses the repeats
     assert looping.texts == [remove_duplicate_word(looping_raw.texts[0])] and looping.texts != looping_raw.texts
-    ids = pipe.c.optimus.generate(base.latents, tok.bos_id, tok.eos_id, greedy=True)
+    ids = pipe.components.optimus.generate(base.latents, tok.bos_id, tok.eos_id, greedy=True)
     assert greedy.texts == [remove_duplicate_word(tok.decode(i)) for i in ids]
     assert greedy.texts != base.texts
     assert run(seed=8, greedy=True).latents.ne(greedy.latents).any()
@@ -522,7 +522,7 @@ def test_text_variation_negative_prompt_counts(pipe):
 def test_image_to_text_loads_only_its_parts(folder, pipe, loaded_parts):
     lean = VersatileDiffusion.from_pretrained(folder, tasks=["image_to_text"], device="cpu")
     assert sorted(loaded_parts) == sorted(TASK_PARTS["image_to_text"])
-    c = lean.c
+    c = lean.components
     assert c.vae is None and c.text_encoder is None and c.tokenizer is None
     text_unet = dict(c.text_unet.named_parameters())
     assert "conv_in.weight" in text_unet and not any(".attentions." in k for k in text_unet)
@@ -545,9 +545,9 @@ def test_image_to_text_loads_only_its_parts(folder, pipe, loaded_parts):
 def test_text_variation_loads_only_its_parts(folder, pipe, loaded_parts):
     lean = VersatileDiffusion.from_pretrained(folder, tasks=["text_variation"], device="cpu")
     assert sorted(loaded_parts) == sorted(TASK_PARTS["text_variation"])
-    c = lean.c
+    c = lean.components
     assert c.vae is None and c.image_encoder is None and c.image_processor is None
-    assert set(dict(c.image_unet.named_parameters())) == {k for k, _ in pipe.c.image_unet.named_parameters()
+    assert set(dict(c.image_unet.named_parameters())) == {k for k, _ in pipe.components.image_unet.named_parameters()
                                                           if k.startswith("time_embedding.")}
     assert c.optimus.parts == {"decoder"}
     a = lean.text_variation("the cat", generator=seeded(0), **FAST)
@@ -559,7 +559,7 @@ def test_default_tasks_leave_the_text_flows_out(folder, loaded_parts):
     plain = VersatileDiffusion.from_pretrained(folder, device="cpu")
     assert plain.tasks == DEFAULT_TASKS and not set(TEXT_TASKS) & set(plain.tasks)
     assert not any(p.startswith("optimus") or p == "text_unet.data" for p in loaded_parts)
-    assert plain.c.optimus is None and plain.text_denoiser is None
+    assert plain.components.optimus is None and plain.text_eps is None
     with pytest.raises(ValueError, match=r"load it with tasks=\[\.\.\., 'image_to_text'\]"):
         plain.image_to_text(random_image(71), **FAST)
     with pytest.raises(ValueError, match=r"load it with tasks=\[\.\.\., 'text_variation'\]"):
@@ -593,7 +593,7 @@ def _text_outputs(p: VersatileDiffusion):
     # Weights read from different files sit at different memory alignments (a memory-mapped safetensors tensor
     # starts wherever its offset falls), and CPU matmul kernels round differently for different alignments. Copy
     # every weight into a fresh allocation first, so bit-equal outputs mean bit-equal weights.
-    for part in (p.c.image_unet, p.c.text_unet, p.c.text_encoder, p.c.image_encoder, p.c.optimus):
+    for part in (p.components.image_unet, p.components.text_unet, p.components.text_encoder, p.components.image_encoder, p.components.optimus):
         for w in part.parameters():
             w.data = w.data.clone()
     a = p.image_to_text(random_image(80), generator=seeded(0), **FAST)
@@ -657,7 +657,7 @@ def test_converted_folder(layout, layouts, folder, expected_text, tmp_path):
 def no_model_runs(pipe, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model ran before the arguments were checked")
-    c = pipe.c
+    c = pipe.components
     for m in (c.image_unet, c.text_unet, c.vae, c.text_encoder, c.image_encoder, c.optimus,
               c.image_encoder.vision_model.embeddings):
         monkeypatch.setattr(m, "forward", boom)

@@ -57,7 +57,7 @@ def test_exception_in_callback_leaves_pipeline_usable(pipe):
 
 
 def test_nan_latents_are_an_error(pipe, monkeypatch):
-    unet = pipe.c.image_unet
+    unet = pipe.components.image_unet
     forward = unet.forward
     monkeypatch.setattr(unet, "forward", lambda *a, **k: forward(*a, **k) * float("nan"))
     with pytest.raises(FloatingPointError, match="NaN"):
@@ -73,7 +73,7 @@ def test_reduced_precision_nan_decode_is_retried_in_float32(bf16):
     """A VAE that overflows in reduced precision (as kl-f8 can in fp16) is decoded again in float32."""
     def overflow_in_low_precision(module, args, out):
         return out * float("inf") if out.dtype != torch.float32 else out
-    handle = bf16.c.vae.decoder.conv_out.register_forward_hook(overflow_in_low_precision)
+    handle = bf16.components.vae.decoder.conv_out.register_forward_hook(overflow_in_low_precision)
     try:
         with pytest.warns(UserWarning, match="float32"):
             images = bf16.text_to_image("the cat", generator=_g(), **KW).images
@@ -83,7 +83,7 @@ def test_reduced_precision_nan_decode_is_retried_in_float32(bf16):
 
 
 def test_nan_decode_in_float32_is_an_error(bf16):
-    handle = bf16.c.vae.decoder.conv_out.register_forward_hook(lambda m, a, out: out * float("nan"))
+    handle = bf16.components.vae.decoder.conv_out.register_forward_hook(lambda m, a, out: out * float("nan"))
     try:
         with pytest.raises(FloatingPointError, match="even in float32"):
             bf16.text_to_image("the cat", generator=_g(), **KW)

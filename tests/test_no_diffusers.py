@@ -13,7 +13,7 @@ def test_runtime_does_not_import_diffusers():
         import vd, weights_convert
         from vd.nn import AutoencoderKL, Context, UNet, UNetConfig, VAEConfig
         from vd.sched import SAMPLERS, sampler_from_config
-        from vd.fast import Denoiser
+        from vd.fast import NoisePredictor
         from vd.pipeline import VersatileDiffusion
         image = UNetConfig(in_channels=4, out_channels=4, block_channels=(8, 16), down_attention=(True, False),
                            up_attention=(False, True), layers_per_block=(1, 1), num_heads=(2, 2),
@@ -23,7 +23,7 @@ def test_runtime_does_not_import_diffusers():
         img, txt = UNet(image), UNet(text)
         ctx = torch.randn(1, 5, 8)
         with torch.no_grad():
-            x = Denoiser(img)(torch.randn(1, 4, 8, 8), torch.tensor(10), [Context(txt.context_layers(), ctx)])
+            x = NoisePredictor(img)(torch.randn(1, 4, 8, 8), torch.tensor(10), [Context(txt.context_layers(), ctx)])
             y = txt(torch.randn(1, 6, 1, 1), 10, [Context(img.context_layers(), ctx)], img.time_embedding)
             vae = AutoencoderKL(VAEConfig(block_channels=(8, 8), layers_per_block=1, norm_groups=4))
             z = vae.decode(vae.encode(torch.rand(1, 3, 16, 16) * 2 - 1).mean)

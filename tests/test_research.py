@@ -145,7 +145,7 @@ def test_text_to_image_from_init_latents(pipe, loops, steps, strength, check):
     got = pipe.text_to_image("the cat", num_images_per_prompt=2, init_latents=x0, strength=strength,
                              num_inference_steps=steps, generator=seeded(21), output_type="latent",
                              callback=lambda i, t, x: seen.append(int(t)), progress=False).images
-    sampler = sampler_from_config("ddim", pipe.c.scheduler_config)
+    sampler = sampler_from_config("ddim", pipe.components.scheduler_config)
     ts = sampler.timesteps(steps).tolist()
     t_enc = int(strength * steps)
     level = ts[::-1][t_enc] if t_enc < steps else 999
@@ -165,7 +165,7 @@ def test_init_image_is_its_encoded_latents(pipe):
     got = pipe.dual_guided("the cat", img, init_image=img, generator=seeded(23), **kw).images
     g = seeded(23)
     with torch.no_grad():
-        x0 = core.encode_latents(pipe.c.vae, resized([img], 48, 40), g)
+        x0 = core.encode_latents(pipe.components.vae, resized([img], 48, 40), g)
     want = pipe.dual_guided("the cat", img, init_latents=x0, generator=g, **kw).images
     assert got.shape == (2, 4, 6, 5) and torch.equal(got, want)
 
@@ -254,9 +254,9 @@ def test_gradients_reach_prompt_embeds_through_two_steps(pipe):
     text tokens (optimisation-based reconstruction does this)."""
     tokens = pipe.encode_prompt("the cat").clone().requires_grad_(True)
     uncond = pipe.encode_prompt("")
-    nets = core.Nets(image=pipe.c.image_unet, text=None, image_context=pipe.c.image_unet.context_layers(),
-                     text_context=pipe.c.text_unet.context_layers())
-    s = core.Sampling(sampler=sampler_from_config("ddim", pipe.c.scheduler_config), num_steps=2, guidance_scale=3.0)
+    nets = core.Nets(image=pipe.components.image_unet, text=None, image_context=pipe.components.image_unet.context_layers(),
+                     text_context=pipe.components.text_unet.context_layers())
+    s = core.Sampling(sampler=sampler_from_config("ddim", pipe.components.scheduler_config), num_steps=2, guidance_scale=3.0)
     x = torch.randn(1, 4, 8, 8, generator=seeded(40))
     latents = core.text_to_image(nets, core.guided_tokens(tokens, uncond, s.guidance_scale), x, s)
     latents.square().mean().backward()

@@ -28,7 +28,7 @@ def no_model_runs(pipe, monkeypatch):
     """Any model call fails the test: argument errors must come first."""
     def boom(*a, **k):
         raise AssertionError("a model ran before the arguments were checked")
-    for m in (pipe.c.image_unet, pipe.c.text_unet, pipe.c.vae, pipe.c.text_encoder, pipe.c.image_encoder):
+    for m in (pipe.components.image_unet, pipe.components.text_unet, pipe.components.vae, pipe.components.text_encoder, pipe.components.image_encoder):
         monkeypatch.setattr(m, "forward", boom)
     return pipe
 

@@ -207,7 +207,7 @@ def test_half_precision_weights_are_fine(folder):
     f = folder / UNET_FILE
     _edit_weights(f, lambda sd: sd.update({k: v.half() for k, v in sd.items()}))
     pipe = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], dtype=torch.float32)
-    assert pipe.c.image_unet.conv_in.weight.dtype == torch.float32
+    assert pipe.components.image_unet.conv_in.weight.dtype == torch.float32
 
 
 def test_wrong_shape(folder, loaded_parts):

@@ -223,7 +223,7 @@ def _no_meta(module) -> bool:
 def test_text_to_image_loads_only_its_parts(folders, loaded_parts):
     pipe = VersatileDiffusion.from_pretrained(folders["safetensors"], tasks=["text_to_image"])
     assert sorted(loaded_parts) == sorted(TASK_PARTS["text_to_image"])
-    c = pipe.c
+    c = pipe.components
     text_unet = dict(c.text_unet.named_parameters())
     assert text_unet and all(".attentions." in k for k in text_unet)  # no data layer, no time MLP
     assert not hasattr(c.text_unet, "conv_in") and not hasattr(c.text_unet, "time_embedding")
@@ -241,7 +241,7 @@ def test_text_to_image_loads_only_its_parts(folders, loaded_parts):
 def test_image_variation_loads_no_text_side(folders, loaded_parts):
     pipe = VersatileDiffusion.from_pretrained(folders["safetensors"], tasks=["image_variation"])
     assert sorted(loaded_parts) == sorted(TASK_PARTS["image_variation"])
-    c = pipe.c
+    c = pipe.components
     assert c.text_encoder is None and c.text_unet is None and c.tokenizer is None
     assert hasattr(c.vae, "encoder")  # for fidelity and init images
     assert all(_no_meta(m) for m in (c.image_unet, c.vae, c.image_encoder))
@@ -318,7 +318,7 @@ def test_hub_download_for_image_to_text(hub_repo, tmp_path, monkeypatch):
     assert {f for f in files if f.startswith("pretrained_pth/")} == {"pretrained_pth/optimus-vae.pth",
                                                                      "pretrained_pth/optimus-vae.json"}
     assert len(hub.calls) == 1
-    assert pipe.c.optimus is not None and pipe.c.vae is None
+    assert pipe.components.optimus is not None and pipe.components.vae is None
 
 
 def test_hub_download_for_image_variation(hub_repo, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """The GPU fast path: channels-last convolutions, stacked attention projections, cuDNN autotuning, and a
-denoiser that can be compiled with torch.compile and replayed from CUDA graphs.
+noise predictor (the UNet step) that can be compiled with torch.compile and replayed from CUDA graphs.
 
 Measured on an H100 (fp16, 512x512, text_to_image; benchmarks/step_variants.py, benchmarks/RESULTS.md):
 channels-last makes the UNet step 16% faster (12.1 -> 10.2 ms from a CUDA graph) but the VAE decode 27% slower
@@ -43,8 +43,9 @@ class _Graph:
     out: Tensor
 
 
-class Denoiser:
-    """Calls `unet(x, t, streams)` as the samplers need it, optionally through torch.compile and CUDA graphs.
+class NoisePredictor:
+    """The noise prediction eps = unet(x, t, streams) of one UNet's data layers, as the samplers call it (not a
+    k-diffusion "denoiser", which returns x0), optionally through torch.compile and CUDA graphs.
 
     A CUDA graph is captured per input shape and stream layout (which context layers, token shapes, weights),
     on first use; later calls copy their inputs into the graph's static tensors and replay it. Compile and

@@ -28,7 +28,7 @@ from vd import sampling as core
 from vd.colors import match_colors
 from vd.conditioning import (UNCOND_IMAGES, encode_image, encode_text, mask_token_weights, pixel_values, resized,
                              uncond_pixel_values)
-from vd.fast import Denoiser, speed_up_
+from vd.fast import NoisePredictor, speed_up_
 from vd.focus import adjust_focus
 from vd.loading import Components, load_components, resolve
 from vd.sched import SCHEDULERS, randn, sampler_from_config
@@ -64,17 +64,17 @@ class VersatileDiffusion:
     def __init__(self, components: Components, *, tasks: tuple[str, ...], device: torch.device, dtype: torch.dtype,
                  scheduler: str = "ddim", uncond_image: str = "grey", compile: bool = False,
                  cuda_graphs: bool = False):
-        self.c, self.tasks, self.device, self.dtype = components, tuple(tasks), device, dtype
+        self.components, self.tasks, self.device, self.dtype = components, tuple(tasks), device, dtype
         self.scheduler = checks.choice("scheduler", scheduler, list(SCHEDULERS))
         self.uncond_image = checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         image_unet, text_unet = components.image_unet, components.text_unet
         if device.type == "cuda":  # the fast path: same math, GPU-friendly layouts (not for the VAE: vd/fast.py)
             speed_up_(image_unet, text_unet)
-        self.denoiser = self.text_denoiser = None
+        self.image_eps = self.text_eps = None
         if image_unet is not None and "data" in image_unet.parts:
-            self.denoiser = Denoiser(image_unet, compile=compile, cuda_graphs=cuda_graphs)
+            self.image_eps = NoisePredictor(image_unet, compile=compile, cuda_graphs=cuda_graphs)
         if text_unet is not None and "data" in text_unet.parts:  # text flows: the image UNet's time MLP, as VD does
-            self.text_denoiser = Denoiser(text_unet, time_embedding=image_unet.time_embedding, compile=compile,
+            self.text_eps = NoisePredictor(text_unet, time_embedding=image_unet.time_embedding, compile=compile,
                                           cuda_graphs=cuda_graphs)
 
     @classmethod
@@ -124,7 +124,7 @@ class VersatileDiffusion:
         self._need_parts("encode_prompt", "text_encoder")
         texts = checks.prompts("prompts", prompts)
         with torch.no_grad(), self._autocast():
-            return encode_text(self.c.text_encoder, self.c.tokenizer, texts, self.device)
+            return encode_text(self.components.text_encoder, self.components.tokenizer, texts, self.device)
 
     def encode_image(self, images: Images, focus: float = 0.5, generator: Generator = None) -> Tensor:
         """The context tokens [B, 257, D] the flows use for these images (CLIP vision, centre crop), focus-adjusted
@@ -140,8 +140,8 @@ class VersatileDiffusion:
         """Optimus text latents [B, 768] of sentences (the posterior mean, as the original): what image_to_text
         and text_variation sample and `decode_text` reads. Needs tasks=[..., "encode_text_latents"]."""
         self._need("encode_text_latents")
-        ids, mask = self.c.optimus_tokenizer.encode_batch(checks.prompts("texts", texts))
-        optimus = self.c.optimus
+        ids, mask = self.components.optimus_tokenizer.encode_batch(checks.prompts("texts", texts))
+        optimus = self.components.optimus
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             return optimus.encode(ids.to(self.device), mask.to(self.device))
 
@@ -150,10 +150,10 @@ class VersatileDiffusion:
                     dedupe: bool = True) -> list[str]:
         """Sentences from Optimus text latents [N, 768], one per latent, each sampled with its generator (or all
         from one); decoding options as in image_to_text. Needs the Optimus decoder (a text flow's task)."""
-        if self.c.optimus is None or "decoder" not in self.c.optimus.parts:
+        if self.components.optimus is None or "decoder" not in self.components.optimus.parts:
             raise ValueError(f"this pipeline was loaded for tasks {list(self.tasks)}; load it with tasks=[..., "
                              "'image_to_text'] or [..., 'text_variation'] to decode text latents")
-        width = self.c.optimus.config.latent_dim
+        width = self.components.optimus.config.latent_dim
         if not isinstance(latents, Tensor) or latents.dim() != 2 or latents.shape[1] != width:
             checks.fail("latents", latents, f"a tensor [N, {width}]", TypeError if not isinstance(latents, Tensor)
                         else ValueError)
@@ -313,11 +313,11 @@ class VersatileDiffusion:
         with torch.no_grad(), self._autocast():  # ignores an empty text or a zero strength
             per_image = []
             for i in range(k):
-                pixels = pixel_values(self.c.image_processor, imgs[i:i + 1], square=True).to(self.device, self.dtype)
+                pixels = pixel_values(self.components.image_processor, imgs[i:i + 1], square=True).to(self.device, self.dtype)
                 tw = None
                 if keep[i] is not None:
                     tw = mask_token_weights(keep[i].to(self.device), self._patch, pixels.shape[-1])
-                tokens = encode_image(self.c.image_encoder, pixels, token_weights=tw)
+                tokens = encode_image(self.components.image_encoder, pixels, token_weights=tw)
                 per_image.append(self._focus(tokens, focus[i], run.generator, index=0))  # all serve one prompt
             cond = core.blend_tokens(per_image, weights).repeat_interleave(run.per_prompt, dim=0)
             image_tokens = core.guided_tokens(cond, torch.zeros_like(cond), run.sampling.guidance_scale)
@@ -424,30 +424,30 @@ class VersatileDiffusion:
     @property
     def _text_token_shape(self) -> tuple[int, int]:
         """(tokens, width) of a prompt's context: CLIP's 77 positions, the text UNet's context width."""
-        length = self.c.text_encoder.config.max_position_embeddings
-        return length, self.c.text_unet.config.context_dim[0]
+        length = self.components.text_encoder.config.max_position_embeddings
+        return length, self.components.text_unet.config.context_dim[0]
 
     @property
     def _image_token_shape(self) -> tuple[int, int]:
-        cfg = self.c.image_encoder.config
-        return (cfg.image_size // cfg.patch_size) ** 2 + 1, self.c.image_unet.config.context_dim[0]
+        cfg = self.components.image_encoder.config
+        return (cfg.image_size // cfg.patch_size) ** 2 + 1, self.components.image_unet.config.context_dim[0]
 
     def _decoding(self, temperature, top_k, top_p, greedy, max_length, dedupe) -> dict:
         return checks.decoding(temperature, top_k, top_p, greedy, max_length, dedupe,
-                               max_positions=self.c.optimus.config.dec_positions)
+                               max_positions=self.components.optimus.config.dec_positions)
 
     @property
     def _factor(self) -> int:
-        return self.c.vae.config.downscale
+        return self.components.vae.config.downscale
 
     @property
     def _patch(self) -> int:
-        return self.c.image_encoder.config.patch_size
+        return self.components.image_encoder.config.patch_size
 
     @property
     def _nets(self) -> core.Nets:
-        image, text = self.c.image_unet, self.c.text_unet
-        return core.Nets(image=self.denoiser, text=self.text_denoiser,
+        image, text = self.components.image_unet, self.components.text_unet
+        return core.Nets(image=self.image_eps, text=self.text_eps,
                          image_context=image.context_layers() if image is not None and "context" in image.parts
                          else None,
                          text_context=text.context_layers() if text is not None and "context" in text.parts else None)
@@ -464,7 +464,7 @@ class VersatileDiffusion:
                  callback, callback_steps, scheduler, *, init_image=None, init_latents=None, strength=None,
                  init_name="init_image") -> "_Call":
         """Check every argument of an image flow before any model runs."""
-        unet, factor = self.c.image_unet.config, self._factor
+        unet, factor = self.components.image_unet.config, self._factor
         init_images = None
         if init_image is not None and init_latents is not None:
             checks.fail("init_latents", init_latents, "None when init_image is given (one or the other)")
@@ -514,7 +514,7 @@ class VersatileDiffusion:
 
     def _prepare_text(self, batch, steps, guidance, per_prompt, eta, generator, latents, callback, callback_steps,
                       scheduler) -> "_Call":
-        features = tuple(self.c.text_unet.config.in_channels)  # (768, 1, 1): text latents as the text UNet sees them
+        features = tuple(self.components.text_unet.config.in_channels)  # (768, 1, 1): text latents as the text UNet sees them
         if isinstance(latents, Tensor) and latents.dim() == 2:
             latents = latents.reshape(latents.shape[0], -1, *([1] * (len(features) - 1)))  # from [N, 768]
         return self._call(batch, features, steps, guidance, per_prompt, "num_texts_per_prompt", eta, generator,
@@ -523,7 +523,7 @@ class VersatileDiffusion:
     def _call(self, batch, sample_shape, steps, guidance, per_prompt, per_prompt_name, eta, generator, latents,
               output_type, callback, callback_steps, scheduler) -> "_Call":
         name = checks.choice("scheduler", self.scheduler if scheduler is None else scheduler, list(SCHEDULERS))
-        sampler = sampler_from_config(name, self.c.scheduler_config)
+        sampler = sampler_from_config(name, self.components.scheduler_config)
         steps = checks.steps(steps, sampler)
         guidance = checks.guidance(guidance)
         per_prompt = checks.integer(per_prompt_name, per_prompt, 1)
@@ -551,7 +551,7 @@ class VersatileDiffusion:
     def _text_embeds(self, texts: list[str] | Tensor) -> Tensor:
         if isinstance(texts, Tensor):
             return texts.to(self.device)
-        return encode_text(self.c.text_encoder, self.c.tokenizer, texts, self.device)
+        return encode_text(self.components.text_encoder, self.components.tokenizer, texts, self.device)
 
     def _image_tokens(self, cond: list | Tensor, negative: list | Tensor | None, mode: str, run: "_Call",
                       focus: float = 0.5) -> Tensor:
@@ -572,14 +572,14 @@ class VersatileDiffusion:
         elif mode == "zeros":
             uncond = torch.zeros_like(cond[::run.per_prompt])
         else:
-            pixels = uncond_pixel_values(self.c.image_processor, mode, n)
-            uncond = encode_image(self.c.image_encoder, pixels.to(self.device, self.dtype))
+            pixels = uncond_pixel_values(self.components.image_processor, mode, n)
+            uncond = encode_image(self.components.image_encoder, pixels.to(self.device, self.dtype))
         return core.guided_tokens(cond, uncond.repeat_interleave(run.per_prompt, dim=0), run.sampling.guidance_scale)
 
     def _encode_images(self, imgs: list | Tensor, focus: float, generator: Generator, stride: int = 1) -> Tensor:
         """CLIP tokens of images, each focus-adjusted with generator[i * stride] (the first of its samples)."""
-        pixels = pixel_values(self.c.image_processor, imgs).to(self.device, self.dtype)
-        tokens = encode_image(self.c.image_encoder, pixels)
+        pixels = pixel_values(self.components.image_processor, imgs).to(self.device, self.dtype)
+        tokens = encode_image(self.components.image_encoder, pixels)
         if focus == 0.5:
             return tokens
         return torch.cat([self._focus(tokens[i:i + 1], focus, generator, i * stride) for i in range(len(tokens))])
@@ -601,7 +601,7 @@ class VersatileDiffusion:
         x0 = run.init_latents
         if x0 is None:
             gens = run.generator[::run.per_prompt] if isinstance(run.generator, list) else run.generator
-            x0 = core.encode_latents(self.c.vae, run.init_images, gens)
+            x0 = core.encode_latents(self.components.vae, run.init_images, gens)
         x0 = x0.to(self.device)
         return x0 if len(x0) == run.shape[0] else x0.repeat_interleave(run.per_prompt, dim=0)
 
@@ -643,7 +643,7 @@ class VersatileDiffusion:
     @torch.no_grad()
     def _decode(self, latents: Tensor) -> Tensor:
         """Latents -> images [N, 3, H, W] in [0, 1]. A non-finite fp16 decode is retried in float32."""
-        vae = self.c.vae
+        vae = self.components.vae
         with torch.autocast(self.device.type, enabled=False):  # in the weights' dtype, as the reference does
             images = core.decode_latents(vae, latents)
             if not torch.isfinite(images).all() and self.dtype != torch.float32:
@@ -656,7 +656,7 @@ class VersatileDiffusion:
 
     def _decode_text(self, latents: Tensor, generator: Generator, decoding: dict) -> list[str]:
         """One sentence per latent [N, 768], drawing from its generator, as the original."""
-        optimus, tok = self.c.optimus, self.c.optimus_tokenizer
+        optimus, tok = self.components.optimus, self.components.optimus_tokenizer
         decoding = dict(decoding)
         dedupe = decoding.pop("dedupe")
         gens = generator if isinstance(generator, list) else [generator] * len(latents)

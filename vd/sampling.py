@@ -1,17 +1,17 @@
 """The functional core: every VD flow in a few lines over tensors.
 
-A flow runs the *data* layers of the output's UNet (a denoiser) with the *context* layers of each condition's
-UNet (a `Context` stream: layers, tokens, weight), inside a sampler loop with classifier-free guidance:
+A flow runs the *data* layers of the output's UNet (its noise predictor, eps) with the *context* layers of each
+condition's UNet (a `Context` stream: layers, tokens, weight), inside a sampler loop with classifier-free guidance:
 
-    text_to_image    image denoiser + [text context]
-    image_variation  image denoiser + [image context]
-    dual_guided      image denoiser + [text context (weight s), image context (weight 1 - s)]
+    text_to_image    image eps + [text context]
+    image_variation  image eps + [image context]
+    dual_guided      image eps + [text context (weight s), image context (weight 1 - s)]
     blend            image variation (or dual guidance) on several images' weighted tokens side by side
-    image_to_text    text denoiser  + [image context]
-    text_variation   text denoiser  + [text context]
+    image_to_text    text eps  + [image context]
+    text_variation   text eps  + [text context]
 
 Conventions. A guided run's tokens are [uncond; cond] along the batch axis (`guided_tokens`), and the sample
-runs through the denoiser twice in one batch. Image latents are the VAE's latents times its scaling factor;
+runs through the noise predictor twice in one batch. Image latents are the VAE's latents times its scaling factor;
 text latents are Optimus latents [N, 768], which the text UNet sees as [N, 768, 1, 1].
 
 Nothing here checks arguments beyond what torch does, touches PIL or strings, or turns off autograd: a caller
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from vd.nn import AutoencoderKL, Context
 from vd.sched import randn
 
-Denoise = Callable[[Tensor, Tensor, Sequence[Context]], Tensor]  # (x, t, streams) -> model output
+EpsModel = Callable[[Tensor, Tensor, Sequence[Context]], Tensor]  # (x, t, streams) -> predicted noise
 EpsFn = Callable[[Tensor, Tensor], Tensor]  # (x, t) -> guided model output
 Callback = Callable[[int, Tensor, Tensor], None]  # (step index, t, x) after each step
 Generator = torch.Generator | list[torch.Generator] | None
@@ -35,12 +35,12 @@ Generator = torch.Generator | list[torch.Generator] | None
 
 @dataclass(frozen=True)
 class Nets:
-    """What the flows run. `image` and `text` denoise image and text latents (the data layers of that UNet, both
-    with the image UNet's timestep MLP, as VD shares it); `image_context` and `text_context` are the context
+    """What the flows run. `image` and `text` predict the noise of image and text latents (the data layers of that
+    UNet, both with the image UNet's timestep MLP, as VD shares it); `image_context` and `text_context` are the context
     layers that attend to image and text tokens. A part the loaded tasks do not need is None."""
 
-    image: Denoise | None
-    text: Denoise | None
+    image: EpsModel | None
+    text: EpsModel | None
     image_context: Sequence[nn.Module] | None
     text_context: Sequence[nn.Module] | None
 
@@ -101,20 +101,20 @@ def blend_tokens(tokens: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
 
 # ---- the loop
 
-def denoise(denoiser: Denoise, streams: Sequence[Context], x: Tensor, s: Sampling) -> Tensor:
+def denoise(model: EpsModel, streams: Sequence[Context], x: Tensor, s: Sampling) -> Tensor:
     """Run `s`'s sampler from x (unit noise, or noised init latents when s.t_enc is set) with guidance."""
-    eps = guided(denoiser, streams, s.guidance_scale)
+    eps = guided(model, streams, s.guidance_scale)
     return sample(s.sampler, eps, x, s.num_steps, t_enc=s.t_enc, generator=s.generator, eta=s.eta,
                   callback=s.callback)
 
 
-def guided(denoiser: Denoise, streams: Sequence[Context], guidance_scale: float) -> EpsFn:
+def guided(model: EpsModel, streams: Sequence[Context], guidance_scale: float) -> EpsFn:
     """Classifier-free guidance (Ho & Salimans 2022): eps = u + g (c - u), u and c from one batch [x; x]."""
     if guidance_scale <= 1.0:
-        return lambda x, t: denoiser(x, t, streams)
+        return lambda x, t: model(x, t, streams)
 
     def eps(x: Tensor, t: Tensor) -> Tensor:
-        uncond, cond = denoiser(torch.cat([x, x]), t, streams).chunk(2)
+        uncond, cond = model(torch.cat([x, x]), t, streams).chunk(2)
         return uncond + guidance_scale * (cond - uncond)
     return eps
 
