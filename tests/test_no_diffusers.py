@@ -12,7 +12,7 @@ def test_runtime_does_not_import_diffusers():
         import torch
         import vd, weights_convert
         from vd.nn import AutoencoderKL, Context, UNet, UNetConfig, VAEConfig
-        from vd.sched import SAMPLERS, sampler_from_config
+        from vd.sched import SCHEDULERS, sampler_from_config
         from vd.fast import NoisePredictor
         from vd.pipeline import VersatileDiffusion
         image = UNetConfig(in_channels=4, out_channels=4, block_channels=(8, 16), down_attention=(True, False),
@@ -28,7 +28,7 @@ def test_runtime_does_not_import_diffusers():
             vae = AutoencoderKL(VAEConfig(block_channels=(8, 8), layers_per_block=1, norm_groups=4))
             z = vae.decode(vae.encode(torch.rand(1, 3, 16, 16) * 2 - 1).mean)
             config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-            for name in SAMPLERS:
+            for name in SCHEDULERS:
                 s = sampler_from_config(name, config).sample(lambda x, t: 0.1 * x, torch.randn(1, 4), 4)
         assert x.shape == (1, 4, 8, 8) and y.shape == (1, 6, 1, 1) and z.shape == (1, 3, 16, 16)
         loaded = sorted(m for m in sys.modules if m == "diffusers" or m.startswith("diffusers."))

@@ -1,5 +1,9 @@
 """Samplers for VD, each a frozen config with `sample()`: DDIM (the shipped default), PNDM/PLMS, LMS, DDPM, Euler,
-Euler ancestral, Heun, DPM-Solver++(2M) (also SDE), UniPC; the "_karras" ones use Karras et al.'s sigmas."""
+Euler ancestral, Heun, DPM-Solver++(2M) (also SDE), UniPC; the "_karras" ones use Karras et al.'s sigmas.
+
+Words: a *sampler* is one of these classes, a loop over a noise schedule (`Schedule`, the fields they share with
+scheduler_config.json). The user picks one by name with `scheduler=` / `--scheduler` (diffusers' word for the same
+thing); `SCHEDULERS` maps those names to the classes."""
 
 from collections.abc import Mapping
 from typing import Any
@@ -16,12 +20,11 @@ from .unipc import UniPC
 
 Sampler = DDIM | PNDM | LMS | DDPM | Euler | EulerAncestral | Heun | DPMSolverPP | UniPC
 
-# the original three (kept as they were for their tests; SCHEDULERS is the registry of every name)
-SAMPLERS: dict[str, type[DDIM] | type[PNDM] | type[LMS]] = {"ddim": DDIM, "pndm": PNDM, "lms": LMS}
-
-# every scheduler name -> its class; diffusers' equivalent in the README's sampler table
+# every scheduler name -> its sampler class; diffusers' equivalent in the README's sampler table
 SCHEDULERS: dict[str, type[Sampler]] = {
-    **SAMPLERS,
+    "ddim": DDIM,
+    "pndm": PNDM,
+    "lms": LMS,
     "lms_karras": LMSKarras,
     "ddpm": DDPM,
     "euler": Euler,
@@ -45,5 +48,5 @@ def sampler_from_config(name: str, config: Mapping[str, Any]) -> Sampler:
     return SCHEDULERS[name].from_config(config)
 
 
-__all__ = ["DDIM", "DDPM", "DPMSolverPP", "Euler", "EulerAncestral", "Heun", "LMS", "PNDM", "SAMPLERS", "SCHEDULERS",
+__all__ = ["DDIM", "DDPM", "DPMSolverPP", "Euler", "EulerAncestral", "Heun", "LMS", "PNDM", "SCHEDULERS",
            "Sampler", "UniPC", "randn", "sampler_from_config"]
