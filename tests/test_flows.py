@@ -25,7 +25,7 @@ from vd import sampling as core
 from vd.pipeline import DEFAULT_TASKS
 from vd.sched import randn, sampler_from_config
 from vd.tasks import TASK_PARTS
-from vd.text_vae import remove_duplicate_word
+from vd.optimus_tokenizers import remove_duplicate_word
 from weights_convert import open_checkpoint
 from weights_convert.convert import convert
 

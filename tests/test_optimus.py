@@ -1,4 +1,4 @@
-"""The Optimus text VAE (vd.nn.optimus, vd.text_vae, weights_convert.optimus).
+"""The Optimus text VAE (vd.nn.optimus, vd.optimus_tokenizers, weights_convert.optimus).
 
 Parity with the original SHI-Labs code goes through goldens: tests/golden/make_optimus_golden.py ran the
 original on tiny random models and vocabularies and stored weights, inputs and outputs in
@@ -17,7 +17,7 @@ import torch
 
 from manifests import read_manifest
 from vd.nn.optimus import VD_OPTIMUS, OptimusConfig, OptimusVAE, filter_logits
-from vd.text_vae import OptimusTokenizers, remove_duplicate_word
+from vd.optimus_tokenizers import OptimusTokenizers, remove_duplicate_word
 from weights_convert.optimus import WHY_CAUSAL_MASK, WHY_TIED_HEAD, route
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -341,7 +341,7 @@ def test_does_not_import_diffusers():
     code = textwrap.dedent('''
         import sys, torch
         from vd.nn.optimus import OptimusConfig, OptimusVAE
-        import vd.text_vae, weights_convert.optimus
+        import vd.optimus_tokenizers, weights_convert.optimus
         cfg = OptimusConfig(latent_dim=4, enc_vocab=10, enc_dim=8, enc_layers=1, enc_heads=2, enc_mlp_dim=8,
                             enc_positions=8, dec_vocab=10, dec_dim=8, dec_layers=1, dec_heads=2, dec_positions=8)
         m = OptimusVAE(cfg).eval()

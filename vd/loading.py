@@ -16,7 +16,7 @@ from torch import nn
 
 from vd.nn import AutoencoderKL, UNet
 from vd.nn.optimus import OptimusVAE
-from vd.text_vae import OptimusTokenizers
+from vd.optimus_tokenizers import OptimusTokenizers
 from vd.tasks import parts_for
 from weights_convert import Checkpoint, CheckpointError, open_checkpoint
 from weights_convert.checkpoint import build_meta

@@ -33,7 +33,7 @@ from vd.focus import adjust_focus
 from vd.loading import Components, load_components, resolve
 from vd.sched import SCHEDULERS, randn, sampler_from_config
 from vd.tasks import TASK_PARTS, TASKS
-from vd.text_vae import remove_duplicate_word
+from vd.optimus_tokenizers import remove_duplicate_word
 
 DEFAULT_REPO = "shi-labs/versatile-diffusion"
 DEFAULT_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")  # the image flows; text needs asking

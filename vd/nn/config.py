@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """One VD denoiser. `flat_dim` 0 is the image UNet (2-D convolutions); > 0 is the text UNet, whose
-    hidden states are [B, C, flat_dim, 1] and whose data is [B, *in_channels] (e.g. (768, 1, 1))."""
+    """One VD UNet. The image UNet has `flat_dim` 0 (2-D convolutions); the text UNet (`flat`) has flat_dim > 0:
+    its hidden states are [B, C, flat_dim, 1] and its data is [B, *in_channels] (e.g. (768, 1, 1))."""
 
     in_channels: int | tuple[int, ...]
     out_channels: int | tuple[int, ...]
@@ -53,6 +53,11 @@ class UNetConfig:
             if heads < 1 or ch < heads:
                 raise ValueError(f"UNetConfig: {ch} channels cannot be split into {heads} heads")
         _check_groups(self.norm_groups, self.block_channels)
+
+    @property
+    def flat(self) -> bool:
+        """The text UNet (flat data: Linear layers over [C, flat_dim, 1]); False for the image UNet."""
+        return self.flat_dim > 0
 
     @property
     def time_dim(self) -> int:

@@ -55,18 +55,18 @@ class UNet(nn.Module):
             raise ValueError(f"parts must be a subset of {sorted(UNET_PARTS)}, got {sorted(parts)}")
         self.config, self.parts = cfg, frozenset(parts)
         data, context = "data" in parts, "context" in parts
-        chs, fd = cfg.block_channels, cfg.flat_dim
+        chs, flat, fd = cfg.block_channels, cfg.flat, cfg.flat_dim
         n = len(chs)
         if "global" in parts:
             self.time_embedding = TimestepEmbedding(chs[0], cfg.time_dim)
         if data:
-            if fd:
+            if flat:
                 self.conv_in = FlatLinear(cfg.in_channels, (chs[0], fd, 1))
             else:
                 self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], cfg.conv_in_kernel, padding=cfg.conv_in_kernel // 2)
 
         def resnet(cin: int, cout: int, output_scale: float = 1.0) -> nn.Module:
-            if fd:  # parity: the flat block ignores output scaling, as the reference does
+            if flat:  # parity: the flat block ignores output scaling, as the reference does
                 return FlatResnetBlock(cin, cout, cfg.time_dim, cfg.norm_groups, cfg.norm_eps, fd)
             return ResnetBlock(cin, cout, cfg.time_dim, cfg.norm_groups, cfg.norm_eps, output_scale=output_scale)
 
@@ -90,7 +90,7 @@ class UNet(nn.Module):
             if i < n - 1:
                 if data:
                     block.downsamplers = nn.ModuleList(
-                        [FlatLinear((ch, fd, 1), (ch, fd, 1)) if fd else Downsample(ch, cfg.downsample_padding)])
+                        [FlatLinear((ch, fd, 1), (ch, fd, 1)) if flat else Downsample(ch, cfg.downsample_padding)])
                 skip_channels.append(ch)
             self.down_blocks.append(block)
 
@@ -116,13 +116,13 @@ class UNet(nn.Module):
                 block.attentions = nn.ModuleList(
                     [transformer(ch, level, cfg.only_cross_attention[level]) for _ in range(layers)])
             if i < n - 1 and data:
-                block.upsamplers = nn.ModuleList([FlatLinear((ch, fd, 1), (ch, fd, 1)) if fd else Upsample(ch)])
+                block.upsamplers = nn.ModuleList([FlatLinear((ch, fd, 1), (ch, fd, 1)) if flat else Upsample(ch)])
             self.up_blocks.append(block)
             prev = ch
 
         if data:
             self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, chs[0], eps=cfg.norm_eps)
-            if fd:
+            if flat:
                 self.conv_out = FlatLinear((chs[0], fd, 1), cfg.out_channels)
             else:
                 self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, cfg.conv_out_kernel,
