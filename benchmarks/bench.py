@@ -210,7 +210,8 @@ def tune_ours(pipe, variant: str) -> None:
     """The candidate's change to a loaded pipeline (benchmarks/channels_last_group_norm.py)."""
     if variant.endswith("+nhwc_norm"):
         from channels_last_group_norm import channels_last_group_norms_
-        for unet in (pipe.components.image_unet, pipe.components.text_unet):  # text_to_image runs the text UNet's context layers
+        # text_to_image runs the text UNet's context layers
+        for unet in (pipe.components.image_unet, pipe.components.text_unet):
             if unet is not None:
                 channels_last_group_norms_(unet)
 

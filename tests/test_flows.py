@@ -418,7 +418,8 @@ def _manual_text(pipe, contexts, total, steps, guidance, gens, latents=None, ded
 
 def _image_contexts(pipe, imgs, n):
     cond = _clip_image(pipe, imgs).repeat_interleave(n, dim=0)
-    black = encode_image(pipe.components.image_encoder, uncond_pixel_values(pipe.components.image_processor, "black", len(imgs)))
+    black = encode_image(pipe.components.image_encoder,
+                         uncond_pixel_values(pipe.components.image_processor, "black", len(imgs)))
     return [Context(pipe.components.image_unet.context_layers(), torch.cat([black.repeat_interleave(n, dim=0), cond]))]
 
 
@@ -593,7 +594,8 @@ def _text_outputs(p: VersatileDiffusion):
     # Weights read from different files sit at different memory alignments (a memory-mapped safetensors tensor
     # starts wherever its offset falls), and CPU matmul kernels round differently for different alignments. Copy
     # every weight into a fresh allocation first, so bit-equal outputs mean bit-equal weights.
-    for part in (p.components.image_unet, p.components.text_unet, p.components.text_encoder, p.components.image_encoder, p.components.optimus):
+    c = p.components
+    for part in (c.image_unet, c.text_unet, c.text_encoder, c.image_encoder, c.optimus):
         for w in part.parameters():
             w.data = w.data.clone()
     a = p.image_to_text(random_image(80), generator=seeded(0), **FAST)

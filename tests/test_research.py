@@ -254,9 +254,10 @@ def test_gradients_reach_prompt_embeds_through_two_steps(pipe):
     text tokens (optimisation-based reconstruction does this)."""
     tokens = pipe.encode_prompt("the cat").clone().requires_grad_(True)
     uncond = pipe.encode_prompt("")
-    nets = core.Nets(image=pipe.components.image_unet, text=None, image_context=pipe.components.image_unet.context_layers(),
-                     text_context=pipe.components.text_unet.context_layers())
-    s = core.Sampling(sampler=sampler_from_config("ddim", pipe.components.scheduler_config), num_steps=2, guidance_scale=3.0)
+    c = pipe.components
+    nets = core.Nets(image=c.image_unet, text=None, image_context=c.image_unet.context_layers(),
+                     text_context=c.text_unet.context_layers())
+    s = core.Sampling(sampler=sampler_from_config("ddim", c.scheduler_config), num_steps=2, guidance_scale=3.0)
     x = torch.randn(1, 4, 8, 8, generator=seeded(40))
     latents = core.text_to_image(nets, core.guided_tokens(tokens, uncond, s.guidance_scale), x, s)
     latents.square().mean().backward()

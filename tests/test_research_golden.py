@@ -116,7 +116,8 @@ def test_recipe_through_the_core_flow(golden, research, case, check):  # noqa: F
     g = meta["guidance_scale"]
     text = core.guided_tokens(data[f"{case}.ctx"], data[f"{case}.utx"], g)
     image = core.guided_tokens(data[f"{case}.cim"], data[f"{case}.uim"], g)
-    s = core.Sampling(sampler=ddim(), num_steps=c["steps"], guidance_scale=g, t_enc=core.start_step(c["strength"], c["steps"]))
+    s = core.Sampling(sampler=ddim(), num_steps=c["steps"], guidance_scale=g,
+                      t_enc=core.start_step(c["strength"], c["steps"]))
     x = core.noised_start(s.sampler, data[f"{case}.x0"], s.num_steps, s.t_enc,
                           torch.Generator().manual_seed(c["noise_seed"]))
     got = core.dual_guided(nets, text, image, 1 - meta["mixed_ratio"], x, s)

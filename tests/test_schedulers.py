@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from vd.sched import DDIM, LMS, PNDM, randn, sampler_from_config  # noqa: E402
 from vd.sched.lms import lms_coefficients  # noqa: E402
 
-FIRST_THREE = {"ddim": DDIM, "pndm": PNDM, "lms": LMS}  # the samplers this file checks (tests/test_samplers.py: the rest)
+FIRST_THREE = {"ddim": DDIM, "pndm": PNDM, "lms": LMS}  # checked here; tests/test_samplers.py checks the rest
 
 VD = json.loads((Path(__file__).parent / "data" / "scheduler_config.json").read_text())
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes inside diffusers

@@ -28,7 +28,8 @@ def no_model_runs(pipe, monkeypatch):
     """Any model call fails the test: argument errors must come first."""
     def boom(*a, **k):
         raise AssertionError("a model ran before the arguments were checked")
-    for m in (pipe.components.image_unet, pipe.components.text_unet, pipe.components.vae, pipe.components.text_encoder, pipe.components.image_encoder):
+    c = pipe.components
+    for m in (c.image_unet, c.text_unet, c.vae, c.text_encoder, c.image_encoder):
         monkeypatch.setattr(m, "forward", boom)
     return pipe
 

@@ -1,9 +1,10 @@
 """Text side of the Optimus text VAE: sentences -> BERT token ids, GPT-2 token ids -> sentences.
 
 Reproduces `optimus_vae_next.encode` / `.decode` and the app's `remove_duplicate_word` of the original code
-(SHI-Labs/Versatile-Diffusion@cf0f4a2, lib/model_zoo/optimus.py and app.py) on top of transformers' tokenizers. The vocabularies are the files the original repo ships
-(lib/model_zoo/optimus_models/vocab/), which are the hub's `bert-base-cased` vocab.txt (28,996 pieces) and
-`gpt2` vocab.json + merges.txt (50,257 tokens); GPT-2 gets three added tokens, <PAD> <BOS> <EOS> = 50257-50259.
+(SHI-Labs/Versatile-Diffusion@cf0f4a2, lib/model_zoo/optimus.py and app.py) on top of transformers' tokenizers.
+The vocabularies are the files the original repo ships (lib/model_zoo/optimus_models/vocab/), which are the hub's
+`bert-base-cased` vocab.txt (28,996 pieces) and `gpt2` vocab.json + merges.txt (50,257 tokens); GPT-2 gets three
+added tokens, <PAD> <BOS> <EOS> = 50257-50259.
 """
 
 import json

@@ -177,12 +177,13 @@ class VersatileDiffusion:
         self._need("text_to_image")
         text = self._text_arg("prompt", prompt, prompt_embeds)
         negative = self._negative_text(negative_prompt, negative_prompt_embeds, len(text))
-        run = self._prepare(len(text), height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                            eta, generator, latents, output_type, callback, callback_steps, scheduler,
-                            init_image=init_image, init_latents=init_latents, strength=strength)
+        run = self._prepare(len(text), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
+                            per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+                            output_type=output_type, callback=callback, callback_steps=callback_steps,
+                            scheduler=scheduler, init_image=init_image, init_latents=init_latents, strength=strength)
         with torch.no_grad(), self._autocast():
             tokens = self._text_tokens(text, negative, run)
-            x = self._sample(run, lambda s, x: core.text_to_image(self._nets, tokens, x, s), progress)
+            x = self._sample(run, lambda s, x: core.text_to_image(self._nets, text=tokens, x=x, s=s), progress)
         return self._images(x, run)
 
     def image_variation(self, image: Images | None = None, negative_prompt: Images | None = None,
@@ -220,9 +221,10 @@ class VersatileDiffusion:
             init_image, strength = cond, 1.0 - fidelity
         if color_adjust and init_image is None and not isinstance(image, (PIL.Image.Image, list, Tensor)):
             checks.fail("color_adjust", color_adjust, "False when no image or init_image gives the colours")
-        run = self._prepare(len(cond), height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                            eta, generator, latents, output_type, callback, callback_steps, scheduler,
-                            init_image=init_image, init_latents=init_latents, strength=strength,
+        run = self._prepare(len(cond), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
+                            per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+                            output_type=output_type, callback=callback, callback_steps=callback_steps,
+                            scheduler=scheduler, init_image=init_image, init_latents=init_latents, strength=strength,
                             init_name="image" if fidelity > 0 else "init_image")
         reference = run.init_images if run.init_images is not None else None
         if color_adjust and reference is None:
@@ -235,7 +237,7 @@ class VersatileDiffusion:
             return GenerationOutput(to_output(reference.repeat_interleave(run.per_prompt, dim=0).float(), output_type))
         with torch.no_grad(), self._autocast():
             tokens = self._image_tokens(cond, negative, mode, run, focus=focus)
-            x = self._sample(run, lambda s, x: core.image_variation(self._nets, tokens, x, s), progress)
+            x = self._sample(run, lambda s, x: core.image_variation(self._nets, image=tokens, x=x, s=s), progress)
         match = reference.repeat_interleave(run.per_prompt, dim=0).float() if color_adjust else None
         return self._images(x, run, match_to=match)
 
@@ -261,13 +263,15 @@ class VersatileDiffusion:
         negative = self._negative_text(negative_prompt, negative_prompt_embeds, len(text))
         negative_image = self._negative_image(None, negative_image_embeds, len(cond))
         mode = self._uncond_mode(uncond_image)
-        run = self._prepare(len(text), height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                            eta, generator, latents, output_type, callback, callback_steps, scheduler,
-                            init_image=init_image, init_latents=init_latents, strength=strength)
+        run = self._prepare(len(text), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
+                            per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+                            output_type=output_type, callback=callback, callback_steps=callback_steps,
+                            scheduler=scheduler, init_image=init_image, init_latents=init_latents, strength=strength)
         with torch.no_grad(), self._autocast():
             text_tokens = self._text_tokens(text, negative, run)
             image_tokens = self._image_tokens(cond, negative_image, mode, run)
-            x = self._sample(run, lambda s, x: core.dual_guided(self._nets, text_tokens, image_tokens, mixing, x, s),
+            x = self._sample(run, lambda s, x: core.dual_guided(
+                self._nets, text=text_tokens, image=image_tokens, text_weight=mixing, x=x, s=s),
                              progress)
         return self._images(x, run)
 
@@ -307,13 +311,15 @@ class VersatileDiffusion:
             text = self._text_arg("prompt", prompt, prompt_embeds, batch=1)
         negative = self._negative_text(negative_prompt, negative_prompt_embeds, 1)
         use_text = text is not None and (isinstance(text, Tensor) or bool(prompt)) and s > 0  # parity: the original
-        run = self._prepare(1, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
-                            generator, latents, output_type, callback, callback_steps, scheduler,
-                            init_image=init_image, init_latents=init_latents, strength=strength)
+        run = self._prepare(1, height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
+                            per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+                            output_type=output_type, callback=callback, callback_steps=callback_steps,
+                            scheduler=scheduler, init_image=init_image, init_latents=init_latents, strength=strength)
         with torch.no_grad(), self._autocast():  # ignores an empty text or a zero strength
             per_image = []
             for i in range(k):
-                pixels = pixel_values(self.components.image_processor, imgs[i:i + 1], square=True).to(self.device, self.dtype)
+                pixels = pixel_values(self.components.image_processor, imgs[i:i + 1], square=True)
+                pixels = pixels.to(self.device, self.dtype)
                 tw = None
                 if keep[i] is not None:
                     tw = mask_token_weights(keep[i].to(self.device), self._patch, pixels.shape[-1])
@@ -323,9 +329,10 @@ class VersatileDiffusion:
             image_tokens = core.guided_tokens(cond, torch.zeros_like(cond), run.sampling.guidance_scale)
             if use_text:
                 text_tokens = self._text_tokens(text, negative, run)
-                flow = lambda st, x: core.dual_guided(self._nets, text_tokens, image_tokens, s, x, st)  # noqa: E731
+                flow = lambda st, x: core.dual_guided(
+                    self._nets, text=text_tokens, image=image_tokens, text_weight=s, x=x, s=st)  # noqa: E731
             else:
-                flow = lambda st, x: core.image_variation(self._nets, image_tokens, x, st)  # noqa: E731
+                flow = lambda st, x: core.image_variation(self._nets, image=image_tokens, x=x, s=st)  # noqa: E731
             x = self._sample(run, flow, progress)
         return self._images(x, run)
 
@@ -345,12 +352,14 @@ class VersatileDiffusion:
         self._need("image_to_text")
         cond = self._image_arg("image", image, image_embeds)
         negative = self._negative_image(None, negative_image_embeds, len(cond))
-        run = self._prepare_text(len(cond), num_inference_steps, guidance_scale, num_texts_per_prompt, eta,
-                                 generator, latents, callback, callback_steps, scheduler)
+        run = self._prepare_text(len(cond), steps=num_inference_steps, guidance=guidance_scale,
+                                 per_prompt=num_texts_per_prompt, eta=eta, generator=generator, latents=latents,
+                                 callback=callback, callback_steps=callback_steps, scheduler=scheduler)
         decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
         with torch.no_grad(), self._autocast():
             tokens = self._image_tokens(cond, negative, "black", run)
-            x = self._sample(run, lambda s, x: core.image_to_text(self._nets, tokens, x, s), progress).flatten(1)
+            x = self._sample(run, lambda s, x: core.image_to_text(self._nets, image=tokens, x=x, s=s), progress)
+        x = x.flatten(1)  # [N, 768]
         return TextOutput(self._decode_text(x, run.generator, decoding), x)
 
     def text_variation(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
@@ -366,12 +375,14 @@ class VersatileDiffusion:
         self._need("text_variation")
         text = self._text_arg("prompt", prompt, prompt_embeds)
         negative = self._negative_text(negative_prompt, negative_prompt_embeds, len(text))
-        run = self._prepare_text(len(text), num_inference_steps, guidance_scale, num_texts_per_prompt, eta,
-                                 generator, latents, callback, callback_steps, scheduler)
+        run = self._prepare_text(len(text), steps=num_inference_steps, guidance=guidance_scale,
+                                 per_prompt=num_texts_per_prompt, eta=eta, generator=generator, latents=latents,
+                                 callback=callback, callback_steps=callback_steps, scheduler=scheduler)
         decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
         with torch.no_grad(), self._autocast():
             tokens = self._text_tokens(text, negative, run)
-            x = self._sample(run, lambda s, x: core.text_variation(self._nets, tokens, x, s), progress).flatten(1)
+            x = self._sample(run, lambda s, x: core.text_variation(self._nets, text=tokens, x=x, s=s), progress)
+        x = x.flatten(1)  # [N, 768]
         return TextOutput(self._decode_text(x, run.generator, decoding), x)
 
     # ---- checks
@@ -460,8 +471,8 @@ class VersatileDiffusion:
             return torch.autocast("cuda", dtype=self.dtype)
         return nullcontext()
 
-    def _prepare(self, batch, height, width, steps, guidance, per_prompt, eta, generator, latents, output_type,
-                 callback, callback_steps, scheduler, *, init_image=None, init_latents=None, strength=None,
+    def _prepare(self, batch: int, *, height, width, steps, guidance, per_prompt, eta, generator, latents, output_type,
+                 callback, callback_steps, scheduler, init_image=None, init_latents=None, strength=None,
                  init_name="init_image") -> "_Call":
         """Check every argument of an image flow before any model runs."""
         unet, factor = self.components.image_unet.config, self._factor
@@ -482,9 +493,10 @@ class VersatileDiffusion:
         height = checks.size("height", default if height is None else height, factor)
         width = checks.size("width", default if width is None else width, factor)
         checks.choice("output_type", output_type, checks.OUTPUT_TYPES)
-        run = self._call(batch, (unet.in_channels, height // factor, width // factor), steps, guidance, per_prompt,
-                         "num_images_per_prompt", eta, generator, latents, output_type, callback, callback_steps,
-                         scheduler)
+        run = self._call(batch, (unet.in_channels, height // factor, width // factor), steps=steps, guidance=guidance,
+                         per_prompt=per_prompt, per_prompt_name="num_images_per_prompt", eta=eta, generator=generator,
+                         latents=latents, output_type=output_type, callback=callback, callback_steps=callback_steps,
+                         scheduler=scheduler)
         checks.pixel_budget(run.shape[0], height, width)
         starts = init_images is not None or init_latents is not None
         if strength is not None and not starts:
@@ -512,16 +524,18 @@ class VersatileDiffusion:
         return dataclasses.replace(run, init_images=init_images, init_latents=init_latents,
                                    sampling=dataclasses.replace(run.sampling, t_enc=t_enc))
 
-    def _prepare_text(self, batch, steps, guidance, per_prompt, eta, generator, latents, callback, callback_steps,
-                      scheduler) -> "_Call":
-        features = tuple(self.components.text_unet.config.in_channels)  # (768, 1, 1): text latents as the text UNet sees them
+    def _prepare_text(self, batch: int, *, steps, guidance, per_prompt, eta, generator, latents, callback,
+                      callback_steps, scheduler) -> "_Call":
+        features = tuple(self.components.text_unet.config.in_channels)  # (768, 1, 1): a text latent in the text UNet
         if isinstance(latents, Tensor) and latents.dim() == 2:
             latents = latents.reshape(latents.shape[0], -1, *([1] * (len(features) - 1)))  # from [N, 768]
-        return self._call(batch, features, steps, guidance, per_prompt, "num_texts_per_prompt", eta, generator,
-                          latents, "text", callback, callback_steps, scheduler)
+        return self._call(batch, features, steps=steps, guidance=guidance, per_prompt=per_prompt,
+                          per_prompt_name="num_texts_per_prompt", eta=eta, generator=generator, latents=latents,
+                          output_type="text", callback=callback, callback_steps=callback_steps, scheduler=scheduler)
 
-    def _call(self, batch, sample_shape, steps, guidance, per_prompt, per_prompt_name, eta, generator, latents,
-              output_type, callback, callback_steps, scheduler) -> "_Call":
+    def _call(self, batch: int, sample_shape: tuple[int, ...], *, steps, guidance, per_prompt, per_prompt_name, eta,
+              generator, latents, output_type, callback, callback_steps, scheduler) -> "_Call":
+        """The arguments every flow shares, checked, as a `_Call`."""
         name = checks.choice("scheduler", self.scheduler if scheduler is None else scheduler, list(SCHEDULERS))
         sampler = sampler_from_config(name, self.components.scheduler_config)
         steps = checks.steps(steps, sampler)

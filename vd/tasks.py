@@ -1,5 +1,5 @@
-"""Which checkpoint parts each task needs (the original's per-application weights, in our terms): the facade's knowledge, handed to
-`weights_convert` as a list of parts, so that a task opens, checks and reads nothing else.
+"""Which checkpoint parts each task needs (the original's per-application weights, in our terms): the facade's
+knowledge, handed to `weights_convert` as a list of parts, so that a task opens, checks and reads nothing else.
 
 Text-to-image never touches the 1.44 B data parameters of the text UNet; only the text flows need them and the
 Optimus decoder.

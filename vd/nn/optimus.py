@@ -1,8 +1,9 @@
 """Optimus, VD's text VAE: a BERT encoder to a 768-d latent and a GPT-2 decoder that writes a sentence from it.
 
 Mirrors `optimus_vae_next` of the original code (SHI-Labs/Versatile-Diffusion@cf0f4a2,
-lib/model_zoo/optimus.py and optimus_models/optimus_{bert,gpt2}.py). Parameter names are those of `optimus-vae.pth`, so its state dict loads strictly once the
-causal-mask buffers and the tied `decoder.lm_head.weight` are dropped (weights_convert/optimus.py). The encoder
+lib/model_zoo/optimus.py and optimus_models/optimus_{bert,gpt2}.py). Parameter names are those of
+`optimus-vae.pth`, so its state dict loads strictly once the causal-mask buffers and the tied
+`decoder.lm_head.weight` are dropped (weights_convert/optimus.py). The encoder
 is transformers' BertModel; the decoder is a small GPT-2 of our own, because the latent enters it in two ways
 transformers' GPT-2 has no place for:
   memory     linear(z) [B, layers*dim] is cut into one chunk per layer, used as a one-token past key AND
