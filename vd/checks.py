@@ -4,6 +4,7 @@ and all run before any model does."""
 import math
 import numbers
 from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 import PIL.Image
@@ -35,7 +36,7 @@ def _show(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def fail(name: str, value: object, expected: str, error: type[Exception] = ValueError) -> None:
+def fail(name: str, value: object, expected: str, error: type[Exception] = ValueError) -> NoReturn:
     raise error(f"{name}: expected {expected}, got {_show(value)}")
 
 

@@ -27,13 +27,13 @@ from vd import checks
 from vd import sampling as core
 from vd.colors import match_colors
 from vd.conditioning import (UNCOND_IMAGES, encode_image, encode_text, mask_token_weights, pixel_values, resized,
-                             uncond_pixel_values)
+                             to_pil, uncond_pixel_values)
 from vd.fast import NoisePredictor, speed_up_
 from vd.focus import adjust_focus
 from vd.loading import Components, load_components, resolve
+from vd.optimus_tokenizers import remove_duplicate_word
 from vd.sched import SCHEDULERS, randn, sampler_from_config
 from vd.tasks import TASK_PARTS, TASKS
-from vd.optimus_tokenizers import remove_duplicate_word
 
 DEFAULT_REPO = "shi-labs/versatile-diffusion"
 DEFAULT_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")  # the image flows; text needs asking
@@ -708,7 +708,6 @@ def to_output(images: Tensor, output_type: str) -> list[PIL.Image.Image] | np.nd
     """Images [N, 3, H, W] in [0, 1] as "pt" (as is), "np" (float32 [N, H, W, 3]) or "pil" (rounded to uint8)."""
     if output_type == "pt":
         return images
-    arr = images.cpu().permute(0, 2, 3, 1).float().numpy()
     if output_type == "np":
-        return arr
-    return [PIL.Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
+        return images.cpu().permute(0, 2, 3, 1).float().numpy()
+    return to_pil(images)
