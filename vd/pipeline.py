@@ -219,17 +219,16 @@ class VersatileDiffusion:
                 checks.fail("fidelity", fidelity, "0 when init_image or init_latents is given (fidelity f is "
                             "init_image=image with strength=1 - f)")
             init_image, strength = cond, 1.0 - fidelity
-        if color_adjust and init_image is None and not isinstance(image, (PIL.Image.Image, list, Tensor)):
+        if color_adjust and image is None and init_image is None:
             checks.fail("color_adjust", color_adjust, "False when no image or init_image gives the colours")
         run = self._prepare(len(cond), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
                             scheduler=scheduler, init_image=init_image, init_latents=init_latents, strength=strength,
                             init_name="image" if fidelity > 0 else "init_image")
-        reference = run.init_images if run.init_images is not None else None
-        if color_adjust and reference is None:
-            size = (run.shape[2] * self._factor, run.shape[3] * self._factor)
-            reference = resized(cond if image is not None else init_image, *size).to(self.device)
+        reference = run.init_images  # the input at the output size: the init image (fidelity's is the image)
+        if color_adjust and reference is None:  # else the image itself gives the colours
+            reference = resized(cond, run.shape[2] * self._factor, run.shape[3] * self._factor).to(self.device)
         if fidelity == 1:  # parity: the original returns the input itself
             if output_type == "latent":
                 with torch.no_grad():
