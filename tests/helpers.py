@@ -1,11 +1,17 @@
 """Shared test helpers: tiny diffusers configs, full re-randomisation, comparisons, seeded inputs."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 from torch import nn
+
+TESTS = Path(__file__).resolve().parent
+DATA = TESTS / "data"
+GOLDEN = DATA / "golden"
+REPO = TESTS.parent
 
 # Two structurally different tiny image UNets (diffusers config.json dicts). A is VD's shape in miniature;
 # B changes every knob our config maps: three levels, uneven attention pattern, per-level heads and context

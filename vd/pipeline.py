@@ -410,7 +410,7 @@ class VersatileDiffusion:
         """Images (a list of PIL images or a [B, 3, H, W] tensor), or their tokens [B, 257, D] from image_embeds."""
         if embeds is None:
             if image is None:
-                checks.fail(name, image, f"a PIL image, a list of them, a [B, 3, H, W] tensor, or image_embeds",
+                checks.fail(name, image, "a PIL image, a list of them, a [B, 3, H, W] tensor, or image_embeds",
                             TypeError)
             return checks.images(name, image)
         if image is not None:

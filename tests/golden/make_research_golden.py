@@ -51,7 +51,6 @@ Regenerate:  python tests/golden/make_research_golden.py --original PATH/TO/Vers
 import argparse
 import importlib.util
 import json
-import math
 import sys
 import types
 from pathlib import Path

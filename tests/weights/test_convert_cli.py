@@ -20,14 +20,14 @@ import tiny_pipeline as tp
 
 pytest.importorskip("diffusers")
 from vd import VersatileDiffusion  # noqa: E402
-from vd.tasks import TASK_PARTS, parts_for  # noqa: E402
+from vd.tasks import TASK_PARTS  # noqa: E402
 from weights_convert import ALL_PARTS, CheckpointError, open_checkpoint  # noqa: E402
 from weights_convert.__main__ import main  # noqa: E402
 from weights_convert.convert import convert  # noqa: E402
+from helpers import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning",
                                         "ignore:.*rescale already rescaled.*")
-REPO = Path(__file__).resolve().parent.parent
 CALL = dict(prompt="the cat", num_inference_steps=2, output_type="np", progress=False)
 
 

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import reprlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +19,11 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from vd.sched import DDIM, LMS, PNDM, randn, sampler_from_config  # noqa: E402
 from vd.sched.lms import lms_coefficients  # noqa: E402
+from helpers import DATA
 
 FIRST_THREE = {"ddim": DDIM, "pndm": PNDM, "lms": LMS}  # checked here; tests/test_samplers.py checks the rest
 
-VD = json.loads((Path(__file__).parent / "data" / "scheduler_config.json").read_text())
+VD = json.loads((DATA / "scheduler_config.json").read_text())
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes inside diffusers
 REF = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "lms": LMSDiscreteScheduler}
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 pytest.importorskip("diffusers")
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = REPO / "benchmarks"
 TASKS = ("text_to_image", "image_variation", "dual_guided")
 TINY = ["--device", "cpu", "--dtype", "fp32", "--size", "64", "--steps", "1", "--step-repeats", "1",
         "--e2e-repeats", "1", "--warmup", "0", "--step-warmup", "0", "--threads", "1"]

@@ -9,7 +9,6 @@ the stochastic ones with the same generator (or one per batch item) on both side
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,9 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        LMSDiscreteScheduler, UniPCMultistepScheduler)
 
 from vd.sched import SCHEDULERS, sampler_from_config  # noqa: E402
+from helpers import DATA
 
-VD = json.loads((Path(__file__).parent / "data" / "scheduler_config.json").read_text())
+VD = json.loads((DATA / "scheduler_config.json").read_text())
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 KARRAS = {"use_karras_sigmas": True}
 SDE = {"algorithm_type": "sde-dpmsolver++"}

@@ -3,14 +3,14 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import tiny_pipeline as tp
+from helpers import REPO
 
 pytest.importorskip("diffusers")
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "soak.py"
+SCRIPT = REPO / "benchmarks" / "soak.py"
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ Every comparison is float32 and must hold to 1e-5; the rest are behaviour tests.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from vd.colors import match_colors
 from vd.conditioning import encode_image, mask_token_weights
 from vd.focus import adjust_focus, low_rank_pca
+from helpers import GOLDEN
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
 G = load_file(GOLDEN / "focus.safetensors")
 META = json.loads((GOLDEN / "focus.json").read_text())
 TOL = 1e-5

@@ -14,19 +14,17 @@ output's scale, together with the original's timesteps and noise draw:
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import rel_err
+from helpers import GOLDEN, rel_err
 from test_original_flows import cfg_eps_fn, ddim, golden  # noqa: F401 - `golden` is the shared weights fixture
 from vd import sampling as core
 from vd.sampling import noised_start, sample
 from vd.sched import randn
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
 TOL = 1e-5
 
 

@@ -19,8 +19,8 @@ from manifests import read_manifest
 from vd.nn.optimus import VD_OPTIMUS, OptimusConfig, OptimusVAE, filter_logits
 from vd.optimus_tokenizers import OptimusTokenizers, remove_duplicate_word
 from weights_convert.optimus import WHY_CAUSAL_MASK, WHY_TIED_HEAD, route
+from helpers import GOLDEN
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
 PREFIXES = ("", "optimus.", "vae.text.")  # optimus-vae.pth, the deprecated full model, the current full model
 
 

@@ -11,7 +11,9 @@ import torch
 
 import tiny_pipeline as tp
 from helpers import rel_err
+from helpers import random_image, seeded
 from vd import VersatileDiffusion
+from vd.tasks import TASKS
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     folder = tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
-    return VersatileDiffusion.from_pretrained(folder)
+    return VersatileDiffusion.from_pretrained(folder, tasks=list(TASKS))
 
 
 @pytest.fixture
@@ -29,12 +31,27 @@ def no_model_runs(pipe, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model ran before the arguments were checked")
     c = pipe.components
-    for m in (c.image_unet, c.text_unet, c.vae, c.text_encoder, c.image_encoder):
+    for m in (c.image_unet, c.text_unet, c.vae, c.text_encoder, c.image_encoder, c.optimus,
+              c.image_encoder.vision_model.embeddings):
         monkeypatch.setattr(m, "forward", boom)
+    monkeypatch.setattr(c.optimus, "generate", boom)
+    for name in ("encode_image", "encode_text", "adjust_focus"):
+        monkeypatch.setattr(f"vd.pipeline.{name}", boom)
+    monkeypatch.setattr("vd.sampling.denoise", boom)
     return pipe
 
 
+def T(batch: int = 1, length: int = 77, width: int = 16, **kw) -> torch.Tensor:  # text tokens
+    return torch.zeros(batch, length, width, **kw)
+
+
+def V(batch: int = 1) -> torch.Tensor:  # image tokens
+    return torch.zeros(batch, 257, 16)
+
+
 IMG = PIL.Image.new("RGB", (32, 32), (200, 30, 60))
+TWO = [IMG, random_image(91, (32, 48))]
+LATENT = tp.OPTIMUS.latent_dim  # 24: the tiny text UNet's features
 OK = dict(num_inference_steps=2, progress=False)
 
 CASES = [
@@ -105,6 +122,89 @@ CASES = [
     ("dual_guided", dict(prompt="a", image=IMG, text_to_image_strength=-0.1), ValueError,
      ["text_to_image_strength", "-0.1"]),
     ("dual_guided", dict(prompt=None, image=IMG), TypeError, ["prompt", "None"]),
+    # the text flows and blend
+    ("blend", dict(images=[IMG] * 5), ValueError, ["images", "5 images", "1 to 4"]),
+    ("blend", dict(images=[]), ValueError, ["images", "non-empty"]),
+    ("blend", dict(images=TWO, weights=[1.0]), ValueError, ["weights", "one number per image (2)"]),
+    ("blend", dict(images=TWO, weights=[1.0, -0.5]), ValueError, ["weights[1]", "-0.5"]),
+    ("blend", dict(images=TWO, weights=-1), ValueError, ["weights", "-1"]),
+    ("blend", dict(images=TWO, focus=[0.5, 0.5, 0.5]), ValueError, ["focus", "(2)"]),
+    ("blend", dict(images=TWO, focus=1.2), ValueError, ["focus", "1.2"]),
+    ("blend", dict(images=TWO, focus=[0.2, "a"]), TypeError, ["focus[1]", "'a'"]),
+    ("blend", dict(images=TWO, masks=[None]), ValueError, ["masks", "a list of 2 masks"]),
+    ("blend", dict(images=TWO, masks=torch.zeros(2, 8, 8)), ValueError, ["masks", "a list of 2 masks"]),
+    ("blend", dict(images=TWO, masks=[None, torch.zeros(2, 8, 8)]), ValueError, ["masks[1]", "(2, 8, 8)"]),
+    ("blend", dict(images=TWO, masks=[torch.zeros(8, 8, dtype=torch.uint8), None]), ValueError,
+     ["masks[0]", "uint8"]),
+    ("blend", dict(images=TWO, masks=[torch.full((8, 8), 1.5), None]), ValueError, ["masks[0]", "[0, 1]"]),
+    ("blend", dict(images=TWO, masks=[torch.full((8, 8), -0.1), None]), ValueError, ["masks[0]", "[0, 1]"]),
+    ("blend", dict(images=TWO, masks=["mask.png", None]), TypeError, ["masks[0]", "'mask.png'"]),
+    ("blend", dict(images=TWO, prompt="a", text_strength=1.5), ValueError, ["text_strength", "1.5"]),
+    ("blend", dict(images=TWO, prompt=["a"]), TypeError, ["prompt", "['a']"]),
+    ("blend", dict(images=TWO, negative_prompt=3), TypeError, ["negative_prompt", "3"]),
+    ("blend", dict(images=TWO, num_images_per_prompt=0), ValueError, ["num_images_per_prompt", "0"]),
+    ("blend", dict(images=TWO, generator=[seeded(), seeded()]), ValueError, ["generator", "2 generators"]),
+    ("image_variation", dict(image=IMG, focus=1.2), ValueError, ["focus", "1.2"]),
+    ("image_variation", dict(image=IMG, fidelity=-0.1), ValueError, ["fidelity", "-0.1"]),
+    ("image_variation", dict(image=IMG, fidelity=1.5), ValueError, ["fidelity", "1.5"]),
+    ("image_variation", dict(image=IMG, color_adjust="yes"), TypeError, ["color_adjust", "'yes'"]),
+    ("image_variation", dict(image=IMG, fidelity=0.5, scheduler="pndm"), ValueError, ["fidelity", "ddim"]),
+    ("image_to_text", dict(image=IMG, temperature=0), ValueError, ["temperature", "0"]),
+    ("image_to_text", dict(image=IMG, temperature=-1.0), ValueError, ["temperature", "-1.0"]),
+    ("image_to_text", dict(image=IMG, top_p=2), ValueError, ["top_p", "2"]),
+    ("image_to_text", dict(image=IMG, top_k=-1), ValueError, ["top_k", "-1"]),
+    ("image_to_text", dict(image=IMG, max_length=1), ValueError, ["max_length", "1"]),
+    ("image_to_text", dict(image=IMG, max_length=tp.OPTIMUS.dec_positions + 1), ValueError,
+     ["max_length", str(tp.OPTIMUS.dec_positions + 1)]),
+    ("image_to_text", dict(image=IMG, greedy="yes"), TypeError, ["greedy", "'yes'"]),
+    ("image_to_text", dict(image=IMG, dedupe=1), TypeError, ["dedupe", "1"]),
+    ("image_to_text", dict(image=IMG, num_texts_per_prompt=0), ValueError, ["num_texts_per_prompt", "0"]),
+    ("image_to_text", dict(image=IMG, latents=torch.zeros(1, LATENT + 1)), ValueError, ["latents"]),
+    ("image_to_text", dict(image="cat.png"), TypeError, ["image", "'cat.png'"]),
+    ("text_variation", dict(prompt="a", temperature=0), ValueError, ["temperature", "0"]),
+    ("text_variation", dict(prompt="a", top_p=2), ValueError, ["top_p", "2"]),
+    ("text_variation", dict(prompt="a", max_length=1), ValueError, ["max_length", "1"]),
+    ("text_variation", dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), ValueError,
+     ["negative_prompt", "3 texts", "2"]),
+    ("text_variation", dict(prompt=5), TypeError, ["prompt", "5"]),
+    # conditions as tensors (research use)
+    ("text_to_image", dict(prompt="a", prompt_embeds=T()), ValueError, ["prompt_embeds", "None when prompt"]),
+    ("text_to_image", dict(prompt_embeds=T(width=8)), ValueError, ["prompt_embeds", "[B, 77, 16]"]),
+    ("text_to_image", dict(prompt_embeds=T(length=76)), ValueError, ["prompt_embeds", "[B, 77, 16]"]),
+    ("text_to_image", dict(prompt_embeds=T(dtype=torch.int64)), ValueError, ["prompt_embeds", "floating-point"]),
+    ("text_to_image", dict(prompt_embeds=T() / 0), ValueError, ["prompt_embeds", "finite"]),
+    ("text_to_image", dict(prompt_embeds=[[0.0]]), TypeError, ["prompt_embeds", "torch.Tensor"]),
+    ("text_to_image", dict(prompt_embeds=T(2), negative_prompt_embeds=T(3)), ValueError,
+     ["negative_prompt_embeds", "1 or 2"]),
+    ("text_to_image", dict(prompt_embeds=T(), negative_prompt="x", negative_prompt_embeds=T()), ValueError,
+     ["negative_prompt_embeds", "None when negative_prompt"]),
+    ("text_to_image", dict(), TypeError, ["prompt", "prompt_embeds"]),
+    ("image_variation", dict(image_embeds=T()), ValueError, ["image_embeds", "[B, 257, 16]"]),
+    ("image_variation", dict(image=IMG, image_embeds=V()), ValueError, ["image_embeds", "None when"]),
+    ("image_variation", dict(image_embeds=V(), fidelity=0.5), ValueError, ["fidelity", "image_embeds"]),
+    ("image_variation", dict(image_embeds=V(), color_adjust=True), ValueError, ["color_adjust", "colours"]),
+    ("dual_guided", dict(prompt_embeds=T(2), image_embeds=V()), ValueError, ["image_embeds", "one image per"]),
+    ("image_to_text", dict(image_embeds=V(), negative_image_embeds=V(2)), ValueError,
+     ["negative_image_embeds", "1"]),
+    ("text_variation", dict(prompt_embeds=V()), ValueError, ["prompt_embeds", "[B, 77, 16]"]),
+    ("blend", dict(images=[IMG], prompt_embeds=T(2)), ValueError, ["prompt_embeds", "batch of 1"]),
+    # init images and latents at a strength
+    ("text_to_image", dict(prompt="a", strength=0.5), ValueError, ["strength", "init_image"]),
+    ("text_to_image", dict(prompt="a", init_latents=torch.zeros(1, 4, 8, 8), strength=1.5), ValueError,
+     ["strength", "[0.0, 1.0]"]),
+    ("text_to_image", dict(prompt="a", init_latents=torch.zeros(1, 4, 8, 8), latents=torch.zeros(1, 4, 8, 8)),
+     ValueError, ["latents", "init_latents"]),
+    ("text_to_image", dict(prompt="a", init_image=IMG, init_latents=torch.zeros(1, 4, 8, 8)), ValueError,
+     ["init_latents", "init_image"]),
+    ("text_to_image", dict(prompt="a", init_latents=torch.zeros(1, 4, 8, 8), scheduler="pndm"), ValueError,
+     ["init_latents", "ddim"]),
+    ("text_to_image", dict(prompt="a", init_latents=torch.zeros(1, 3, 6, 6)), ValueError, ["init_latents", "shape"]),
+    ("text_to_image", dict(prompt="a", init_latents=torch.zeros(3, 4, 8, 8)), ValueError, ["init_latents", "rows"]),
+    ("text_to_image", dict(prompt="a", init_latents=torch.zeros(1, 4, 8)), ValueError,
+     ["init_latents", "4 dimensions"]),
+    ("text_to_image", dict(prompt=["a", "b"], init_image=[random_image(1, (40, 40)), random_image(2, (48, 40))]),
+     ValueError, ["init_image", "one size"]),
+    ("text_to_image", dict(prompt="a", init_image=TWO), ValueError, ["init_image", "one image or 1"]),
 ]
 
 

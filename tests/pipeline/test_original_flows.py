@@ -16,20 +16,18 @@ grid step below the noise level, as the original does); `test_fidelity_start_lev
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from golden.make_flows_golden import draw_state
-from helpers import rel_err
+from helpers import GOLDEN, rel_err
 from tiny_pipeline import SCHEDULER
 from vd.nn import Context, UNet, UNetConfig
 from vd.sched import DDIM, sampler_from_config
 from weights_convert import open_checkpoint
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
 TOL = 1e-5
 
 

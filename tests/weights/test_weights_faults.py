@@ -233,7 +233,7 @@ def test_missing_whole_part(folder):
     with pytest.raises(CheckpointError, match="missing text_unet weight .*attentions"):
         open_checkpoint(folder)
     _raises(folder, f, "missing", ".attentions.", tasks=["text_to_image"])
-    assert VersatileDiffusion.from_pretrained(folder, tasks=["image_variation"]).c.text_unet is None
+    assert VersatileDiffusion.from_pretrained(folder, tasks=["image_variation"]).components.text_unet is None
 
 
 def test_optimus_file_is_opened_only_for_the_text_flows(folder):
@@ -244,7 +244,7 @@ def test_optimus_file_is_opened_only_for_the_text_flows(folder):
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         open_checkpoint(folder)
     _raises(folder, f, "not a readable PyTorch checkpoint", tasks=["image_to_text"])
-    assert VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"]).c.optimus is None
+    assert VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"]).components.optimus is None
     _raises(folder, folder / "nowhere.pth", "no such file", tasks=["text_to_image"], optimus=folder / "nowhere.pth")
 
 
