@@ -210,3 +210,15 @@ def test_resume_skips_finished_text_jobs_and_redoes_rewritten_arrays(model, tmp_
     np.save(tmp_path / "pred_text.npy", np.zeros((3, 77, D), dtype=np.float32))  # rewritten in place
     assert _run(jobs, out, model) == 0
     assert "2 jobs: 1 done, 1 skipped" in capsys.readouterr().out
+
+
+def test_plain_jobs_keep_their_digests(tmp_path):
+    """A job of the first three flows carries the arguments (and so the digest) earlier versions wrote into its
+    records: the new keys appear only when given, so an existing output folder is not redone after an update."""
+    jobs = _write(tmp_path, [dict(task="text_to_image", prompt="a", seed=1),
+                             dict(task="text_to_image", prompt="a", seed=1, init_image="low.png")])
+    plain, research = read_jobs(jobs)[0]
+    assert plain.args == dict(prompt="a", negative_prompt=None, height=None, width=None, num_inference_steps=50,
+                              guidance_scale=7.5, num_images_per_prompt=1, eta=0.0, scheduler=None)
+    assert plain.digest.startswith("54435ca9ccea")  # as written by the version before the research keys
+    assert research.args == dict(plain.args, init_image="low.png") and research.alone and not plain.alone

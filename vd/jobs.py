@@ -47,6 +47,9 @@ EXCLUSIVE = (("prompt", "prompt_embeds"), ("negative_prompt", "negative_prompt_e
 # jobs made only of these keys share facade calls (--batch-size); any other key makes a job run on its own
 BATCHED = {"text_to_image", "image_variation", "dual_guided"}
 BATCH_KEYS = {"task", "seed", "id", "prompt", "image", "text_to_image_strength", *COMMON}
+# the arguments whose defaults a job's `args` (and so its digest) carries; the others only when given, so the jobs
+# of the first three flows keep the digests that earlier versions wrote into their records
+FILLED = {*BATCH_KEYS, "num_texts_per_prompt"}
 PER_JOB = {"prompt", "image", "negative_prompt"}  # the arguments that may differ inside one batch
 # array references: the rank of the array (a row keeps its leading batch dim of 1)
 RANKS = {"prompt_embeds": 3, "negative_prompt_embeds": 3, "image_embeds": 3, "negative_image_embeds": 3,
@@ -163,7 +166,7 @@ class Job:
     id: str
     task: str
     seed: int
-    args: dict  # the facade's keyword arguments, defaults filled in; files are paths or references as given
+    args: dict  # the facade's keyword arguments given, plus the defaults of FILLED; files as given (paths, references)
     alone: bool = False  # runs one output per facade call, on its own (see BATCH_KEYS)
     stamps: dict = field(default_factory=dict)  # array file -> [size, mtime_ns]
     arrays: ArrayFiles | None = field(default=None, repr=False, compare=False)
@@ -276,7 +279,7 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
             raise ValueError(str(e)) from None
     _check_together(task, obj)
     sig = inspect.signature(getattr(_facade(), task)).parameters
-    args = {k: obj.get(k, sig[k].default) for k in keys}
+    args = {k: obj.get(k, sig[k].default) for k in keys if k in obj or k in FILLED}
     alone = task not in BATCHED or not set(obj) <= BATCH_KEYS
     canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     job = Job(line, obj.get("id", hashlib.sha256(canonical.encode()).hexdigest()[:12]), task, obj["seed"], args,
