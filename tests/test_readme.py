@@ -3,7 +3,8 @@
 Shell lines are run in order in one folder (so `astronaut.png` from the first exists for the next), with
 `--model <tiny>` where the README relies on the hub default, and at most 2 steps. The Python block runs with the
 hub id replaced by the tiny folder. The set-up and test commands are the ones .ci/run executes; the torchrun
-lines are exercised by tests/test_batch.py (two gloo ranks on the CPU), except the multi-node one.
+lines are exercised by tests/test_batch.py (two gloo ranks on the CPU), except the multi-node one. The research
+example's batch file and command run in test_research_example, with its inputs.
 """
 
 import json
@@ -33,6 +34,16 @@ def blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
+def jsonl_block(word: str) -> str:
+    """The JSONL block that mentions `word` (the batch example: "red fox"; the research one: "pred_text.npy")."""
+    (block,) = [b for b in blocks("jsonl") if word in b]
+    return block
+
+
+def research_command(cmd: str) -> bool:
+    return "recon.jsonl" in cmd
+
+
 def shell_commands() -> list[str]:
     text = "\n".join(blocks("sh")).replace("\\\n", " ")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
@@ -60,14 +71,14 @@ def _fast(argv: list[str], tiny: Path) -> list[str]:
 def test_every_shell_command(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # the batch example's inputs: the README's own job file (at 2 steps) and an image for it
-    jobs = [{**json.loads(line), "num_inference_steps": 2} for line in blocks("jsonl")[0].splitlines()]
+    jobs = [{**json.loads(line), "num_inference_steps": 2} for line in jsonl_block("red fox").splitlines()]
     (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
     (tmp_path / "inputs").mkdir()
     PIL.Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype(np.uint8)).save("inputs/cat.jpg")
     originals = tp.write_originals(tiny, tmp_path / "repo", tmp_path)
     ran = []
     for cmd in [c for line in shell_commands() for c in line.split(" && ")
-                if not line.startswith("python3 -m venv") and "pytest" not in line]:
+                if not line.startswith("python3 -m venv") and "pytest" not in line and not research_command(line)]:
         argv = shlex.split(cmd)
         if argv[0] == "torchrun":
             continue  # tests/test_batch.py runs two gloo ranks
@@ -134,7 +145,8 @@ def test_python_example(tiny, monkeypatch):
 
 def test_research_example(tiny, tmp_path, monkeypatch):
     """The research example on the tiny model: predicted features from .npy files (16-wide here, 768 at full
-    size), low-level reconstructions as init images, 2 steps."""
+    size), low-level reconstructions as init images, 4 steps; then its batch file and command, which give the
+    same images."""
     _main, code = blocks("python")
     assert HUB in code
     from vd import VersatileDiffusion
@@ -151,3 +163,13 @@ def test_research_example(tiny, tmp_path, monkeypatch):
     exec(code.replace(f'"{HUB}"', repr(str(tiny))), {})
     for i in range(2):
         assert PIL.Image.open(f"recon-{i}.png").size == (48, 40)
+    jobs = [{**json.loads(line), "num_inference_steps": 4} for line in jsonl_block("pred_text.npy").splitlines()]
+    Path("recon.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    (cmd,) = [c for c in shell_commands() if research_command(c)]
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["vd", "batch"]
+    monkeypatch.setattr(VersatileDiffusion, "dual_guided", method)  # the steps are in the job file
+    assert vd_main(_fast(argv[1:], tiny) + ["--no-progress"]) == 0
+    for i in range(2):  # the batch file gives the Python example's images
+        want = np.asarray(PIL.Image.open(f"recon-{i}.png"))
+        assert np.array_equal(np.asarray(PIL.Image.open(f"recon/recon-{i}-0.png")), want), i

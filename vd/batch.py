@@ -1,24 +1,29 @@
 """`vd batch JOBS.jsonl --out DIR`: a resumable batch of generations, spread over every GPU with torchrun.
 
-Each non-blank line of JOBS.jsonl is one JSON object: `task` ("text_to_image", "image_variation" or
-"dual_guided"), `seed` (an integer >= 0), an optional `id` (letters, digits, ".", "_", "-"; default: the first
-12 hex digits of the SHA-256 of the line's canonical JSON) and the task's arguments (vd.jobs.KEYS). Omitted
-arguments take the facade's defaults. Every line is checked completely before anything runs (types, ranges,
-seeds, the pixel budget, its image files: inside the JSONL's folder unless --allow-any-path, and readable); a
-line that fails is reported with its number and skipped. Any error while running a job (out of memory
-included) is that job's failure, reported with its line, and the run goes on.
+Each non-blank line of JOBS.jsonl is one JSON object: `task` (a flow of the facade: "text_to_image",
+"image_variation", "dual_guided", "blend", "image_to_text" or "text_variation"), `seed` (an integer >= 0), an
+optional `id` (letters, digits, ".", "_", "-"; default: the first 12 hex digits of the SHA-256 of the line's
+canonical JSON) and the task's arguments (vd.jobs.KEYS): files are paths relative to the JSONL's folder, and
+tensor arguments rows of array files (vd.arrays). Omitted arguments take the facade's defaults. Every line is
+checked completely before anything runs (types, ranges, seeds, the pixel budget, its image and array files:
+inside the JSONL's folder unless --allow-any-path, readable, with the key, row and rank asked for); a line that
+fails is reported with its number and skipped. Any error while running a job (out of memory, or a size the
+model refuses, included) is that job's failure, reported with its line, and the run goes on.
 
-Image k of a job is drawn from its own CPU generator seeded with `seed + k`, whatever the batch, rank or device
-count: a one-image facade call with `generator=torch.Generator().manual_seed(seed + k)` redraws it (up to float
-summation order). Jobs with the same task and shared arguments go `--batch-size` to a facade call; the batches
-are made from the whole file, so any number of ranks and any restart run the same calls. Under torchrun
+Output k of a job is drawn from its own CPU generator seeded with `seed + k`, whatever the batch, rank or device
+count: a one-output facade call with `generator=torch.Generator().manual_seed(seed + k)` redraws it (up to float
+summation order). Jobs of the three first flows using only their plain keys (vd.jobs.BATCH_KEYS) with the same
+task and shared arguments go `--batch-size` to a facade call; every other job runs alone, one facade call per
+output, which is then exactly that one-output call. The batches are made from the whole file, so any number of
+ranks and any restart run the same calls. Under torchrun
 (WORLD_SIZE > 1) the batches are dealt round-robin to the ranks, one device each (cuda:LOCAL_RANK, else the
-CPU); torch.distributed only gathers the final counts. Outputs: DIR/ID-K.png and its record DIR/ID-K.json,
-each written atomically (temporary file, fsync, rename; SIGTERM/SIGINT wait for the pair being written). The
-record carries the SHA-256 of the job's task, seed and arguments: an output is finished when its image exists
-and its record reads and matches the job, so a damaged record, or an edited job, is made again on a rerun. At
-the end rank 0 merges the records, in job order, into DIR/records.jsonl. Runs sharing DIR (concurrent, or
-the ranks of other nodes) leave each other's temporary files alone.
+CPU); torch.distributed only gathers the final counts. Outputs: DIR/ID-K.png (a text flow's: DIR/ID-K.txt, one
+sentence) and its record DIR/ID-K.json, each written atomically (temporary file, fsync, rename; SIGTERM/SIGINT
+wait for the pair being written). The record carries the SHA-256 of the job's task, seed and arguments (and of
+its array files' sizes and mtimes): an output is finished when its file exists and its record reads and matches
+the job, so a damaged record, an edited job or a rewritten array file is made again on a rerun. At the end
+rank 0 merges the records, in job order, into DIR/records.jsonl. Runs sharing DIR (concurrent, or the ranks of
+other nodes) leave each other's temporary files alone.
 """
 
 import argparse
@@ -42,8 +47,7 @@ from tqdm.auto import tqdm
 
 from vd import checks, files
 from vd.files import OutputError
-from vd.images import open_image
-from vd.jobs import PER_JOB, Job, image_path, read_jobs
+from vd.jobs import PER_JOB, Job, read_jobs
 from vd.pipeline import DEFAULT_REPO, VersatileDiffusion
 
 # temporary files: .NAME.partial-HOST-PID (vd.files); older runs wrote .NAME.partial-PID
@@ -69,9 +73,11 @@ def make_batches(jobs: list[Job], size: int) -> list[list[Job]]:
     return sorted(batches, key=lambda b: b[0].line)
 
 
-def _call(pipe: VersatileDiffusion, jobs: list[tuple[Job, dict]]) -> list[list[PIL.Image.Image]]:
-    """One facade call for jobs of one batch key (with their images loaded); the images of each job."""
+def _call(pipe: VersatileDiffusion, jobs: list[tuple[Job, dict]]) -> list[list]:
+    """One facade call for jobs of one batch key (with their files read); the outputs of each job."""
     first = jobs[0][0]
+    if first.alone:
+        return [_alone(pipe, first, jobs[0][1])]
     n = first.args["num_images_per_prompt"]
     kwargs = {k: v for k, v in first.args.items() if k not in PER_JOB}
     for key in PER_JOB & first.args.keys():
@@ -82,6 +88,20 @@ def _call(pipe: VersatileDiffusion, jobs: list[tuple[Job, dict]]) -> list[list[P
     return [images[i * n:(i + 1) * n] for i in range(len(jobs))]
 
 
+def _alone(pipe: VersatileDiffusion, job: Job, loaded: dict) -> list[PIL.Image.Image | str]:
+    """A job that runs on its own: one facade call per output k, seeded seed + k, with row k of its `latents`
+    (and of its `init_latents` when it has one row per output)."""
+    kwargs, n, outputs = {**job.args, **loaded, job.count_key: 1}, job.args[job.count_key], []
+    for k in range(n):
+        kw = dict(kwargs, generator=torch.Generator().manual_seed(job.seed + k), progress=False)
+        for key in ("latents", "init_latents"):
+            if kw.get(key) is not None and len(kw[key]) == n:
+                kw[key] = kw[key][k:k + 1]
+        out = getattr(pipe, job.task)(**kw)
+        outputs.append(out.texts[0] if job.suffix == ".txt" else out.images[0])
+    return outputs
+
+
 def generate(pipe: VersatileDiffusion, batch: list[Job], folder: Path,
              anywhere: bool = False) -> list[tuple[Job, list | str]]:
     """(job, its images or why it failed) for each job of a batch. Any exception a job raises (a bad argument,
@@ -90,9 +110,9 @@ def generate(pipe: VersatileDiffusion, batch: list[Job], folder: Path,
     results, ready = [], []
     for job in batch:
         try:
-            loaded = {k: open_image(image_path(folder, job.args[k], anywhere), k) for k in job.image_keys()}
+            loaded = job.inputs(folder, anywhere)
         except Exception as e:  # the file changed since the job file was checked
-            results.append((job, f"cannot read image: {_reason(e)}"))
+            results.append((job, f"cannot read input: {_reason(e)}"))
             continue
         ready.append((job, loaded))
     error = None
@@ -182,13 +202,13 @@ def _alive(pid: int) -> bool:
 
 
 def finished_names(out: Path, jobs: list[Job]) -> set[str]:
-    """The outputs ID-K of these jobs that are done: the image exists and its record reads and carries the job's
-    digest. A damaged record, or one of an edited job, leaves its image to be made again."""
+    """The outputs ID-K of these jobs that are done: the image (or text) exists and its record reads and carries
+    the job's digest. A damaged record, or one of an edited job, leaves its output to be made again."""
     on_disk, done = set(os.listdir(out)), set()
     for job in jobs:
         digest = job.digest
         for name in job.names:
-            if f"{name}.png" in on_disk and f"{name}.json" in on_disk and _record(out, name, digest) is not None:
+            if {f"{name}{job.suffix}", f"{name}.json"} <= on_disk and _record(out, name, digest) is not None:
                 done.add(name)
     return done
 
@@ -233,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="jobs per facade call, among jobs of the same task "
                    "and shape (default 1)")
     p.add_argument("--dtype", choices=sorted(checks.DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--allow-any-path", action="store_true", help="let image paths point outside the job file's "
+    p.add_argument("--allow-any-path", action="store_true", help="let file paths point outside the job file's "
                    "folder (default: refused)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
@@ -352,8 +372,8 @@ def _run(args, jobs: list[Job], malformed: list[tuple[int, str]], rank: int, wor
                     failed.append((job.line, job.id, result))
                     continue
                 with signals.writing():
-                    for k, (name, img) in enumerate(zip(job.names, result)):
-                        _save(out, name, img, job, k, info)
+                    for k, (name, output) in enumerate(zip(job.names, result)):
+                        _save(out, name, output, job, k, info)
                 images += len(result)
                 done += not finished(job)  # a finished job in an unfinished batch is redone, not counted
             progress.advance(images_left(batch))
@@ -372,12 +392,18 @@ def _run(args, jobs: list[Job], malformed: list[tuple[int, str]], rank: int, wor
     return 1 if failed or malformed else 0
 
 
-def _save(out: Path, name: str, img: PIL.Image.Image, job: Job, k: int, info: dict) -> None:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    write_atomic(out / f"{name}.png", buf.getvalue())
-    record = dict(id=job.id, image=f"{name}.png", index=k, line=job.line, task=job.task, seed=job.seed,
-                  image_seed=job.seed + k, arguments=job.args, job_sha256=job.digest, **info,
+def _save(out: Path, name: str, output: PIL.Image.Image | str, job: Job, k: int, info: dict) -> None:
+    """The output (a PNG, or a text file of one line), then its record."""
+    if isinstance(output, str):
+        write_atomic(out / f"{name}.txt", (output + "\n").encode())
+        what = dict(text=f"{name}.txt", sentence=output)
+    else:
+        buf = io.BytesIO()
+        output.save(buf, format="PNG")
+        write_atomic(out / f"{name}.png", buf.getvalue())
+        what = dict(image=f"{name}.png")
+    record = dict(id=job.id, **what, index=k, line=job.line, task=job.task, seed=job.seed, image_seed=job.seed + k,
+                  arguments=job.args, job_sha256=job.digest, **info,
                   time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     write_atomic(out / f"{name}.json", (json.dumps(record, ensure_ascii=False) + "\n").encode())
 
@@ -412,8 +438,8 @@ def _summary(args, jobs: list[Job], malformed: list[tuple[int, str]], every: lis
     seconds = max(c["seconds"] for c in every)
     print(f"vd batch: {len(jobs)} jobs: {done} done, {skipped} skipped (already in {args.out}), {len(failed)} "
           f"failed; {len(malformed)} malformed line(s)")
-    rate = f"{images / seconds:.2f} images/s" if seconds > 0 and images else "no images generated"
-    print(f"  {images} images in {seconds:.1f} s on {world} rank(s): {rate} (after loading the model in "
+    rate = f"{images / seconds:.2f} outputs/s" if seconds > 0 and images else "nothing generated"
+    print(f"  {images} outputs in {seconds:.1f} s on {world} rank(s): {rate} (after loading the model in "
           f"{max(c['load'] for c in every):.1f} s)")
     for line, job_id, reason in failed:
         print(f"  failed: line {line} (id {job_id}): {reason}")

@@ -2,10 +2,11 @@
 
 A line is a JSON object: `task`, `seed`, an optional `id`, and the task's arguments. Every key is described
 once in `KEYS` (its JSON type and a check of its value; a new job key is one entry there plus, for a task that
-takes it, its name in `REQUIRED` / `OPTIONAL`). After the keys, the job as a whole is checked: seeds for all
-its images, the per-call pixel budget (vd.checks.MAX_PIXELS; an unset size counts as VD's 512), and its image
-files, which must lie inside the job file's folder (unless allowed elsewhere) and open as pictures (vd.images:
-no decompression bomb, a mode with a meaningful RGB).
+takes it, its name in `REQUIRED` / `OPTIONAL`). After the keys, the job as a whole is checked: one of each
+required pair (`prompt` or `prompt_embeds`, ...), seeds for all its outputs, the per-call pixel budget
+(vd.checks.MAX_PIXELS; an unset size counts as VD's 512), its image files, which must lie inside the job file's
+folder (unless allowed elsewhere) and open as pictures (vd.images: no decompression bomb, a mode with a
+meaningful RGB), and its array references (vd.arrays: the file opens, the key and row exist, the rank is right).
 """
 
 import hashlib
@@ -13,21 +14,52 @@ import inspect
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vd import checks
+from vd.arrays import ArrayFiles
 from vd.images import open_image
 from vd.sched import SCHEDULERS
 
-COMMON = ("negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt",
-          "eta", "scheduler")
-REQUIRED = {"text_to_image": ("prompt",), "image_variation": ("image",), "dual_guided": ("prompt", "image")}
-OPTIONAL = {"text_to_image": COMMON, "image_variation": COMMON, "dual_guided": ("text_to_image_strength", *COMMON)}
+IMAGE_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")
+TEXT_TASKS = ("image_to_text", "text_variation")
+SIZE = ("height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "eta", "scheduler")
+COMMON = ("negative_prompt", *SIZE)
+START = ("latents", "init_image", "init_latents", "strength")  # where an image flow starts
+TEXT = ("num_inference_steps", "guidance_scale", "num_texts_per_prompt", "eta", "scheduler", "latents",
+        "temperature", "top_k", "top_p", "greedy", "max_length", "dedupe")
+# each entry of REQUIRED is a group of alternatives: exactly one of them is given
+REQUIRED = {"text_to_image": (("prompt", "prompt_embeds"),), "image_variation": (("image", "image_embeds"),),
+            "dual_guided": (("prompt", "prompt_embeds"), ("image", "image_embeds")), "blend": (("images",),),
+            "image_to_text": (("image", "image_embeds"),), "text_variation": (("prompt", "prompt_embeds"),)}
+OPTIONAL = {
+    "text_to_image": (*COMMON, "negative_prompt_embeds", *START),
+    "image_variation": (*COMMON, "negative_image_embeds", "focus", "fidelity", "color_adjust", *START),
+    "dual_guided": ("text_to_image_strength", *COMMON, "negative_prompt_embeds", "negative_image_embeds", *START),
+    "blend": ("weights", "masks", "focus", "prompt", "prompt_embeds", "text_strength", *COMMON,
+              "negative_prompt_embeds", *START),
+    "image_to_text": ("negative_image_embeds", *TEXT),
+    "text_variation": ("negative_prompt", "negative_prompt_embeds", *TEXT),
+}
+EXCLUSIVE = (("prompt", "prompt_embeds"), ("negative_prompt", "negative_prompt_embeds"), ("image", "image_embeds"),
+             ("init_image", "init_latents"), ("latents", "init_image"), ("latents", "init_latents"))
+# jobs made only of these keys share facade calls (--batch-size); any other key makes a job run on its own
+BATCHED = {"text_to_image", "image_variation", "dual_guided"}
+BATCH_KEYS = {"task", "seed", "id", "prompt", "image", "text_to_image_strength", *COMMON}
+# the arguments whose defaults a job's `args` (and so its digest) carries; the others only when given, so the jobs
+# of the first three flows keep the digests that earlier versions wrote into their records
+FILLED = {*BATCH_KEYS, "num_texts_per_prompt"}
 PER_JOB = {"prompt", "image", "negative_prompt"}  # the arguments that may differ inside one batch
+# array references: the rank of the array (a row keeps its leading batch dim of 1)
+RANKS = {"prompt_embeds": 3, "negative_prompt_embeds": 3, "image_embeds": 3, "negative_image_embeds": 3,
+         "init_latents": 4, "latents": 4}
+TEXT_LATENT_RANK = 2  # the text flows' latents [N, 768]
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 VAE_FACTOR = 8  # VD's kl-f8; the facade checks the loaded VAE's own factor again
-TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
+MAX_BLEND_IMAGES = 4  # the facade's limit (vd.pipeline.MAX_BLEND_IMAGES)
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+              dict: "an object"}
 
 
 def _id(name: str, value: str) -> str:
@@ -37,15 +69,59 @@ def _id(name: str, value: str) -> str:
     return value
 
 
+def _numbers(low: float, high: float | None):
+    """A number, or a list of 1 to MAX_BLEND_IMAGES numbers (one per blended image), in [low, high]."""
+    def check(name: str, value: object) -> object:
+        if isinstance(value, list):
+            if not 1 <= len(value) <= MAX_BLEND_IMAGES:
+                checks.fail(name, value, f"a number or a list of 1 to {MAX_BLEND_IMAGES} numbers")
+            return [checks.number(f"{name}[{i}]", v, low, high) for i, v in enumerate(value)]
+        return checks.number(name, value, low, high)
+    return check
+
+
+def _paths(nullable: bool):
+    """A list of 1 to MAX_BLEND_IMAGES file paths (or nulls, where `nullable`)."""
+    def check(name: str, value: list) -> list:
+        if not 1 <= len(value) <= MAX_BLEND_IMAGES:
+            checks.fail(name, value, f"a list of 1 to {MAX_BLEND_IMAGES} paths")
+        for i, v in enumerate(value):
+            if not (isinstance(v, str) or (nullable and v is None)):
+                checks.fail(f"{name}[{i}]", v, "a path" + (" or null" if nullable else ""), TypeError)
+        return value
+    return check
+
+
+def _temperature(name: str, value: float) -> float:
+    if checks.number(name, value, 0.0) == 0:
+        checks.fail(name, value, "a number > 0 (use greedy for argmax decoding)")
+    return value
+
+
+def _reference(name: str, value: dict) -> dict:
+    """{"file": path, "key": name (optional), "index": row (optional)}: checked here for its form; the file, key,
+    row and rank are checked with the job."""
+    unknown = sorted(set(value) - {"file", "key", "index"})
+    if unknown or not isinstance(value.get("file"), str):
+        checks.fail(name, value, '{"file": PATH, "key": NAME (optional), "index": ROW (optional)}'
+                    + (f" (unknown field(s) {', '.join(unknown)})" if unknown else ""))
+    if "key" in value and not isinstance(value["key"], str):
+        checks.fail(f"{name}.key", value["key"], "a string", TypeError)
+    if "index" in value:
+        checks.integer(f"{name}.index", value["index"], 0)
+    return value
+
+
 @dataclass(frozen=True)
 class Key:
-    """One job key: its JSON type (float also takes integers) and a check (name, value) -> value that raises
+    """One job key: its JSON type(s) (float also takes integers) and a check (name, value) -> value that raises
     ValueError or TypeError with the name and the reason."""
 
-    type: type
+    type: type | tuple[type, ...]
     check: Callable[[str, object], object] = lambda name, value: value
 
 
+_UNIT = lambda n, v: checks.number(n, v, 0.0, 1.0)  # noqa: E731
 KEYS = {
     "task": Key(str, lambda n, v: checks.choice(n, v, list(REQUIRED))),
     "seed": Key(int, lambda n, v: checks.seed(n, v)),
@@ -53,14 +129,32 @@ KEYS = {
     "prompt": Key(str),
     "image": Key(str),             # an image file, relative to the job file's folder
     "negative_prompt": Key(str),   # a text; for image_variation an image file
-    "text_to_image_strength": Key(float, lambda n, v: checks.number(n, v, 0.0, 1.0)),
+    "text_to_image_strength": Key(float, _UNIT),
     "height": Key(int, lambda n, v: checks.size(n, v, VAE_FACTOR)),
     "width": Key(int, lambda n, v: checks.size(n, v, VAE_FACTOR)),
     "num_inference_steps": Key(int, lambda n, v: checks.integer(n, v, 1, 1000)),
     "guidance_scale": Key(float, lambda n, v: checks.guidance(v)),
     "num_images_per_prompt": Key(int, lambda n, v: checks.integer(n, v, 1)),
+    "num_texts_per_prompt": Key(int, lambda n, v: checks.integer(n, v, 1)),
     "eta": Key(float, lambda n, v: checks.eta(v)),
     "scheduler": Key(str, lambda n, v: checks.choice(n, v, list(SCHEDULERS))),
+    # image_variation: a number; blend: a number or one per image
+    "focus": Key((float, list), _numbers(0.0, 1.0)),
+    "fidelity": Key(float, _UNIT),
+    "color_adjust": Key(bool),
+    "init_image": Key(str),        # an image file, as `image`
+    "strength": Key(float, _UNIT),
+    "images": Key(list, _paths(nullable=False)),  # blend: image files
+    "weights": Key((float, list), _numbers(0.0, None)),
+    "masks": Key(list, _paths(nullable=True)),    # blend: one image file or null per image
+    "text_strength": Key(float, _UNIT),
+    "temperature": Key(float, _temperature),
+    "top_k": Key(int, lambda n, v: checks.integer(n, v, 0)),
+    "top_p": Key(float, _UNIT),
+    "greedy": Key(bool),
+    "max_length": Key(int, lambda n, v: checks.integer(n, v, 2)),  # the facade checks Optimus' own limit
+    "dedupe": Key(bool),
+    **{name: Key(dict, _reference) for name in RANKS},  # conditions from a row of an array file
 }
 
 
@@ -72,41 +166,88 @@ class Job:
     id: str
     task: str
     seed: int
-    args: dict  # the facade's keyword arguments, defaults filled in; image arguments are paths as given
+    args: dict  # the facade's keyword arguments given, plus the defaults of FILLED; files as given (paths, references)
+    alone: bool = False  # runs one output per facade call, on its own (see BATCH_KEYS)
+    stamps: dict = field(default_factory=dict)  # array file -> [size, mtime_ns]
+    arrays: ArrayFiles | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def count_key(self) -> str:
+        return "num_texts_per_prompt" if self.task in TEXT_TASKS else "num_images_per_prompt"
+
+    @property
+    def suffix(self) -> str:
+        return ".txt" if self.task in TEXT_TASKS else ".png"
 
     @property
     def names(self) -> list[str]:
-        return [f"{self.id}-{k}" for k in range(self.args["num_images_per_prompt"])]
+        return [f"{self.id}-{k}" for k in range(self.args[self.count_key])]
 
     @property
     def digest(self) -> str:
-        """SHA-256 of the job's task, seed and arguments (defaults included): its records carry it, so an edited
-        job is never taken for finished."""
-        text = json.dumps(dict(task=self.task, seed=self.seed, arguments=self.args), sort_keys=True,
-                          separators=(",", ":"), ensure_ascii=False)
+        """SHA-256 of the job's task, seed and arguments (defaults included), and of the size and mtime of its
+        array files: its records carry it, so an edited job (or array file) is never taken for finished."""
+        job = dict(task=self.task, seed=self.seed, arguments=self.args)
+        if self.stamps:
+            job["array_files"] = self.stamps
+        text = json.dumps(job, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def image_keys(self) -> list[str]:
+    def image_files(self) -> list[tuple[str, str]]:
+        """(argument name, path) of every image file the job reads."""
         keys = ["image", "negative_prompt"] if self.task == "image_variation" else ["image"]
-        return [k for k in keys if self.args.get(k) is not None]
+        files = [(k, self.args[k]) for k in (*keys, "init_image") if self.args.get(k) is not None]
+        files += [(f"images[{i}]", p) for i, p in enumerate(self.args.get("images") or [])]
+        files += [(f"masks[{i}]", p) for i, p in enumerate(self.args.get("masks") or []) if p is not None]
+        return files
+
+    def references(self) -> list[str]:
+        return [k for k in RANKS if self.args.get(k) is not None]
+
+    def inputs(self, folder: Path, anywhere: bool = False) -> dict:
+        """The facade's arguments that name files, read: images as RGB PIL images, references as float32 tensors.
+        ValueError if a file cannot be read (it changed since the job file was checked)."""
+        opened = {}
+        for name, path in self.image_files():
+            opened[name] = open_image(image_path(folder, path, anywhere), name)
+        loaded = {k: opened[k] for k in ("image", "negative_prompt", "init_image") if k in opened}
+        if self.args.get("images") is not None:
+            loaded["images"] = [opened[f"images[{i}]"] for i in range(len(self.args["images"]))]
+        if self.args.get("masks") is not None:
+            loaded["masks"] = [opened.get(f"masks[{i}]") for i in range(len(self.args["masks"]))]
+        arrays = self.arrays or ArrayFiles()
+        for key in self.references():
+            ref = self.args[key]
+            loaded[key] = arrays.array(image_path(folder, ref["file"], anywhere, key), ref.get("key")).read(
+                ref.get("index"))
+        return loaded
 
     def batch_key(self) -> tuple:
+        if self.alone:
+            return "alone", self.line
         shared = tuple((k, v) for k, v in sorted(self.args.items()) if k not in PER_JOB)
         return self.task, shared, self.args["negative_prompt"] is not None
 
 
-def image_path(folder: Path, name: str, anywhere: bool) -> Path:
-    """The file an image argument names: relative to the job file's folder, and inside it unless `anywhere`."""
+def image_path(folder: Path, name: str, anywhere: bool, what: str = "image") -> Path:
+    """The file an argument names: relative to the job file's folder, and inside it unless `anywhere`."""
     path = (folder / name).resolve()
     if not anywhere and not path.is_relative_to(folder.resolve()):
-        raise ValueError(f"image {name!r} is outside the job file's folder {str(folder)!r} (pass --allow-any-path "
+        raise ValueError(f"{what} {name!r} is outside the job file's folder {str(folder)!r} (pass --allow-any-path "
                          "to read it)")
     return path
 
 
-def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: dict | None = None) -> Job:
+def _is(value: object, want: type) -> bool:
+    if want is bool or isinstance(value, bool):
+        return want is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if want is float else want)
+
+
+def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: dict | None = None,
+          arrays: ArrayFiles | None = None) -> Job:
     """One job line -> Job; ValueError(reason) if anything about it is wrong. `opened`: path -> reason it cannot
-    be read ("" if it can), shared between lines so each file is opened once."""
+    be read ("" if it can), and `arrays`, the array files: shared between lines so each file is opened once."""
     try:
         obj = json.loads(text)
     except RecursionError:
@@ -118,53 +259,108 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
     task = obj.get("task")
     if not isinstance(task, str) or task not in REQUIRED:
         raise ValueError(f"task: expected one of {list(REQUIRED)}, got {_short(task)}")
-    unknown = sorted(set(obj) - {"task", "seed", "id", *REQUIRED[task], *OPTIONAL[task]})
+    keys = [k for group in REQUIRED[task] for k in group] + list(OPTIONAL[task])
+    unknown = sorted(set(obj) - {"task", "seed", "id", *keys})
     if unknown:
         raise ValueError(f"unknown key(s) for {task}: {', '.join(k if len(k) <= 60 else k[:57] + '...' for k in unknown)}")
-    missing = [k for k in ("seed", *REQUIRED[task]) if k not in obj]
+    missing = ["seed"] * ("seed" not in obj) + [" or ".join(g) for g in REQUIRED[task] if not set(g) & set(obj)]
     if missing:
         raise ValueError(f"missing key(s): {', '.join(missing)}")
+    for pair in EXCLUSIVE:
+        if set(pair) <= set(obj):
+            raise ValueError(f"{pair[0]} and {pair[1]}: expected one or the other, got both")
     for key, value in obj.items():
-        want = KEYS[key].type
-        if isinstance(value, bool) or not isinstance(value, (int, float) if want is float else want):
-            raise ValueError(f"{key}: expected {TYPE_NAMES[want]}, got {_short(value)}")
+        want = KEYS[key].type if isinstance(KEYS[key].type, tuple) else (KEYS[key].type,)
+        if not any(_is(value, t) for t in want):
+            raise ValueError(f"{key}: expected {' or '.join(TYPE_NAMES[t] for t in want)}, got {_short(value)}")
         try:
             KEYS[key].check(key, value)
         except (ValueError, TypeError) as e:
             raise ValueError(str(e)) from None
+    _check_together(task, obj)
     sig = inspect.signature(getattr(_facade(), task)).parameters
-    args = {k: obj.get(k, sig[k].default) for k in (*REQUIRED[task], *OPTIONAL[task])}
-    n = args["num_images_per_prompt"]
+    args = {k: obj.get(k, sig[k].default) for k in keys if k in obj or k in FILLED}
+    alone = task not in BATCHED or not set(obj) <= BATCH_KEYS
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    job = Job(line, obj.get("id", hashlib.sha256(canonical.encode()).hexdigest()[:12]), task, obj["seed"], args,
+              alone, arrays=ArrayFiles() if arrays is None else arrays)
+    n = args[job.count_key]
     try:
         checks.seed("seed", obj["seed"], n)
-        checks.pixel_budget(n, args["height"] or 512, args["width"] or 512)
+        if task in IMAGE_TASKS:
+            checks.pixel_budget(n, args["height"] or 512, args["width"] or 512)
     except ValueError as e:
-        raise ValueError(f"{e} (image k of a job is seeded with seed + k; split larger jobs)") from None
-    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    job = Job(line, obj.get("id", hashlib.sha256(canonical.encode()).hexdigest()[:12]), task, obj["seed"], args)
-    opened = {} if opened is None else opened
-    for key in job.image_keys():
-        path = image_path(folder, args[key], anywhere)
+        raise ValueError(f"{e} (output k of a job is seeded with seed + k; split larger jobs)") from None
+    _check_images(job, folder, anywhere, {} if opened is None else opened)
+    _check_references(job, folder, anywhere, n)
+    return job
+
+
+def _check_together(task: str, obj: dict) -> None:
+    """What single keys cannot tell: a strength needs a start; blend's lists have one entry per image."""
+    if "strength" in obj and not {"init_image", "init_latents"} & set(obj):
+        raise ValueError("strength: expected only with init_image or init_latents")
+    if task != "blend" and isinstance(obj.get("focus"), list):
+        raise ValueError(f"focus: expected a number for {task}, got {_short(obj['focus'])}")
+    for key in ("weights", "focus", "masks"):
+        if task == "blend" and isinstance(obj.get(key), list) and len(obj[key]) != len(obj["images"]):
+            raise ValueError(f"{key}: expected one entry per image ({len(obj['images'])}), got {len(obj[key])}")
+
+
+def _check_images(job: Job, folder: Path, anywhere: bool, opened: dict) -> None:
+    for name, rel in job.image_files():
+        path = image_path(folder, rel, anywhere, name)
         if path not in opened:
             try:
-                open_image(path, key)
+                open_image(path, name)
                 opened[path] = ""
             except ValueError as e:
                 opened[path] = str(e)
         if opened[path]:
             raise ValueError(opened[path])
-    return job
+
+
+def _check_references(job: Job, folder: Path, anywhere: bool, n: int) -> None:
+    """Each array reference: inside the folder, the file opens, the key and row exist, the rank and the number
+    of rows fit the argument (the facade checks the exact sizes when the job runs)."""
+    for key in job.references():
+        ref = job.args[key]
+        path = image_path(folder, ref["file"], anywhere, key)
+        if not path.is_file():
+            raise ValueError(f"{key}: no such file {ref['file']!r} in {str(folder)!r}")
+        try:
+            array = job.arrays.array(path, ref.get("key"))
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+        rank = TEXT_LATENT_RANK if key == "latents" and job.task in TEXT_TASKS else RANKS[key]
+        where = f"{ref['file']!r}" + (f" key {ref['key']!r}" if "key" in ref else "")
+        if len(array.shape) != rank:
+            raise ValueError(f"{key}: expected an array of {rank} dimensions (a row keeps its leading batch "
+                             f"dimension of 1), got shape {list(array.shape)} in {where}")
+        if not array.floating:
+            raise ValueError(f"{key}: expected floating-point values in {where}")
+        index = ref.get("index")
+        if index is not None and index >= array.shape[0]:
+            raise ValueError(f"{key}: index {index} is out of range for {where} ({array.shape[0]} rows)")
+        rows = array.shape[0] if index is None else 1
+        allowed, what = {"latents": ((n,), "one per output"), "init_latents": ((1, n), "one, or one per output")
+                         }.get(key, ((1,), "a job is one prompt"))
+        if rows not in allowed:
+            hint = '; give "index" to take one row' if index is None else ""
+            raise ValueError(f"{key}: expected {' or '.join(map(str, sorted(set(allowed))))} row(s) ({what}), got "
+                             f"{rows} in {where}{hint}")
+        job.stamps[ref["file"]] = ArrayFiles.stamp(path)
 
 
 def read_jobs(path: Path, anywhere: bool = False) -> tuple[list[Job], list[tuple[int, str]]]:
     """The jobs of a JSONL file, and (line number, reason) for each line that is not a valid job."""
-    jobs, malformed, first_line, opened = [], [], {}, {}
+    jobs, malformed, first_line, opened, arrays = [], [], {}, {}, ArrayFiles()
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         try:
             text = raw.decode("utf-8-sig")  # -sig: a byte-order mark on line 1 is not an error
             if not text.strip():
                 continue
-            job = parse(text, number, path.parent, anywhere, opened)
+            job = parse(text, number, path.parent, anywhere, opened, arrays)
             if job.id in first_line:
                 raise ValueError(f"duplicate id {job.id!r} (first on line {first_line[job.id]})")
         except UnicodeDecodeError as e:
