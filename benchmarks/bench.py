@@ -231,7 +231,7 @@ def patch_diffusers() -> None:
     1. its pipeline loader no longer resolves the library name "versatile_diffusion" that the hub's
        model_index.json gives for text_unet: alias that name to the module that holds the class;
     2. DualTransformer2DModel.forward does not accept the `encoder_attention_mask` its callers pass: accept
-       and drop it (as tests/test_pipeline_parity.py does)."""
+       and drop it (as tests/pipeline/test_pipeline_parity.py does)."""
     from diffusers.models import DualTransformer2DModel
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging

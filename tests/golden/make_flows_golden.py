@@ -1,6 +1,6 @@
 """Golden outputs of the ORIGINAL Versatile Diffusion research code for our UNet flows.
 
-Read by tests/test_original_flows.py, which rebuilds the original-layout weights described here, converts them
+Read by tests/pipeline/test_original_flows.py, which rebuilds the original-layout weights described here, converts them
 with our weights_convert tables and checks that vd's UNets and DDIM sampler give the same numbers (fp32, 1e-5).
 
 How the file was made

@@ -1,6 +1,6 @@
 """Make tests/data/golden/focus.safetensors and focus.json: what the original VD app computes for focus
 (`adjust_rank`), masked CLIP image encoding (`CLIPImageContextEncoder._encode_wmask`) and the "Simple" colour
-adjustment, so that tests/test_focus.py can check vd against it without the original code.
+adjustment, so that tests/pipeline/test_focus.py can check vd against it without the original code.
 
 Regenerate (from the repository root, with the test environment active):
 

@@ -1,6 +1,6 @@
 """Make tests/data/golden/optimus.{safetensors,json}: what the ORIGINAL Optimus code computes on tiny models.
 
-CI cannot reach the original code, so tests/test_optimus.py checks us against these files. They were made by
+CI cannot reach the original code, so tests/nn/test_optimus.py checks us against these files. They were made by
 
     python tests/golden/make_optimus_golden.py --original <checkout of SHI-Labs/Versatile-Diffusion @ cf0f4a2>
 

@@ -1,7 +1,7 @@
 """Golden outputs of the ORIGINAL code for the Brain-Diffuser reconstruction recipe (init latent + strength + two
 mixed contexts), on the tiny random UNets of flows.json.
 
-Read by tests/test_research_golden.py. The recipe, as published in ozcelikfu/brain-diffuser
+Read by tests/pipeline/test_research_golden.py. The recipe, as published in ozcelikfu/brain-diffuser
 (scripts/versatilediffusion_reconstruct_images.py), per item:
 
     t_enc = int(strength * N)                          # N = 50, strength 0.75 -> 37

@@ -4,7 +4,7 @@ then dual-context (image + text tokens, mixed) classifier-free-guided DDIM.
 tests/golden/make_research_golden.py ran Brain-Diffuser's `stochastic_encode` + `decode_dc` (on SHI-Labs 51dcd3b's
 model code, cross-checked there against cf0f4a2's `sample_multicontext` from x0) on flows.json's tiny random UNets
 and recorded the results (see its docstring). Here the weights are rebuilt and converted by our reader exactly as
-for tests/test_original_flows.py (its `golden` fixture), and our functional core is checked within 1e-5 of each
+for tests/pipeline/test_original_flows.py (its `golden` fixture), and our functional core is checked within 1e-5 of each
 output's scale, together with the original's timesteps and noise draw:
 - t_enc = int(strength * N); x0 is noised to the ascending DDIM grid's entry at index t_enc
   (t_enc * (1000 // N) + 1) with one draw of global-RNG noise for the whole batch, then the grid entries

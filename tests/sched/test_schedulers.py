@@ -21,7 +21,7 @@ from vd.sched import DDIM, LMS, PNDM, randn, sampler_from_config  # noqa: E402
 from vd.sched.lms import lms_coefficients  # noqa: E402
 from helpers import DATA
 
-FIRST_THREE = {"ddim": DDIM, "pndm": PNDM, "lms": LMS}  # checked here; tests/test_samplers.py checks the rest
+FIRST_THREE = {"ddim": DDIM, "pndm": PNDM, "lms": LMS}  # checked here; tests/sched/test_samplers.py checks the rest
 
 VD = json.loads((DATA / "scheduler_config.json").read_text())
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes inside diffusers

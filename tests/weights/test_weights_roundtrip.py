@@ -2,7 +2,7 @@
 rewritten in both original SHI-Labs layouts, loads through our loader and generates what the reference generates.
 
 The original-layout files are made by running our key tables (weights_convert.keymaps) backwards over the tiny
-reference state dicts, so every table is round-tripped on real values; tests/test_weights_manifests.py checks
+reference state dicts, so every table is round-tripped on real values; tests/weights/test_weights_manifests.py checks
 the same tables against the real checkpoints' key lists. Original-layout files need the tiny configs, which
 only `open_checkpoint(configs=...)` takes, so those loads go through Checkpoint + vd.loading directly.
 Also here: lean per-task loading and the hub download (snapshot_download faked from a local folder).

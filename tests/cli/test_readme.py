@@ -3,7 +3,7 @@
 Shell lines are run in order in one folder (so `astronaut.png` from the first exists for the next), with
 `--model <tiny>` where the README relies on the hub default, and at most 2 steps. The Python block runs with the
 hub id replaced by the tiny folder. The set-up and test commands are the ones .ci/run executes; the torchrun
-lines are exercised by tests/test_batch.py (two gloo ranks on the CPU), except the multi-node one. The research
+lines are exercised by tests/cli/test_batch.py (two gloo ranks on the CPU), except the multi-node one. The research
 example's batch file and command run in test_research_example, with its inputs.
 """
 
@@ -20,12 +20,13 @@ import pytest
 import torch
 
 import tiny_pipeline as tp
+from helpers import REPO
 from vd.cli import main as vd_main
 from weights_convert.__main__ import main as convert_main
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*weights_only.*")
-ROOT = Path(__file__).parents[1]
+ROOT = REPO
 README = (ROOT / "README.md").read_text()
 HUB = "shi-labs/versatile-diffusion"
 
@@ -81,7 +82,7 @@ def test_every_shell_command(tiny, tmp_path, monkeypatch):
                 if not line.startswith("python3 -m venv") and "pytest" not in line and not research_command(line)]:
         argv = shlex.split(cmd)
         if argv[0] == "torchrun":
-            continue  # tests/test_batch.py runs two gloo ranks
+            continue  # tests/cli/test_batch.py runs two gloo ranks
         if argv[:3] == ["python", "-m", "vd"]:
             argv = ["vd", *argv[3:]]
         if argv[0] == "vd":

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import tiny_pipeline as tp
+from helpers import REPO
 
 pytest.importorskip("diffusers")  # tiny_pipeline writes the model with diffusers
 
@@ -27,7 +28,6 @@ from vd import VersatileDiffusion  # noqa: E402
 from vd.batch import main, make_batches, read_jobs  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
-REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(height=32, width=32, num_inference_steps=2)
 JOBS = [
     dict(task="text_to_image", prompt="the cat", seed=1, **SMALL),
