@@ -46,7 +46,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from vd import checks, files
-from vd.files import OutputError
+from vd.files import OutputError, process_alive
 from vd.jobs import PER_JOB, Job, read_jobs
 from vd.pipeline import DEFAULT_REPO, VersatileDiffusion
 
@@ -181,7 +181,7 @@ def remove_stale(out: Path) -> None:
             continue
         pid = int(m.group("pid"))
         if m.group("host") in (None, here):
-            stale = pid == os.getpid() or not _alive(pid)
+            stale = pid == os.getpid() or not process_alive(pid)
         else:
             try:
                 stale = time.time() - entry.stat().st_mtime > STALE_SECONDS
@@ -189,16 +189,6 @@ def remove_stale(out: Path) -> None:
                 continue
         if stale:
             Path(entry.path).unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def finished_names(out: Path, jobs: list[Job]) -> set[str]:

@@ -54,10 +54,7 @@ def save(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({describe(e)})") from None
     finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        _remove(tmp)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -83,7 +80,23 @@ def check_writable(path: Path) -> None:
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({describe(e)})") from None
     finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary file if it is there; a failure here must not hide the error being raised."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from vd.checks import DTYPES
-from vd.files import OutputError, describe
+from vd.files import OutputError, describe, process_alive
 from weights_convert.checkpoint import ALL_PARTS, config_to_json
 from weights_convert.hub import download, looks_like_repo_id
 from weights_convert.layouts import (FORMAT, FORMAT_VERSION, OPTIMUS_TOKENIZER, OPTIMUS_TOKENIZER_FILES,
@@ -123,15 +123,5 @@ def _sweep_partials(out: Path) -> None:
     stale too: a killed run had that pid before (pids repeat, e.g. in fresh containers)."""
     for stale in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

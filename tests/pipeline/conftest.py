@@ -15,3 +15,9 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(folder):
     return VersatileDiffusion.from_pretrained(folder, tasks=ALL_TASKS, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ours(folder):
+    """For parity with the reference: its "no image" condition (our default, a true grey, is tested apart)."""
+    return VersatileDiffusion.from_pretrained(folder, uncond_image="diffusers")

@@ -57,3 +57,9 @@ def clip_image(pipe, imgs, *, square=False, keep=None) -> torch.Tensor:
 
 def clip_text(pipe, texts) -> torch.Tensor:
     return encode_text(pipe.components.text_encoder, pipe.components.tokenizer, texts, CPU)
+
+
+def max_abs_diff(a, b) -> float:
+    """The largest absolute difference of two arrays of the same shape (the parity tests' measure)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(abs(a - b).max())

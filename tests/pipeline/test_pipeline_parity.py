@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tiny_pipeline as tp
+from flows import max_abs_diff
 from helpers import random_image, seeded
 
 diffusers = pytest.importorskip("diffusers")
@@ -20,22 +21,6 @@ TOL = 1e-3
 STEPS = 3
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning",
                                         "ignore:.*rescale already rescaled.*")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
-
-
-@pytest.fixture(scope="module")
-def ours(folder):
-    # the reference's "no image" condition, for parity; our default is a true grey (tested below)
-    return VersatileDiffusion.from_pretrained(folder, uncond_image="diffusers")
-
-
-def _diff(a, b) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
 
 
 TEXT_CASES = {
@@ -61,7 +46,7 @@ def test_text_to_image(case, ours, folder, check):
     gens = [torch.Generator().manual_seed(s) for s in (3, 4)] if gens else seeded()
     got = ours.text_to_image(**kw, num_inference_steps=STEPS, generator=gens, output_type="np", scheduler=scheduler,
                              progress=False).images
-    check(_diff(got, want), TOL)
+    check(max_abs_diff(got, want), TOL)
 
 
 def test_text_to_image_given_latents(ours, folder, check):
@@ -70,7 +55,7 @@ def test_text_to_image_given_latents(ours, folder, check):
     want = ref(["the cat", "on"], num_inference_steps=STEPS, latents=latents.clone(), output_type="np").images
     got = ours.text_to_image(["the cat", "on"], num_inference_steps=STEPS, latents=latents.clone(), output_type="np",
                              scheduler="lms", progress=False).images
-    check(_diff(got, want), TOL)
+    check(max_abs_diff(got, want), TOL)
 
 
 IMAGE_CASES = {
@@ -94,7 +79,7 @@ def test_image_variation(case, ours, folder, check):
     want = ref(**kw, num_inference_steps=STEPS, generator=seeded(1), output_type="np").images
     got = ours.image_variation(**kw, num_inference_steps=STEPS, generator=seeded(1), output_type="np",
                                scheduler=scheduler, progress=False).images
-    check(_diff(got, want), TOL)
+    check(max_abs_diff(got, want), TOL)
 
 
 @pytest.mark.parametrize("strength", [0.0, 0.3, 0.5, 1.0])
@@ -104,14 +89,14 @@ def test_dual_guided(strength, ours, folder, patched_dual, check):
               num_inference_steps=STEPS, output_type="np", num_images_per_prompt=2)
     want = ref(**kw, generator=seeded(2)).images
     got = ours.dual_guided(**kw, generator=seeded(2), progress=False).images
-    check(_diff(got, want), TOL)
+    check(max_abs_diff(got, want), TOL)
 
 
 def test_dual_guided_lms_no_cfg(ours, folder, patched_dual, check):
     ref = tp.reference("dual_guided", folder, "lms")
     kw = dict(prompt="the cat", image=random_image(13), text_to_image_strength=0.7, num_inference_steps=STEPS,
               output_type="np", guidance_scale=1.0, height=40, width=56)
-    check(_diff(ours.dual_guided(**kw, scheduler="lms", generator=seeded(), progress=False).images,
+    check(max_abs_diff(ours.dual_guided(**kw, scheduler="lms", generator=seeded(), progress=False).images,
                 ref(**kw, generator=seeded()).images), TOL)
 
 
@@ -156,15 +141,15 @@ def test_uncond_image_default_is_grey(task, ours, folder, patched_dual, monkeypa
     ref = tp.reference(task, folder)
     as_shipped = ref(**args, **kw, generator=seeded()).images
     got = getattr(grey, task)(**args, **kw, generator=seeded(), progress=False).images
-    assert _diff(got, as_shipped) > 1e-3  # it really is a different condition
+    assert max_abs_diff(got, as_shipped) > 1e-3  # it really is a different condition
     # per call, the reference's behaviour is one argument away
     again = getattr(grey, task)(**args, **kw, generator=seeded(), progress=False, uncond_image="diffusers").images
-    check(_diff(again, as_shipped), TOL, "uncond_image='diffusers'")
+    check(max_abs_diff(again, as_shipped), TOL, "uncond_image='diffusers'")
     # (this patches the processor class, which our pipeline shares: so it comes last)
     processor = ref.image_feature_extractor
     monkeypatch.setattr(processor.__class__, "__call__", _grey_fixed(processor))
     fixed = ref(**args, **kw, generator=seeded()).images
-    check(_diff(got, fixed), TOL, "vs fixed reference")
+    check(max_abs_diff(got, fixed), TOL, "vs fixed reference")
 
 
 def test_uncond_image_zeros_is_a_zero_embedding(ours):
@@ -186,4 +171,4 @@ def test_tensor_image_equals_the_same_pil_image(ours, check):
     kw = dict(num_inference_steps=STEPS, output_type="np", progress=False)
     a = ours.image_variation(pil, generator=seeded(), **kw).images
     b = ours.image_variation(tensor, generator=seeded(), **kw).images
-    check(_diff(a, b), 0.0)
+    check(max_abs_diff(a, b), 0.0)

@@ -14,34 +14,15 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       LMSDiscreteScheduler, UniPCMultistepScheduler)
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, HeunDiscreteScheduler,  # noqa: E402
+                       UniPCMultistepScheduler)
 
+from sampler_table import NEW, REF, STOCHASTIC  # noqa: E402
 from vd.sched import SCHEDULERS, sampler_from_config  # noqa: E402
 from helpers import DATA
 
 VD = json.loads((DATA / "scheduler_config.json").read_text())
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-KARRAS = {"use_karras_sigmas": True}
-SDE = {"algorithm_type": "sde-dpmsolver++"}
-# our name -> the diffusers class and the one from_config override a user passes
-REF = {
-    "ddpm": (DDPMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_karras": (EulerDiscreteScheduler, KARRAS),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "heun_karras": (HeunDiscreteScheduler, KARRAS),
-    "lms_karras": (LMSDiscreteScheduler, KARRAS),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, KARRAS),
-    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, SDE),
-    "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {**SDE, **KARRAS}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
-NEW = sorted(REF)
-STOCHASTIC = {"ddpm", "euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}
 CONFIGS = {
     "vd": VD,
     # what pipe.scheduler.config holds after loading VD's file (keys the file lacks in _use_default_values)
@@ -271,7 +252,7 @@ def test_registry():
         sampler_from_config("dpm++", VD)
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
 @pytest.mark.parametrize("n", [0, -1, 1001])
 def test_bad_num_steps(name, n):
     sampler = sampler_from_config(name, VD)

@@ -329,16 +329,6 @@ def test_unknown_scheduler_name():
         sampler_from_config("k_euler", VD)
 
 
-@pytest.mark.parametrize("name", sorted(FIRST_THREE))
-@pytest.mark.parametrize("n", [0, -1, 1001])
-def test_bad_num_steps(name, n):
-    sampler = sampler_from_config(name, VD)
-    with pytest.raises(ValueError, match="num_inference_steps"):
-        sampler.timesteps(n)
-    with pytest.raises(ValueError, match="num_inference_steps"):
-        sampler.sample(fake_eps, start_noise(), n)
-
-
 @pytest.mark.parametrize("name,key,value", [
     ("ddim", "thresholding", True),
     ("ddim", "rescale_betas_zero_snr", True),

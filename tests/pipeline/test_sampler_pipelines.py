@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import tiny_pipeline as tp
+from flows import max_abs_diff
 from helpers import random_image, seeded
 
 diffusers = pytest.importorskip("diffusers")
 
-from test_samplers import NEW, REF, STOCHASTIC  # noqa: E402
-from vd import VersatileDiffusion  # noqa: E402
+from sampler_table import NEW, REF, STOCHASTIC  # noqa: E402
 
 TOL = 1e-3
 STEPS = 3
@@ -22,26 +22,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Deprec
                                         "ignore:.*rescale already rescaled.*")
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
-
-
-@pytest.fixture(scope="module")
-def ours(folder):
-    return VersatileDiffusion.from_pretrained(folder, uncond_image="diffusers")  # the reference's "no image"
-
-
 def reference(task: str, folder, name: str):
     pipe = tp.reference(task, folder)
     cls, override = REF[name]
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **override)
     return pipe
-
-
-def _diff(a, b) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
 
 
 def _gens(seeds):
@@ -55,7 +40,7 @@ def test_text_to_image(name, ours, folder, check):
               output_type="np", height=40, width=56)
     want = reference("text_to_image", folder, name)(**kw, generator=_gens([3, 4])).images
     got = ours.text_to_image(**kw, generator=_gens([3, 4]), scheduler=name, progress=False).images
-    check(_diff(got, want), TOL)
+    check(max_abs_diff(got, want), TOL)
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -64,7 +49,7 @@ def test_image_variation(name, ours, folder, check):
     kw = dict(image=random_image(9), num_images_per_prompt=2, num_inference_steps=STEPS, output_type="np", eta=0.5)
     want = reference("image_variation", folder, name)(**kw, generator=seeded(1)).images
     got = ours.image_variation(**kw, generator=seeded(1), scheduler=name, progress=False).images
-    check(_diff(got, want), TOL)
+    check(max_abs_diff(got, want), TOL)
 
 
 @pytest.mark.parametrize("name", ["dpmpp_2m_karras", "euler_a", "unipc"])
@@ -73,7 +58,7 @@ def test_dual_guided(name, ours, folder, patched_dual, check):
               output_type="np")
     want = reference("dual_guided", folder, name)(**kw, generator=seeded(2)).images
     got = ours.dual_guided(**kw, generator=seeded(2), scheduler=name, progress=False).images
-    check(_diff(got, want), TOL)
+    check(max_abs_diff(got, want), TOL)
 
 
 @pytest.mark.parametrize("name", ["euler_karras", "dpmpp_2m_sde", "heun"])
@@ -84,7 +69,7 @@ def test_given_latents_no_guidance(name, ours, folder, check):
     want = reference("text_to_image", folder, name)(**kw, latents=latents.clone(), generator=seeded(6)).images
     got = ours.text_to_image(**kw, latents=latents.clone(), generator=seeded(6), scheduler=name,
                              progress=False).images
-    check(_diff(got, want), TOL)
+    check(max_abs_diff(got, want), TOL)
 
 
 def test_callback_heun_counts_evaluations(ours, folder):

@@ -1,0 +1,24 @@
+"""Our sampler names and the diffusers 0.42.1 class (and the one from_config override) each one equals."""
+
+from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler, UniPCMultistepScheduler)
+
+KARRAS = {"use_karras_sigmas": True}
+SDE = {"algorithm_type": "sde-dpmsolver++"}
+# our name -> the diffusers class and the one from_config override a user passes
+REF = {
+    "ddpm": (DDPMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_karras": (EulerDiscreteScheduler, KARRAS),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "heun_karras": (HeunDiscreteScheduler, KARRAS),
+    "lms_karras": (LMSDiscreteScheduler, KARRAS),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, KARRAS),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, SDE),
+    "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {**SDE, **KARRAS}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+NEW = sorted(REF)
+STOCHASTIC = {"ddpm", "euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}
