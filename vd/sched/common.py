@@ -126,3 +126,12 @@ class Schedule:
         else:
             betas = cosine_betas(T)
         return torch.cumprod(1.0 - betas, dim=0)
+
+    def timesteps(self, num_steps: int) -> Tensor:
+        """Descending int64 timesteps of the spacing, as `set_timesteps(num_steps)` of diffusers' DDIM and DDPM."""
+        T = self.num_train_timesteps
+        return spaced_timesteps(self.timestep_spacing, num_steps, T, self.steps_offset).round().long()
+
+    def init_noise_sigma(self, num_steps: int) -> float:
+        """Std of the start noise: 1 for the variance-preserving samplers (the sigma-space ones override it)."""
+        return 1.0

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, Schedule, spaced_timesteps
+from .common import Callback, EpsFn, Schedule
 from .noise import randn
 
 
@@ -62,14 +62,6 @@ class DDIM(Schedule):
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         "trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False,
     }
-
-    def timesteps(self, num_steps: int) -> Tensor:
-        """Descending int64 timesteps, as `DDIMScheduler.set_timesteps(num_steps)`."""
-        T = self.num_train_timesteps
-        return spaced_timesteps(self.timestep_spacing, num_steps, T, self.steps_offset).round().long()
-
-    def init_noise_sigma(self, num_steps: int) -> float:
-        return 1.0
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,

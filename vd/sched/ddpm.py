@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, Schedule, spaced_timesteps
+from .common import Callback, EpsFn, Schedule
 from .noise import step_noises
 
 VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
@@ -37,14 +37,6 @@ class DDPM(Schedule):
         super().__post_init__()
         if self.variance_type not in VARIANCES:
             raise ValueError(f"variance_type must be one of {VARIANCES} for DDPM, got {self.variance_type!r}")
-
-    def timesteps(self, num_steps: int) -> Tensor:
-        """Descending int64 timesteps, as `DDPMScheduler.set_timesteps(num_steps)`."""
-        T = self.num_train_timesteps
-        return spaced_timesteps(self.timestep_spacing, num_steps, T, self.steps_offset).round().long()
-
-    def init_noise_sigma(self, num_steps: int) -> float:
-        return 1.0
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
