@@ -40,8 +40,9 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing vd
 
+from vd.checks import DTYPES  # noqa: E402
+
 TASKS = ("text_to_image", "image_variation", "dual_guided")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PROMPT = "a red car parked in the sun, photograph"
 STRENGTH = 0.5
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device-name substring, first match wins (vendor data sheets).
