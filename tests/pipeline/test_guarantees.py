@@ -60,8 +60,9 @@ def test_nan_latents_are_an_error(pipe, monkeypatch):
     unet = pipe.components.image_unet
     forward = unet.forward
     monkeypatch.setattr(unet, "forward", lambda *a, **k: forward(*a, **k) * float("nan"))
-    with pytest.raises(FloatingPointError, match="NaN"):
+    with pytest.raises(FloatingPointError, match="NaN") as info:
         pipe.text_to_image("the cat", generator=_g(), **KW)
+    assert "float32" not in str(info.value)  # this pipeline runs in float32 already: no advice to switch to it
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,11 @@ def test_noise_is_drawn_in_the_model_dtype(bf16, monkeypatch):
     monkeypatch.setattr(vd.pipeline, "encode_text", lambda *a: encode(*a).float())
     bf16.text_to_image("the cat", generator=_g(), **KW)
     assert seen == [torch.bfloat16]
+
+
+def test_nan_latents_in_reduced_precision_suggest_float32(bf16, monkeypatch):
+    unet = bf16.components.image_unet
+    forward = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: forward(*a, **k) * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"NaN.*try float32"):
+        bf16.text_to_image("the cat", generator=_g(), **KW)
