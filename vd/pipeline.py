@@ -215,9 +215,9 @@ class VersatileDiffusion:
             if isinstance(cond, Tensor) and image is None:
                 checks.fail("fidelity", fidelity, "0 when the condition is given as image_embeds (fidelity starts "
                             "from the input image; pass init_image= with strength=)")
-            if init_image is not None or init_latents is not None:
-                checks.fail("fidelity", fidelity, "0 when init_image or init_latents is given (fidelity f is "
-                            "init_image=image with strength=1 - f)")
+            if init_image is not None or init_latents is not None or strength is not None:
+                checks.fail("fidelity", fidelity, "0 when init_image, init_latents or strength is given (fidelity f "
+                            "is init_image=image with strength=1 - f)")
             init_image, strength = cond, 1.0 - fidelity
         if color_adjust and image is None and init_image is None:
             checks.fail("color_adjust", color_adjust, "False when no image or init_image gives the colours")
