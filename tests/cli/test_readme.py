@@ -110,8 +110,8 @@ def test_every_shell_command(tiny, tmp_path, monkeypatch):
             raise AssertionError(f"README command not covered by this test: {cmd}")
         assert code == 0, cmd
         ran.append(argv[0] if argv[0] == "vd" else argv[2])
-    for name in ("astronaut.png", "variation.png", "dual.png", "squirrel-0.png", "squirrel-1.png", "dusk.png",
-                 "lighthouse.png", "closer.png", "blend.png"):
+    for name in ("astronaut.png", "variation.png", "dual.png", "squirrel-0.png", "squirrel-1.png", "lighthouse.png",
+                 "closer.png", "blend.png"):
         assert PIL.Image.open(name).size[0] > 0
     assert len(Path("sentences.txt").read_text().splitlines()) == 1
     assert PIL.Image.open("lighthouse.png").size == (640, 384)
@@ -119,7 +119,7 @@ def test_every_shell_command(tiny, tmp_path, monkeypatch):
     assert len(records) == 4  # 2 + 1 + 1 images
     for folder in ("vd-t2i", "vd-full"):
         assert json.loads(Path(folder, "config.json").read_text())["format"] == "vd"
-    assert ran.count("vd") == 11 and ran.count("weights_convert") == 2
+    assert ran.count("vd") == 10 and ran.count("weights_convert") == 2
     assert ran.count("make_checkpoint") == ran.count("bench") == 1
     assert set(json.loads(Path("bench.json").read_text())["tasks"]) == {"text_to_image", "image_variation",
                                                                         "dual_guided"}
