@@ -196,3 +196,13 @@ def test_channels_last_group_norms_swap_every_group_norm_and_keep_the_keys():
         assert unet.state_dict().keys() == keys
         got = unet(x.to(memory_format=torch.channels_last), 500, streams)
     assert ((got - want).norm() / want.norm()).item() < 1e-5  # float32: other kernels, other rounding
+
+
+def test_samplers(ckpt, tmp_path):
+    """samplers.py: every row timed, the sampler's own share of a step measured, DDIM 50 as the baseline."""
+    out = tmp_path / "samplers.json"
+    _run(BENCHMARKS / "samplers.py", ckpt, "--device", "cpu", "--size", "64", "--repeats", "1", "--json", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("ddim", 50), ("dpmpp_2m_karras", 20),
+                                                          ("dpmpp_2m_karras", 25), ("unipc", 20), ("unipc", 25)]
+    assert all(r["seconds_per_image"] > 0 and r["step_s"] > 0 and 0 < r["sampler_share"] < 1 for r in rows)
