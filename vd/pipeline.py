@@ -614,8 +614,9 @@ class VersatileDiffusion:
         x0 = run.init_latents
         if x0 is None:
             gens = run.generator[::run.per_prompt] if isinstance(run.generator, list) else run.generator
-            x0 = core.encode_latents(self.components.vae, run.init_images, gens)
-        x0 = x0.to(self.device)
+            with torch.autocast(self.device.type, enabled=False):  # in the VAE's dtype, as the decode
+                x0 = core.encode_latents(self.components.vae, run.init_images, gens)
+        x0 = x0.to(self.device, self.dtype)
         return x0 if len(x0) == run.shape[0] else x0.repeat_interleave(run.per_prompt, dim=0)
 
     def _sample(self, run: "_Call", flow: Callable[[core.Sampling, Tensor], Tensor], progress: bool) -> Tensor:
