@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--height", type=int, default=None, help="image height in pixels (default 512)")
             s.add_argument("--width", type=int, default=None, help="image width in pixels (default 512)")
             s.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
+            s.add_argument("--init-image", default=None, help="start from this image, noised part-way (DDIM)")
+            s.add_argument("--init-strength", type=float, default=None, help="with --init-image: 0 keeps it, 1 "
+                           "starts from noise (default 0.75)")
         s.add_argument("--model", default="shi-labs/versatile-diffusion",
                        help="hub repo id, diffusers-layout folder, original .pth, or converted folder")
         s.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
@@ -130,6 +133,13 @@ def _chunks(n: int, height: int | None, width: int | None) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def _draws_per_call(task: str, args: argparse.Namespace) -> bool:
+    """Whether the call draws from the first image's generator on behalf of all (an init image's encoding,
+    fidelity, focus, blend): then images generated together would depend on which ones share a call."""
+    return (task == "blend" or args.init_image is not None or getattr(args, "fidelity", 0) > 0
+            or getattr(args, "focus", 0.5) != 0.5)
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     from vd.pipeline import VersatileDiffusion
 
@@ -149,8 +159,16 @@ def run(args: argparse.Namespace) -> list[Path]:
         chunks = [range(i, min(i + CHUNK, args.num_images)) for i in range(0, args.num_images, CHUNK)]
     else:
         chunks = _chunks(args.num_images, args.height, args.width)
+        if _draws_per_call(task, args):  # one image per call, so that each depends on its own seed alone
+            chunks = [range(k, k + 1) for k in range(args.num_images)]
         paths = _outputs(args.output, args.num_images)
     image = _open_image(args.image, "image") if task in ("image_variation", "dual_guided", "image_to_text") else None
+    init = _open_image(args.init_image, "--init-image") if getattr(args, "init_image", None) else None
+    if getattr(args, "init_strength", None) is not None:
+        if init is None:
+            raise UserError(f"--init-strength: expected it with --init-image only, got {args.init_strength}")
+        if not 0 <= args.init_strength <= 1:
+            raise UserError(f"--init-strength: expected a number in [0, 1], got {args.init_strength}")
     negative = getattr(args, "negative", None)
     if task == "image_variation" and negative is not None:
         negative = _open_image(negative, "--negative")
@@ -177,7 +195,8 @@ def run(args: argparse.Namespace) -> list[Path]:
                    pipe.text_variation(args.prompt, negative_prompt=negative, **kwargs))
             texts += out.texts
             continue
-        kwargs.update(height=args.height, width=args.width, num_images_per_prompt=len(chunk))
+        kwargs.update(height=args.height, width=args.width, num_images_per_prompt=len(chunk), init_image=init,
+                      strength=args.init_strength)
         if task == "text_to_image":
             out = pipe.text_to_image(args.prompt, negative_prompt=negative, **kwargs)
         elif task == "image_variation":

@@ -141,3 +141,24 @@ def test_ctrl_c_is_status_130(model, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(VersatileDiffusion, "text_to_image", interrupted)
     assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), "--model", model, *FAST]) == 130
     assert "interrupted" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+def test_init_image_one_image_per_call(model, tmp_path, monkeypatch):
+    """--init-image / --init-strength: each image is the Python call with its own seed (one image per call, as the
+    init image's encoding draws from the call's first generator)."""
+    init = tmp_path / "init.png"
+    PIL.Image.fromarray((np.random.RandomState(3).rand(16, 24, 3) * 255).astype(np.uint8)).save(init)
+    out = tmp_path / "b.png"
+    assert main(["text-to-image", "the cat", "-o", str(out), "--model", model, "--num-images", "2",
+                 "--init-image", str(init), "--init-strength", "0.5", "--steps", "4", "--seed", "7",
+                 "--no-progress"]) == 0
+    pipe = VersatileDiffusion.from_pretrained(model, tasks=["text_to_image"])
+    for k in range(2):
+        want = pipe.text_to_image("the cat", init_image=PIL.Image.open(init), strength=0.5, num_inference_steps=4,
+                                  generator=[torch.Generator().manual_seed(7 + k)], progress=False).images[0]
+        assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / f"b-{k}.png")), np.asarray(want)), k
+
+
+def test_init_strength_needs_an_init_image(no_model, tmp_path, capsys):
+    assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), "--init-strength", "0.5"]) == 2
+    _one_line(capsys, "--init-strength", "--init-image")
