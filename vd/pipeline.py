@@ -4,7 +4,7 @@ Images: text_to_image, image_variation (with focus, fidelity and colour matching
 Text: image_to_text, text_variation (the text UNet's data layers, decoded by the Optimus text VAE).
 
 Each flow method checks its arguments (all of them, before any model runs), encodes its conditions into context
-tokens (or takes them as tensors), picks the start (noise, given latents, or an init image noised part-way) and
+tokens or takes them as tensors (`vd.conditions`), picks the start (noise, given latents, or an init image noised part-way) and
 calls the flow of the functional core, `vd.sampling`, where a reader learns what the flow computes. Then it
 decodes and converts. Nothing is kept between calls, so any order of calls gives what a fresh pipeline gives.
 """
@@ -26,10 +26,9 @@ from tqdm.auto import tqdm
 from vd import checks
 from vd import sampling as core
 from vd.colors import match_colors
-from vd.conditioning import (UNCOND_IMAGES, encode_image, encode_text, mask_token_weights, pixel_values, resized,
-                             to_pil, uncond_pixel_values)
+from vd.conditioning import UNCOND_IMAGES, resized, to_pil
+from vd.conditions import Conditions
 from vd.fast import NoisePredictor, speed_up_
-from vd.focus import adjust_focus
 from vd.loading import Components, load_components, resolve
 from vd.optimus_tokenizers import remove_duplicate_word
 from vd.sched import SCHEDULERS, randn, sampler_from_config
@@ -65,6 +64,7 @@ class VersatileDiffusion:
                  scheduler: str = "ddim", uncond_image: str = "grey", compile: bool = False,
                  cuda_graphs: bool = False):
         self.components, self.tasks, self.device, self.dtype = components, tuple(tasks), device, dtype
+        self.conditions = Conditions(components, device, dtype)
         self.scheduler = checks.choice("scheduler", scheduler, list(SCHEDULERS))
         self.uncond_image = checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         image_unet, text_unet = components.image_unet, components.text_unet
@@ -124,7 +124,7 @@ class VersatileDiffusion:
         self._need_parts("encode_prompt", "text_encoder")
         texts = checks.prompts("prompts", prompts)
         with torch.no_grad(), self._autocast():
-            return encode_text(self.components.text_encoder, self.components.tokenizer, texts, self.device)
+            return self.conditions.text_embeds(texts)
 
     def encode_image(self, images: Images, focus: float = 0.5, generator: Generator = None) -> Tensor:
         """The context tokens [B, 257, D] the flows use for these images (CLIP vision, centre crop), focus-adjusted
@@ -134,7 +134,7 @@ class VersatileDiffusion:
         focus = checks.number("focus", focus, 0.0, 1.0)
         generator = checks.generator(generator, len(imgs))
         with torch.no_grad(), self._autocast():
-            return self._encode_images(imgs, focus, generator)
+            return self.conditions.encode_images(imgs, focus, generator)
 
     def encode_text_latents(self, texts: str | list[str]) -> Tensor:
         """Optimus text latents [B, 768] of sentences (the posterior mean, as the original): what image_to_text
@@ -175,14 +175,14 @@ class VersatileDiffusion:
                       progress: bool = True) -> GenerationOutput:
         """Images from text (or its tokens, `prompt_embeds` [B, 77, D]), optionally from an init image."""
         self._need("text_to_image")
-        text = self._text_arg("prompt", prompt, prompt_embeds)
-        negative = self._negative_text(negative_prompt, negative_prompt_embeds, len(text))
+        text = self.conditions.text_arg("prompt", prompt, prompt_embeds)
+        negative = self.conditions.negative_text(negative_prompt, negative_prompt_embeds, len(text))
         run = self._prepare(len(text), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
                             scheduler=scheduler, init_image=init_image, init_latents=init_latents, strength=strength)
         with torch.no_grad(), self._autocast():
-            tokens = self._text_tokens(text, negative, run)
+            tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
             x = self._sample(run, lambda s, x: core.text_to_image(self._nets, text=tokens, x=x, s=s), progress)
         return self._images(x, run)
 
@@ -205,8 +205,8 @@ class VersatileDiffusion:
         color_adjust: match each output's per-channel mean and std to the input's (or the init image's).
         """
         self._need("image_variation")
-        cond = self._image_arg("image", image, image_embeds)
-        negative = self._negative_image(negative_prompt, negative_image_embeds, len(cond))
+        cond = self.conditions.image_arg("image", image, image_embeds)
+        negative = self.conditions.negative_image(negative_prompt, negative_image_embeds, len(cond))
         mode = self._uncond_mode(uncond_image)
         focus = checks.number("focus", focus, 0.0, 1.0)
         fidelity = checks.number("fidelity", fidelity, 0.0, 1.0)
@@ -235,7 +235,7 @@ class VersatileDiffusion:
                     return GenerationOutput(self._init_latents(run))
             return GenerationOutput(to_output(reference.repeat_interleave(run.per_prompt, dim=0).float(), output_type))
         with torch.no_grad(), self._autocast():
-            tokens = self._image_tokens(cond, negative, mode, run, focus=focus)
+            tokens = self.conditions.image_tokens(cond, negative, mode, run.per_prompt, run.sampling, focus=focus)
             x = self._sample(run, lambda s, x: core.image_variation(self._nets, image=tokens, x=x, s=s), progress)
         match = reference.repeat_interleave(run.per_prompt, dim=0).float() if color_adjust else None
         return self._images(x, run, match_to=match)
@@ -253,22 +253,22 @@ class VersatileDiffusion:
         """Images from a text and an image (or their tokens). At every context layer the text stream weighs
         text_to_image_strength and the image stream the rest (1: pure text-to-image, 0: pure variation)."""
         self._need("dual_guided")
-        text = self._text_arg("prompt", prompt, prompt_embeds)
-        cond = self._image_arg("image", image, image_embeds)
+        text = self.conditions.text_arg("prompt", prompt, prompt_embeds)
+        cond = self.conditions.image_arg("image", image, image_embeds)
         if len(cond) != len(text):
             checks.fail("image" if image_embeds is None else "image_embeds", f"{len(cond)} image(s)",
                         f"one image per prompt ({len(text)})")
         mixing = checks.number("text_to_image_strength", text_to_image_strength, 0.0, 1.0)
-        negative = self._negative_text(negative_prompt, negative_prompt_embeds, len(text))
-        negative_image = self._negative_image(None, negative_image_embeds, len(cond))
+        negative = self.conditions.negative_text(negative_prompt, negative_prompt_embeds, len(text))
+        negative_image = self.conditions.negative_image(None, negative_image_embeds, len(cond))
         mode = self._uncond_mode(uncond_image)
         run = self._prepare(len(text), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
                             scheduler=scheduler, init_image=init_image, init_latents=init_latents, strength=strength)
         with torch.no_grad(), self._autocast():
-            text_tokens = self._text_tokens(text, negative, run)
-            image_tokens = self._image_tokens(cond, negative_image, mode, run)
+            text_tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
+            image_tokens = self.conditions.image_tokens(cond, negative_image, mode, run.per_prompt, run.sampling)
             x = self._sample(run, lambda s, x: core.dual_guided(
                 self._nets, text=text_tokens, image=image_tokens, text_weight=mixing, x=x, s=s),
                              progress)
@@ -307,27 +307,17 @@ class VersatileDiffusion:
             checks.fail("negative_prompt", negative_prompt, "a string or None", TypeError)
         text = None
         if prompt is not None or prompt_embeds is not None:
-            text = self._text_arg("prompt", prompt, prompt_embeds, batch=1)
-        negative = self._negative_text(negative_prompt, negative_prompt_embeds, 1)
+            text = self.conditions.text_arg("prompt", prompt, prompt_embeds, batch=1)
+        negative = self.conditions.negative_text(negative_prompt, negative_prompt_embeds, 1)
         use_text = text is not None and (isinstance(text, Tensor) or bool(prompt)) and s > 0  # parity: the original
         run = self._prepare(1, height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
                             scheduler=scheduler, init_image=init_image, init_latents=init_latents, strength=strength)
         with torch.no_grad(), self._autocast():  # ignores an empty text or a zero strength
-            per_image = []
-            for i in range(k):
-                pixels = pixel_values(self.components.image_processor, imgs[i:i + 1], square=True)
-                pixels = pixels.to(self.device, self.dtype)
-                tw = None
-                if keep[i] is not None:
-                    tw = mask_token_weights(keep[i].to(self.device), self._patch, pixels.shape[-1])
-                tokens = encode_image(self.components.image_encoder, pixels, token_weights=tw)
-                per_image.append(self._focus(tokens, focus[i], run.generator, index=0))  # all serve one prompt
-            cond = core.blend_tokens(per_image, weights).repeat_interleave(run.per_prompt, dim=0)
-            image_tokens = core.guided_tokens(cond, torch.zeros_like(cond), run.sampling.guidance_scale)
+            image_tokens = self.conditions.blend_tokens(imgs, keep, focus, weights, run.per_prompt, run.sampling)
             if use_text:
-                text_tokens = self._text_tokens(text, negative, run)
+                text_tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
                 flow = lambda st, x: core.dual_guided(
                     self._nets, text=text_tokens, image=image_tokens, text_weight=s, x=x, s=st)  # noqa: E731
             else:
@@ -349,14 +339,14 @@ class VersatileDiffusion:
         with `temperature`, `top_k`, `top_p` (or `greedy`) up to `max_length` tokens; `dedupe` collapses repeated
         words as the original app does. `latents` [N, 768] is the start noise."""
         self._need("image_to_text")
-        cond = self._image_arg("image", image, image_embeds)
-        negative = self._negative_image(None, negative_image_embeds, len(cond))
+        cond = self.conditions.image_arg("image", image, image_embeds)
+        negative = self.conditions.negative_image(None, negative_image_embeds, len(cond))
         run = self._prepare_text(len(cond), steps=num_inference_steps, guidance=guidance_scale,
                                  per_prompt=num_texts_per_prompt, eta=eta, generator=generator, latents=latents,
                                  callback=callback, callback_steps=callback_steps, scheduler=scheduler)
         decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
         with torch.no_grad(), self._autocast():
-            tokens = self._image_tokens(cond, negative, "black", run)
+            tokens = self.conditions.image_tokens(cond, negative, "black", run.per_prompt, run.sampling)
             x = self._sample(run, lambda s, x: core.image_to_text(self._nets, image=tokens, x=x, s=s), progress)
         x = x.flatten(1)  # [N, 768]
         return TextOutput(self._decode_text(x, run.generator, decoding), x)
@@ -372,14 +362,14 @@ class VersatileDiffusion:
         """Rephrase texts (or their tokens): text UNet data + context layers, decoded by Optimus (see
         image_to_text)."""
         self._need("text_variation")
-        text = self._text_arg("prompt", prompt, prompt_embeds)
-        negative = self._negative_text(negative_prompt, negative_prompt_embeds, len(text))
+        text = self.conditions.text_arg("prompt", prompt, prompt_embeds)
+        negative = self.conditions.negative_text(negative_prompt, negative_prompt_embeds, len(text))
         run = self._prepare_text(len(text), steps=num_inference_steps, guidance=guidance_scale,
                                  per_prompt=num_texts_per_prompt, eta=eta, generator=generator, latents=latents,
                                  callback=callback, callback_steps=callback_steps, scheduler=scheduler)
         decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
         with torch.no_grad(), self._autocast():
-            tokens = self._text_tokens(text, negative, run)
+            tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
             x = self._sample(run, lambda s, x: core.text_variation(self._nets, text=tokens, x=x, s=s), progress)
         x = x.flatten(1)  # [N, 768]
         return TextOutput(self._decode_text(x, run.generator, decoding), x)
@@ -396,52 +386,6 @@ class VersatileDiffusion:
             raise ValueError(f"this pipeline was loaded for tasks {list(self.tasks)}; load it with "
                              f"tasks=[..., {hint!r}] to run {what}")
 
-    def _text_arg(self, name: str, prompt: object, embeds: object, batch: int | None = None) -> list[str] | Tensor:
-        """Prompts as a list of strings, or their tokens [B, 77, D] as given in `{name}_embeds`."""
-        if embeds is None:
-            if prompt is None:
-                checks.fail(name, prompt, f"a string, a list of strings, or {name}_embeds", TypeError)
-            return checks.prompts(name, prompt)
-        if prompt is not None:
-            checks.fail(f"{name}_embeds", embeds, f"None when {name} is given (one or the other)")
-        return checks.tokens(f"{name}_embeds", embeds, self._text_token_shape, self.device, batch=batch)
-
-    def _image_arg(self, name: str, image: object, embeds: object) -> list[PIL.Image.Image] | Tensor:
-        """Images (a list of PIL images or a [B, 3, H, W] tensor), or their tokens [B, 257, D] from image_embeds."""
-        if embeds is None:
-            if image is None:
-                checks.fail(name, image, "a PIL image, a list of them, a [B, 3, H, W] tensor, or image_embeds",
-                            TypeError)
-            return checks.images(name, image)
-        if image is not None:
-            checks.fail("image_embeds", embeds, f"None when {name} is given (one or the other)")
-        return checks.tokens("image_embeds", embeds, self._image_token_shape, self.device)
-
-    def _negative_text(self, negative: object, embeds: object, batch: int) -> list[str] | Tensor | None:
-        if embeds is None:
-            return checks.negative("negative_prompt", negative, batch, "text")
-        if negative is not None:
-            checks.fail("negative_prompt_embeds", embeds, "None when negative_prompt is given (one or the other)")
-        return checks.tokens("negative_prompt_embeds", embeds, self._text_token_shape, self.device, batch=(1, batch))
-
-    def _negative_image(self, negative: object, embeds: object, batch: int) -> list | Tensor | None:
-        if embeds is None:
-            return checks.negative("negative_prompt", negative, batch, "image")
-        if negative is not None:
-            checks.fail("negative_image_embeds", embeds, "None when negative_prompt is given (one or the other)")
-        return checks.tokens("negative_image_embeds", embeds, self._image_token_shape, self.device, batch=(1, batch))
-
-    @property
-    def _text_token_shape(self) -> tuple[int, int]:
-        """(tokens, width) of a prompt's context: CLIP's 77 positions, the text UNet's context width."""
-        length = self.components.text_encoder.config.max_position_embeddings
-        return length, self.components.text_unet.config.context_dim[0]
-
-    @property
-    def _image_token_shape(self) -> tuple[int, int]:
-        cfg = self.components.image_encoder.config
-        return (cfg.image_size // cfg.patch_size) ** 2 + 1, self.components.image_unet.config.context_dim[0]
-
     def _decoding(self, temperature, top_k, top_p, greedy, max_length, dedupe) -> dict:
         return checks.decoding(temperature, top_k, top_p, greedy, max_length, dedupe,
                                max_positions=self.components.optimus.config.dec_positions)
@@ -449,10 +393,6 @@ class VersatileDiffusion:
     @property
     def _factor(self) -> int:
         return self.components.vae.config.downscale
-
-    @property
-    def _patch(self) -> int:
-        return self.components.image_encoder.config.patch_size
 
     @property
     def _nets(self) -> core.Nets:
@@ -550,61 +490,6 @@ class VersatileDiffusion:
                      callback=callback, callback_steps=checks.callback(callback, callback_steps))
 
     # ---- conditions
-
-    def _text_tokens(self, cond: list[str] | Tensor, negative: list[str] | Tensor | None, run: "_Call") -> Tensor:
-        """Text tokens of a run: [uncond; cond], each repeated for the samples of its prompt (cond alone unguided)."""
-        cond = self._text_embeds(cond).repeat_interleave(run.per_prompt, dim=0)
-        if not run.sampling.guided:
-            return cond
-        n = len(cond) // run.per_prompt
-        uncond = self._text_embeds([""] * n if negative is None else negative)
-        uncond = uncond.expand(n, -1, -1) if len(uncond) == 1 else uncond
-        return core.guided_tokens(cond, uncond.repeat_interleave(run.per_prompt, dim=0), run.sampling.guidance_scale)
-
-    def _text_embeds(self, texts: list[str] | Tensor) -> Tensor:
-        if isinstance(texts, Tensor):
-            return texts.to(self.device)
-        return encode_text(self.components.text_encoder, self.components.tokenizer, texts, self.device)
-
-    def _image_tokens(self, cond: list | Tensor, negative: list | Tensor | None, mode: str, run: "_Call",
-                      focus: float = 0.5) -> Tensor:
-        """Image tokens of a run: [uncond; cond] per sample; "no image" is `negative`, or else by `mode`."""
-        n = len(cond)
-        if isinstance(cond, Tensor) and cond.dim() == 3:  # tokens given
-            cond = torch.cat([self._focus(cond[i:i + 1].to(self.device), focus, run.generator, i * run.per_prompt)
-                              for i in range(n)])
-        else:
-            cond = self._encode_images(cond, focus, run.generator, stride=run.per_prompt)
-        cond = cond.repeat_interleave(run.per_prompt, dim=0)
-        if not run.sampling.guided:
-            return cond
-        if isinstance(negative, Tensor) and negative.dim() == 3:
-            uncond = negative.to(self.device).expand(n, -1, -1)
-        elif negative is not None:
-            uncond = self._encode_images(negative, 0.5, None)
-        elif mode == "zeros":
-            uncond = torch.zeros_like(cond[::run.per_prompt])
-        else:
-            pixels = uncond_pixel_values(self.components.image_processor, mode, n)
-            uncond = encode_image(self.components.image_encoder, pixels.to(self.device, self.dtype))
-        return core.guided_tokens(cond, uncond.repeat_interleave(run.per_prompt, dim=0), run.sampling.guidance_scale)
-
-    def _encode_images(self, imgs: list | Tensor, focus: float, generator: Generator, stride: int = 1) -> Tensor:
-        """CLIP tokens of images, each focus-adjusted with generator[i * stride] (the first of its samples)."""
-        pixels = pixel_values(self.components.image_processor, imgs).to(self.device, self.dtype)
-        tokens = encode_image(self.components.image_encoder, pixels)
-        if focus == 0.5:
-            return tokens
-        return torch.cat([self._focus(tokens[i:i + 1], focus, generator, i * stride) for i in range(len(tokens))])
-
-    def _focus(self, tokens: Tensor, focus: float, generator: Generator, index: int) -> Tensor:
-        """Focus-adjust one image's tokens [1, 257, D] on the generator's device (so a CPU seed gives the same
-        result on every device), with generator[index] of a list."""
-        if focus == 0.5:
-            return tokens
-        g = generator[index] if isinstance(generator, list) else generator
-        where = g.device if g is not None else tokens.device
-        return adjust_focus(tokens.to(where), focus, generator=g).to(tokens.device, tokens.dtype)
 
     # ---- sampling and outputs
 

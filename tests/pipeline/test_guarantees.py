@@ -100,8 +100,9 @@ def test_noise_is_drawn_in_the_model_dtype(bf16, monkeypatch):
     original = vd.pipeline.randn
     monkeypatch.setattr(vd.pipeline, "randn", lambda shape, g, device, dtype: seen.append(dtype) or original(
         shape, g, device, dtype))
-    encode = vd.pipeline.encode_text  # as under CUDA autocast: float32 tokens from a reduced-precision model
-    monkeypatch.setattr(vd.pipeline, "encode_text", lambda *a: encode(*a).float())
+    import vd.conditions
+    encode = vd.conditions.encode_text  # as under CUDA autocast: float32 tokens from a reduced-precision model
+    monkeypatch.setattr(vd.conditions, "encode_text", lambda *a: encode(*a).float())
     bf16.text_to_image("the cat", generator=_g(), **KW)
     assert seen == [torch.bfloat16]
 

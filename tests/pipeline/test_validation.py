@@ -36,7 +36,7 @@ def no_model_runs(pipe, monkeypatch):
         monkeypatch.setattr(m, "forward", boom)
     monkeypatch.setattr(c.optimus, "generate", boom)
     for name in ("encode_image", "encode_text", "adjust_focus"):
-        monkeypatch.setattr(f"vd.pipeline.{name}", boom)
+        monkeypatch.setattr(f"vd.conditions.{name}", boom)
     monkeypatch.setattr("vd.sampling.denoise", boom)
     return pipe
 
