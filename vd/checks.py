@@ -101,10 +101,15 @@ def guidance(value: object) -> float:
     return number("guidance_scale", value, 0.0, MAX_GUIDANCE)
 
 
-def eta(value: object) -> float:
-    """eta in [0, 1] (0 = DDIM, 1 = DDPM's variance): above 1 the DDIM update takes the square root of a
-    negative number at some step, so the result is NaN for sure."""
-    return number("eta", value, 0.0, 1.0)
+def eta(value: object, sampler=None, steps: int | None = None) -> float:
+    """eta >= 0 (0 = DDIM, 1 = DDPM's variance), and at most the sampler's `max_eta(steps)` when it has one: above
+    it a DDIM step takes the square root of a negative number, so the result is NaN for sure."""
+    value = number("eta", value, 0.0)
+    bound = sampler.max_eta(steps) if hasattr(sampler, "max_eta") and steps is not None else None
+    if bound is not None and value > bound:
+        fail("eta", value, f"at most {bound:.4f} with {steps} DDIM steps (beyond it a step's noise exceeds what the "
+             "schedule leaves room for: NaN for sure)")
+    return value
 
 
 def seed(name: str, value: object, count: int = 1) -> int:

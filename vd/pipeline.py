@@ -480,7 +480,7 @@ class VersatileDiffusion:
         steps = checks.steps(steps, sampler)
         guidance = checks.guidance(guidance)
         per_prompt = checks.integer(per_prompt_name, per_prompt, 1)
-        eta = checks.eta(eta)
+        eta = checks.eta(eta, sampler, steps)
         total = batch * per_prompt
         shape = (total, *sample_shape)
         sampling = core.Sampling(sampler=sampler, num_steps=steps, guidance_scale=guidance, eta=eta,

@@ -30,6 +30,7 @@ TEXT_CASES = {
     "no_cfg": dict(prompt="the cat", guidance_scale=1.0),
     "non_square_odd_latent": dict(prompt="the cat", height=72, width=40),
     "eta_0.7_generator": dict(prompt="the cat", eta=0.7),
+    "eta_above_1": dict(prompt="the cat", eta=1.0008),  # within DDIM's bound for 3 steps (1.00098)
     "pndm": dict(prompt="the cat", scheduler="pndm"),
     "lms": dict(prompt="the cat", scheduler="lms"),
     "generator_list": dict(prompt=["the cat", "a dog"], generator=[seeded(3), seeded(4)]),

@@ -13,6 +13,7 @@ Notation (code -> paper):
     z           epsilon_t ~ N(0, I), the fresh noise of eq. 12
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -100,6 +101,20 @@ class DDIM(Schedule):
             if callback is not None:
                 callback(i, ts_dev[i], x)
         return x
+
+    def max_eta(self, num_steps: int) -> float:
+        """The largest eta whose every step stays real: eq. 12's direction term needs 1 - alpha_{t-1} - sigma_t^2
+        >= 0, with sigma_t = eta * sqrt((1 - alpha_{t-1}) / (1 - alpha_t) * (1 - alpha_t / alpha_{t-1})) (eq. 16).
+        eta = 1 always passes; beyond the bound the result is NaN for sure."""
+        a_bar = self.alpha_bars().double()
+        a_last = 1.0 if self.set_alpha_to_one else float(a_bar[0])
+        stride = self.num_train_timesteps // num_steps
+        bound = math.inf
+        for t in self.timesteps(num_steps).tolist():
+            a, a_prev = float(a_bar[t]), float(a_bar[t - stride]) if t - stride >= 0 else a_last
+            if a < a_prev:  # sigma_t^2 <= 1 - alpha_{t-1}  <=>  eta^2 <= (1 - alpha_t) / (1 - alpha_t / alpha_{t-1})
+                bound = min(bound, ((1 - a) / (1 - a / a_prev)) ** 0.5)
+        return bound
 
     def noised(self, x0: Tensor, t: int, noise: Tensor) -> Tensor:
         """x0 diffused to timestep t: sqrt(alpha_t) x0 + sqrt(1 - alpha_t) noise (the forward process, eq. 4)."""
