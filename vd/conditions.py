@@ -60,8 +60,9 @@ class Conditions:
 
     @property
     def text_token_shape(self) -> tuple[int, int]:
-        """(tokens, width) of a prompt's context: CLIP's 77 positions, the text UNet's context width."""
-        length = self.components.text_encoder.config.max_position_embeddings
+        """(tokens, width) of a prompt's context: the tokenizer's padded length (CLIP's 77), the text UNet's context
+        width."""
+        length = self.components.tokenizer.model_max_length
         return length, self.components.text_unet.config.context_dim[0]
 
     @property
