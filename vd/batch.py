@@ -166,10 +166,6 @@ class Signals:
                 raise Interrupted(self.pending)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    files.write_bytes(path, data)
-
-
 def remove_stale(out: Path) -> None:
     """Delete temporary files that killed runs left behind: those of a process of this host that is gone (or
     has our pid: pids repeat in fresh containers), and those of other hosts older than STALE_SECONDS. The
@@ -385,17 +381,17 @@ def _run(args, jobs: list[Job], malformed: list[tuple[int, str]], rank: int, wor
 def _save(out: Path, name: str, output: PIL.Image.Image | str, job: Job, k: int, info: dict) -> None:
     """The output (a PNG, or a text file of one line), then its record."""
     if isinstance(output, str):
-        write_atomic(out / f"{name}.txt", (output + "\n").encode())
+        files.write_bytes(out / f"{name}.txt", (output + "\n").encode())
         what = dict(text=f"{name}.txt", sentence=output)
     else:
         buf = io.BytesIO()
         output.save(buf, format="PNG")
-        write_atomic(out / f"{name}.png", buf.getvalue())
+        files.write_bytes(out / f"{name}.png", buf.getvalue())
         what = dict(image=f"{name}.png")
     record = dict(id=job.id, **what, index=k, line=job.line, task=job.task, seed=job.seed, image_seed=job.seed + k,
                   arguments=job.args, job_sha256=job.digest, **info,
                   time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    write_atomic(out / f"{name}.json", (json.dumps(record, ensure_ascii=False) + "\n").encode())
+    files.write_bytes(out / f"{name}.json", (json.dumps(record, ensure_ascii=False) + "\n").encode())
 
 
 def _merge_records(out: Path, jobs: list[Job]) -> None:
@@ -408,7 +404,7 @@ def _merge_records(out: Path, jobs: list[Job]) -> None:
             record = _record(out, name, digest)
             if record is not None:
                 lines.append(json.dumps(record, ensure_ascii=False))
-    write_atomic(out / RECORDS, "".join(line + "\n" for line in lines).encode())
+    files.write_bytes(out / RECORDS, "".join(line + "\n" for line in lines).encode())
 
 
 def _prepare_out(out: Path) -> None:

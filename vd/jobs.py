@@ -258,11 +258,12 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     task = obj.get("task")
     if not isinstance(task, str) or task not in REQUIRED:
-        raise ValueError(f"task: expected one of {list(REQUIRED)}, got {_short(task)}")
+        checks.fail("task", task, f"one of {list(REQUIRED)}")
     keys = [k for group in REQUIRED[task] for k in group] + list(OPTIONAL[task])
     unknown = sorted(set(obj) - {"task", "seed", "id", *keys})
     if unknown:
-        raise ValueError(f"unknown key(s) for {task}: {', '.join(k if len(k) <= 60 else k[:57] + '...' for k in unknown)}")
+        names = ", ".join(k if len(k) <= 60 else k[:57] + "..." for k in unknown)
+        raise ValueError(f"unknown key(s) for {task}: {names}")
     missing = ["seed"] * ("seed" not in obj) + [" or ".join(g) for g in REQUIRED[task] if not set(g) & set(obj)]
     if missing:
         raise ValueError(f"missing key(s): {', '.join(missing)}")
@@ -272,7 +273,7 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
     for key, value in obj.items():
         want = KEYS[key].type if isinstance(KEYS[key].type, tuple) else (KEYS[key].type,)
         if not any(_is(value, t) for t in want):
-            raise ValueError(f"{key}: expected {' or '.join(TYPE_NAMES[t] for t in want)}, got {_short(value)}")
+            checks.fail(key, value, " or ".join(TYPE_NAMES[t] for t in want))
         try:
             KEYS[key].check(key, value)
         except (ValueError, TypeError) as e:
@@ -301,7 +302,7 @@ def _check_together(task: str, obj: dict) -> None:
     if "strength" in obj and not {"init_image", "init_latents"} & set(obj):
         raise ValueError("strength: expected only with init_image or init_latents")
     if task != "blend" and isinstance(obj.get("focus"), list):
-        raise ValueError(f"focus: expected a number for {task}, got {_short(obj['focus'])}")
+        checks.fail("focus", obj["focus"], f"a number for {task}")
     for key in ("weights", "focus", "masks"):
         if task == "blend" and isinstance(obj.get(key), list) and len(obj[key]) != len(obj["images"]):
             raise ValueError(f"{key}: expected one entry per image ({len(obj['images'])}), got {len(obj[key])}")
@@ -371,11 +372,6 @@ def read_jobs(path: Path, anywhere: bool = False) -> tuple[list[Job], list[tuple
             first_line[job.id] = number
             jobs.append(job)
     return jobs, malformed
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _facade():

@@ -61,7 +61,7 @@ class Sampling:
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale > 1.0  # as the reference: a scale of 1 or less runs the conditional half only
+        return is_guided(self.guidance_scale)
 
 
 # ---- the flows
@@ -110,7 +110,7 @@ def denoise(model: EpsModel, streams: Sequence[Context], x: Tensor, s: Sampling)
 
 def guided(model: EpsModel, streams: Sequence[Context], guidance_scale: float) -> EpsFn:
     """Classifier-free guidance (Ho & Salimans 2022): eps = u + g (c - u), u and c from one batch [x; x]."""
-    if guidance_scale <= 1.0:
+    if not is_guided(guidance_scale):
         return lambda x, t: model(x, t, streams)
 
     def eps(x: Tensor, t: Tensor) -> Tensor:
@@ -119,9 +119,14 @@ def guided(model: EpsModel, streams: Sequence[Context], guidance_scale: float) -
     return eps
 
 
+def is_guided(guidance_scale: float) -> bool:
+    """As the reference: a scale of 1 or less runs the conditional half alone, without guidance."""
+    return guidance_scale > 1.0
+
+
 def guided_tokens(cond: Tensor, uncond: Tensor | None, guidance_scale: float) -> Tensor:
     """[uncond; cond] for a guided run, else cond alone."""
-    return torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond
+    return torch.cat([uncond, cond]) if is_guided(guidance_scale) else cond
 
 
 def sample(sampler, eps_fn: EpsFn, x: Tensor, num_steps: int, *, t_enc: int | None = None,

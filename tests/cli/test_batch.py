@@ -164,9 +164,9 @@ def _check_complete(jobs: Path, out: Path) -> None:
 
 def test_sigterm_midway_then_restart_completes(model, tmp_path, monkeypatch, capsys):
     """SIGTERM arrives between an image and its record: the pair is finished, then the run stops."""
-    import vd.batch
+    import vd.files
     jobs, out = _write_jobs(tmp_path, MANY), tmp_path / "out"
-    writes, real_write = [], vd.batch.write_atomic
+    writes, real_write = [], vd.files.write_bytes
 
     def write_then_signal(path: Path, data: bytes) -> None:
         real_write(path, data)
@@ -174,12 +174,12 @@ def test_sigterm_midway_then_restart_completes(model, tmp_path, monkeypatch, cap
         if len(writes) == 5:  # the third image
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(vd.batch, "write_atomic", write_then_signal)
+    monkeypatch.setattr(vd.files, "write_bytes", write_then_signal)
     assert _run_in_process(jobs, "--out", out, "--model", model) == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in capsys.readouterr().err
     assert writes[-1].endswith("-0.json") and len(writes) == 6
     assert sorted(os.listdir(out)) == sorted(writes)  # three pairs, no temporary file, no records.jsonl yet
-    monkeypatch.setattr(vd.batch, "write_atomic", real_write)
+    monkeypatch.setattr(vd.files, "write_bytes", real_write)
     assert _run_in_process(jobs, "--out", out, "--model", model) == 0
     assert f"{len(MANY)} jobs: {len(MANY) - 3} done, 3 skipped" in capsys.readouterr().out
     _check_complete(jobs, out)
