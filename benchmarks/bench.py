@@ -3,24 +3,30 @@
     python benchmarks/bench.py CKPT [--device cuda --dtype fp16 --size 512 --steps 50] [--json F] [--markdown F]
 
 CKPT is a diffusers-layout folder (benchmarks/make_checkpoint.py writes one with random weights). For each task
-and each implementation (ours; diffusers, if installed, with the two smallest patches that make it run) we
-measure, in this one process and interleaved (ours/reference, then reference/ours), after warm-up, median of N:
+and each implementation (our variants, --ours; diffusers, if installed, with the two smallest patches that make
+it run, eager and/or with its documented speed-up recipe, --reference) we measure, in this one process and
+interleaved (A, B, ..., then ..., B, A), after warm-up, median of N:
+  first  three short calls: the first calls' extra seconds (compile, CUDA-graph capture), the memory they hold;
   step   one UNet call with classifier-free guidance (batch 2), replaying the exact arguments the pipeline
          passed to its UNet (captured with a forward pre-hook, so the reference's swapped or dual transformers
          and our context streams are what runs), under the pipeline's own autocast state;
   e2e    one whole task call per image: encode + N denoising steps + decode, output_type "np";
+  decode the VAE decode of one image as the pipeline runs it after sampling;
   FLOPs  counted with torch.utils.flop_counter.FlopCounterMode on a step and on a short run (never typed in);
-         achieved TFLOP/s = FLOPs / median time, and its fraction of the card's dense fp16 peak.
+         achieved TFLOP/s = FLOPs / median time, and its fraction of the card's dense fp16 peak;
+  throughput (--throughput-batches) images per second at several batch sizes, with peak memory (throughput.py).
 Each implementation is then loaded again in a fresh subprocess per task (`--child`) for the load time (files
 to ready on the device), the peak host RSS while loading (VmHWM) and the peak memory of a run
 (torch.cuda.max_memory_allocated on CUDA, VmHWM on CPU). `--profile DIR` wraps one run of each in the torch
-profiler. Results: a markdown table on stdout (and --markdown) and everything in --json.
+profiler. Results: markdown tables on stdout (and --markdown) and everything in --json, both rewritten as the
+run goes, so a run stopped by a time limit keeps what it measured.
 """
 
 import argparse
 import datetime
 import gc
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -39,7 +45,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing vd
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its helper modules, also when loaded from a file path
 
+from bench_report import REF_LOADS as REF_VARIANTS, markdown  # noqa: E402
 from vd.checks import DTYPES  # noqa: E402
 
 TASKS = ("text_to_image", "image_variation", "dual_guided")
@@ -48,16 +56,10 @@ STRENGTH = 0.5
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device-name substring, first match wins (vendor data sheets).
 PEAK_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989),
                ("A100", 312), ("L40S", 362), ("L4", 121), ("A10G", 70), ("A10", 125), ("RTX 4090", 165))
-# The reference variants for the memory/load table, and which ones each task is compared with by default: the
-# task pipeline as its docs load it (with remove_unused_weights()), and the loads the issue's targets name.
-REF_VARIANTS = {
-    "dedicated": "task pipeline, remove_unused_weights()",
-    "dedicated_full": "task pipeline as loaded",
-    "all_in_one": "VersatileDiffusionPipeline",
-}
+# The reference loads for the memory/load table (REF_VARIANTS), and which ones each task is compared with by
+# default: the task pipeline as its docs load it (with remove_unused_weights()), and the loads the targets name.
 DEFAULT_VARIANTS = {"text_to_image": ("dedicated", "all_in_one"), "image_variation": ("dedicated",),
                     "dual_guided": ("dedicated", "dedicated_full")}
-GIB = 2**30
 
 
 # ---- environment and measuring helpers
@@ -188,23 +190,52 @@ def task_kwargs(task: str, size: int, steps: int, guidance: float, seed: int = 0
 
 class Impl:
     """A loaded pipeline: `run(task, **kw)` -> np images [N, H, W, 3]; `unet` is the module called each step and
-    `step` what a denoising step calls (ours: the NoisePredictor, which may replay a CUDA graph; default `unet`)."""
+    `step` what a denoising step calls (ours: the NoisePredictor, which may replay a CUDA graph; default `unet`);
+    `decode(latents)` -> images [N, 3, H, W] in [0, 1], the pipeline's decode of scaled latents. `countable`: it
+    runs eagerly, so FLOPs and aten ops can be counted (a CUDA graph replay or compiled code hides them);
+    `first_call(fn)` runs the first call (the compiled reference may compile again there); `resident` = device
+    bytes its load allocated."""
 
-    def __init__(self, name: str, pipe, unet, run, step=None):
-        self.name, self.pipe, self.unet, self._run = name, pipe, unet, run
-        self.step = step or unet
+    def __init__(self, name: str, pipe, unet, run, decode, step=None, countable: bool = True, first_call=None,
+                 setup=None):
+        self.name, self.pipe, self.unet, self._run, self.decode = name, pipe, unet, run, decode
+        self.step, self.countable = step or unet, countable
+        self.first_call = first_call or (lambda fn: fn())
+        self.setup = setup or (lambda: None)  # seconds of compile / CUDA-graph capture so far, if it keeps them
+        self.resident, self.recipe = None, None  # recipe: the compiled reference's CompiledReference
 
     def run(self, task: str, **kw) -> np.ndarray:
         return self._run(task, **kw)
 
 
-OURS = {"eager": {}, "graphs": {"cuda_graphs": True}, "compile": {"compile": True, "cuda_graphs": True},
-        # a fast-path candidate, measured before it could become a default: GroupNorm kept channels-last
-        "graphs+nhwc_norm": {"cuda_graphs": True}}
+# Our variants: from_pretrained's fast-path arguments; None = not passed (its default, on when the device is
+# CUDA). "default" is what a user gets.
+OURS = {"eager": {"cuda_graphs": False, "triton_kernels": False},
+        "graphs": {"cuda_graphs": True, "triton_kernels": False},
+        "default": {"cuda_graphs": None, "triton_kernels": None},
+        "compile": {"compile": True, "cuda_graphs": True},
+        # a fast-path candidate of runs 4-6: GroupNorm kept channels-last (channels_last_group_norm.py)
+        "graphs+nhwc_norm": {"cuda_graphs": True, "triton_kernels": False}}
+REF_EAGER, REF_COMPILED = "diffusers eager", "diffusers compiled"
 
 
 def ours_name(variant: str) -> str:
-    return {"eager": "ours", "compile": "ours+compile+graphs"}.get(variant, f"ours+{variant}")
+    return f"ours {variant}"
+
+
+def ours_kwargs(variant: str) -> dict:
+    """The variant's from_pretrained arguments. An option this vd does not have yet is left out when the variant
+    turns it off (off is then what it does anyway) and refused when the variant needs it."""
+    from vd import VersatileDiffusion
+    accepted = inspect.signature(VersatileDiffusion.from_pretrained).parameters
+    kw = {}
+    for key, value in OURS[variant].items():
+        if value is None or (key not in accepted and value is False):
+            continue
+        if key not in accepted:
+            raise ValueError(f"--ours {variant} needs from_pretrained({key}=...), which this vd does not have")
+        kw[key] = value
+    return kw
 
 
 def tune_ours(pipe, variant: str) -> None:
@@ -217,14 +248,16 @@ def tune_ours(pipe, variant: str) -> None:
                 channels_last_group_norms_(unet)
 
 
-def load_ours(ckpt: Path, task: str, device: torch.device, dtype: torch.dtype, variant: str = "eager") -> Impl:
+def load_ours(ckpt: Path, task: str, device: torch.device, dtype: torch.dtype, variant: str = "default") -> Impl:
     from vd import VersatileDiffusion
     # the reference's "no image" condition (a CLIP encoding either way), so outputs can be compared
     pipe = VersatileDiffusion.from_pretrained(ckpt, tasks=[task], device=device, dtype=dtype,
-                                              uncond_image="diffusers", **OURS[variant])
+                                              uncond_image="diffusers", **ours_kwargs(variant))
     tune_ours(pipe, variant)
+    countable = variant == "eager" or (device.type != "cuda" and variant != "compile")
     return Impl(ours_name(variant), pipe, pipe.components.image_unet,
-                lambda t, **kw: getattr(pipe, t)(**kw, progress=False).images, step=pipe.image_eps)
+                lambda t, **kw: getattr(pipe, t)(**kw, progress=False).images, pipe._decode, step=pipe.image_eps,
+                countable=countable, setup=lambda: pipe.image_eps.setup_seconds)
 
 
 def patch_diffusers() -> None:
@@ -260,9 +293,10 @@ def reference_available() -> bool:
 
 
 def load_reference(ckpt: Path, task: str, device: torch.device, dtype: torch.dtype,
-                   variant: str = "dedicated") -> Impl:
+                   variant: str = "dedicated", compiled: dict | None = None) -> Impl:
     """diffusers' pipeline loaded the way its docs show: from_pretrained(dtype=...) (the docs' `torch_dtype`,
-    renamed in 0.42), for the dedicated pipelines remove_unused_weights(), then .to(device)."""
+    renamed in 0.42), for the dedicated pipelines remove_unused_weights(), then .to(device). `compiled`: the
+    arguments of reference_compiled.CompiledReference (its documented speed-up recipe) to apply."""
     import diffusers
     patch_diffusers()
     if variant == "all_in_one":
@@ -276,18 +310,34 @@ def load_reference(ckpt: Path, task: str, device: torch.device, dtype: torch.dty
             pipe.remove_unused_weights()
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    recipe = None
+    if compiled is not None:
+        from reference_compiled import CompiledReference
+        recipe = CompiledReference(pipe, **compiled)
 
     def run(t: str, **kw) -> np.ndarray:
         call = getattr(pipe, t) if variant == "all_in_one" else pipe
         return call(**kw).images
-    return Impl("reference", pipe, pipe.image_unet, run)
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:  # what its pipelines do after sampling, to [0, 1]
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return (images / 2 + 0.5).clamp(0, 1)
+    # the step calls whatever module the pipeline calls now (the compiled reference may compile again)
+    impl = Impl(REF_COMPILED if recipe else REF_EAGER, pipe, pipe.image_unet, run, decode,
+                step=lambda *args, **kw: pipe.image_unet(*args, **kw), countable=recipe is None,
+                first_call=recipe and recipe.first_call)
+    impl.recipe = recipe
+    return impl
 
 
 def load(impl: str, ckpt: Path, task: str, device: torch.device, dtype: torch.dtype,
          variant: str = "dedicated") -> Impl:
+    """A load for the fresh-process memory runs: `variant` is ours' (default: what a user gets) or the
+    reference's load (REF_VARIANTS)."""
     if impl == "ours":
-        return load_ours(ckpt, task, device, dtype)
-    return load_reference(ckpt, task, device, dtype, variant)
+        return load_ours(ckpt, task, device, dtype, variant or "default")
+    return load_reference(ckpt, task, device, dtype, variant or "dedicated")
 
 
 # ---- one UNet step, exactly as the pipeline made it
@@ -316,19 +366,42 @@ class StepRecorder:
 
 # ---- the in-process measurements for one task
 
-def count_work(task: str, impl: Impl, a) -> tuple[StepRecorder, dict]:
-    """A counted short run (also the first warm-up), recording the first UNet call; then that step counted:
-    FLOPs, aten ops and casts. The per-image FLOPs add the steps the short run left out."""
-    rec = StepRecorder(impl)
+def held(device: torch.device) -> tuple[int, int] | None:
+    """Device bytes allocated and reserved once unused cached blocks are released (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    free(device)
+    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+
+def first_calls(task: str, impl: Impl, a, device: torch.device) -> tuple[dict, StepRecorder]:
+    """Three short runs: what the first calls cost beyond a warm one (compile, CUDA-graph capture, autotuning) and
+    the device memory they leave held (a CUDA graph's private pool); the first UNet call recorded for replay.
+    Then, if the implementation runs eagerly, FLOPs and aten ops counted (the per-image FLOPs add the steps the
+    short run left out)."""
     steps = min(2, a.steps)
-    flops_short = count_flops(lambda: impl.run(task, **task_kwargs(task, a.size, steps, a.guidance)))
+
+    def short():
+        return impl.run(task, **task_kwargs(task, a.size, steps, a.guidance))
+    rec = StepRecorder(impl)
+    before = held(device)
+    times = [timed(lambda: impl.first_call(short), device)]
     rec.remove()
     if rec.call is None:
         raise RuntimeError(f"{impl.name}: the pipeline never called its image UNet")
-    step_flops = count_flops(rec.replay)
-    ops, casts = count_ops(rec.replay)
-    return rec, dict(step_flops=step_flops, e2e_flops=flops_short + (a.steps - steps) * step_flops,
-                     step_aten_ops=ops, step_casts=casts)
+    times += [timed(short, device) for _ in range(2)]
+    r = {"first_calls_s": times, "first_calls_extra_s": times[0] + times[1] - 2 * times[2]}
+    after = held(device)
+    if after:
+        r["held_allocated"], r["held_reserved"] = after[0] - before[0], after[1] - before[1]
+    if impl.setup() is not None:
+        r["setup_s"] = impl.setup()
+    if impl.countable:
+        step_flops = count_flops(rec.replay)
+        ops, casts = count_ops(rec.replay)
+        r.update(step_flops=step_flops, e2e_flops=count_flops(short) + (a.steps - steps) * step_flops,
+                 step_aten_ops=ops, step_casts=casts)
+    return r, rec
 
 
 def interleaved(impls: list[Impl], call, repeats: int, device: torch.device) -> dict[str, list[float]]:
@@ -340,31 +413,45 @@ def interleaved(impls: list[Impl], call, repeats: int, device: torch.device) -> 
     return times
 
 
+def keep(res: dict, key: str, times: dict[str, list[float]]) -> None:
+    for name, t in times.items():
+        res[name][key], res[name][f"{key}_min"], res[name][f"{key}_all"] = statistics.median(t), min(t), t
+
+
+def diff(images: dict, res: dict, prefix: str = "") -> None:
+    """Largest and mean absolute difference of each implementation's images to the eager reference's."""
+    if REF_EAGER in images:
+        ref = np.asarray(images[REF_EAGER], dtype=np.float64)
+        for name, x in images.items():
+            if name != REF_EAGER:
+                d = np.abs(np.asarray(x, dtype=np.float64) - ref)
+                res[name][f"{prefix}max_abs_diff"], res[name][f"{prefix}mean_abs_diff"] = float(d.max()), float(d.mean())
+
+
 def measure_task(task: str, impls: list[Impl], a, device: torch.device) -> dict:
-    """Counted work, warm-up, then interleaved step and e2e timings; returns per-implementation results."""
+    """First calls (setup, held memory, counted work), then interleaved step, end-to-end and decode timings
+    (each skipped at 0 repeats); returns per-implementation results."""
     res, recorders, outputs = {}, {}, {}
     for impl in impls:
-        recorders[impl.name], res[impl.name] = count_work(task, impl, a)
-    for impl in impls:
-        for _ in range(a.step_warmup):
-            timed(recorders[impl.name].replay, device)
-        for _ in range(a.warmup):
-            impl.run(task, **task_kwargs(task, a.size, a.steps, a.guidance))
+        res[impl.name], recorders[impl.name] = first_calls(task, impl, a, device)
+    if a.step_repeats:
+        for impl in impls:
+            for _ in range(a.step_warmup):
+                timed(recorders[impl.name].replay, device)
+        keep(res, "step_s", interleaved(impls, lambda impl: recorders[impl.name].replay(), a.step_repeats, device))
+    if a.e2e_repeats:
+        for impl in impls:
+            for _ in range(a.warmup):
+                impl.run(task, **task_kwargs(task, a.size, a.steps, a.guidance))
 
-    def e2e(impl: Impl) -> None:
-        outputs[impl.name] = impl.run(task, **task_kwargs(task, a.size, a.steps, a.guidance))
-    step_times = interleaved(impls, lambda impl: recorders[impl.name].replay(), a.step_repeats, device)
-    e2e_times = interleaved(impls, e2e, a.e2e_repeats, device)
-    for impl in impls:
-        r = res[impl.name]
-        for key, times in (("step_s", step_times[impl.name]), ("e2e_s", e2e_times[impl.name])):
-            r[key], r[f"{key}_min"], r[f"{key}_all"] = statistics.median(times), min(times), times
-        r["finite"] = bool(np.isfinite(outputs[impl.name]).all())
-    if "reference" in outputs:
-        for name in outputs:
-            if name != "reference":
-                diff = np.abs(outputs[name].astype(np.float64) - outputs["reference"])
-                res[name]["max_abs_diff"], res[name]["mean_abs_diff"] = float(diff.max()), float(diff.mean())
+        def e2e(impl: Impl) -> None:
+            outputs[impl.name] = impl.run(task, **task_kwargs(task, a.size, a.steps, a.guidance))
+        keep(res, "e2e_s", interleaved(impls, e2e, a.e2e_repeats, device))
+        for name, x in outputs.items():
+            res[name]["finite"] = bool(np.isfinite(x).all())
+        diff(outputs, res)
+    if a.decode_repeats:
+        measure_decode(impls, a, device, res)
     if a.profile:
         for impl in impls:
             try:  # a profiler problem must not cost the measurements of a one-shot device run
@@ -372,6 +459,50 @@ def measure_task(task: str, impls: list[Impl], a, device: torch.device) -> dict:
             except Exception:
                 traceback.print_exc()
     return res
+
+
+def decode_latents(a, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Scaled latents of one image (what sampling ends with), the same for every implementation."""
+    channels = json.loads((Path(a.ckpt) / "vae" / "config.json").read_text())["latent_channels"]
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, channels, a.size // 8, a.size // 8, generator=g).to(device, dtype)
+
+
+def measure_decode(impls: list[Impl], a, device: torch.device, res: dict) -> None:
+    """The VAE decode of one image as each pipeline runs it after sampling, interleaved, median of
+    --decode-repeats; the images compared with the eager reference's. Then the candidate: our default's VAE in
+    channels-last memory (on a copy, called directly, against the same direct call of the NCHW original)."""
+    z = decode_latents(a, device, DTYPES[a.dtype])
+    for impl in impls:
+        for _ in range(2):
+            impl.decode(z)
+    keep(res, "decode_s", interleaved(impls, lambda impl: impl.decode(z), a.decode_repeats, device))
+    diff({impl.name: impl.decode(z).float().cpu().numpy() for impl in impls}, res, "decode_")
+    ours = next((impl for impl in impls if impl.name == ours_name("default")), None)
+    if ours is not None:
+        try:
+            res[ours.name]["decode_candidates"] = vae_channels_last(ours.pipe.components.vae, z, a, device)
+        except Exception as e:  # a candidate's failure is a result, not the end of the run
+            traceback.print_exc()
+            res[ours.name]["decode_candidates"] = {"error": f"{type(e).__name__}: {e}"}
+
+
+@torch.no_grad()
+def vae_channels_last(vae, z: torch.Tensor, a, device: torch.device) -> dict:
+    import copy
+    nhwc = copy.deepcopy(vae).to(memory_format=torch.channels_last)
+    x = z / vae.config.scaling_factor
+    calls = {"NCHW": lambda: vae.decode(x), "channels-last": lambda: nhwc.decode(x.contiguous(
+        memory_format=torch.channels_last))}
+    for call in calls.values():
+        call()
+    times = {name: [] for name in calls}
+    for r in range(a.decode_repeats):
+        for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+            times[name].append(timed(calls[name], device))
+    plain, other = calls["NCHW"]().float(), calls["channels-last"]().float()
+    return {"direct_decode_s": {name: statistics.median(t) for name, t in times.items()},
+            "rel_diff": ((other - plain).norm() / plain.norm()).item()}
 
 
 def profile_run(task: str, impl: Impl, a, device: torch.device) -> None:
@@ -384,12 +515,13 @@ def profile_run(task: str, impl: Impl, a, device: torch.device) -> None:
     with profile(activities=activities) as prof:
         impl.run(task, **task_kwargs(task, a.size, a.profile_steps or a.steps, a.guidance))
         sync(device)
-    prof.export_chrome_trace(str(folder / f"{task}-{impl.name}.json.gz"))
+    stem = f"{task}-{impl.name.replace(' ', '_')}"
+    prof.export_chrome_trace(str(folder / f"{stem}.json.gz"))
     key = "self_cpu_time_total"
     if device.type == "cuda":  # renamed in torch 2.4; the old name is deprecated
         key = "self_device_time_total" if "self_device_time_total" in table_keys(prof) else "self_cuda_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30)
-    (folder / f"{task}-{impl.name}.txt").write_text(table)
+    (folder / f"{stem}.txt").write_text(table)
     print(f"profile {task} {impl.name}:\n{table}", flush=True)
 
 
@@ -410,7 +542,7 @@ def child_main(a) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    impl = load(impl_name, Path(a.ckpt), task, device, dtype, variant or "dedicated")
+    impl = load(impl_name, Path(a.ckpt), task, device, dtype, variant)
     sync(device)
     out["load_s"] = time.perf_counter() - t0
     out["rss_load"] = vm_hwm()
@@ -441,7 +573,7 @@ def isolated(impl: str, variant: str, task: str, a) -> dict:
 
 
 def memory_runs(task: str, a, with_reference: bool) -> dict:
-    runs = {"ours": isolated("ours", "", task, a)}
+    runs = {"ours": isolated("ours", "default", task, a)}
     if with_reference:
         for variant in DEFAULT_VARIANTS[task] if a.ref_variants is None else a.ref_variants:
             if variant == "dedicated_full" and task == "image_variation":
@@ -450,143 +582,46 @@ def memory_runs(task: str, a, with_reference: bool) -> dict:
     return runs
 
 
-# ---- reporting
-
-def ratio(ours, ref) -> float | None:
-    return ours / ref if isinstance(ours, (int, float)) and isinstance(ref, (int, float)) and ref else None
-
-
-def fmt(x, spec: str = ".3g") -> str:
-    return "—" if x is None else format(x, spec)
-
-
-def header(result: dict) -> list[str]:
-    s, env, v = result["settings"], result["env"], result["env"]["versions"]
-    peak = f" (dense fp16 peak {env['peak_tflops']} TFLOP/s)" if env["peak_tflops"] else ""
-    steps = f"{s['steps']} DDIM steps, " if result["tasks"] else ""
-    return [f"### {env['device']}{peak}: {s['dtype']}, {s['size']}x{s['size']}, {steps}CFG {s['guidance']}, "
-            "batch 1", "",
-            f"{env['date']}; torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, "
-            f"accelerate {v['accelerate']}; load average {env['load_average_at_start'][0]:.1f} at start, "
-            f"{env['load_average_at_end'][0]:.1f} at end."
-            + (f" cuDNN autotuning tries {s['cudnn_benchmark_limit'] or 'all'} algorithms per convolution."
-               if s.get("cudnn_benchmark_limit") is not None else ""), ""]
-
-
-def achieved(x: dict, gpu: bool, peak: float | None) -> str:
-    """Achieved FLOP rate of the UNet step and of the whole call: TFLOP/s (and the fraction of the card's peak)
-    on a GPU, GFLOP/s on a CPU."""
-    if "e2e_s" not in x:
-        return "—"
-    rates = [x["step_flops"] / x["step_s"], x["e2e_flops"] / x["e2e_s"]]
-    if not gpu:
-        return " / ".join(f"{r / 1e9:.3g}" for r in rates)
-    return " / ".join(f"{r / 1e12:.3g}" + (f" ({r / 1e12 / peak:.0%})" if peak else "") for r in rates)
-
-
-def speed_table(result: dict) -> list[str]:
-    s = result["settings"]
-    lines = [f"In one process, interleaved, warm-up excluded; UNet step (CFG, batch 2): median of {s['step_repeats']};"
-             f" end to end (encode + {s['steps']} steps + decode): median of {s['e2e_repeats']}.", "",
-             "| task | UNet step ours (ms) | ref (ms) | ours/ref | end to end ours (s) | ref (s) | ours/ref "
-             "| image diff max (mean) |", "|---|---|---|---|---|---|---|---|"]
-    for task, r in result["tasks"].items():
-        if "error" in r:
-            lines.append(f"| {task} | error: {r['error']} |")
-            continue
-        ref = r.get("reference", {})
-        ref_step = ref["step_s"] * 1e3 if "step_s" in ref else None
-        for name in [n for n in r if n.startswith("ours")]:
-            o = r[name]
-            label = task if name == "ours" else f"{task}, {name}"
-            lines.append(f"| {label} | {o['step_s'] * 1e3:.1f} | {fmt(ref_step, '.1f')} "
-                         f"| {fmt(ratio(o['step_s'], ref.get('step_s')), '.2f')} | {o['e2e_s']:.3g} "
-                         f"| {fmt(ref.get('e2e_s'))} | {fmt(ratio(o['e2e_s'], ref.get('e2e_s')), '.2f')} "
-                         f"| {fmt(o.get('max_abs_diff'), '.2g')} ({fmt(o.get('mean_abs_diff'), '.2g')}) |")
-    setups = [f"{task}, {n}: {r[n]['setup_s']:.1f} s" for task, r in result["tasks"].items() if "error" not in r
-              for n in r if n.startswith("ours") and r[n].get("setup_s")]
-    if setups:
-        lines += ["", "Compile and CUDA-graph capture, once per shape, not in the timings above: " + "; ".join(setups)]
-    return lines
-
-
-def work_table(result: dict) -> list[str]:
-    s, peak = result["settings"], result["env"]["peak_tflops"]
-    gpu = s["device"].startswith("cuda")
-    unit = "TFLOP/s" if gpu else "GFLOP/s"
-    lines = ["", "FLOPs counted (FlopCounterMode); achieved = FLOPs / median time; aten ops = ops one UNet step "
-             "dispatches (each at least one kernel launch on a GPU), of which dtype casts/copies.", "",
-             f"| task | TFLOP per step | TFLOP per image | ours {unit} step / e2e | reference {unit} step / e2e "
-             "| aten ops per step ours (casts) | reference (casts) |", "|---|---|---|---|---|---|---|"]
-    for task, r in result["tasks"].items():
-        if "error" in r:
-            continue
-        o, ref = r["ours"], r.get("reference", {})
-
-        def ops(x):
-            return f"{x['step_aten_ops']} ({x['step_casts']})" if "step_aten_ops" in x else "—"
-        lines.append(f"| {task} | {o['step_flops'] / 1e12:.4g} | {o['e2e_flops'] / 1e12:.4g} "
-                     f"| {achieved(o, gpu, peak)} | {achieved(ref, gpu, peak)} | {ops(o)} | {ops(ref)} |")
-    return lines
-
-
-def memory_table(result: dict) -> list[str]:
-    s, gpu = result["settings"], result["settings"]["device"].startswith("cuda")
-    what, key = ("peak GPU memory", "gpu_peak") if gpu else ("peak RSS of a run", "rss_peak")
-    lines = ["", f"Each in a fresh process: {what} over load + one {s['mem_steps']}-step run; load time = files to "
-             "ready on the device; peak RSS while loading = VmHWM after loading.", "",
-             f"| task | reference | {what} ours (GiB) | reference (GiB) | ours/ref | load ours (s) | reference (s) "
-             "| ours/ref | peak RSS while loading ours (GiB) | reference (GiB) | ours/ref |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for task, runs in result["memory"].items():
-        o = runs["ours"]
-        for variant, ref in runs.items():
-            if variant == "ours":
-                continue
-            cells = []
-            for k, scale in ((key, GIB), ("load_s", 1), ("rss_load", GIB)):
-                ov, rv = o.get(k), ref.get(k)
-                cells += [fmt(ov and ov / scale), fmt(rv and rv / scale), fmt(ratio(ov, rv), ".2f")]
-            errors = "; ".join(f"{n} error: {x['error']}" for n, x in (("ours", o), ("reference", ref)) if "error" in x)
-            lines.append(f"| {task} | {REF_VARIANTS[variant]}{' (' + errors + ')' if errors else ''} | "
-                         + " | ".join(cells) + " |")
-    return lines
-
-
-def markdown(result: dict) -> str:
-    lines = header(result)
-    lines += speed_table(result) + work_table(result) if result["tasks"] else []
-    lines += memory_table(result) if result["memory"] else []
-    return "\n".join(lines) + "\n"
-
-
 # ---- main
 
-def time_task(task: str, a, device: torch.device, dtype: torch.dtype, with_ref: bool) -> dict:
-    """Load the implementations for one task in this process and measure them; an error is recorded, not raised,
-    so a one-shot device run keeps the other tasks' numbers."""
+def loaded(load_fn, device: torch.device) -> Impl:
+    """load_fn()'s implementation, with its load time and the device bytes it left allocated (its weights)."""
+    before = held(device)
+    t = time.perf_counter()
+    impl = load_fn()
+    sync(device)
+    impl.load_s = time.perf_counter() - t
+    after = held(device)
+    impl.resident = after[0] - before[0] if after else None
+    return impl
+
+
+def time_task(task: str, a, device: torch.device, dtype: torch.dtype, with_ref: bool, out: dict, save) -> None:
+    """Load the implementations for one task in this process and measure them into `out`, calling save() as it
+    fills; an error is recorded, not raised, so a one-shot device run keeps the numbers it has."""
     impls = []
     try:
-        if with_ref:  # the reference first: it reads every component before dropping the unused ones
-            t = time.perf_counter()
-            impls.append(load("reference", a.ckpt, task, device, dtype))
-            free(device)
-            ref_load = time.perf_counter() - t
+        for variant in a.reference if with_ref else []:  # the reference first: it reads every component before
+            compiled = None                              # dropping the unused ones
+            if variant == "compiled":
+                compiled = {"mode": a.ref_compile_mode, "backend": a.ref_compile_backend}
+            impls.append(loaded(lambda: load_reference(a.ckpt, task, device, dtype, compiled=compiled), device))
+            if impls[-1].recipe:
+                out["reference_compiled"] = impls[-1].recipe.summary()
         for variant in a.ours[::-1]:
-            t = time.perf_counter()
-            impls.insert(0, load_ours(a.ckpt, task, device, dtype, variant))
-            loaded = time.perf_counter() - t
-        res = measure_task(task, impls, a, device)
-        res["ours"]["load_s_in_process"] = loaded
-        for impl in impls:
-            if impl.name.startswith("ours"):  # compile and CUDA-graph capture, kept apart from the timings
-                res[impl.name]["setup_s"] = impl.pipe.image_eps.setup_seconds
-        if with_ref:
-            res["reference"]["load_s_in_process"] = ref_load
-        return res
+            impls.insert(0, loaded(lambda: load_ours(a.ckpt, task, device, dtype, variant), device))
+        out["loads"] = {impl.name: {"load_s_in_process": impl.load_s, "resident": impl.resident} for impl in impls}
+        if a.step_repeats or a.e2e_repeats or a.decode_repeats:
+            out["impls"] = measure_task(task, impls, a, device)
+            save()
+        if a.throughput_batches:
+            from throughput import measure_throughput
+            # batch 1 ran in the first calls above: its CUDA graphs and compiled code already exist
+            measure_throughput(task, impls, a, device, out.setdefault("throughput", {}), save,
+                               seen={1} if "impls" in out else set())
     except Exception as e:
         traceback.print_exc()
-        return {"error": f"{type(e).__name__}: {e}"}
+        out["error"] = f"{type(e).__name__}: {e}"
     finally:
         impls.clear()
         free(device)
@@ -601,20 +636,32 @@ def parse_args(argv=None):
     ap.add_argument("--size", type=int, default=512, help="image height and width in pixels")
     ap.add_argument("--steps", type=int, default=50, help="denoising steps per image")
     ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--step-repeats", type=int, default=20)
-    ap.add_argument("--e2e-repeats", type=int, default=3)
+    ap.add_argument("--step-repeats", type=int, default=20, help="timed UNet steps (0: none)")
+    ap.add_argument("--e2e-repeats", type=int, default=3, help="timed whole calls (0: none)")
+    ap.add_argument("--decode-repeats", type=int, default=10, help="timed VAE decodes of one image (0: none)")
     ap.add_argument("--step-warmup", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1, help="untimed full runs per implementation (after the "
-                    "counted 2-step run, which is a warm-up too)")
+                    "three short first calls, which warm up too)")
+    ap.add_argument("--throughput-batches", type=int, nargs="*", default=[], metavar="B",
+                    help="images per call for the throughput table (num_images_per_prompt), e.g. 1 4 8 16")
+    ap.add_argument("--throughput-repeats", type=int, default=2, help="timed calls per batch and implementation")
     ap.add_argument("--mem-steps", type=int, default=2, help="steps of the run in the memory subprocesses "
                     "(peak memory does not grow with steps)")
     ap.add_argument("--ref-variants", nargs="*", choices=list(REF_VARIANTS),
                     help="reference loads to compare memory/load with (default: per task, DEFAULT_VARIANTS)")
     ap.add_argument("--no-reference", action="store_true", help="measure ours only")
-    ap.add_argument("--ours", nargs="+", choices=list(OURS), default=["eager"],
-                    help="our variants to time: eager (default path), graphs (cuda_graphs=True), compile "
-                    "(compile=True, cuda_graphs=True), graphs+nhwc_norm (graphs with the GroupNorms of "
-                    "channels_last_group_norm.py); the first is the one named 'ours'")
+    ap.add_argument("--reference", nargs="+", choices=("eager", "compiled"), default=["eager"],
+                    help="the reference's variants to time: eager (as its docs load it), compiled (its documented "
+                    "speed-up recipe, benchmarks/reference_compiled.py)")
+    ap.add_argument("--ref-compile-mode", default="max-autotune",
+                    choices=("max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default"),
+                    help="torch.compile mode of the compiled reference (max-autotune, as diffusers' docs)")
+    ap.add_argument("--ref-compile-backend", default="inductor",
+                    help="torch.compile backend of the compiled reference; 'eager' only traces (CPU smoke runs)")
+    ap.add_argument("--ours", nargs="+", choices=list(OURS), default=["default"],
+                    help="our variants to time: eager (no CUDA graphs, no Triton kernels), graphs (CUDA graphs "
+                    "only), default (what from_pretrained gives a user), compile (compile=True, cuda_graphs=True), "
+                    "graphs+nhwc_norm (graphs with the GroupNorms of channels_last_group_norm.py)")
     ap.add_argument("--cudnn-benchmark-limit", type=int, metavar="N",
                     help="cuDNN algorithms to try per convolution when autotuning, for the whole process "
                     "(torch's default 10; 0: all)")
@@ -629,7 +676,21 @@ def parse_args(argv=None):
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.dtype = a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32")
+    for name in ("step_repeats", "e2e_repeats", "decode_repeats", "throughput_repeats"):
+        if getattr(a, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    if any(b < 1 for b in a.throughput_batches):
+        ap.error(f"--throughput-batches must be >= 1, got {a.throughput_batches}")
     return a
+
+
+def save(result: dict, a) -> None:
+    """The markdown and JSON so far: a run cut short by a time limit keeps what it measured."""
+    result["env"]["load_average_at_end"] = os.getloadavg()
+    if a.markdown:
+        a.markdown.write_text(markdown(result))
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1))
 
 
 def main(argv=None) -> dict | None:
@@ -643,8 +704,6 @@ def main(argv=None) -> dict | None:
     if a.cudnn_benchmark_limit is not None:  # before any convolution is tuned: the choices are cached per process
         torch.backends.cudnn.benchmark_limit = a.cudnn_benchmark_limit
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
-    if "eager" not in a.ours:
-        a.ours = ["eager", *a.ours]
     init_device(device)
     with_ref = not a.no_reference and reference_available()
     preimport("ours")
@@ -663,17 +722,14 @@ def main(argv=None) -> dict | None:
     for task in a.tasks:
         print(f"== {task}", flush=True)
         if not a.skip_timing:
-            result["tasks"][task] = time_task(task, a, device, dtype, with_ref)
+            out = result["tasks"][task] = {}
+            time_task(task, a, device, dtype, with_ref, out, lambda: save(result, a))
         if not a.no_isolate:
             result["memory"][task] = memory_runs(task, a, with_ref)
         print(json.dumps({task: result["tasks"].get(task), "memory": result["memory"].get(task)}), flush=True)
-    result["env"]["load_average_at_end"] = os.getloadavg()
-    text = markdown(result)
-    print(text, flush=True)
-    if a.markdown:
-        a.markdown.write_text(text)
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1))
+        save(result, a)
+    save(result, a)
+    print(markdown(result), flush=True)
     return result
 
 
