@@ -97,6 +97,7 @@ def work_table(result: dict) -> list[str]:
              "least one kernel launch on a GPU), of which dtype casts/copies.", "",
              f"| task | implementation | TFLOP per step | TFLOP per image | {unit} step / e2e | aten ops per step "
              "(casts) |", "|---|---|---|---|---|---|"]
+    rows = []
     for task, r in result["tasks"].items():
         counted = [x for x in r.get("impls", {}).values() if "step_flops" in x]
         if not counted:
@@ -110,8 +111,8 @@ def work_table(result: dict) -> list[str]:
             else:
                 rate = " / ".join(scaled(q, 1e-9) for q in rates)
             ops = f"{x['step_aten_ops']} ({x['step_casts']})" if "step_aten_ops" in x else "—"
-            lines.append(f"| {task} | {name} | {step_flops / 1e12:.4g} | {e2e_flops / 1e12:.4g} | {rate} | {ops} |")
-    return lines
+            rows.append(f"| {task} | {name} | {step_flops / 1e12:.4g} | {e2e_flops / 1e12:.4g} | {rate} | {ops} |")
+    return lines + rows if rows else []
 
 
 def throughput_table(task: str, rows: dict, s: dict) -> list[str]:

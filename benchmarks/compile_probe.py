@@ -9,7 +9,7 @@ summarises it: the kernels in launch order, the library calls (convolutions, mat
 every 4-D buffer it allocates (an NCHW buffer in a channels-last block is a layout copy), which ops each kernel
 fuses (GroupNorm with SiLU? the time-embedding and residual adds?), the first loads of each GroupNorm kernel (how
 it indexes the channels-last input), and the time of each block eager and compiled (on CUDA also each replayed
-from a CUDA graph, which leaves kernel time only, and the compiled block's kernel times from the profiler). On a
+from a CUDA graph, which leaves kernel time only; and the compiled block's kernel times from the profiler). On a
 CPU inductor writes C++ instead of Triton: smoke runs with small --channels/--size.
 """
 
@@ -175,7 +175,7 @@ def probe(name: str, module, inputs, a, device: torch.device) -> tuple[dict, str
         calls.update({"eager, CUDA graph": graphed(calls["eager"]), "compiled, CUDA graph": graphed(calls["compiled"])})
     r["ms"] = {k: median_s(fn, device, a.repeats) * 1e3 for k, fn in calls.items()}
     if device.type == "cuda":
-        r["kernel_us"] = kernel_times(calls["compiled, CUDA graph"])
+        r["kernel_us"] = kernel_times(calls["compiled"])
     return r, f"# ===== {name}: code inductor generated (mode {a.mode}) =====\n{code}"
 
 
@@ -202,7 +202,7 @@ def summary(name: str, r: dict) -> list[str]:
     for k, v in norms.items():
         lines.append(f"- First loads of `{k}`: " + "; ".join(f"`{ld}`" for ld in v["loads"]))
     if "kernel_us" in r:
-        lines.append("- Device time per call, from a CUDA graph (µs): "
+        lines.append("- Device time per call of the compiled block's kernels (µs): "
                      + ", ".join(f"{k} {v:.1f}" for k, v in r["kernel_us"].items()))
     return lines + [""]
 
