@@ -14,6 +14,8 @@
 #                     diffusers eager and ours default: step, end to end, decode, compile time, then throughput.
 #                     REF_COMPILE_MODE (max-autotune) if REF_COMPILE_EXPECT_S fit in what is left, else
 #                     REF_COMPILE_FALLBACK (reduce-overhead: inductor's default kernels + CUDA graphs)
+#   breakdown         step_breakdown.py: where the step's kernel time goes by kind, graph-step variants, the VAE
+#                     decode eager and graphed, a whole call split into steps, decode and the rest
 #   other_tasks       bench.py for image_variation and dual_guided, ours eager / default against diffusers eager
 #   memory            bench.py --skip-timing, text_to_image: load time, peak memory, host RSS, each in a fresh
 #                     process (ours as loaded by default)
@@ -25,7 +27,8 @@
 #   BUDGET_S=300 THROUGHPUT_BATCHES="1 8" bash benchmarks/gpu_run.sh
 #   REF_COMPILE_EXPECT_S=0 PROBE=0 THROUGHPUT=0 bash benchmarks/gpu_run.sh    # max-autotune whatever it takes
 #
-# Switch a stage off with KERNELS=0, SPEED=0, THROUGHPUT=0, PROBE=0, REF_COMPILED=0, OTHER_TASKS=0, MEMORY=0.
+# Switch a stage off with KERNELS=0, SPEED=0, THROUGHPUT=0, PROBE=0, REF_COMPILED=0, BREAKDOWN=0, OTHER_TASKS=0,
+# MEMORY=0.
 # CPU smoke run (seconds per stage): tests/benchmarks/test_gpu_run.py. diffusers comes from the wheels in .whl/ if
 # there are any (installed with --no-deps into /tmp/site); without diffusers the stages measure ours alone.
 set -uo pipefail
@@ -58,7 +61,7 @@ EXPECT_KERNELS=${EXPECT_KERNELS:-30};         LIMIT_KERNELS=${LIMIT_KERNELS:-90}
 EXPECT_SPEED=${EXPECT_SPEED:-90};             LIMIT_SPEED=${LIMIT_SPEED:-200}
 EXPECT_THROUGHPUT=${EXPECT_THROUGHPUT:-110};  LIMIT_THROUGHPUT=${LIMIT_THROUGHPUT:-240}
 EXPECT_PROBE=${EXPECT_PROBE:-45};             LIMIT_PROBE=${LIMIT_PROBE:-120}
-EXPECT_OTHER=${EXPECT_OTHER:-100};            EXPECT_MEMORY=${EXPECT_MEMORY:-45}
+EXPECT_BREAKDOWN=${EXPECT_BREAKDOWN:-60};     EXPECT_OTHER=${EXPECT_OTHER:-100};  EXPECT_MEMORY=${EXPECT_MEMORY:-45}
 
 mkdir -p "$OUT"
 LOG=$OUT/run.log MD=$OUT/results.md JSONL=$OUT/results.jsonl
@@ -186,6 +189,10 @@ if [ "${REF_COMPILED:-1}" = 1 ]; then
     stage reference_compiled "$expect" "$BUDGET_S" "${BENCH[@]}" --tasks text_to_image --ours default \
         --reference eager compiled --ref-compile-mode "$mode" --ref-compile-backend "$REF_COMPILE_BACKEND" \
         --no-isolate ${REF_COMPILED_BATCHES:+--throughput-batches $REF_COMPILED_BATCHES} $(out reference_compiled)
+fi
+if [ "${BREAKDOWN:-1}" = 1 ]; then
+    stage breakdown "$EXPECT_BREAKDOWN" "$BUDGET_S" "$PY" benchmarks/step_breakdown.py "$CKPT" --device "$DEVICE" \
+        --size "$SIZE" --steps "$STEPS" --json "$TMP/breakdown.json" --markdown "$TMP/breakdown.md"
 fi
 if [ "${OTHER_TASKS:-1}" = 1 ]; then
     # shellcheck disable=SC2046

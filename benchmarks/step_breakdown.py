@@ -128,6 +128,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cudnn-benchmark-limit", type=int, metavar="N",
                     help="cuDNN algorithms to try per convolution when autotuning (torch's default 10; 0: all)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--markdown", type=Path)
     a = ap.parse_args(argv)
     if a.cudnn_benchmark_limit is not None:  # before any convolution is tuned: the choices are cached per process
         torch.backends.cudnn.benchmark_limit = a.cudnn_benchmark_limit
@@ -238,6 +239,8 @@ def main(argv=None) -> dict:
     result["e2e_ms"] = dict(total=e2e_ms, unet_steps=steps_ms, vae_decode=result["vae_decode_ms"]["eager"],
                             rest=e2e_ms - steps_ms - result["vae_decode_ms"]["eager"])
     print(markdown(result))
+    if a.markdown:
+        a.markdown.write_text(markdown(result) + "\n")
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
     return result
