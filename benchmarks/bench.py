@@ -430,10 +430,17 @@ def diff(images: dict, res: dict, prefix: str = "") -> None:
 
 def measure_task(task: str, impls: list[Impl], a, device: torch.device) -> dict:
     """First calls (setup, held memory, counted work), then interleaved step, end-to-end and decode timings
-    (each skipped at 0 repeats); returns per-implementation results."""
+    (each skipped at 0 repeats); returns per-implementation results. An implementation whose first calls fail
+    is recorded with its error and removed from `impls`."""
     res, recorders, outputs = {}, {}, {}
-    for impl in impls:
-        res[impl.name], recorders[impl.name] = first_calls(task, impl, a, device)
+    for impl in list(impls):
+        try:
+            res[impl.name], recorders[impl.name] = first_calls(task, impl, a, device)
+        except Exception as e:  # e.g. the compiled reference failing to compile: the others are still measured
+            traceback.print_exc()
+            res[impl.name] = {"error": f"{type(e).__name__}: {e}"}
+            impls.remove(impl)
+            free(device)
     if a.step_repeats:
         for impl in impls:
             for _ in range(a.step_warmup):
@@ -605,7 +612,12 @@ def time_task(task: str, a, device: torch.device, dtype: torch.dtype, with_ref: 
             compiled = None                              # dropping the unused ones
             if variant == "compiled":
                 compiled = {"mode": a.ref_compile_mode, "backend": a.ref_compile_backend}
-            impls.append(loaded(lambda: load_reference(a.ckpt, task, device, dtype, compiled=compiled), device))
+            try:
+                impls.append(loaded(lambda: load_reference(a.ckpt, task, device, dtype, compiled=compiled), device))
+            except Exception as e:  # the compiled variant's recipe, say: the others are still measured
+                traceback.print_exc()
+                out.setdefault("load_errors", {})[f"diffusers {variant}"] = f"{type(e).__name__}: {e}"
+                continue
             if impls[-1].recipe:
                 out["reference_compiled"] = impls[-1].recipe.summary()
         for variant in a.ours[::-1]:

@@ -43,6 +43,9 @@ def impl_table(task: str, r: dict, s: dict) -> list[str]:
              "| setup (s) | held (GiB) | image diff max (mean) | decode diff max |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, x in r["impls"].items():
+        if "error" in x:
+            lines.append(f"| {name} | error: {x['error'][:300]} |")
+            continue
         held = (f"{x['held_allocated'] / GIB:.2f} / {x['held_reserved'] / GIB:.2f}"
                 if "held_allocated" in x else "—")
         lines.append(f"| {name} | {scaled(x.get('step_s'), 1e3, '.2f')} | {fmt(x.get('e2e_s'))} "
@@ -81,6 +84,8 @@ def notes(r: dict) -> list[str]:
         rc = r["reference_compiled"]
         failed = "; ".join(f"{k}: {v}" for k, v in rc["failed"].items()) or "none"
         lines.append(f"- diffusers compiled: applied {'; '.join(rc['applied'])}. Failed: {failed}.")
+    for name, error in r.get("load_errors", {}).items():
+        lines.append(f"- {name} failed to load: {error[:300]}")
     if "loads" in r:
         lines.append("- Loaded in this process: " + "; ".join(
             f"{n} {x['load_s_in_process']:.2f} s" + (f", {x['resident'] / GIB:.2f} GiB" if x["resident"] else "")
@@ -126,9 +131,10 @@ def throughput_table(task: str, rows: dict, s: dict) -> list[str]:
              "| batch | " + " | ".join(names) + " | " + " | ".join(f"{o} / {ref}" for o, ref in pairs) + " |",
              "|---|" + "---|" * (len(names) + len(pairs))]
     for batch, row in rows.items():
-        cells = [fmt(row[n].get("images_per_s")) + (f" ({row[n]['peak_bytes'] / GIB:.2f})" if "peak_bytes" in row[n]
-                                                     else "") for n in names]
-        cells += [fmt(ratio(row[o].get("images_per_s"), row[ref].get("images_per_s")), ".2f") for o, ref in pairs]
+        cells = [("error" if "error" in row.get(n, {}) else fmt(row.get(n, {}).get("images_per_s")))
+                 + (f" ({row[n]['peak_bytes'] / GIB:.2f})" if "peak_bytes" in row.get(n, {}) else "") for n in names]
+        cells += [fmt(ratio(row.get(o, {}).get("images_per_s"), row.get(ref, {}).get("images_per_s")), ".2f")
+                  for o, ref in pairs]
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
     firsts = "; ".join(f"batch {b}: " + ", ".join(f"{n} {x['first_call_s']:.1f} s" for n, x in row.items()
                                                  if "first_call_s" in x) for b, row in rows.items())

@@ -12,6 +12,7 @@ process has not run before (`seen`).
 """
 
 import statistics
+import traceback
 
 import torch
 
@@ -21,17 +22,24 @@ from bench import free, interleaved, sync, task_kwargs, timed
 def measure_throughput(task: str, impls: list, a, device: torch.device, out: dict, save,
                        seen: set[int] = frozenset()) -> None:
     """Fills out[str(batch)][impl.name] batch by batch, calling save() after each, so a run cut short keeps
-    the batches it finished."""
+    the batches it finished. An implementation that fails at a batch is recorded with its error there and left
+    out of the larger batches."""
     for batch in a.throughput_batches:
         def kw(steps: int) -> dict:
             return dict(task_kwargs(task, a.size, steps, a.guidance), num_images_per_prompt=batch)
         row = out[str(batch)] = {impl.name: {} for impl in impls}
-        for impl in impls:
+        for impl in list(impls):
             free(device)
             base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
             if base is not None:
                 torch.cuda.reset_peak_memory_stats(device)
-            row[impl.name]["first_call_s"] = timed(lambda: impl.run(task, **kw(min(2, a.steps))), device)
+            try:
+                row[impl.name]["first_call_s"] = timed(lambda: impl.run(task, **kw(min(2, a.steps))), device)
+            except Exception as e:  # out of memory at a large batch, say: the others go on without it
+                traceback.print_exc()
+                row[impl.name]["error"] = f"{type(e).__name__}: {e}"
+                impls.remove(impl)
+                continue
             if base is not None and batch not in seen and impl.resident is not None:
                 sync(device)
                 row[impl.name]["peak_bytes"] = impl.resident + torch.cuda.max_memory_allocated(device) - base
@@ -39,5 +47,5 @@ def measure_throughput(task: str, impls: list, a, device: torch.device, out: dic
         for name, t in times.items():
             row[name].update(seconds=statistics.median(t), seconds_all=t, images_per_s=batch / statistics.median(t))
         print(f"throughput {task} batch {batch}: " + ", ".join(
-            f"{name} {r['images_per_s']:.3g} img/s" for name, r in row.items()), flush=True)
+            f"{name} {r['images_per_s']:.3g} img/s" for name, r in row.items() if "images_per_s" in r), flush=True)
         save()

@@ -280,3 +280,29 @@ def test_compile_probe(tmp_path):
         assert r["ms"]["eager"] > 0 and r["ms"]["compiled"] > 0 and r["buffers_4d"]
     assert code.read_text().count("def call(") == 2
     assert "ResnetBlock" in md.read_text() and "SpatialTransformer" in md.read_text()
+
+
+def test_throughput_goes_on_without_an_implementation_that_fails():
+    """An implementation that fails at a batch (out of memory, say) is recorded with its error there and left out of
+    the larger batches; the others are measured, and the results are saved after every batch."""
+    _script("bench")  # puts benchmarks/ on sys.path for throughput.py's import
+    throughput = _script("throughput")
+
+    class Fake:
+        def __init__(self, name, largest):
+            self.name, self.largest, self.resident = name, largest, None
+
+        def run(self, task, num_images_per_prompt, **kw):
+            if num_images_per_prompt > self.largest:
+                raise MemoryError(f"{num_images_per_prompt} images")
+            return [None] * num_images_per_prompt
+
+    impls = [Fake("ours default", 16), Fake("diffusers eager", 4)]
+    a = type("Args", (), dict(throughput_batches=[1, 8, 16], throughput_repeats=2, size=64, steps=2, guidance=7.5))
+    out, saves = {}, []
+    throughput.measure_throughput("text_to_image", impls, a, torch.device("cpu"), out, lambda: saves.append(1))
+    assert list(out) == ["1", "8", "16"] and len(saves) == 3
+    assert all(x["images_per_s"] > 0 for x in out["1"].values())
+    assert out["8"]["diffusers eager"]["error"] == "MemoryError: 8 images"
+    assert "images_per_s" in out["8"]["ours default"] and list(out["16"]) == ["ours default"]
+    assert [impl.name for impl in impls] == ["ours default"]
