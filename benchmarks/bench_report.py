@@ -111,8 +111,8 @@ def work_table(result: dict) -> list[str]:
         for name, x in r["impls"].items():
             rates = [f / x[k] if k in x else None for f, k in ((step_flops, "step_s"), (e2e_flops, "e2e_s"))]
             if gpu:
-                rate = " / ".join("—" if q is None else f"{q / 1e12:.3g}" + (f" ({q / 1e12 / peak:.0%})" if peak else "")
-                                  for q in rates)
+                rate = " / ".join("—" if q is None else f"{q / 1e12:.3g}"
+                                  + (f" ({q / 1e12 / peak:.0%})" if peak else "") for q in rates)
             else:
                 rate = " / ".join(scaled(q, 1e-9) for q in rates)
             ops = f"{x['step_aten_ops']} ({x['step_casts']})" if "step_aten_ops" in x else "—"

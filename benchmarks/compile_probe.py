@@ -169,7 +169,8 @@ def probe(name: str, module, inputs, a, device: torch.device) -> tuple[dict, str
     want = module(*inputs)
     code = "\n\n".join(codes)
     r = {"compile_s": compile_s, "rel_diff": ((out.float() - want.float()).norm() / want.float().norm()).item(),
-         "output_channels_last": out.is_contiguous(memory_format=torch.channels_last), **analyse(code, tuple(inputs[0].shape))}
+         "output_channels_last": out.is_contiguous(memory_format=torch.channels_last),
+         **analyse(code, tuple(inputs[0].shape))}
     calls = {"eager": lambda: module(*inputs), "compiled": lambda: compiled(*inputs)}
     if device.type == "cuda":
         calls.update({"eager, CUDA graph": graphed(calls["eager"]), "compiled, CUDA graph": graphed(calls["compiled"])})

@@ -18,7 +18,8 @@ def _gpu_run(tmp_path, name: str, **env) -> tuple[str, str]:
     out = tmp_path / name
     settings = dict(PY=sys.executable, OUT=str(out), CKPT=str(tmp_path / "ckpt"), CKPT_SIZE="small", DEVICE="cpu",
                     DTYPE="fp32", SIZE="64", STEPS="1", STEP_REPEATS="1", E2E_REPEATS="1", DECODE_REPEATS="1",
-                    BENCH_ARGS="--threads 1 --warmup 0 --step-warmup 0", THROUGHPUT="0", PROBE="0", REF_COMPILED="0", BREAKDOWN="0", OTHER_TASKS="0", MEMORY="0")
+                    BENCH_ARGS="--threads 1 --warmup 0 --step-warmup 0", THROUGHPUT="0", PROBE="0", REF_COMPILED="0",
+                    BREAKDOWN="0", OTHER_TASKS="0", MEMORY="0")
     settings.update(env)
     p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_run.sh")], capture_output=True, text=True,
                        timeout=300, env={**os.environ, **settings})
