@@ -212,8 +212,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
-    ap.add_argument("--mode", default="default", choices=("default", "max-autotune-no-cudagraphs", "max-autotune"),
-                    help="torch.compile mode (default: what compile=True uses)")
+    ap.add_argument("--mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
+                    help="torch.compile mode (default: what compile=True uses; no CUDA-graph modes, the probe "
+                    "captures its own graphs)")
     ap.add_argument("--channels", type=int, default=640)
     ap.add_argument("--size", type=int, default=32, help="height and width of the feature map")
     ap.add_argument("--batch", type=int, default=2, help="2 = one image with classifier-free guidance")
