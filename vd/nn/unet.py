@@ -14,14 +14,14 @@ Both UNets keep diffusers' parameter names. The text UNet works on hidden states
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vd.nn.config import UNetConfig
-from vd.nn.layers import (Downsample, FlatLinear, FlatResnetBlock, ResnetBlock, SpatialTransformer,
+from vd.nn.layers import (BlockKeysValues, Downsample, FlatLinear, FlatResnetBlock, ResnetBlock, SpatialTransformer,
                           TimestepEmbedding, Upsample, timestep_embedding)
 
 UNET_PARTS = frozenset({"global", "data", "context"})
@@ -30,19 +30,35 @@ UNET_PARTS = frozenset({"global", "data", "context"})
 @dataclass(frozen=True)
 class Context:
     """One conditioning stream: the context layers to use (`UNet.context_layers()` of the condition's UNet),
-    the tokens [B, L, D] they attend to, and the stream's weight at every context site."""
+    the tokens [B, L, D] they attend to, and the stream's weight at every context site.
+
+    `keys_values`, per layer, are the attentions' keys and values of the tokens (`with_keys_values`): they stay
+    fixed while sampling, so a sampler loop computes them once instead of once per step."""
 
     layers: Sequence[SpatialTransformer]
     tokens: Tensor
     weight: float = 1.0
+    keys_values: Sequence[list[BlockKeysValues]] | None = None
+
+    def with_keys_values(self) -> "Context":
+        """This stream with its keys and values computed, in the layers' dtype and with autocast off (as the
+        UNet runs: vd.fast.NoisePredictor)."""
+        if self.keys_values is not None or self.weight == 0:  # done, or never run (apply_context)
+            return self
+        with torch.autocast(self.tokens.device.type, enabled=False):
+            kv = [layer.keys_values(self.tokens) for layer in self.layers]
+        return replace(self, tokens=self.tokens.to(self.layers[0].norm.weight.dtype), keys_values=kv)
 
 
 def apply_context(site: int, h: Tensor, contexts: Sequence[Context]) -> Tensor:
     """Run context site `site` of every stream on h and mix the streams' residuals by their weights."""
+    def run(c: Context) -> Tensor:
+        return c.layers[site](h, c.tokens, None if c.keys_values is None else c.keys_values[site])
+
     active = [c for c in contexts if c.weight != 0]
     if len(active) == 1 and active[0].weight == 1:
-        return active[0].layers[site](h, active[0].tokens)
-    mixed = sum(c.weight * (c.layers[site](h, c.tokens) - h) for c in active)
+        return run(active[0])
+    mixed = sum(c.weight * (run(c) - h) for c in active)
     return mixed + h
 
 
