@@ -13,8 +13,9 @@ time is spent on, and what else was tried without gain: benchmarks/RESULTS.md, r
 """
 
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -39,26 +40,47 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     x: Tensor
     t: Tensor
-    tokens: list[Tensor]
+    streams: list[Context]  # the static copies the graph reads
     out: Tensor
+    sources: list[tuple[Tensor, int]] = field(default_factory=list)  # streams' tensors last copied in, and versions
+
+
+def _stream_tensors(streams: Sequence[Context]) -> list[Tensor]:
+    """Every tensor the streams bring into a step: tokens, and keys and values where computed, in a fixed order."""
+    return [a for c in streams
+            for a in [c.tokens, *(t for layer in c.keys_values or () for block in layer
+                                  for pair in block if pair is not None for t in pair)]]
+
+
+def _cloned(c: Context) -> Context:
+    kv = None if c.keys_values is None else [
+        [tuple(None if pair is None else (pair[0].clone(), pair[1].clone()) for pair in block) for block in layer]
+        for layer in c.keys_values]
+    return replace(c, tokens=c.tokens.clone(), keys_values=kv)
 
 
 class NoisePredictor:
     """The noise prediction eps = unet(x, t, streams) of one UNet's data layers, as the samplers call it (not a
     k-diffusion "denoiser", which returns x0), optionally through torch.compile and CUDA graphs.
 
-    A CUDA graph is captured per input shape and stream layout (which context layers, token shapes, weights),
-    on first use; later calls copy their inputs into the graph's static tensors and replay it. Compile and
-    capture times are kept in `setup_seconds` so benchmarks can report them apart from steady-state time.
+    A CUDA graph is captured per input shape and stream layout (which context layers, token shapes, weights) on
+    first use, and at most `max_graphs` are kept (least recently used first out: each holds its output and
+    shares one memory pool of activations with the others). Later calls copy x and t into the graph's static
+    tensors, and the streams' tokens, keys and values only when they are not the ones copied last (a sampling
+    loop passes the same ones at every step), then replay it. Graphs are used only when autograd is not needed
+    (no_grad or inference mode, or nothing requires grad): a replay has no backward. Compile and capture times
+    are kept in `setup_seconds` so benchmarks can report them apart from steady-state time.
     """
 
+    graph_device = "cuda"  # where graphs are captured (tests replace the capture to check the bookkeeping)
+
     def __init__(self, unet: UNet, *, time_embedding: TimestepEmbedding | None = None, compile: bool = False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, max_graphs: int = 8):
         self.unet, self.time_embedding = unet, time_embedding  # time_embedding: another UNet's (text flows)
         self.dtype = next(unet.parameters()).dtype
         self.compiled = torch.compile(unet, dynamic=False) if compile else unet
-        self.cuda_graphs = cuda_graphs
-        self.graphs: dict[tuple, _Graph] = {}
+        self.cuda_graphs, self.max_graphs = cuda_graphs, max_graphs
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.pool = None
         self.setup_seconds = 0.0
 
@@ -66,13 +88,14 @@ class NoisePredictor:
         # The UNet runs in its weights' dtype, as the reference does: under autocast, every GroupNorm and
         # LayerNorm would round-trip through float32 (their CUDA kernels accumulate in float32 anyway).
         x = x.to(self.dtype)
-        streams = [c if c.tokens.dtype == self.dtype else Context(c.layers, c.tokens.to(self.dtype), c.weight)
-                   for c in streams]
+        streams = [c if c.tokens.dtype == self.dtype else replace(c, tokens=c.tokens.to(self.dtype)) for c in streams]
         autotune = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = x.is_cuda or autotune  # shapes are fixed for a whole run
         try:
             with torch.autocast(x.device.type, enabled=False):
-                return self._call(x, t, streams)
+                if self.cuda_graphs and x.device.type == self.graph_device and not self._needs_grad(x, streams):
+                    return self._replay(x, t, streams)
+                return self.forward(x, t, streams)
         finally:
             torch.backends.cudnn.benchmark = autotune
 
@@ -81,26 +104,40 @@ class NoisePredictor:
             return self.compiled(x, t, streams)
         return self.compiled(x, t, streams, time_embedding=self.time_embedding)
 
-    def _call(self, x: Tensor, t: Tensor, streams: Sequence[Context]) -> Tensor:
-        if not (self.cuda_graphs and x.is_cuda):
-            return self.forward(x, t, streams)
-        key = (tuple(x.shape), x.dtype,
-               tuple((id(c.layers[0]), tuple(c.tokens.shape), c.tokens.dtype, c.weight) for c in streams))
+    def clear(self) -> None:
+        """Drop the captured graphs (their memory returns to torch's caching allocator)."""
+        self.graphs.clear()
+        self.pool = None
+
+    def _needs_grad(self, x: Tensor, streams: Sequence[Context]) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return (x.requires_grad or any(a.requires_grad for a in _stream_tensors(streams))
+                or any(p.requires_grad for p in self.unet.parameters()))
+
+    def _replay(self, x: Tensor, t: Tensor, streams: Sequence[Context]) -> Tensor:
+        key = (tuple(x.shape), x.dtype, tuple((id(c.layers[0]), tuple(c.tokens.shape), c.tokens.dtype, c.weight,
+                                               c.keys_values is not None) for c in streams))
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(x, t, streams)
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
         g.x.copy_(x)
         g.t.copy_(torch.as_tensor(t, device=x.device))
-        for static, c in zip(g.tokens, streams):
-            static.copy_(c.tokens)
+        given = _stream_tensors(streams)
+        if len(given) != len(g.sources) or any(a is not b or a._version != v for a, (b, v) in zip(given, g.sources)):
+            for static, a in zip(_stream_tensors(g.streams), given):
+                static.copy_(a)
+            g.sources = [(a, a._version) for a in given]
         g.graph.replay()
         return g.out.clone()
 
     def _capture(self, x: Tensor, t: Tensor, streams: Sequence[Context]) -> _Graph:
         start = time.perf_counter()
         sx, st = x.clone(), torch.as_tensor(t, device=x.device).clone()
-        tokens = [c.tokens.clone() for c in streams]
-        static = [Context(c.layers, tok, c.weight) for c, tok in zip(streams, tokens)]
+        static = [_cloned(c) for c in streams]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up (and compile) outside the capture
@@ -114,4 +151,4 @@ class NoisePredictor:
             out = self.forward(sx, st, static)
         torch.cuda.synchronize()
         self.setup_seconds += time.perf_counter() - start
-        return _Graph(graph, sx, st, tokens, out)
+        return _Graph(graph, sx, st, static, out)
