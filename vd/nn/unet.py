@@ -13,6 +13,7 @@ Both UNets keep diffusers' parameter names. The text UNet works on hidden states
 "convolutions" are Linear layers over the flattened trailing dims and its resnets use 1x1 convs on [B, C*fd, 1, 1].
 """
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -25,6 +26,7 @@ from vd.nn.layers import (BlockKeysValues, Downsample, FlatLinear, FlatResnetBlo
                           TimestepEmbedding, Upsample, timestep_embedding)
 
 UNET_PARTS = frozenset({"global", "data", "context"})
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")  # where torch.autocast exists (not "meta")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ class Context:
         UNet runs: vd.fast.NoisePredictor)."""
         if self.keys_values is not None or self.weight == 0:  # done, or never run (apply_context)
             return self
-        with torch.autocast(self.tokens.device.type, enabled=False):
+        device = self.tokens.device.type
+        with torch.autocast(device, enabled=False) if device in AUTOCAST_DEVICES else contextlib.nullcontext():
             kv = [layer.keys_values(self.tokens) for layer in self.layers]
         return replace(self, tokens=self.tokens.to(self.layers[0].norm.weight.dtype), keys_values=kv)
 
