@@ -24,6 +24,25 @@ from vd.nn import Context, UNet
 from vd.nn.layers import Attention, TimestepEmbedding
 
 
+EAGER = {"cuda_graphs": False, "triton_kernels": False}  # from_pretrained's options for the plain path on CUDA
+
+
+def fast_path(device: torch.device, compile: bool, cuda_graphs: bool | None,
+              triton_kernels: bool | None) -> tuple[bool, bool]:
+    """Whether to replay CUDA graphs and run the Triton kernels: None means on for CUDA (the kernels also need
+    triton, and stay off under torch.compile, which fuses by itself). Asking for the kernels without triton is
+    an error; asking for either on another device does nothing, as both are CUDA-only."""
+    for name, value in (("cuda_graphs", cuda_graphs), ("triton_kernels", triton_kernels)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name}: expected True, False or None, got {value!r}")
+    cuda = device.type == "cuda"
+    if triton_kernels and not kernels_available():
+        raise ValueError("triton_kernels: True needs the triton package, which is not importable here")
+    graphs = cuda if cuda_graphs is None else cuda_graphs and cuda
+    kernels = cuda and (not compile and kernels_available() if triton_kernels is None else triton_kernels)
+    return graphs, kernels
+
+
 def speed_up_(*modules: nn.Module | None) -> None:
     """Channels-last weights for the convolutions and stacked q|k|v / k|v projections, in place."""
     for m in modules:
