@@ -13,3 +13,12 @@ def available() -> bool:
     except Exception:
         return False
     return True
+
+
+def interpreted() -> bool:
+    """Whether the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 when they were imported),
+    so that they take CPU tensors. Imports triton."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from vd.kernels.group_norm import _normalize
+    return isinstance(_normalize, InterpretedFunction)

@@ -10,18 +10,21 @@ from torch import Tensor
 from vd.kernels.common import check_float, next_pow2
 
 
-@triton.jit(do_not_specialize=["inner"])
-def _geglu(h, y, inner, sh, sy, BLOCK: tl.constexpr):
-    row, col = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = col < inner
-    a = tl.load(h + row * sh + col, mask=ok, other=0.0).to(tl.float32)
-    gate = tl.load(h + row * sh + inner + col, mask=ok, other=0.0).to(tl.float32)
+@triton.jit(do_not_specialize=["rows", "inner"])
+def _geglu(h, y, rows, inner, sh, sy, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok = (m < rows)[:, None] & (i < inner)[None, :]
+    src = h + m[:, None] * sh + i[None, :]
+    a = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    gate = tl.load(src + inner, mask=ok, other=0.0).to(tl.float32)
     out = a * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
-    tl.store(y + row * sy + col, out.to(y.dtype.element_ty), mask=ok)
+    tl.store(y + m[:, None] * sy + i[None, :], out.to(y.dtype.element_ty), mask=ok)
 
 
-def geglu(h: Tensor, *, block: int = 1024, num_warps: int = 4) -> Tensor:
-    """h [..., 2I] -> h[..., :I] * gelu(h[..., I:]) [..., I], computed in float32, stored in h's dtype."""
+def geglu(h: Tensor, *, tile: int = 4096, block: int = 1024, num_warps: int = 4) -> Tensor:
+    """h [..., 2I] -> h[..., :I] * gelu(h[..., I:]) [..., I], computed in float32, stored in h's dtype. A program
+    takes about `tile` outputs: `block` (or fewer) columns of as many rows as fit."""
     check_float("h", h)
     if h.dim() < 1 or h.shape[-1] % 2:
         raise ValueError(f"h must have an even last dimension, got shape {tuple(h.shape)}")
@@ -29,9 +32,11 @@ def geglu(h: Tensor, *, block: int = 1024, num_warps: int = 4) -> Tensor:
     h2 = h.reshape(-1, 2 * inner)
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
-    y = torch.empty(h2.shape[0], inner, device=h.device, dtype=h.dtype)
-    block = min(block, next_pow2(inner))
+    rows = h2.shape[0]
+    y = torch.empty(rows, inner, device=h.device, dtype=h.dtype)
+    block_i = min(next_pow2(block), next_pow2(inner))
+    block_m = max(1, min(tile // block_i, next_pow2(rows)))
     if y.numel():
-        _geglu[(h2.shape[0], -(-inner // block))](h2, y, inner, h2.stride(0), y.stride(0), BLOCK=block,
-                                                  num_warps=num_warps)
+        _geglu[(-(-rows // block_m), -(-inner // block_i))](h2, y, rows, inner, h2.stride(0), y.stride(0),
+                                                            BLOCK_M=block_m, BLOCK_I=block_i, num_warps=num_warps)
     return y.view(*h.shape[:-1], inner)
