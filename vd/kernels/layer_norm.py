@@ -43,7 +43,7 @@ def add_layer_norm(x: Tensor, r: Tensor, weight: Tensor, bias: Tensor, eps: floa
         raise ValueError(f"weight and bias must have shape ({dim},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
     x2, r2 = (t.reshape(-1, dim) for t in (x, r))
     x2, r2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2, r2))
-    s, y = torch.empty_like(x2, memory_format=torch.contiguous_format), torch.empty_like(x2, memory_format=torch.contiguous_format)
+    s, y = (torch.empty(x2.shape, device=x.device, dtype=x.dtype) for _ in range(2))
     block_d = next_pow2(dim)
     block_m = max(1, min(tile // block_d, next_pow2(x2.shape[0])))
     if x2.numel():
