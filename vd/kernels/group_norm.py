@@ -30,13 +30,16 @@ def _silu(x):
 
 
 @triton.jit
-def _load_shift(shift, n, c, c_ok, ssn, ssc, HAS_SHIFT: tl.constexpr):
+def _load_shift(shift, n, c, c_ok, ssn, ssc, HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The shift of channels c of sample n in float32 (zeros without one)."""
     if HAS_SHIFT:
-        return tl.load(shift + n * ssn + c * ssc, mask=c_ok, other=0.0).to(tl.float32)
-    return tl.zeros(c.shape, tl.float32)
+        s = tl.load(shift + n * ssn + c * ssc, mask=c_ok, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros([BLOCK_C], tl.float32)
+    return s
 
 
-@triton.jit(do_not_specialize=["hw", "n_chunks"])
+@triton.jit(do_not_specialize=["n_chunks"])  # hw % 16 == 0 is specialised: it lets NCHW loads vectorise
 def _chunk_moments(x, shift, part, hw, n_chunks, sxn, sxc, sxp, ssn, ssc,
                    GROUPS: tl.constexpr, CG: tl.constexpr, HAS_SHIFT: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr):
@@ -44,7 +47,7 @@ def _chunk_moments(x, shift, part, hw, n_chunks, sxn, sxc, sxp, ssn, ssc,
     n, g = row // GROUPS, row % GROUPS
     j = tl.arange(0, BLOCK_C)
     c, c_ok = g * CG + j, j < CG
-    s = _load_shift(shift, n, c, c_ok, ssn, ssc, HAS_SHIFT)
+    s = _load_shift(shift, n, c, c_ok, ssn, ssc, HAS_SHIFT, BLOCK_C)
     base = x + n.to(tl.int64) * sxn
     mean, m2, count = 0.0, 0.0, 0.0
     for i in range(TILES):  # a chunk is TILES tiles (a constant bound: Triton's CPU interpreter needs one)
@@ -65,7 +68,7 @@ def _chunk_moments(x, shift, part, hw, n_chunks, sxn, sxc, sxp, ssn, ssc,
     tl.store(out + 1, m2)
 
 
-@triton.jit(do_not_specialize=["hw", "n_chunks", "eps"])
+@triton.jit(do_not_specialize=["n_chunks", "eps"])
 def _normalize(x, shift, weight, bias, y, part, hw, n_chunks, eps, sxn, sxc, sxp, syn, syc, syp, ssn, ssc,
                GROUPS: tl.constexpr, CG: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -84,7 +87,7 @@ def _normalize(x, shift, weight, bias, y, part, hw, n_chunks, eps, sxn, sxc, sxp
 
     j = tl.arange(0, BLOCK_C)
     c, c_ok = g * CG + j, j < CG
-    s = _load_shift(shift, n, c, c_ok, ssn, ssc, HAS_SHIFT)
+    s = _load_shift(shift, n, c, c_ok, ssn, ssc, HAS_SHIFT, BLOCK_C)
     scale = tl.load(weight + c, mask=c_ok, other=0.0).to(tl.float32) * rstd
     b = tl.load(bias + c, mask=c_ok, other=0.0).to(tl.float32)
     src, dst = x + n.to(tl.int64) * sxn, y + n.to(tl.int64) * syn
