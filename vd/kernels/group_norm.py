@@ -123,6 +123,9 @@ def group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
         raise ValueError(f"weight and bias must have shape ({c},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
     if shift is not None and shift.shape != (n, c):
         raise ValueError(f"shift must have shape ({n}, {c}), got {tuple(shift.shape)}")
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    weight, bias = weight.contiguous(), bias.contiguous()  # read with unit stride (parameters already are)
     try:
         xv = x.view(n, c, -1)  # the spatial dims as one, if their strides allow (NCHW and NHWC both do)
     except RuntimeError:

@@ -41,6 +41,7 @@ def add_layer_norm(x: Tensor, r: Tensor, weight: Tensor, bias: Tensor, eps: floa
     dim = x.shape[-1]
     if weight.shape != (dim,) or bias.shape != (dim,):
         raise ValueError(f"weight and bias must have shape ({dim},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
+    weight, bias = weight.contiguous(), bias.contiguous()  # read with unit stride (parameters already are)
     x2, r2 = (t.reshape(-1, dim) for t in (x, r))
     x2, r2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2, r2))
     s, y = (torch.empty(x2.shape, device=x.device, dtype=x.dtype) for _ in range(2))
