@@ -74,11 +74,11 @@ def test_group_norm_non_dense_input(check):
 
 
 def test_plan_splits_large_groups():
-    """Tiles of about `tile` elements; a group never has more than MAX_CHUNKS chunks (SD at 64 px, the VAE at
+    """Tiles of about `tile` elements; a group never has more than MAX_CHUNKS = 128 chunks (SD at 64 px, the VAE at
     512 px: C/G = 10 and 4)."""
     assert plan(64 * 64, 10, 2048, 1) == (128, 16, 1, 32)
     block_p, block_c, per, n_chunks = plan(512 * 512, 4, 2048, 1)
-    assert (block_p, block_c) == (512, 4) and per * n_chunks * block_p >= 512 * 512 and n_chunks <= 1024
+    assert (block_p, block_c, per, n_chunks) == (512, 4, 4, 128)
 
 
 def test_group_norm_refuses_bad_input():

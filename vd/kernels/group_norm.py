@@ -19,7 +19,9 @@ from torch import Tensor
 
 from vd.kernels.common import check_float, next_pow2
 
-MAX_CHUNKS = 1024  # partials per group that the second kernel reduces in registers
+# Chunks per group at most: every program of the second kernel reads all its group's partials, so many small
+# chunks (the VAE's 512 x 512 pixels in tiles of 512) would read about as much as the activation itself.
+MAX_CHUNKS = 128
 
 
 @triton.jit
