@@ -1,8 +1,8 @@
 """Compile every kernel of vd.kernels for an H100 (sm_90) on a machine without a GPU, as the launcher would
 specialise it for VD's shapes (16-byte aligned pointers, sizes and strides divisible by 16, unit strides as
 constants): the interpreter runs the kernels' Python, this checks what only the real compiler checks (types of
-loop-carried values, constexpr use, layouts). Prints one line per kernel: name, registers, kinds of global loads.
-Run with TRITON_INTERPRET unset."""
+loop-carried values, constexpr use, layouts). Prints one line per kernel: its name and the vector widths of its
+global loads (v4: 4 x 32 bits, 8 fp16 values in one load). Run with TRITON_INTERPRET unset."""
 
 import re
 import sys
@@ -24,8 +24,8 @@ def compile_for_h100(name: str, fn, ints: list[str], pointers: dict[str, str], c
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args) if a in pointers or a in ints}
     src = ASTSource(fn, signature, {(args.index(k),): v for k, v in consts.items()}, attrs)
     kernel = triton.compile(src, target=H100, options={"num_warps": 4})
-    loads = sorted(set(re.findall(r"ld\.global(?:\.v\d)?\.b\d+", kernel.asm["ptx"])))
-    print(f"{name}: {kernel.metadata.shared} bytes shared, loads {' '.join(loads)}")
+    loads = {m or "scalar" for m in re.findall(r"ld\.global\S*?(?:\.(v\d))?\.[bfsu]\d+", kernel.asm["ptx"])}
+    print(f"{name}: global loads {' '.join(sorted(loads))}")
 
 
 def main() -> None:
