@@ -27,7 +27,8 @@ def test_unet_with_kernels(check):
     image = randomize_(UNet(UNetConfig.from_diffusers(TINY_UNET_A)).eval(), 0)
     text = randomize_(UNet(UNetConfig.from_diffusers(flat_config(TINY_UNET_A, [24, 1, 1])),
                            parts=frozenset({"context"})).eval(), 1)
-    x, ctx = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.randn(1, 77, 16)
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 16, generator=g)
     streams = [Context(text.context_layers(), ctx)]
     keys = image.state_dict().keys()
     speed_up_(image, text)  # channels-last, as on a GPU: the GroupNorm kernel reads NHWC memory
