@@ -14,6 +14,7 @@ from helpers import REPO, TINY_UNET_A, TINY_VAE_A, flat_config, randomize_, rel_
 from vd.fast import speed_up_, use_triton_kernels_
 from vd.nn import AutoencoderKL, Context, UNet, UNetConfig, VAEConfig
 from vd.nn.fusable import KernelHook
+from vd.nn.layers import ResnetBlock
 
 CPU = ("cpu",)
 
@@ -77,3 +78,15 @@ def test_triton_only_when_asked():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert p.returncode == 1 and "ValueError: devices may include 'cpu' only under Triton's interpreter" in p.stderr, \
         p.stderr[-2000:]
+
+
+@torch.no_grad()
+def test_torch_compile_runs_the_kernels_outside_its_graph(check):
+    """torch.compile over layers with the kernels installed: it breaks its graph around them and runs them as
+    they are (their launchers are torch.compiler.disable'd), with the same result."""
+    block = randomize_(ResnetBlock(16, 24, 8, 4, 1e-5), 5).eval()
+    g = torch.Generator().manual_seed(6)
+    x, temb = torch.randn(2, 16, 5, 5, generator=g), torch.randn(2, 8, generator=g)
+    want = block(x, temb)
+    use_triton_kernels_(block, devices=CPU)
+    check(rel_err(torch.compile(block, backend="aot_eager")(x, temb), want), 1e-5)

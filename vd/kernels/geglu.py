@@ -22,6 +22,7 @@ def _geglu(h, y, rows, inner, sh, sy, BLOCK_M: tl.constexpr, BLOCK_I: tl.constex
     tl.store(y + m[:, None] * sy + i[None, :], out.to(y.dtype.element_ty), mask=ok)
 
 
+@torch.compiler.disable  # torch.compile runs it as it is, outside its graphs
 def geglu(h: Tensor, *, tile: int = 4096, block: int = 1024, num_warps: int = 4) -> Tensor:
     """h [..., 2I] -> h[..., :I] * gelu(h[..., I:]) [..., I], computed in float32, stored in h's dtype. A program
     takes about `tile` outputs: `block` (or fewer) columns of as many rows as fit."""

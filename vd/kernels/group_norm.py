@@ -113,6 +113,7 @@ def plan(hw: int, cg: int, tile: int = 2048, tiles_per_chunk: int = 1) -> tuple[
     return block_p, block_c, per, -(-tiles // per)
 
 
+@torch.compiler.disable  # torch.compile runs it as it is, outside its graphs
 def group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, shift: Tensor | None = None,
                silu: bool = False, *, tile: int = 2048, tiles_per_chunk: int = 1, num_warps: int = 4) -> Tensor:
     """silu?(GroupNorm(x + shift[:, :, None, None])) for x [N, C, *spatial] in any memory format (the output

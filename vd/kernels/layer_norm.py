@@ -30,6 +30,7 @@ def _add_layer_norm(x, r, weight, bias, s, y, rows, eps, sx, sr, ss, sy,
     tl.store(y + m[:, None] * sy + d[None, :], out.to(y.dtype.element_ty), mask=ok)
 
 
+@torch.compiler.disable  # torch.compile runs it as it is, outside its graphs
 def add_layer_norm(x: Tensor, r: Tensor, weight: Tensor, bias: Tensor, eps: float, *, tile: int = 4096,
                    num_warps: int = 4) -> tuple[Tensor, Tensor]:
     """(x + r, LayerNorm(x + r)) over the last dimension, both [..., D] in x's dtype; `tile` is about the
