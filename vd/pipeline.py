@@ -72,7 +72,7 @@ class VersatileDiffusion:
         if device.type == "cuda":  # the fast path: same math, GPU-friendly layouts (not for the VAE: vd/fast.py)
             speed_up_(image_unet, text_unet)
         if triton_kernels:
-            use_triton_kernels_(image_unet, text_unet, components.vae.decoder if components.vae else None)
+            use_triton_kernels_(image_unet, text_unet, components.vae)
         self.image_eps = self.text_eps = None
         if image_unet is not None and "data" in image_unet.parts:
             self.image_eps = NoisePredictor(image_unet, compile=compile, cuda_graphs=cuda_graphs)

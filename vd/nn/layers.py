@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vd.nn.fusable import GroupNorm, KernelHook, LayerNorm
+
 
 KeysValues = tuple[Tensor, Tensor]  # an attention's keys and values, [B, heads, L, head_dim] each
 BlockKeysValues = tuple[KeysValues | None, KeysValues]  # a TransformerBlock's: attn1 (if it reads the context), attn2
@@ -53,18 +55,17 @@ class ResnetBlock(nn.Module):
         super().__init__()
         pad = kernel_size // 2
         self.output_scale = output_scale
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.norm1 = GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size, padding=pad)
         self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch is not None else None
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.norm2 = GroupNorm(groups, out_ch, eps=eps)
         self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size, padding=pad)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        shift = self.time_emb_proj(F.silu(temb)) if self.time_emb_proj is not None else None  # (B, out_ch)
+        h = self.conv2(self.norm2(h, shift, silu=True))  # silu(norm2(h + shift)), one pass when fused
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h
@@ -180,15 +181,19 @@ class Attention(nn.Module):
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
 
 
-class GEGLU(nn.Module):
-    """Gated GELU (Shazeer 2020): the first half of the projection, gated by the exact GELU of the second."""
+class GEGLU(KernelHook, nn.Module):
+    """Gated GELU (Shazeer 2020): the first half of the projection, gated by the exact GELU of the second (one
+    pass over the projection when a fused kernel is installed)."""
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, gate = self.proj(x).chunk(2, dim=-1)
+        h = self.proj(x)
+        if self.uses_kernel(h):
+            return self.kernel(h)
+        a, gate = h.chunk(2, dim=-1)
         return a * F.gelu(gate)
 
 
@@ -208,11 +213,11 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, only_cross_attention: bool = False):
         super().__init__()
         self.only_cross_attention = only_cross_attention
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads, head_dim, context_dim if only_cross_attention else None)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, head_dim, context_dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def keys_values(self, context: Tensor) -> BlockKeysValues:
@@ -221,9 +226,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, keys_values: BlockKeysValues | None = None) -> Tensor:
         kv1, kv2 = keys_values or (None, None)
-        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None, kv1)
-        x = x + self.attn2(self.norm2(x), context, kv2)
-        return x + self.ff(self.norm3(x))
+        h = self.attn1(self.norm1(x), context if self.only_cross_attention else None, kv1)
+        x, h = self.norm2.add_norm(x, h)  # x = x + attn1(...); h = norm2(x)
+        x, h = self.norm3.add_norm(x, self.attn2(h, context, kv2))
+        return x + self.ff(h)
 
 
 class SpatialTransformer(nn.Module):
@@ -238,7 +244,7 @@ class SpatialTransformer(nn.Module):
         head_dim = ch // heads
         inner = heads * head_dim
         self.linear_projection = linear_projection
-        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.norm = GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, inner) if linear_projection else nn.Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(inner, heads, head_dim, context_dim, only_cross_attention) for _ in range(depth)])

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vd.nn.config import UNetConfig
+from vd.nn.fusable import GroupNorm
 from vd.nn.layers import (BlockKeysValues, Downsample, FlatLinear, FlatResnetBlock, ResnetBlock, SpatialTransformer,
                           TimestepEmbedding, Upsample, timestep_embedding)
 
@@ -140,7 +140,7 @@ class UNet(nn.Module):
             prev = ch
 
         if data:
-            self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, chs[0], eps=cfg.norm_eps)
+            self.conv_norm_out = GroupNorm(cfg.norm_groups, chs[0], eps=cfg.norm_eps)
             if flat:
                 self.conv_out = FlatLinear((chs[0], fd, 1), cfg.out_channels)
             else:
@@ -205,4 +205,4 @@ class UNet(nn.Module):
                 # an odd-sized latent upsamples to the size of the skip it meets next (flat: a Linear, no size)
                 h = up(h, skips[-1].shape[2:]) if isinstance(up, Upsample) else up(h)
         # (B, C0, H, W) -> (B, out_channels, H, W); flat: (B, C0, fd, 1) -> (B, *out_channels)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out(h, silu=True))
