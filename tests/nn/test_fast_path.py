@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import TINY_UNET_A, flat_config, randomize_, rel_err
-from vd.fast import NoisePredictor, _cloned, _Graph, speed_up_
+from vd.fast import NoisePredictor, _cloned, _Graph, fast_path, speed_up_
 from vd.nn import Context, UNet, UNetConfig
 
 
@@ -148,3 +148,22 @@ def test_graphs_step_aside_for_autograd():
     assert out.grad_fn is not None and not pred.graphs
     pred(torch.randn(1, 4, 8, 8), 5, [Context(text.context_layers(), tokens.detach())])  # nothing needs grad
     assert len(pred.graphs) == 1
+
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # fast_path only reads the device's type: no GPU needed
+
+
+def test_fast_path_is_on_by_default_for_cuda_only():
+    assert fast_path(CPU, False, None, None) == (False, False)
+    assert fast_path(CUDA, False, None, None) == (True, True)  # triton comes with the test extra
+    assert fast_path(CUDA, True, None, None) == (True, False)  # torch.compile fuses by itself
+    assert fast_path(CUDA, True, None, True) == (True, True)
+    assert fast_path(CUDA, False, False, False) == (False, False)
+    assert fast_path(CPU, False, True, True) == (False, False)  # both are CUDA-only
+
+
+def test_fast_path_refuses_kernels_without_triton(monkeypatch):
+    monkeypatch.setattr("vd.fast.kernels_available", lambda: False)
+    assert fast_path(CUDA, False, None, None) == (True, False)
+    with pytest.raises(ValueError, match="triton_kernels: True needs the triton package"):
+        fast_path(CUDA, False, None, True)
