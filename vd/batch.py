@@ -46,6 +46,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from vd import checks, files
+from vd.fast import EAGER
 from vd.files import OutputError, process_alive
 from vd.jobs import PER_JOB, Job, read_jobs
 from vd.pipeline import DEFAULT_REPO, VersatileDiffusion
@@ -241,6 +242,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(checks.DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--allow-any-path", action="store_true", help="let file paths point outside the job file's "
                    "folder (default: refused)")
+    p.add_argument("--eager", action="store_true", help="on CUDA, plain PyTorch: no CUDA graphs and no Triton "
+                   "kernels (slower; for debugging)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
@@ -339,7 +342,7 @@ def _run(args, jobs: list[Job], malformed: list[tuple[int, str]], rank: int, wor
         try:
             pipe = VersatileDiffusion.from_pretrained(args.model, tasks=sorted({b[0].task for b in todo}),
                                                       device=device, dtype=checks.DTYPES.get(args.dtype),
-                                                      revision=args.revision)
+                                                      revision=args.revision, **(EAGER if args.eager else {}))
         except (OSError, ValueError) as e:  # a CheckpointError is a ValueError
             print(f"vd batch: rank {rank}: error: cannot load {args.model!r}: {e}", file=sys.stderr)
             return 2

@@ -11,6 +11,7 @@ import PIL.Image
 import torch
 
 from vd import checks, files
+from vd.fast import EAGER
 from vd.files import OutputError, check_writable
 from vd.images import open_image
 from vd.sched import SCHEDULERS
@@ -60,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
         s.add_argument("--dtype", choices=sorted(checks.DTYPES), default=None,
                        help="weights dtype (default fp16 on CUDA, fp32 on CPU)")
+        s.add_argument("--eager", action="store_true", help="on CUDA, plain PyTorch: no CUDA graphs and no Triton "
+                       "kernels (slower; for debugging)")
         s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     t2i = sub.add_parser("text-to-image", help="generate an image from a text prompt")
@@ -184,7 +187,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                      prompt=args.prompt, text_strength=args.text_strength)
     pipe = VersatileDiffusion.from_pretrained(args.model, tasks=[task], device=device,
                                               dtype=checks.DTYPES.get(args.dtype), scheduler=args.scheduler,
-                                              optimus=getattr(args, "optimus", None))
+                                              optimus=getattr(args, "optimus", None), **(EAGER if args.eager else {}))
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, progress=not args.no_progress)
     texts = []
     for chunk in chunks:  # image (text) k is drawn from its own generator seeded with seed + k, whatever the chunks

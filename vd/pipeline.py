@@ -28,7 +28,7 @@ from vd import sampling as core
 from vd.colors import match_colors
 from vd.conditioning import UNCOND_IMAGES, resized, to_pil
 from vd.conditions import Conditions
-from vd.fast import NoisePredictor, speed_up_
+from vd.fast import NoisePredictor, fast_path, speed_up_, use_triton_kernels_
 from vd.loading import Components, load_components, resolve
 from vd.optimus_tokenizers import remove_duplicate_word
 from vd.sched import SCHEDULERS, randn, sampler_from_config
@@ -62,14 +62,17 @@ class TextOutput:
 class VersatileDiffusion:
     def __init__(self, components: Components, *, tasks: tuple[str, ...], device: torch.device, dtype: torch.dtype,
                  scheduler: str = "ddim", uncond_image: str = "grey", compile: bool = False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool | None = None, triton_kernels: bool | None = None):
         self.components, self.tasks, self.device, self.dtype = components, tuple(tasks), device, dtype
         self.conditions = Conditions(components, device, dtype)
         self.scheduler = checks.choice("scheduler", scheduler, list(SCHEDULERS))
         self.uncond_image = checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
+        cuda_graphs, triton_kernels = fast_path(device, compile, cuda_graphs, triton_kernels)
         image_unet, text_unet = components.image_unet, components.text_unet
         if device.type == "cuda":  # the fast path: same math, GPU-friendly layouts (not for the VAE: vd/fast.py)
             speed_up_(image_unet, text_unet)
+        if triton_kernels:
+            use_triton_kernels_(image_unet, text_unet, components.vae)
         self.image_eps = self.text_eps = None
         if image_unet is not None and "data" in image_unet.parts:
             self.image_eps = NoisePredictor(image_unet, compile=compile, cuda_graphs=cuda_graphs)
@@ -83,7 +86,8 @@ class VersatileDiffusion:
                         scheduler: str = "ddim", uncond_image: str = "grey", revision: str | None = None,
                         kl_f8: str | Path | None = None, clip: str | Path | None = None,
                         optimus: str | Path | None = None, optimus_tokenizer: str | Path | None = None,
-                        compile: bool = False, cuda_graphs: bool = False) -> "VersatileDiffusion":
+                        compile: bool = False, cuda_graphs: bool | None = None,
+                        triton_kernels: bool | None = None) -> "VersatileDiffusion":
         """Load from a hub repo id, a diffusers-layout folder, an original .pth or a converted folder.
 
         tasks: the flows (method names) to load weights for; only their parts are read. Default: the four image
@@ -101,7 +105,11 @@ class VersatileDiffusion:
         optimus_tokenizer: a folder with BERT's vocab.txt and GPT-2's vocab.json + merges.txt (default: the
           folder's optimus_tokenizer/, else bert-base-cased and gpt2 from the hub).
         compile: torch.compile the denoising step.
-        cuda_graphs: replay the denoising step from CUDA graphs (CUDA only; one capture per shape).
+        cuda_graphs: replay the denoising step from CUDA graphs (CUDA only; one capture per shape, the first call
+          of a shape pays for it). Default: on for CUDA. Skipped where autograd needs the step.
+        triton_kernels: run GroupNorm (with the SiLU and time-embedding add around it), GEGLU and the residual
+          LayerNorms of the UNets and the VAE decoder as fused Triton kernels (CUDA only). Default: on for CUDA
+          when triton is installed and `compile` is off (torch.compile fuses by itself).
         """
         tasks = tuple(DEFAULT_TASKS if tasks is None else [checks.choice("tasks", t, TASKS) for t in tasks])
         if not tasks:
@@ -109,13 +117,14 @@ class VersatileDiffusion:
         checks.choice("scheduler", scheduler, list(SCHEDULERS))
         checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         device = checks.device(device)
+        fast_path(device, compile, cuda_graphs, triton_kernels)
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         ckpt = resolve(src, tasks, revision=revision, kl_f8=kl_f8, clip=clip, optimus=optimus,
                        optimus_tokenizer=optimus_tokenizer)
         components = load_components(ckpt, tasks, device, dtype)
         return cls(components, tasks=tasks, device=device, dtype=dtype, scheduler=scheduler, uncond_image=uncond_image,
-                   compile=compile, cuda_graphs=cuda_graphs)
+                   compile=compile, cuda_graphs=cuda_graphs, triton_kernels=triton_kernels)
 
     # ---- conditions as data
 

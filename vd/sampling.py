@@ -102,8 +102,9 @@ def blend_tokens(tokens: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
 # ---- the loop
 
 def denoise(model: EpsModel, streams: Sequence[Context], x: Tensor, s: Sampling) -> Tensor:
-    """Run `s`'s sampler from x (unit noise, or noised init latents when s.t_enc is set) with guidance."""
-    eps = guided(model, streams, s.guidance_scale)
+    """Run `s`'s sampler from x (unit noise, or noised init latents when s.t_enc is set) with guidance. The
+    streams' keys and values are computed here, once, rather than at every step."""
+    eps = guided(model, [c.with_keys_values() for c in streams], s.guidance_scale)
     return sample(s.sampler, eps, x, s.num_steps, t_enc=s.t_enc, generator=s.generator, eta=s.eta,
                   callback=s.callback)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import TINY_UNET_A, flat_config, randomize_, rel_err
-from vd.fast import NoisePredictor, speed_up_
+from vd.fast import NoisePredictor, _cloned, _Graph, fast_path, speed_up_
 from vd.nn import Context, UNet, UNetConfig
 
 
@@ -83,3 +83,87 @@ def test_denoiser_leaves_cudnn_autotuning_as_it_found_it(before):
         assert torch.backends.cudnn.benchmark is before
     finally:
         torch.backends.cudnn.benchmark = False
+
+
+class _FakeGraph:
+    """Stands in for a CUDA graph on the CPU: a replay recomputes the step from the captured static tensors."""
+
+    def __init__(self, replay):
+        self.replay = replay
+
+
+class _CpuGraphs(NoisePredictor):
+    """The graph bookkeeping (static inputs, what is copied in when, the LRU bound) with _FakeGraph captures."""
+
+    graph_device = "cpu"
+
+    def _capture(self, x, t, streams):
+        g = _Graph(None, x.clone(), torch.as_tensor(t).clone(), [_cloned(c) for c in streams], None)
+        g.out = self.forward(g.x, g.t, g.streams)
+        g.graph = _FakeGraph(lambda: g.out.copy_(self.forward(g.x, g.t, g.streams)))
+        return g
+
+
+@pytest.mark.parametrize("keys_values", [False, True])
+@torch.no_grad()
+def test_graph_replays_see_new_inputs(keys_values):
+    """Every replay computes what an eager call computes: new x and t each step; new tokens (or keys and values)
+    when a call brings new ones, and when the same tensors were changed in place."""
+    image, text = _unets()
+    pred = _CpuGraphs(image, cuda_graphs=True)
+
+    def streams(seed):
+        c = Context(text.context_layers(), torch.randn(2, 77, 16, generator=torch.Generator().manual_seed(seed)))
+        return [c.with_keys_values() if keys_values else c]
+
+    first, second = streams(1), streams(2)
+    for s in (first, first, second, first):
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor(float(torch.randint(1000, ())))
+        assert torch.equal(pred(x, t, s), image(x, t, s))
+    first[0].tokens.mul_(2)  # in place: the same tensor, a new version
+    if keys_values:
+        first[0].keys_values[0][0][1][0].mul_(2)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(pred(x, 9, first), image(x, 9, first))
+    assert len(pred.graphs) == 1
+
+
+@torch.no_grad()
+def test_graphs_are_bounded_least_recently_used_first():
+    image, text = _unets()
+    pred = _CpuGraphs(image, cuda_graphs=True, max_graphs=2)
+    ctx = [Context(text.context_layers(), torch.randn(1, 77, 16))]
+    for size in (8, 16, 8, 24):  # 16 is the least recently used when 24 comes
+        pred(torch.randn(1, 4, size, size), 5, ctx)
+    assert [key[0] for key in pred.graphs] == [(1, 4, 8, 8), (1, 4, 24, 24)]
+    pred.clear()
+    assert not pred.graphs
+
+
+def test_graphs_step_aside_for_autograd():
+    image, text = _unets()
+    pred = _CpuGraphs(image.requires_grad_(False), cuda_graphs=True)
+    tokens = torch.randn(1, 77, 16, requires_grad=True)
+    out = pred(torch.randn(1, 4, 8, 8), 5, [Context(text.context_layers(), tokens)])
+    assert out.grad_fn is not None and not pred.graphs
+    pred(torch.randn(1, 4, 8, 8), 5, [Context(text.context_layers(), tokens.detach())])  # nothing needs grad
+    assert len(pred.graphs) == 1
+
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # fast_path only reads the device's type: no GPU needed
+
+
+def test_fast_path_is_on_by_default_for_cuda_only():
+    assert fast_path(CPU, False, None, None) == (False, False)
+    assert fast_path(CUDA, False, None, None) == (True, True)  # triton comes with the test extra
+    assert fast_path(CUDA, True, None, None) == (True, False)  # torch.compile fuses by itself
+    assert fast_path(CUDA, True, None, True) == (True, True)
+    assert fast_path(CUDA, False, False, False) == (False, False)
+    assert fast_path(CPU, False, True, True) == (False, False)  # both are CUDA-only
+
+
+def test_fast_path_refuses_kernels_without_triton(monkeypatch):
+    monkeypatch.setattr("vd.fast.kernels_available", lambda: False)
+    assert fast_path(CUDA, False, None, None) == (True, False)
+    with pytest.raises(ValueError, match="triton_kernels: True needs the triton package"):
+        fast_path(CUDA, False, None, True)

@@ -237,6 +237,10 @@ def test_unknown_task_and_scheduler_at_load(tmp_path):
         VersatileDiffusion.from_pretrained(tmp_path, scheduler="k_heun")
     with pytest.raises(ValueError, match=r"uncond_image"):
         VersatileDiffusion.from_pretrained(tmp_path, uncond_image="white")
+    with pytest.raises(TypeError, match=r"cuda_graphs: expected True, False or None, got 'yes'"):
+        VersatileDiffusion.from_pretrained(tmp_path, cuda_graphs="yes")
+    with pytest.raises(TypeError, match=r"triton_kernels: expected True, False or None, got 1"):
+        VersatileDiffusion.from_pretrained(tmp_path, triton_kernels=1)
 
 
 def test_task_not_loaded(tmp_path_factory):

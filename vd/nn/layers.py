@@ -7,11 +7,18 @@ at cf0f4a2).
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from vd.nn.fusable import GroupNorm, KernelHook, LayerNorm
+
+
+KeysValues = tuple[Tensor, Tensor]  # an attention's keys and values, [B, heads, L, head_dim] each
+BlockKeysValues = tuple[KeysValues | None, KeysValues]  # a TransformerBlock's: attn1 (if it reads the context), attn2
 
 
 def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0) -> Tensor:
@@ -48,18 +55,17 @@ class ResnetBlock(nn.Module):
         super().__init__()
         pad = kernel_size // 2
         self.output_scale = output_scale
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.norm1 = GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size, padding=pad)
         self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch is not None else None
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.norm2 = GroupNorm(groups, out_ch, eps=eps)
         self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size, padding=pad)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        shift = self.time_emb_proj(F.silu(temb)) if self.time_emb_proj is not None else None  # (B, out_ch)
+        h = self.conv2(self.norm2(h, shift, silu=True))  # silu(norm2(h + shift)), one pass when fused
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h
@@ -155,28 +161,39 @@ class Attention(nn.Module):
             self.qkv_weight = stacked
         self.kv_weight = stacked[-2 * self.to_k.out_features:]
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        if context is None and self.qkv_weight is not None:
-            q, k, v = F.linear(x, self.qkv_weight).chunk(3, dim=-1)
+    def keys_values(self, context: Tensor) -> KeysValues:
+        """The keys and values [B, heads, L, head_dim] of a context: fixed while sampling, so computed once."""
+        if self.kv_weight is not None:
+            k, v = F.linear(context, self.kv_weight).chunk(2, dim=-1)
         else:
-            ctx = x if context is None else context
-            q = self.to_q(x)
-            k, v = F.linear(ctx, self.kv_weight).chunk(2, dim=-1) if self.kv_weight is not None else (
-                self.to_k(ctx), self.to_v(ctx))
-        q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (q, k, v))
+            k, v = self.to_k(context), self.to_v(context)
+        return tuple(rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (k, v))
+
+    def forward(self, x: Tensor, context: Tensor | None = None, keys_values: KeysValues | None = None) -> Tensor:
+        """Self-attention (no context), or cross-attention to `context` or to its precomputed `keys_values`."""
+        if context is None and keys_values is None and self.qkv_weight is not None:
+            q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads)
+                       for a in F.linear(x, self.qkv_weight).chunk(3, dim=-1))
+        else:
+            q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+            k, v = keys_values or self.keys_values(x if context is None else context)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
 
 
-class GEGLU(nn.Module):
-    """Gated GELU (Shazeer 2020): the first half of the projection, gated by the exact GELU of the second."""
+class GEGLU(KernelHook, nn.Module):
+    """Gated GELU (Shazeer 2020): the first half of the projection, gated by the exact GELU of the second (one
+    pass over the projection when a fused kernel is installed)."""
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, gate = self.proj(x).chunk(2, dim=-1)
+        h = self.proj(x)
+        if self.uses_kernel(h):
+            return self.kernel(h)
+        a, gate = h.chunk(2, dim=-1)
         return a * F.gelu(gate)
 
 
@@ -196,17 +213,23 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, only_cross_attention: bool = False):
         super().__init__()
         self.only_cross_attention = only_cross_attention
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads, head_dim, context_dim if only_cross_attention else None)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, head_dim, context_dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+    def keys_values(self, context: Tensor) -> BlockKeysValues:
+        """The keys and values of `context` for each of this block's attentions that reads it."""
+        return self.attn1.keys_values(context) if self.only_cross_attention else None, self.attn2.keys_values(context)
+
+    def forward(self, x: Tensor, context: Tensor, keys_values: BlockKeysValues | None = None) -> Tensor:
+        kv1, kv2 = keys_values or (None, None)
+        h = self.attn1(self.norm1(x), context if self.only_cross_attention else None, kv1)
+        x, h = self.norm2.add_norm(x, h)  # x = x + attn1(...); h = norm2(x)
+        x, h = self.norm3.add_norm(x, self.attn2(h, context, kv2))
+        return x + self.ff(h)
 
 
 class SpatialTransformer(nn.Module):
@@ -221,21 +244,27 @@ class SpatialTransformer(nn.Module):
         head_dim = ch // heads
         inner = heads * head_dim
         self.linear_projection = linear_projection
-        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.norm = GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, inner) if linear_projection else nn.Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(inner, heads, head_dim, context_dim, only_cross_attention) for _ in range(depth)])
         self.proj_out = nn.Linear(inner, ch) if linear_projection else nn.Conv2d(inner, ch, 1)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def keys_values(self, context: Tensor) -> list[BlockKeysValues]:
+        """The keys and values of `context` for every block, in the blocks' dtype (see `forward`)."""
+        context = context.to(self.norm.weight.dtype)
+        return [block.keys_values(context) for block in self.transformer_blocks]
+
+    def forward(self, x: Tensor, context: Tensor, keys_values: Sequence[BlockKeysValues] | None = None) -> Tensor:
+        """x + the transformer's residual; `keys_values` (from `keys_values(context)`) spares the projections."""
         _, _, h, w = x.shape
         y = self.norm(x)
         if self.linear_projection:
             y = self.proj_in(rearrange(y, "b c h w -> b (h w) c"))
         else:
             y = rearrange(self.proj_in(y), "b c h w -> b (h w) c")
-        for block in self.transformer_blocks:
-            y = block(y, context)
+        for i, block in enumerate(self.transformer_blocks):
+            y = block(y, context, keys_values[i] if keys_values is not None else None)
         if self.linear_projection:
             y = rearrange(self.proj_out(y), "b (h w) c -> b c h w", h=h, w=w)
         else:

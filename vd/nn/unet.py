@@ -13,36 +13,55 @@ Both UNets keep diffusers' parameter names. The text UNet works on hidden states
 "convolutions" are Linear layers over the flattened trailing dims and its resnets use 1x1 convs on [B, C*fd, 1, 1].
 """
 
+import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vd.nn.config import UNetConfig
-from vd.nn.layers import (Downsample, FlatLinear, FlatResnetBlock, ResnetBlock, SpatialTransformer,
+from vd.nn.fusable import GroupNorm
+from vd.nn.layers import (BlockKeysValues, Downsample, FlatLinear, FlatResnetBlock, ResnetBlock, SpatialTransformer,
                           TimestepEmbedding, Upsample, timestep_embedding)
 
 UNET_PARTS = frozenset({"global", "data", "context"})
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")  # where torch.autocast exists (not "meta")
 
 
 @dataclass(frozen=True)
 class Context:
     """One conditioning stream: the context layers to use (`UNet.context_layers()` of the condition's UNet),
-    the tokens [B, L, D] they attend to, and the stream's weight at every context site."""
+    the tokens [B, L, D] they attend to, and the stream's weight at every context site.
+
+    `keys_values`, per layer, are the attentions' keys and values of the tokens (`with_keys_values`): they stay
+    fixed while sampling, so a sampler loop computes them once instead of once per step."""
 
     layers: Sequence[SpatialTransformer]
     tokens: Tensor
     weight: float = 1.0
+    keys_values: Sequence[list[BlockKeysValues]] | None = None
+
+    def with_keys_values(self) -> "Context":
+        """This stream with its keys and values computed, in the layers' dtype and with autocast off (as the
+        UNet runs: vd.fast.NoisePredictor)."""
+        if self.keys_values is not None or self.weight == 0:  # done, or never run (apply_context)
+            return self
+        device = self.tokens.device.type
+        with torch.autocast(device, enabled=False) if device in AUTOCAST_DEVICES else contextlib.nullcontext():
+            kv = [layer.keys_values(self.tokens) for layer in self.layers]
+        return replace(self, tokens=self.tokens.to(self.layers[0].norm.weight.dtype), keys_values=kv)
 
 
 def apply_context(site: int, h: Tensor, contexts: Sequence[Context]) -> Tensor:
     """Run context site `site` of every stream on h and mix the streams' residuals by their weights."""
+    def run(c: Context) -> Tensor:
+        return c.layers[site](h, c.tokens, None if c.keys_values is None else c.keys_values[site])
+
     active = [c for c in contexts if c.weight != 0]
     if len(active) == 1 and active[0].weight == 1:
-        return active[0].layers[site](h, active[0].tokens)
-    mixed = sum(c.weight * (c.layers[site](h, c.tokens) - h) for c in active)
+        return run(active[0])
+    mixed = sum(c.weight * (run(c) - h) for c in active)
     return mixed + h
 
 
@@ -121,7 +140,7 @@ class UNet(nn.Module):
             prev = ch
 
         if data:
-            self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, chs[0], eps=cfg.norm_eps)
+            self.conv_norm_out = GroupNorm(cfg.norm_groups, chs[0], eps=cfg.norm_eps)
             if flat:
                 self.conv_out = FlatLinear((chs[0], fd, 1), cfg.out_channels)
             else:
@@ -186,4 +205,4 @@ class UNet(nn.Module):
                 # an odd-sized latent upsamples to the size of the skip it meets next (flat: a Linear, no size)
                 h = up(h, skips[-1].shape[2:]) if isinstance(up, Upsample) else up(h)
         # (B, C0, H, W) -> (B, out_channels, H, W); flat: (B, C0, fd, 1) -> (B, *out_channels)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out(h, silu=True))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vd.nn.config import VAEConfig
+from vd.nn.fusable import GroupNorm
 from vd.nn.layers import Downsample, ResnetBlock, Upsample
 
 VAE_PARTS = frozenset({"encoder", "decoder"})
@@ -22,7 +23,7 @@ class VAEAttention(nn.Module):
 
     def __init__(self, ch: int, groups: int):
         super().__init__()
-        self.group_norm = nn.GroupNorm(groups, ch, eps=EPS)
+        self.group_norm = GroupNorm(groups, ch, eps=EPS)
         self.to_q = nn.Linear(ch, ch)
         self.to_k = nn.Linear(ch, ch)
         self.to_v = nn.Linear(ch, ch)
@@ -65,7 +66,7 @@ class Encoder(nn.Module):
                 block.downsamplers = nn.ModuleList([Downsample(ch, padding=0)])
             self.down_blocks.append(block)
         self.mid_block = _mid_block(chs[-1], g, cfg.mid_attention)
-        self.conv_norm_out = nn.GroupNorm(g, chs[-1], eps=EPS)
+        self.conv_norm_out = GroupNorm(g, chs[-1], eps=EPS)
         self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -76,7 +77,7 @@ class Encoder(nn.Module):
             if hasattr(block, "downsamplers"):
                 h = block.downsamplers[0](h)
         h = _run_mid(self.mid_block, h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out(h, silu=True))
 
 
 class Decoder(nn.Module):
@@ -94,7 +95,7 @@ class Decoder(nn.Module):
             if i < len(chs) - 1:
                 block.upsamplers = nn.ModuleList([Upsample(ch)])
             self.up_blocks.append(block)
-        self.conv_norm_out = nn.GroupNorm(g, chs[-1], eps=EPS)
+        self.conv_norm_out = GroupNorm(g, chs[-1], eps=EPS)
         self.conv_out = nn.Conv2d(chs[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -104,7 +105,7 @@ class Decoder(nn.Module):
                 h = resnet(h)
             if hasattr(block, "upsamplers"):
                 h = block.upsamplers[0](h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out(h, silu=True))
 
 
 @dataclass
