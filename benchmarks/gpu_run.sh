@@ -4,7 +4,9 @@
 # BUDGET_S (from this script's start) is skipped with a line saying so. Stages (text_to_image, 512x512, 50 DDIM
 # steps, fp16, CFG 7.5 unless set otherwise):
 #   checkpoint        the full-size fp16 random-weight checkpoint, made on the GPU (always; reused if present)
-#   kernels           benchmarks/kernels.py, the kernel micro-benchmark (if that file is in the tree)
+#   kernels           benchmarks/fused_kernels.py: the fused kernels against torch's ops shape by shape, the UNet
+#                     step and decode with and without them (KERNELS_ARGS: 20 repeats, no GroupNorm tile sweep;
+#                     its full run, KERNELS_ARGS="", takes 2-4 minutes)
 #   speed             bench.py: UNet step, end to end, VAE decode (+ the VAE channels-last candidate), first-call
 #                     cost and held memory, for ours eager / graphs / default against diffusers eager
 #   throughput        bench.py --throughput-batches: images/s and peak memory at THROUGHPUT_BATCHES, ours default
@@ -55,9 +57,10 @@ REF_COMPILE_FALLBACK_EXPECT_S=${REF_COMPILE_FALLBACK_EXPECT_S:-120}
 REF_COMPILE_BACKEND=${REF_COMPILE_BACKEND:-inductor}
 REF_COMPILED_BATCHES=${REF_COMPILED_BATCHES:-$THROUGHPUT_BATCHES}
 PROBE_ARGS=${PROBE_ARGS:-}          # compile_probe.py's shape arguments (tiny ones for a CPU smoke run)
+KERNELS_ARGS=${KERNELS_ARGS---repeats 20 --candidates=}  # fused_kernels.py's other arguments
 BENCH_ARGS=${BENCH_ARGS:-}          # more bench.py arguments for every bench stage (e.g. --threads 1 --warmup 0)
 # expected seconds of each stage on an H100 (estimates; a stage is skipped when they no longer fit) and limits
-EXPECT_KERNELS=${EXPECT_KERNELS:-30};         LIMIT_KERNELS=${LIMIT_KERNELS:-90}
+EXPECT_KERNELS=${EXPECT_KERNELS:-60};         LIMIT_KERNELS=${LIMIT_KERNELS:-150}
 EXPECT_SPEED=${EXPECT_SPEED:-90};             LIMIT_SPEED=${LIMIT_SPEED:-200}
 EXPECT_THROUGHPUT=${EXPECT_THROUGHPUT:-110};  LIMIT_THROUGHPUT=${LIMIT_THROUGHPUT:-240}
 EXPECT_PROBE=${EXPECT_PROBE:-45};             LIMIT_PROBE=${LIMIT_PROBE:-120}
@@ -154,11 +157,12 @@ fi
 echo "checkpoint ready after $((SECONDS - start)) s" | tee -a "$LOG"
 
 if [ "${KERNELS:-1}" = 1 ]; then
-    if [ -f benchmarks/kernels.py ]; then
-        stage kernels "$EXPECT_KERNELS" "$LIMIT_KERNELS" "$PY" benchmarks/kernels.py --device "$DEVICE" \
-            --json "$TMP/kernels.json" --markdown "$TMP/kernels.md"
+    if [ -f benchmarks/fused_kernels.py ]; then
+        # shellcheck disable=SC2086
+        stage kernels "$EXPECT_KERNELS" "$LIMIT_KERNELS" "$PY" benchmarks/fused_kernels.py --device "$DEVICE" \
+            $KERNELS_ARGS --json "$TMP/kernels.json" --markdown "$TMP/kernels.md"
     else
-        echo "skipped kernels: benchmarks/kernels.py is not in this tree" | tee -a "$LOG" "$MD"
+        echo "skipped kernels: benchmarks/fused_kernels.py is not in this tree" | tee -a "$LOG" "$MD"
     fi
 fi
 if [ "${SPEED:-1}" = 1 ]; then

@@ -1,5 +1,5 @@
-"""benchmarks/kernels.py runs end to end on the CPU (tiny shapes, Triton's interpreter, which the script turns on
-itself for --device cpu): every kind of call timed and equal to torch's, both GroupNorm candidates totalled, the
+"""benchmarks/fused_kernels.py runs end to end on the CPU (tiny shapes, Triton's interpreter, which the script turns
+on itself for --device cpu): every kind of call timed and equal to torch's, both GroupNorm candidates totalled, the
 models with and without the kernels equal. No timing assertions."""
 
 import json
@@ -13,7 +13,7 @@ from helpers import REPO
 
 def test_kernels_benchmark_smoke(tmp_path):
     out_json, out_md = tmp_path / "kernels.json", tmp_path / "kernels.md"
-    p = subprocess.run([sys.executable, REPO / "benchmarks" / "kernels.py", "--device", "cpu", "--repeats", "1",
+    p = subprocess.run([sys.executable, REPO / "benchmarks" / "fused_kernels.py", "--device", "cpu", "--repeats", "1",
                         "--limit", "2", "--candidates", "2048:1:4,8192:1:8", "--json", out_json, "--markdown", out_md],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

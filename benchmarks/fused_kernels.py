@@ -1,8 +1,8 @@
 """The fused Triton kernels (vd/kernels) against the torch ops they replace, shape by shape, and whole models with
 and without them (ours only, one process, no checkpoint: random weights).
 
-    python benchmarks/kernels.py [--repeats 50] [--candidates ...] [--no-models] [--json OUT] [--markdown OUT]
-    python benchmarks/kernels.py --device cpu --repeats 1 --limit 2 --json OUT   # smoke: tiny, Triton's interpreter
+    python benchmarks/fused_kernels.py [--repeats 50] [--candidates ...] [--no-models] [--json OUT] [--markdown OUT]
+    python benchmarks/fused_kernels.py --device cpu --repeats 1 --limit 2 --json OUT  # smoke: Triton's interpreter
 
 1. The shapes: every GroupNorm, GEGLU and residual add + LayerNorm call of one guided step of VD's image UNet at
    512x512 (batch 2, 77 text tokens; channels-last, as the fast path runs it) and of the VAE decoder (batch 1,
