@@ -80,8 +80,10 @@ def test_bench_all_tasks(ckpt, tmp_path):
         ours, ref = r["impls"]["ours default"], r["impls"]["diffusers eager"]
         for x in (ours, ref):
             assert x["step_s"] > 0 and x["e2e_s"] > 0 and x["decode_s"] > 0 and x["finite"]
-        # both implementations do the same work, counted
-        assert ours["step_flops"] == ref["step_flops"] > 0
+        # a whole (1-step) call does the same work, counted; our step leaves out the cross-attention keys and values
+        # of the call's fixed context, which it computes once per call
+        assert ours["e2e_flops"] == ref["e2e_flops"] > 0
+        assert 0 < ours["step_flops"] < ref["step_flops"]
         assert ours["max_abs_diff"] <= 1e-3
         assert ours["decode_max_abs_diff"] <= 1e-5  # the same VAE weights in float32 (measured: 0)
         assert ours["decode_candidates"]["rel_diff"] < 1e-5  # the VAE channels-last (measured: 7.6e-7)
