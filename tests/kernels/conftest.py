@@ -1,6 +1,7 @@
 """The kernel tests run the Triton kernels on the CPU in Triton's interpreter. Whether a kernel is interpreted is
-decided when it is defined, so the switch is set here, before any test module imports triton or vd.kernels; no
-other test folder imports them, so the rest of the suite runs as before. A missing triton fails these tests."""
+decided when it is defined, so tests/conftest.py turns the interpreter on before any test module is imported
+(diffusers, transformers or torch.compile may import triton from any of them); this checks it held, and sets it
+for a run of this folder alone. A missing triton fails these tests."""
 
 import os
 import sys
