@@ -103,3 +103,21 @@ def test_console_script_reports_one_line(tmp_path):
     done = subprocess.run([exe, "text-to-image", "a", "-o", str(tmp_path / "a.gif.txt")], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--output" in done.stderr
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_eager_turns_the_cuda_fast_path_off(eager, model, tmp_path, monkeypatch):
+    """--eager asks for cuda_graphs=False and triton_kernels=False; without it from_pretrained's defaults hold."""
+    seen = {}
+    load = VersatileDiffusion.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(VersatileDiffusion, "from_pretrained", classmethod(spy))
+    out = tmp_path / "a.png"
+    assert main(["text-to-image", "x", "-o", str(out), "--model", model, *FAST, *(["--eager"] if eager else [])]) == 0
+    assert PIL.Image.open(out).size[0] > 0
+    want = {"cuda_graphs": False, "triton_kernels": False} if eager else {}
+    assert {k: seen[k] for k in ("cuda_graphs", "triton_kernels") if k in seen} == want
