@@ -27,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vd.checks import DTYPES  # noqa: E402
 from vd.nn.layers import ResnetBlock, SpatialTransformer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_breakdown import graph_of  # noqa: E402
+
 KERNEL_DEF = re.compile(r"^(\w+) = async_compile\.(triton|cpp_pybinding|cpp)\(", re.M)
 BUFFER = re.compile(r"(buf\d+) = empty_strided_\w+\(\(([\d, ]+)\), \(([\d, ]+)\)")
 LIBRARY = re.compile(r"(extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?)\(")
@@ -130,20 +133,6 @@ def median_s(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def graphed(fn):
-    """fn replayed from a CUDA graph (warmed up on a side stream first)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def kernel_times(fn, calls: int = 10) -> dict[str, float]:
     """Device microseconds per call of each kernel fn launches (CUDA profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -173,7 +162,8 @@ def probe(name: str, module, inputs, a, device: torch.device) -> tuple[dict, str
          **analyse(code, tuple(inputs[0].shape))}
     calls = {"eager": lambda: module(*inputs), "compiled": lambda: compiled(*inputs)}
     if device.type == "cuda":
-        calls.update({"eager, CUDA graph": graphed(calls["eager"]), "compiled, CUDA graph": graphed(calls["compiled"])})
+        calls.update({"eager, CUDA graph": graph_of(calls["eager"], device),
+                      "compiled, CUDA graph": graph_of(calls["compiled"], device)})
     r["ms"] = {k: median_s(fn, device, a.repeats) * 1e3 for k, fn in calls.items()}
     if device.type == "cuda":
         r["kernel_us"] = kernel_times(calls["compiled"])
