@@ -23,6 +23,7 @@ run goes, so a run stopped by a time limit keeps what it measured.
 """
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import importlib
@@ -212,7 +213,10 @@ class Impl:
 # CUDA). "default" is what a user gets.
 OURS = {"eager": {"cuda_graphs": False, "triton_kernels": False},
         "graphs": {"cuda_graphs": True, "triton_kernels": False},
+        "kernels": {"cuda_graphs": False, "triton_kernels": True},
         "default": {"cuda_graphs": None, "triton_kernels": None},
+        # the default with one change undone, to measure it alone: cross-attention keys and values every step
+        "default+kv_per_step": {"cuda_graphs": None, "triton_kernels": None},
         "compile": {"compile": True, "cuda_graphs": True},
         # a fast-path candidate of runs 4-6: GroupNorm kept channels-last (channels_last_group_norm.py)
         "graphs+nhwc_norm": {"cuda_graphs": True, "triton_kernels": False}}
@@ -238,8 +242,25 @@ def ours_kwargs(variant: str) -> dict:
     return kw
 
 
+class KeysValuesPerStep:
+    """Our noise predictor given the streams without their precomputed keys and values, so that every step
+    projects the tokens again, as vd did before computing them once per call."""
+
+    def __init__(self, eps):
+        self.eps = eps
+
+    @property
+    def setup_seconds(self) -> float:
+        return self.eps.setup_seconds
+
+    def __call__(self, x, t, streams):
+        return self.eps(x, t, [dataclasses.replace(c, keys_values=None) for c in streams])
+
+
 def tune_ours(pipe, variant: str) -> None:
-    """The candidate's change to a loaded pipeline (benchmarks/channels_last_group_norm.py)."""
+    """The candidate's change to a loaded pipeline (benchmarks/channels_last_group_norm.py, KeysValuesPerStep)."""
+    if variant.endswith("+kv_per_step"):
+        pipe.image_eps = KeysValuesPerStep(pipe.image_eps)
     if variant.endswith("+nhwc_norm"):
         from channels_last_group_norm import channels_last_group_norms_
         # text_to_image runs the text UNet's context layers
@@ -630,8 +651,10 @@ def parse_args(argv=None):
                     help="torch.compile backend of the compiled reference; 'eager' only traces (CPU smoke runs)")
     ap.add_argument("--ours", nargs="+", choices=list(OURS), default=["default"],
                     help="our variants to time: eager (no CUDA graphs, no Triton kernels), graphs (CUDA graphs "
-                    "only), default (what from_pretrained gives a user), compile (compile=True, cuda_graphs=True), "
-                    "graphs+nhwc_norm (graphs with the GroupNorms of channels_last_group_norm.py)")
+                    "only), kernels (Triton kernels only), default (what from_pretrained gives a user), "
+                    "default+kv_per_step (the default with the keys and values projected every step), compile "
+                    "(compile=True, cuda_graphs=True), graphs+nhwc_norm (graphs with the GroupNorms of "
+                    "channels_last_group_norm.py)")
     ap.add_argument("--cudnn-benchmark-limit", type=int, metavar="N",
                     help="cuDNN algorithms to try per convolution when autotuning, for the whole process "
                     "(torch's default 10; 0: all)")

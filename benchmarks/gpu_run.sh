@@ -8,7 +8,8 @@
 #                     step and decode with and without them (KERNELS_ARGS: 20 repeats, no GroupNorm tile sweep;
 #                     its full run, KERNELS_ARGS="", takes 2-4 minutes)
 #   speed             bench.py: UNet step, end to end, VAE decode (+ the VAE channels-last candidate), first-call
-#                     cost and held memory, for ours eager / graphs / default against diffusers eager
+#                     cost and held memory, for ours eager / graphs / kernels / default / default+kv_per_step
+#                     (each change of issue 19 on its own) against diffusers eager
 #   throughput        bench.py --throughput-batches: images/s and peak memory at THROUGHPUT_BATCHES, ours default
 #                     and eager against diffusers eager
 #   compile_probe     compile_probe.py: inductor's code for one ResnetBlock and one SpatialTransformer, summarised
@@ -61,7 +62,7 @@ KERNELS_ARGS=${KERNELS_ARGS---repeats 20 --candidates=}  # fused_kernels.py's ot
 BENCH_ARGS=${BENCH_ARGS:-}          # more bench.py arguments for every bench stage (e.g. --threads 1 --warmup 0)
 # expected seconds of each stage on an H100 (estimates; a stage is skipped when they no longer fit) and limits
 EXPECT_KERNELS=${EXPECT_KERNELS:-60};         LIMIT_KERNELS=${LIMIT_KERNELS:-150}
-EXPECT_SPEED=${EXPECT_SPEED:-90};             LIMIT_SPEED=${LIMIT_SPEED:-200}
+EXPECT_SPEED=${EXPECT_SPEED:-120};            LIMIT_SPEED=${LIMIT_SPEED:-240}
 EXPECT_THROUGHPUT=${EXPECT_THROUGHPUT:-110};  LIMIT_THROUGHPUT=${LIMIT_THROUGHPUT:-240}
 EXPECT_PROBE=${EXPECT_PROBE:-45};             LIMIT_PROBE=${LIMIT_PROBE:-120}
 EXPECT_BREAKDOWN=${EXPECT_BREAKDOWN:-60};     EXPECT_OTHER=${EXPECT_OTHER:-100};  EXPECT_MEMORY=${EXPECT_MEMORY:-45}
@@ -167,7 +168,7 @@ if [ "${KERNELS:-1}" = 1 ]; then
 fi
 if [ "${SPEED:-1}" = 1 ]; then
     # shellcheck disable=SC2046
-    stage speed "$EXPECT_SPEED" "$LIMIT_SPEED" "${BENCH[@]}" --tasks text_to_image --ours eager graphs default \
+    stage speed "$EXPECT_SPEED" "$LIMIT_SPEED" "${BENCH[@]}" --tasks text_to_image --ours eager graphs kernels default default+kv_per_step \
         --reference eager --no-isolate $(out speed)
 fi
 if [ "${THROUGHPUT:-1}" = 1 ]; then  # a fresh process: every batch's CUDA graphs are captured inside its window

@@ -34,7 +34,8 @@ def test_gpu_run_stages_on_cpu(tmp_path):
     lines = [json.loads(line) for line in jsonl.splitlines()]
     assert [(x["stage"], x["status"]) for x in lines] == [("speed", "done")]
     speed = lines[0]["result"]["tasks"]["text_to_image"]["impls"]
-    assert set(speed) == {"ours eager", "ours graphs", "ours default", "diffusers eager"}
+    assert set(speed) == {"ours eager", "ours graphs", "ours kernels", "ours default", "ours default+kv_per_step",
+                          "diffusers eager"}
     assert all(x["step_s"] > 0 and x["e2e_s"] > 0 and x["decode_s"] > 0 for x in speed.values())
     assert "## speed: done" in md and "end to end vs diffusers eager" in md
 
