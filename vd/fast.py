@@ -17,6 +17,7 @@ time is spent on, and what else was tried without gain: benchmarks/RESULTS.md, r
 """
 
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from vd.kernels import available as kernels_available
+from vd.kernels import runs_on as kernels_run_on
 from vd.nn import Context, UNet
 from vd.nn.fusable import GroupNorm, LayerNorm
 from vd.nn.layers import GEGLU, Attention, TimestepEmbedding
@@ -36,8 +38,9 @@ EAGER = {"cuda_graphs": False, "triton_kernels": False}  # from_pretrained's opt
 def fast_path(device: torch.device, compile: bool, cuda_graphs: bool | None,
               triton_kernels: bool | None) -> tuple[bool, bool]:
     """Whether to replay CUDA graphs and run the Triton kernels: None means on for CUDA (the kernels also need
-    triton, and stay off under torch.compile, which fuses by itself). Asking for the kernels without triton is
-    an error; asking for either on another device does nothing, as both are CUDA-only."""
+    triton able to build for that device, checked once, and stay off under torch.compile, which fuses by
+    itself). Asking for the kernels without triton is an error; asking for either on another device does
+    nothing, as both are CUDA-only."""
     for name, value in (("cuda_graphs", cuda_graphs), ("triton_kernels", triton_kernels)):
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name}: expected True, False or None, got {value!r}")
@@ -45,8 +48,13 @@ def fast_path(device: torch.device, compile: bool, cuda_graphs: bool | None,
     if triton_kernels and not kernels_available():
         raise ValueError("triton_kernels: True needs the triton package, which is not importable here")
     graphs = cuda if cuda_graphs is None else cuda_graphs and cuda
-    kernels = cuda and (not compile and kernels_available() if triton_kernels is None else triton_kernels)
-    return graphs, kernels
+    if triton_kernels is None:
+        triton_kernels = cuda and not compile and kernels_available()
+        if triton_kernels and not kernels_run_on(device):
+            warnings.warn(f"vd: Triton cannot build its kernels for {device} here, so they stay off (the plain "
+                          "PyTorch path, a little slower); pass triton_kernels=True to see the error", stacklevel=3)
+            triton_kernels = False
+    return graphs, cuda and triton_kernels
 
 
 def speed_up_(*modules: nn.Module | None) -> None:

@@ -12,6 +12,7 @@ import triton  # noqa: F401  (no triton is a failure here, not a skip)
 
 from helpers import REPO, TINY_UNET_A, TINY_VAE_A, flat_config, randomize_, rel_err
 from vd.fast import speed_up_, use_triton_kernels_
+from vd.kernels import runs_on
 from vd.nn import AutoencoderKL, Context, UNet, UNetConfig, VAEConfig
 from vd.nn.fusable import KernelHook
 from vd.nn.layers import ResnetBlock
@@ -91,3 +92,15 @@ def test_torch_compile_runs_the_kernels_outside_its_graph(check):
     want = block(x, temb)
     use_triton_kernels_(block, devices=CPU)
     check(rel_err(torch.compile(block, backend="aot_eager")(x, temb), want), 1e-5)
+
+
+def test_runs_on_says_whether_a_kernel_builds_and_runs(monkeypatch):
+    runs_on.cache_clear()
+    assert runs_on(torch.device("cpu"))  # the interpreter runs it
+    runs_on.cache_clear()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler for this device")
+    monkeypatch.setattr("vd.kernels.group_norm.group_norm", broken)
+    assert not runs_on(torch.device("cpu"))
+    runs_on.cache_clear()

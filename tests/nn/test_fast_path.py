@@ -153,7 +153,8 @@ def test_graphs_step_aside_for_autograd():
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # fast_path only reads the device's type: no GPU needed
 
 
-def test_fast_path_is_on_by_default_for_cuda_only():
+def test_fast_path_is_on_by_default_for_cuda_only(monkeypatch):
+    monkeypatch.setattr("vd.fast.kernels_run_on", lambda device: True)  # as on a GPU machine
     assert fast_path(CPU, False, None, None) == (False, False)
     assert fast_path(CUDA, False, None, None) == (True, True)  # triton comes with the test extra
     assert fast_path(CUDA, True, None, None) == (True, False)  # torch.compile fuses by itself
@@ -167,3 +168,12 @@ def test_fast_path_refuses_kernels_without_triton(monkeypatch):
     assert fast_path(CUDA, False, None, None) == (True, False)
     with pytest.raises(ValueError, match="triton_kernels: True needs the triton package"):
         fast_path(CUDA, False, None, True)
+
+
+def test_kernels_stay_off_by_default_where_triton_cannot_build_them(monkeypatch):
+    """No GPU here, so the real check fails: the default turns the kernels off with a warning; asking for them
+    is not second-guessed."""
+    with pytest.warns(UserWarning, match="Triton cannot build its kernels for cuda here"):
+        assert fast_path(CUDA, False, None, None) == (True, False)
+    monkeypatch.setattr("vd.fast.kernels_run_on", lambda device: pytest.fail("checked though asked for"))
+    assert fast_path(CUDA, False, None, True) == (True, True)

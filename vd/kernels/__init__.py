@@ -5,6 +5,10 @@ layers stay the reference and the CPU path. Importing a submodule imports triton
 not. With TRITON_INTERPRET=1 set before triton is imported, the kernels run on CPU tensors (the tests do that).
 """
 
+import functools
+
+import torch
+
 
 def available() -> bool:
     """Whether triton can be imported here (it says nothing about a GPU). Never raises."""
@@ -22,3 +26,17 @@ def interpreted() -> bool:
 
     from vd.kernels.group_norm import _normalize
     return isinstance(_normalize, InterpretedFunction)
+
+
+@functools.cache
+def runs_on(device: torch.device) -> bool:
+    """Whether Triton builds and runs a kernel on `device` here (a GroupNorm of 1x32x4x4, checked against torch's),
+    once per device per process. False, never an error, where it cannot: no CUDA driver library, no compiler for
+    this GPU, an interpreter-only build. What the default fast path asks before it turns the kernels on."""
+    try:
+        from vd.kernels.group_norm import group_norm
+        x = torch.randn(1, 32, 4, 4, device=device)
+        w, b = torch.ones(32, device=device), torch.zeros(32, device=device)
+        return torch.allclose(group_norm(x, w, b, 8, 1e-5), torch.nn.functional.group_norm(x, 8, w, b), atol=1e-4)
+    except Exception:
+        return False
