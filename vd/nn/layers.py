@@ -251,7 +251,7 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(inner, ch) if linear_projection else nn.Conv2d(inner, ch, 1)
 
     def keys_values(self, context: Tensor) -> list[BlockKeysValues]:
-        """The keys and values of `context` for every block, in the blocks' dtype (see `forward`)."""
+        """The keys and values of `context` for every block, computed in the blocks' dtype."""
         context = context.to(self.norm.weight.dtype)
         return [block.keys_values(context) for block in self.transformer_blocks]
 
