@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import gc
 import importlib
-import inspect
 import json
 import os
 import platform
@@ -227,21 +226,6 @@ def ours_name(variant: str) -> str:
     return f"ours {variant}"
 
 
-def ours_kwargs(variant: str) -> dict:
-    """The variant's from_pretrained arguments. An option this vd does not have yet is left out when the variant
-    turns it off (off is then what it does anyway) and refused when the variant needs it."""
-    from vd import VersatileDiffusion
-    accepted = inspect.signature(VersatileDiffusion.from_pretrained).parameters
-    kw = {}
-    for key, value in OURS[variant].items():
-        if value is None or (key not in accepted and value is False):
-            continue
-        if key not in accepted:
-            raise ValueError(f"--ours {variant} needs from_pretrained({key}=...), which this vd does not have")
-        kw[key] = value
-    return kw
-
-
 class KeysValuesPerStep:
     """Our noise predictor given the streams without their precomputed keys and values, so that every step
     projects the tokens again, as vd did before computing them once per call."""
@@ -273,7 +257,7 @@ def load_ours(ckpt: Path, task: str, device: torch.device, dtype: torch.dtype, v
     from vd import VersatileDiffusion
     # the reference's "no image" condition (a CLIP encoding either way), so outputs can be compared
     pipe = VersatileDiffusion.from_pretrained(ckpt, tasks=[task], device=device, dtype=dtype,
-                                              uncond_image="diffusers", **ours_kwargs(variant))
+                                              uncond_image="diffusers", **OURS[variant])
     tune_ours(pipe, variant)
     countable = variant == "eager" or (device.type != "cuda" and variant != "compile")
     return Impl(ours_name(variant), pipe, pipe.components.image_unet,

@@ -9,9 +9,9 @@ import torch
 # small machine (a second thread spinning for a busy core made some tests 20x slower). Subprocesses inherit it.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
-# The Triton kernels are tested in Triton's CPU interpreter (tests/kernels). It is chosen when triton is first
-# imported, which diffusers, transformers or torch.compile may do from any test module: so it is set here, before
-# all of them. Nothing else in the suite runs triton (there is no GPU).
+# The Triton kernels are tested in Triton's CPU interpreter (tests/kernels). Whether a kernel is interpreted is
+# fixed when triton and vd.kernels are imported, which diffusers, transformers or torch.compile may do from any
+# test module: so it is set here, before all of them. Nothing else in the suite runs triton (there is no GPU).
 os.environ["TRITON_INTERPRET"] = "1"
 
 _MEASURED: list[tuple[str, float, float]] = []

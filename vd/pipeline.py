@@ -117,7 +117,7 @@ class VersatileDiffusion:
         checks.choice("scheduler", scheduler, list(SCHEDULERS))
         checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         device = checks.device(device)
-        fast_path(device, compile, cuda_graphs, triton_kernels)
+        cuda_graphs, triton_kernels = fast_path(device, compile, cuda_graphs, triton_kernels)  # checked before loading
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         ckpt = resolve(src, tasks, revision=revision, kl_f8=kl_f8, clip=clip, optimus=optimus,
