@@ -12,8 +12,10 @@ and without them (ours only, one process, no checkpoint: random weights).
    NCHW copy (its GroupNorm without layout copies), and of the kernel; each from a CUDA graph of 10 calls, median
    of `--repeats` replays (CUDA events), and the kernel's GB/s over the bytes it must move (read the input once,
    write the output). Off CUDA: wall time of eager calls, a smoke test only.
-3. GroupNorm candidates `TILE:TILES_PER_CHUNK:WARPS` on every distinct GroupNorm shape: the fastest per shape, and
-   the total over a step and a decode (each shape times its count); the fastest total is printed.
+3. GroupNorm candidates `TILE:TILES_PER_CHUNK:WARPS[:GROUPS_PER_PROGRAM]` (without the last: the launcher's choice,
+   several groups per program in channels-last memory; `:1` is one group per program, the kernel before that) on
+   every distinct GroupNorm shape: the fastest per shape, and the total over a step and a decode (each shape times
+   its count); the fastest total is printed.
 4. Models: the UNet step from a CUDA graph (vd.fast.NoisePredictor) and eager, and the VAE decode (eager), with
    and without `use_triton_kernels_`; the graph's first call (capture, and Triton's compiles; Triton caches them
    on disk, so a second process compiles nothing); the outputs' relative difference.
@@ -40,7 +42,7 @@ from vd.nn.config import VD_IMAGE_UNET, VD_TEXT_UNET, VD_VAE  # noqa: E402
 from vd.nn.fusable import GroupNorm, LayerNorm  # noqa: E402
 from vd.nn.layers import GEGLU  # noqa: E402
 
-CANDIDATES = "1024:1:4,2048:1:4,4096:1:4,4096:1:8,8192:1:8,2048:4:4"
+CANDIDATES = "1024:1:4,2048:1:4,4096:1:4,4096:1:8,8192:1:8,2048:4:4,2048:1:4:1,4096:1:8:1"
 TINY = dict(block_channels=(16, 32), down_attention=(True, False), up_attention=(False, True), layers_per_block=(1, 1),
             num_heads=(2, 2), context_dim=(16, 16), transformer_depth=(1, 1), only_cross_attention=(False, False),
             norm_groups=4)  # two levels: the smoke run's interpreted kernels take ~0.1 s a call
@@ -146,7 +148,7 @@ def group_norm_ops(shape, groups, with_shift, silu, channels_last, dtype, device
     return plain, lambda: plain(nchw), lambda **knobs: group_norm(x, w, b, groups, 1e-5, shift, silu, **knobs)
 
 
-def bench_shapes(calls: dict[str, Counter], device, dtype, repeats: int, candidates: list[tuple[int, int, int]],
+def bench_shapes(calls: dict[str, Counter], device, dtype, repeats: int, candidates: dict[str, dict],
                  limit: int | None = None):
     from vd.kernels.geglu import geglu
     from vd.kernels.layer_norm import add_layer_norm
@@ -168,9 +170,8 @@ def bench_shapes(calls: dict[str, Counter], device, dtype, repeats: int, candida
                            bytes=2 * numel * size, shift=with_shift, silu=silu)
                 key = (model, shape, groups)
                 if candidates and key not in cand:  # every candidate once per shape, weighted by all its calls
-                    cand[key] = dict(count=0, ms={f"{t}:{c}:{w}": time_ms(
-                        lambda: fused(tile=t, tiles_per_chunk=c, num_warps=w), device, repeats)
-                        for t, c, w in candidates})
+                    cand[key] = dict(count=0, ms={name: time_ms(lambda: fused(**knobs), device, repeats)
+                                                  for name, knobs in candidates.items()})
                 if candidates:
                     cand[key]["count"] += count
             elif kind == "geglu":
@@ -276,7 +277,8 @@ def markdown(r: dict) -> str:
                      f"in torch, {fused_ms:.3f} ms fused.")
     for model, totals in r["candidate_totals"].items():
         best = min(totals, key=totals.get)
-        lines.append(f"\nGroupNorm candidates (tile:tiles per chunk:warps), {model}, ms per pass: "
+        lines.append(f"\nGroupNorm candidates (tile:tiles per chunk:warps[:groups per program]), {model}, "
+                     "ms per pass: "
                      + ", ".join(f"{k} {v:.3f}" for k, v in totals.items()) + f"; fastest {best}.")
     if r.get("models"):
         m = r["models"]
@@ -290,11 +292,19 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_candidates(text: str) -> list[tuple[int, int, int]]:
-    try:
-        return [tuple(int(v) for v in c.split(":")) for c in text.split(",") if c] if text else []
-    except ValueError:
-        raise SystemExit(f"--candidates: expected TILE:TILES_PER_CHUNK:WARPS,..., got {text!r}")
+def parse_candidates(text: str) -> dict[str, dict]:
+    """{"TILE:TILES_PER_CHUNK:WARPS[:GROUPS_PER_PROGRAM]": group_norm's knobs}."""
+    out = {}
+    for name in filter(None, text.split(",")):
+        try:
+            values = [int(v) for v in name.split(":")]
+        except ValueError:
+            values = []
+        if len(values) not in (3, 4):
+            raise SystemExit(f"--candidates: expected TILE:TILES_PER_CHUNK:WARPS[:GROUPS_PER_PROGRAM],..., "
+                             f"got {text!r}")
+        out[name] = dict(zip(("tile", "tiles_per_chunk", "num_warps", "group_block"), values))
+    return out
 
 
 def main() -> None:

@@ -5,8 +5,9 @@
 # steps, fp16, CFG 7.5 unless set otherwise):
 #   checkpoint        the full-size fp16 random-weight checkpoint, made on the GPU (always; reused if present)
 #   kernels           benchmarks/fused_kernels.py: the fused kernels against torch's ops shape by shape, the UNet
-#                     step and decode with and without them (KERNELS_ARGS: 20 repeats, no GroupNorm tile sweep;
-#                     its full run, KERNELS_ARGS="", takes 2-4 minutes)
+#                     step and decode with and without them (KERNELS_ARGS: 20 repeats, GroupNorm with one group
+#                     per program against the launcher's choice and 4 groups; the full sweep, KERNELS_ARGS="",
+#                     takes 2-4 minutes)
 #   speed             bench.py: UNet step, end to end, VAE decode (+ the VAE channels-last candidate), first-call
 #                     cost and held memory, for ours eager / graphs / kernels / default / default+kv_per_step
 #                     (each change of issue 19 on its own) against diffusers eager
@@ -58,10 +59,10 @@ REF_COMPILE_FALLBACK_EXPECT_S=${REF_COMPILE_FALLBACK_EXPECT_S:-120}
 REF_COMPILE_BACKEND=${REF_COMPILE_BACKEND:-inductor}
 REF_COMPILED_BATCHES=${REF_COMPILED_BATCHES:-$THROUGHPUT_BATCHES}
 PROBE_ARGS=${PROBE_ARGS:-}          # compile_probe.py's shape arguments (tiny ones for a CPU smoke run)
-KERNELS_ARGS=${KERNELS_ARGS---repeats 20 --candidates=}  # fused_kernels.py's other arguments
+KERNELS_ARGS=${KERNELS_ARGS---repeats 20 --candidates=2048:1:4:1,2048:1:4,2048:1:4:4}  # fused_kernels.py args
 BENCH_ARGS=${BENCH_ARGS:-}          # more bench.py arguments for every bench stage (e.g. --threads 1 --warmup 0)
 # expected seconds of each stage on an H100 (estimates; a stage is skipped when they no longer fit) and limits
-EXPECT_KERNELS=${EXPECT_KERNELS:-60};         LIMIT_KERNELS=${LIMIT_KERNELS:-150}
+EXPECT_KERNELS=${EXPECT_KERNELS:-75};         LIMIT_KERNELS=${LIMIT_KERNELS:-180}
 EXPECT_SPEED=${EXPECT_SPEED:-120};            LIMIT_SPEED=${LIMIT_SPEED:-240}
 EXPECT_THROUGHPUT=${EXPECT_THROUGHPUT:-110};  LIMIT_THROUGHPUT=${LIMIT_THROUGHPUT:-240}
 EXPECT_PROBE=${EXPECT_PROBE:-45};             LIMIT_PROBE=${LIMIT_PROBE:-120}

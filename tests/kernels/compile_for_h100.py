@@ -2,7 +2,7 @@
 specialise it for VD's shapes (16-byte aligned pointers, sizes and strides divisible by 16, unit strides as
 constants): the interpreter runs the kernels' Python, this checks what only the real compiler checks (types of
 loop-carried values, constexpr use, layouts). Prints one line per kernel: its name and the vector widths of its
-global loads (v4: 4 x 32 bits, 8 fp16 values in one load). Run with TRITON_INTERPRET unset."""
+global loads and stores (v4: 4 x 32 bits, 8 fp16 values in one access). Run with TRITON_INTERPRET unset."""
 
 import re
 import sys
@@ -14,6 +14,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from vd.kernels import geglu, group_norm, layer_norm  # noqa: E402
+from vd.kernels.common import next_pow2  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 
@@ -24,15 +25,21 @@ def compile_for_h100(name: str, fn, ints: list[str], pointers: dict[str, str], c
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args) if a in pointers or a in ints}
     src = ASTSource(fn, signature, {(args.index(k),): v for k, v in consts.items()}, attrs)
     kernel = triton.compile(src, target=H100, options={"num_warps": 4})
-    loads = {m or "scalar" for m in re.findall(r"ld\.global\S*?(?:\.(v\d))?\.[bfsu]\d+", kernel.asm["ptx"])}
-    print(f"{name}: global loads {' '.join(sorted(loads))}")
+    ptx = kernel.asm["ptx"]
+    loads = {m or "scalar" for m in re.findall(r"ld\.global\S*?(?:\.(v\d))?\.[bfsu]\d+", ptx)}
+    stores = {m or "scalar" for m in re.findall(r"st\.global\S*?(?:\.(v\d))?\.[bfsu]\d+", ptx)}
+    print(f"{name}: global loads {' '.join(sorted(loads))} stores {' '.join(sorted(stores))}")
 
 
 def main() -> None:
     h = "*fp16"
+    # as group_norm plans them for SD's 320 channels at 64x64 and 1280 at 16x16, the VAE's 128 at 512x512
     for layout, unit in (("nhwc", "c"), ("nchw", "p")):
-        for cg, block_p, block_c in ((10, 128, 16), (40, 32, 64), (4, 512, 4)):
-            common = dict(GROUPS=32, CG=cg, HAS_SHIFT=True, BLOCK_P=block_p, BLOCK_C=block_c, TILES=1)
+        for cg, hw in ((10, 64 * 64), (40, 16 * 16), (4, 512 * 512)):
+            gb = group_norm.groups_per_program(32, cg, 1 if layout == "nhwc" else hw, 2)
+            block_p, block_c, tiles, _ = group_norm.plan(hw, cg, gb)
+            common = dict(GROUPS=32, CG=cg, GB=gb, HAS_SHIFT=True, BLOCK_P=block_p, BLOCK_C=block_c,
+                          BLOCK_G=next_pow2(gb), TILES=tiles)
             strides = ["hw", "sxn", "sxc", "sxp", "syn", "syc", "syp", "ssn"]
             compile_for_h100(f"chunk_moments {layout} C/G={cg}", group_norm._chunk_moments, strides,
                              dict(x=h, shift=h, part="*fp32"), {**common, f"sx{unit}": 1})

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import triton  # noqa: F401  (no triton is a failure here, not a skip)
 
 from helpers import rel_err
-from vd.kernels.group_norm import group_norm, plan
+from vd.kernels.group_norm import group_norm, groups_per_program, plan
 
 # fp32: the rounding of inputs near 300 (ulp 3e-5) against a spread of 1; fp16: the output's (2^-11 relative).
 # A sum / sum-of-squares variance in fp32 is off by about 1e-3 at mean 300.
@@ -48,6 +48,29 @@ def test_group_norm(check, dtype, channels_last, offset, with_shift, silu):
     check(rel_err(y.double(), _reference(x, weight, bias, 2, 1e-5, shift, silu)), TOL[dtype])
 
 
+@pytest.mark.parametrize("group_block", [1, 2, 3, 6, None])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_group_norm_blocks_of_groups(check, group_block, channels_last):
+    """A program may take several neighbouring groups (channels-last rows of 16-byte loads): 3 of 6 groups of
+    C/G = 5 leave lanes and group slots of the block unused; the statistics stay each group's own."""
+    x, weight, bias, shift = _inputs((2, 30, 5, 3), 6, torch.float32, 300.0, seed=3)
+    x[:, 5:10] -= 290  # groups of different means: a mix-up of groups' statistics is not a rounding error
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    y = group_norm(x, weight, bias, 6, 1e-5, shift, True, tile=64, tiles_per_chunk=2, group_block=group_block)
+    assert y.stride() == x.stride()
+    check(rel_err(y.double(), _reference(x, weight, bias, 6, 1e-5, shift, True)), TOL[torch.float32])
+
+
+def test_groups_per_program():
+    """One group in NCHW memory; in channels-last memory the fewest whole groups making a row of >= 128 bytes
+    read in 16-byte vectors: SD's 320, 640 and 1280 channels over 32 groups, the VAE's 128 channels, fp32."""
+    assert groups_per_program(32, 10, 64 * 64, 2) == 1
+    assert [groups_per_program(32, cg, 1, 2) for cg in (10, 20, 40, 4)] == [8, 4, 2, 16]
+    assert groups_per_program(32, 10, 1, 4) == 4
+    assert groups_per_program(3, 5, 1, 2) == 3  # no row of 16-byte vectors: all groups in one program
+
+
 def test_group_norm_bfloat16(check):
     x, weight, bias, shift = _inputs((2, 20, 5, 7), 2, torch.bfloat16, 0.0)
     x = x.to(memory_format=torch.channels_last)
@@ -74,11 +97,13 @@ def test_group_norm_non_dense_input(check):
 
 
 def test_plan_splits_large_groups():
-    """Tiles of about `tile` elements; a group never has more than MAX_CHUNKS = 128 chunks (SD at 64 px, the VAE at
-    512 px: C/G = 10 and 4)."""
-    assert plan(64 * 64, 10, 2048, 1) == (128, 16, 1, 32)
-    block_p, block_c, per, n_chunks = plan(512 * 512, 4, 2048, 1)
-    assert (block_p, block_c, per, n_chunks) == (512, 4, 4, 128)
+    """Tiles of about `tile` elements. A group has at most MAX_CHUNKS = 128 chunks, and at most
+    sqrt(H x W x C/G x itemsize / 32), which keeps the partials every program of `_normalize` reads under a quarter
+    of its activation: SD's 320 channels at 64x64 (C/G = 10), in NCHW and in channels-last memory (8 groups per
+    program: 16 pixels a tile, 8 tiles a chunk, not 128 chunks of 2 tiles); the VAE's 128 at 512x512 (C/G = 4)."""
+    assert plan(64 * 64, 10, 1, 2, 2048, 1) == (128, 16, 1, 32)
+    assert plan(64 * 64, 10, 8, 2, 2048, 1) == (16, 128, 8, 32)
+    assert plan(512 * 512, 4, 1, 2, 2048, 1) == (512, 4, 4, 128)
 
 
 def test_group_norm_refuses_bad_input():
@@ -91,3 +116,5 @@ def test_group_norm_refuses_bad_input():
         group_norm(x, weight, bias, 4, 1e-5, shift[:1])
     with pytest.raises(ValueError, match=r"weight and bias must have shape \(8,\)"):
         group_norm(x, weight[:4], bias, 4, 1e-5)
+    with pytest.raises(ValueError, match="group_block must divide groups=4, got 3"):
+        group_norm(x, weight, bias, 4, 1e-5, group_block=3)
