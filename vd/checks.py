@@ -118,15 +118,9 @@ def seed(name: str, value: object, count: int = 1) -> int:
 
 
 def steps(value: object, sampler) -> int:
-    """num_inference_steps in [1, the most this sampler's schedule allows]: with "leading" spacing and a
-    steps_offset (VD: 1), the schedule's first timestep must stay below num_train_timesteps."""
-    total = sampler.num_train_timesteps
-    most = total
-    if getattr(sampler, "timestep_spacing", None) == "leading":
-        offset = getattr(sampler, "steps_offset", 0)
-        while most > 1 and (most - 1) * (total // most) + offset >= total:
-            most -= 1
-    return integer("num_inference_steps", value, 1, most)
+    """num_inference_steps in [1, the most this sampler's schedule places] (`max_steps`: with "leading" spacing
+    and a steps_offset, VD's 1, the first timestep must stay below num_train_timesteps)."""
+    return integer("num_inference_steps", value, 1, sampler.max_steps())
 
 
 def pixel_budget(images: int, height: int, width: int) -> None:

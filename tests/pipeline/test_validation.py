@@ -68,6 +68,11 @@ CASES = [
     # the real bound: VD's "leading" schedule with steps_offset 1 reaches timestep 1000 with 1000 steps
     ("text_to_image", dict(prompt="a", num_inference_steps=1000), ValueError,
      ["num_inference_steps", "<= 999", "1000"]),
+    # the multistep solvers place N + 1 "leading" points: one step fewer; their Karras sigmas have no such bound
+    ("text_to_image", dict(prompt="a", num_inference_steps=999, scheduler="dpmpp_2m"), ValueError,
+     ["num_inference_steps", "<= 998", "999"]),
+    ("text_to_image", dict(prompt="a", num_inference_steps=1001, scheduler="dpmpp_2m_karras"), ValueError,
+     ["num_inference_steps", "<= 1000", "1001"]),
     # arguments that make the result non-finite for sure are refused before sampling
     ("text_to_image", dict(prompt="a", guidance_scale=math.inf), ValueError, ["guidance_scale", "inf", "finite"]),
     ("text_to_image", dict(prompt="a", guidance_scale=1e30), ValueError, ["guidance_scale", "1e+30", "1000"]),

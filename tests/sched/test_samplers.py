@@ -106,13 +106,17 @@ def relative_diff(ours, ref, exact_timesteps=True) -> float:
 @pytest.mark.parametrize("cfg_name", sorted(CONFIGS))
 @pytest.mark.parametrize("name", NEW)
 def test_timesteps_and_sigmas(name, cfg_name, check):
-    """Timesteps (dtype and values), sigmas and the start-noise std, for step counts from 1 to 999. Fractional
-    Karras timesteps: within 1e-6 of max(t, 1) (numpy's float32 log and torch's differ in the last bit)."""
+    """Timesteps (dtype and values), sigmas and the start-noise std, for step counts from 1 to 1000 (up to the
+    sampler's `max_steps`; beyond it refused). Fractional Karras timesteps: within 1e-6 of max(t, 1) (numpy's
+    float32 log and torch's differ in the last bit)."""
     cfg, worst = CONFIGS[cfg_name], 0.0
-    for n in (1, 2, 3, 7, 20, 25, 50, 100, 999):
-        if n == 999 and name in ("dpmpp_2m", "dpmpp_2m_sde", "unipc") and "leading" in cfg_name:
-            continue  # 1000 "leading" points with steps_offset 1 reach t = 1000: diffusers reads past the end
+    for n in (1, 2, 3, 7, 20, 25, 50, 100, 998, 999, 1000):
         ours, ref = sampler_from_config(name, cfg), reference(name, cfg)
+        if n > ours.max_steps():  # "leading" with steps_offset 1 would reach t = 1000: diffusers reads past the end
+            assert ours.timestep_spacing == "leading" and ours.max_steps() in (998, 999)
+            with pytest.raises(ValueError, match=rf"num_inference_steps must be in \[1, {ours.max_steps()}\]"):
+                ours.timesteps(n)
+            continue
         ref.set_timesteps(n)
         ts = ours.timesteps(n)
         assert ts.dtype == ref.timesteps.dtype and ts.shape == ref.timesteps.shape, n
@@ -239,6 +243,32 @@ def test_config_defaults_follow_diffusers_from_config():
             ours, ref = sampler_from_config(name, cfg), reference(name, cfg).config
             for f in dataclasses.fields(ours):
                 assert getattr(ours, f.name) == ref[f.name], (name, f.name)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_max_steps_is_what_the_schedule_accepts(name):
+    """`max_steps` (what the facade checks before any model runs) is exactly the most steps `timesteps` takes."""
+    for cfg in CONFIGS.values():
+        sampler = sampler_from_config(name, cfg)
+        most = sampler.max_steps()
+        assert len(sampler.timesteps(most)) >= most
+        with pytest.raises(ValueError, match=rf"num_inference_steps must be in \[1, {most}\], got {most + 1}"):
+            sampler.timesteps(most + 1)
+
+
+@pytest.mark.parametrize("name", [n for n in NEW if REF[n][1]])
+def test_the_names_override_wins_over_the_config(name):
+    """A config that states the name's own setting (a checkpoint saved from a Karras pipeline), or its opposite,
+    gives the sampler of the name, as diffusers' from_config(config, **override) does."""
+    _, override = REF[name]
+    opposite = {"use_karras_sigmas": False, "algorithm_type": "dpmsolver++"}
+    for stated in (override, {k: opposite[k] for k in override}):
+        cfg = {**VD, **stated}
+        ours, ref = sampler_from_config(name, cfg), reference(name, cfg)
+        assert ours == sampler_from_config(name, VD)
+        assert all(getattr(ours, f.name) == ref.config[f.name] for f in dataclasses.fields(ours))
+        ref.set_timesteps(20)
+        assert torch.allclose(ours.timesteps(20).double(), ref.timesteps.double(), rtol=1e-6)
 
 
 def test_registry():

@@ -39,32 +39,49 @@ def arange_like_numpy(start: float, stop: float, step: float) -> Tensor:
     return start + torch.arange(n, dtype=torch.float64) * delta
 
 
-def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset: int) -> Tensor:
-    """Descending float64 timesteps for `num_steps` sampling steps (not yet rounded for "linspace").
+def linspace(start: float, stop: float, n: int) -> Tensor:
+    """float64 `np.linspace(start, stop, n)`: start + i·step, the last point set to stop exactly."""
+    out = start + torch.arange(n, dtype=torch.float64) * ((stop - start) / (n - 1) if n > 1 else 0.0)
+    out[-1] = stop if n > 1 else start
+    return out
 
-    "leading": t_k = k·(T // N) + steps_offset; "trailing": round(T − k·T/N) − 1; "linspace": N points
+
+def most_steps(spacing: str, num_train: int, steps_offset: int) -> int:
+    """The most timesteps `spaced_timesteps` places: num_train, except that "leading" with a steps_offset must keep
+    its first timestep, (N − 1)·(T // N) + steps_offset, below T (VD: 999 of 1000; diffusers' DDIM fails later
+    with an IndexError)."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
+    most = num_train
+    if spacing == "leading":
+        while most > 1 and (most - 1) * (num_train // most) + steps_offset >= num_train:
+            most -= 1
+    return most
+
+
+def timestep_points(spacing: str, n: int, num_train: int, steps_offset: int) -> Tensor:
+    """`n` descending float64 timesteps of the spacing, unchecked (not yet rounded for "linspace").
+
+    "leading": t_k = k·(T // n) + steps_offset; "trailing": round(T − k·T/n) − 1; "linspace": n points
     evenly over [0, T − 1]. We keep diffusers' choice that `steps_offset` only shifts "leading".
     Stable Diffusion and VD ship "leading" with steps_offset=1, so sampling ends at t = 1 and never
     visits t = 0 (and leading, unlike trailing, never starts at t = T − 1); see diffusers issue #2585
     and Lin et al. 2023, table 2. We reproduce that for pixel parity rather than "fixing" it.
     """
-    if not 1 <= num_steps <= num_train:
-        raise ValueError(f"num_inference_steps must be in [1, {num_train}], got {num_steps}")
-    T, N = num_train, num_steps
+    T = num_train
     if spacing == "leading":
-        ts = (torch.arange(N, dtype=torch.float64) * (T // N) + steps_offset).flip(0)
-        if ts[0] >= T:  # e.g. N = T with steps_offset 1: diffusers fails later with an IndexError
-            raise ValueError(f"num_inference_steps={N} with steps_offset={steps_offset} reaches timestep "
-                             f"{int(ts[0])}, beyond the {T} trained ones; use at most {T - steps_offset}")
-        return ts
+        return (torch.arange(n, dtype=torch.float64) * (T // n) + steps_offset).flip(0)
     if spacing == "trailing":
-        return arange_like_numpy(T, 0, -T / N).round() - 1
-    if spacing == "linspace":
-        # np.linspace: i·step with the last point set to the end exactly
-        lin = torch.arange(N, dtype=torch.float64) * ((T - 1) / (N - 1) if N > 1 else 0.0)
-        lin[-1] = T - 1 if N > 1 else 0.0
-        return lin.flip(0)
-    raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
+        return arange_like_numpy(T, 0, -T / n).round() - 1
+    return linspace(0, T - 1, n).flip(0)
+
+
+def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset: int) -> Tensor:
+    """`timestep_points` for `num_steps` sampling steps, refused beyond `most_steps`."""
+    most = most_steps(spacing, num_train, steps_offset)
+    if not 1 <= num_steps <= most:
+        raise ValueError(f"num_inference_steps must be in [1, {most}], got {num_steps}")
+    return timestep_points(spacing, num_steps, num_train, steps_offset)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +99,8 @@ class Schedule:
     PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
     # config keys we accept only at the given value (the features are not implemented)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {"trained_betas": None}
+    # what this sampler's name sets whatever the config says (diffusers: `from_config(config, **overrides)`)
+    OVERRIDES: ClassVar[dict[str, Any]] = {}
     # whether sample(..., skip=k) starts from a sample noised part-way (init image, fidelity)
     starts_part_way: ClassVar[bool] = False
     # model evaluations per step (diffusers' `scheduler.order`): the callback's index i counts evaluations; the
@@ -102,11 +121,12 @@ class Schedule:
     def from_config(cls: type[S], config: Mapping[str, Any]) -> S:
         """Build from a raw scheduler_config.json dict, as diffusers' `XScheduler.from_config(config)` would.
 
-        Keys in the dict win; "_"-prefixed keys are metadata; a key listed in "_use_default_values" counts
-        as absent, so it takes this sampler's own default (e.g. LMS keeps "linspace" spacing when built
-        from the hub VD config, which has no timestep_spacing); keys this sampler lacks are ignored.
+        Keys in the dict win, but for the sampler's own OVERRIDES (a "_karras" name's use_karras_sigmas=True);
+        "_"-prefixed keys are metadata; a key listed in "_use_default_values" counts as absent, so it takes this
+        sampler's own default (e.g. LMS keeps "linspace" spacing when built from the hub VD config, which has no
+        timestep_spacing); keys this sampler lacks are ignored.
         """
-        absent = set(config.get("_use_default_values", ()))
+        absent = set(config.get("_use_default_values", ())) | set(cls.OVERRIDES)
         given = {k: v for k, v in config.items() if not k.startswith("_") and k not in absent}
         for key, only in cls.UNSUPPORTED.items():
             if key in given and given[key] != only:
@@ -126,6 +146,10 @@ class Schedule:
         else:
             betas = cosine_betas(T)
         return torch.cumprod(1.0 - betas, dim=0)
+
+    def max_steps(self) -> int:
+        """The most sampling steps this schedule places (what `timesteps` accepts)."""
+        return most_steps(self.timestep_spacing, self.num_train_timesteps, self.steps_offset)
 
     def timesteps(self, num_steps: int) -> Tensor:
         """Descending int64 timesteps of the spacing, as `set_timesteps(num_steps)` of diffusers' DDIM and DDPM."""

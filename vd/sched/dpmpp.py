@@ -94,6 +94,7 @@ class DPMSolverPPKarras(DPMSolverPP):
     """DPM-Solver++(2M) on Karras et al.'s sigmas (diffusers: use_karras_sigmas=True)."""
 
     karras: ClassVar[bool] = True
+    OVERRIDES: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +102,7 @@ class DPMSolverPPSDE(DPMSolverPP):
     """SDE-DPM-Solver++(2M) (diffusers: algorithm_type="sde-dpmsolver++")."""
 
     sde: ClassVar[bool] = True
+    OVERRIDES: ClassVar[dict[str, Any]] = {"algorithm_type": "sde-dpmsolver++"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,3 +110,4 @@ class DPMSolverPPSDEKarras(DPMSolverPPSDE):
     """SDE-DPM-Solver++(2M) on Karras et al.'s sigmas."""
 
     karras: ClassVar[bool] = True
+    OVERRIDES: ClassVar[dict[str, Any]] = {**DPMSolverPPSDE.OVERRIDES, "use_karras_sigmas": True}

@@ -103,3 +103,4 @@ class LMSKarras(LMS):
     """LMS on Karras et al.'s sigmas (eq. 5, rho = 7; diffusers: use_karras_sigmas=True)."""
 
     karras: ClassVar[bool] = True
+    OVERRIDES: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Schedule, spaced_timesteps
+from .common import Schedule, most_steps, timestep_points
 from .sigmas import interp, karras, sigma_to_t, train_sigmas
 
 
@@ -44,19 +44,25 @@ class MultistepSchedule(Schedule):
         """(timesteps int64 (N,), sigmas float32 (N+1,) ending in 0), as `set_timesteps(num_steps)`."""
         T, N = self.num_train_timesteps, num_steps
         train = train_sigmas(self.alpha_bars())
-        if not 1 <= N <= T:
-            raise ValueError(f"num_inference_steps must be in [1, {T}], got {N}")
+        if not 1 <= N <= self.max_steps():
+            raise ValueError(f"num_inference_steps must be in [1, {self.max_steps()}], got {N}")
         if self.karras:
             sig = karras(train[0].item(), train[-1].item(), N)
             ts = sigma_to_t(sig, train)
             ts = ts if self.beta_schedule == "squaredcos_cap_v2" else ts.round()
         else:
             if self.timestep_spacing == "trailing":
-                ts = spaced_timesteps("trailing", N, T, self.steps_offset).round()
+                ts = timestep_points("trailing", N, T, self.steps_offset).round()
             else:  # N + 1 points, the last dropped
-                ts = spaced_timesteps(self.timestep_spacing, N + 1, T, self.steps_offset).round()[:-1]
+                ts = timestep_points(self.timestep_spacing, N + 1, T, self.steps_offset).round()[:-1]
             sig = interp(train, ts)
         return ts.long(), torch.cat([sig, sig.new_zeros(1)]).float()
+
+    def max_steps(self) -> int:
+        """T, but with "leading" spacing the N + 1 points placed must fit (VD: 998 steps)."""
+        if self.karras or self.timestep_spacing != "leading":
+            return self.num_train_timesteps
+        return most_steps("leading", self.num_train_timesteps, self.steps_offset) - 1
 
     def timesteps(self, num_steps: int) -> Tensor:
         """Descending int64 timesteps of the model evaluations."""

@@ -11,12 +11,7 @@ code; ours are torch's, so Karras sigmas and timesteps can differ from it in the
 import torch
 from torch import Tensor
 
-
-def linspace(start: float, stop: float, n: int) -> Tensor:
-    """float64 `np.linspace(start, stop, n)`: start + i·step, the last point set to stop exactly."""
-    out = start + torch.arange(n, dtype=torch.float64) * ((stop - start) / (n - 1) if n > 1 else 0.0)
-    out[-1] = stop if n > 1 else start
-    return out
+from .common import linspace
 
 
 def train_sigmas(alpha_bar: Tensor) -> Tensor:
@@ -25,8 +20,9 @@ def train_sigmas(alpha_bar: Tensor) -> Tensor:
 
 
 def interp(train: Tensor, t: Tensor) -> Tensor:
-    """float64 sigma at (fractional) timesteps t, linear between the training timesteps (np.interp)."""
-    train, t = train.double(), t.double()
+    """float64 sigma at (fractional) timesteps t, linear between the training timesteps and constant beyond the
+    ends, as np.interp (a "trailing" schedule of 998 steps ends at t = -1)."""
+    train, t = train.double(), t.double().clamp(0, len(train) - 1)
     lo = t.floor().long().clamp(0, len(train) - 2)
     return (train[lo + 1] - train[lo]) * (t - lo) + train[lo]
 
