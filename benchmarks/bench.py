@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing vd
 sys.path.insert(0, str(ROOT / "benchmarks"))  # its helper modules, also when loaded from a file path
 
-from bench_report import REF_LOADS as REF_VARIANTS, markdown  # noqa: E402
+from bench_report import REF_LOADS as REF_VARIANTS, REF_NAMES, markdown  # noqa: E402
 from vd.checks import DTYPES  # noqa: E402
 
 TASKS = ("text_to_image", "image_variation", "dual_guided")
@@ -208,8 +208,8 @@ class Impl:
         return self._run(task, **kw)
 
 
-# Our variants: from_pretrained's fast-path arguments; None = not passed (its default, on when the device is
-# CUDA). "default" is what a user gets.
+# Our variants: from_pretrained's fast-path arguments (None: its default, on when the device is CUDA). "default"
+# is what a user gets.
 OURS = {"eager": {"cuda_graphs": False, "triton_kernels": False},
         "graphs": {"cuda_graphs": True, "triton_kernels": False},
         "kernels": {"cuda_graphs": False, "triton_kernels": True},
@@ -219,7 +219,7 @@ OURS = {"eager": {"cuda_graphs": False, "triton_kernels": False},
         "compile": {"compile": True, "cuda_graphs": True},
         # a fast-path candidate of runs 4-6: GroupNorm kept channels-last (channels_last_group_norm.py)
         "graphs+nhwc_norm": {"cuda_graphs": True, "triton_kernels": False}}
-REF_EAGER, REF_COMPILED = "diffusers eager", "diffusers compiled"
+REF_EAGER, REF_COMPILED = REF_NAMES
 
 
 def ours_name(variant: str) -> str:
@@ -336,13 +336,12 @@ def load_reference(ckpt: Path, task: str, device: torch.device, dtype: torch.dty
     return impl
 
 
-def load(impl: str, ckpt: Path, task: str, device: torch.device, dtype: torch.dtype,
-         variant: str = "dedicated") -> Impl:
-    """A load for the fresh-process memory runs: `variant` is ours' (default: what a user gets) or the
-    reference's load (REF_VARIANTS)."""
+def load(impl: str, ckpt: Path, task: str, device: torch.device, dtype: torch.dtype, variant: str) -> Impl:
+    """A load for the fresh-process memory runs: `variant` is ours' (OURS) or the reference's load
+    (REF_VARIANTS)."""
     if impl == "ours":
-        return load_ours(ckpt, task, device, dtype, variant or "default")
-    return load_reference(ckpt, task, device, dtype, variant or "dedicated")
+        return load_ours(ckpt, task, device, dtype, variant)
+    return load_reference(ckpt, task, device, dtype, variant)
 
 
 # ---- one UNet step, exactly as the pipeline made it
@@ -399,8 +398,9 @@ def first_calls(task: str, impl: Impl, a, device: torch.device) -> tuple[dict, S
     after = held(device)
     if after:
         r["held_allocated"], r["held_reserved"] = after[0] - before[0], after[1] - before[1]
-    if impl.setup() is not None:
-        r["setup_s"] = impl.setup()
+    setup = impl.setup()
+    if setup is not None:
+        r["setup_s"] = setup
     if impl.countable:
         step_flops = count_flops(rec.replay)
         ops, casts = count_ops(rec.replay)

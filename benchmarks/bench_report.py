@@ -109,8 +109,10 @@ def work_table(result: dict) -> list[str]:
         if not counted:
             continue
         for name, x in r["impls"].items():
-            side = [x] if name in counted else (
-                [c for n, c in counted.items() if n.split()[0] == name.split()[0]] or list(counted.values()))
+            side = [x] if name in counted else [c for n, c in counted.items() if n.split()[0] == name.split()[0]]
+            if not side:  # nothing of its side ran eagerly: no count of its own to show
+                rows.append(f"| {task} | {name} | — | — | — | — |")
+                continue
             step_flops, e2e_flops = side[0]["step_flops"], side[0]["e2e_flops"]
             rates = [f / x[k] if k in x else None for f, k in ((step_flops, "step_s"), (e2e_flops, "e2e_s"))]
             if gpu:

@@ -16,7 +16,6 @@ CPU inductor writes C++ instead of Triton: smoke runs with small --channels/--si
 import argparse
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vd.checks import DTYPES  # noqa: E402
+from vd.fast import speed_up_  # noqa: E402
 from vd.nn.layers import ResnetBlock, SpatialTransformer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_breakdown import graph_of  # noqa: E402
+from step_breakdown import graph_of, median_ms  # noqa: E402
 
 KERNEL_DEF = re.compile(r"^(\w+) = async_compile\.(triton|cpp_pybinding|cpp)\(", re.M)
 BUFFER = re.compile(r"(buf\d+) = empty_strided_\w+\(\(([\d, ]+)\), \(([\d, ]+)\)")
@@ -44,13 +44,11 @@ def blocks(a, device: torch.device, dtype: torch.dtype) -> dict:
     x = randn(a.batch, a.channels, a.size, a.size).contiguous(memory_format=torch.channels_last)
     resnet = ResnetBlock(a.channels, a.channels, a.temb, a.groups, 1e-5)
     transformer = SpatialTransformer(a.channels, a.heads, a.context_dim, depth=1, groups=a.groups)
-    for m in transformer.modules():
-        if hasattr(m, "fuse_projections"):
-            m.fuse_projections()
     out = {}
     for name, module, inputs in (("ResnetBlock", resnet, (x, randn(a.batch, a.temb))),
                                  ("SpatialTransformer", transformer, (x, randn(a.batch, a.tokens, a.context_dim)))):
-        module = module.to(device, dtype).eval().to(memory_format=torch.channels_last)
+        module = module.to(device, dtype).eval()
+        speed_up_(module)  # channels-last, stacked projections
         with torch.no_grad():
             for p in module.parameters():  # norms' affine terms away from 1 and 0, like trained weights
                 p.add_(torch.randn(p.shape, generator=g).to(device, dtype) * 0.02)
@@ -118,21 +116,6 @@ def analyse(code: str, activation: tuple[int, ...]) -> dict:
     }
 
 
-def median_s(fn, device: torch.device, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def kernel_times(fn, calls: int = 10) -> dict[str, float]:
     """Device microseconds per call of each kernel fn launches (CUDA profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -164,7 +147,7 @@ def probe(name: str, module, inputs, a, device: torch.device) -> tuple[dict, str
     if device.type == "cuda":
         calls.update({"eager, CUDA graph": graph_of(calls["eager"], device),
                       "compiled, CUDA graph": graph_of(calls["compiled"], device)})
-    r["ms"] = {k: median_s(fn, device, a.repeats) * 1e3 for k, fn in calls.items()}
+    r["ms"] = {k: median_ms(fn, device, a.repeats) for k, fn in calls.items()}
     if device.type == "cuda":
         r["kernel_us"] = kernel_times(calls["compiled"])
     return r, f"# ===== {name}: code inductor generated (mode {a.mode}) =====\n{code}"

@@ -42,6 +42,10 @@ from vd.nn.config import VD_IMAGE_UNET, VD_TEXT_UNET, VD_VAE  # noqa: E402
 from vd.nn.fusable import GroupNorm, LayerNorm  # noqa: E402
 from vd.nn.layers import GEGLU  # noqa: E402
 
+from fp16_check import rel  # noqa: E402
+from make_checkpoint import randomize  # noqa: E402
+from step_breakdown import graph_of  # noqa: E402
+
 CANDIDATES = "1024:1:4,2048:1:4,4096:1:4,4096:1:8,8192:1:8,2048:4:4,2048:1:4:1,4096:1:8:1"
 TINY = dict(block_channels=(16, 32), down_attention=(True, False), up_attention=(False, True), layers_per_block=(1, 1),
             num_heads=(2, 2), context_dim=(16, 16), transformer_depth=(1, 1), only_cross_attention=(False, False),
@@ -97,18 +101,8 @@ def time_ms(fn, device: torch.device, repeats: int, inner: int = 10, graph: bool
     fn()  # compiles (Triton) and warms up
     if not graph:
         return statistics.median(_events_ms(fn) for _ in range(repeats))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    calls = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(calls):
-        for _ in range(inner):
-            fn()
-    ms = statistics.median(_events_ms(calls.replay) for _ in range(repeats)) / inner
-    del calls  # its memory goes back to the caching allocator
-    return ms
+    calls = graph_of(lambda: [fn() for _ in range(inner)], device)
+    return statistics.median(_events_ms(calls) for _ in range(repeats)) / inner
 
 
 def _events_ms(fn) -> float:
@@ -126,12 +120,8 @@ def _wall(fn) -> float:
     return time.perf_counter() - t0
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-
-
 def group_norm_ops(shape, groups, with_shift, silu, channels_last, dtype, device):
-    """(inputs, torch as the plain path runs it, torch on NCHW memory, fused with knobs) for one GroupNorm call."""
+    """(torch as the plain path runs it, torch on NCHW memory, fused with knobs) for one GroupNorm call."""
     from vd.kernels.group_norm import group_norm
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(shape, generator=g, device=device, dtype=dtype)
@@ -210,26 +200,13 @@ def candidate_totals(cand: dict) -> dict:
 
 
 @torch.no_grad()
-def randomize_(model: torch.nn.Module, device, dtype, seed: int = 0) -> torch.nn.Module:
-    """Materialise a meta model with unit-gain random weights (norm scales 1, biases 0)."""
-    model = model.to(dtype).to_empty(device=device)
-    g = torch.Generator(device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-        else:
-            p.fill_(1.0 if name.endswith("weight") else 0.0)
-    return model.eval()
-
-
-@torch.no_grad()
 def bench_models(device, dtype, repeats: int) -> dict:
     unet_cfg, text_cfg, vae_cfg, size, (n_tokens, dim) = configs(device)
     with torch.device("meta"):
         image = UNet(unet_cfg, parts=frozenset({"global", "data"}))
         text = UNet(text_cfg, parts=frozenset({"context"}))
         vae = AutoencoderKL(vae_cfg, parts=frozenset({"decoder"}))
-    image, text, vae = (randomize_(m, device, dtype, i) for i, m in enumerate((image, text, vae)))
+    image, text, vae = (randomize(m, dtype, device, i) for i, m in enumerate((image, text, vae)))
     speed_up_(image, text)  # the UNets channels-last, the VAE NCHW: as the pipeline runs them on a GPU
     g = torch.Generator(device).manual_seed(1)
     x = torch.randn(2, 4, size, size, generator=g, device=device, dtype=dtype)

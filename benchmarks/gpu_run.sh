@@ -159,13 +159,9 @@ fi
 echo "checkpoint ready after $((SECONDS - start)) s" | tee -a "$LOG"
 
 if [ "${KERNELS:-1}" = 1 ]; then
-    if [ -f benchmarks/fused_kernels.py ]; then
-        # shellcheck disable=SC2086
-        stage kernels "$EXPECT_KERNELS" "$LIMIT_KERNELS" "$PY" benchmarks/fused_kernels.py --device "$DEVICE" \
-            $KERNELS_ARGS --json "$TMP/kernels.json" --markdown "$TMP/kernels.md"
-    else
-        echo "skipped kernels: benchmarks/fused_kernels.py is not in this tree" | tee -a "$LOG" "$MD"
-    fi
+    # shellcheck disable=SC2086
+    stage kernels "$EXPECT_KERNELS" "$LIMIT_KERNELS" "$PY" benchmarks/fused_kernels.py --device "$DEVICE" \
+        $KERNELS_ARGS --json "$TMP/kernels.json" --markdown "$TMP/kernels.md"
 fi
 if [ "${SPEED:-1}" = 1 ]; then
     # shellcheck disable=SC2046

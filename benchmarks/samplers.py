@@ -21,12 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vd import VersatileDiffusion  # noqa: E402
 from vd.sched import sampler_from_config  # noqa: E402
 
+from bench import sync  # noqa: E402
+
 RUNS = [("ddim", 50), ("dpmpp_2m_karras", 20), ("dpmpp_2m_karras", 25), ("unipc", 20), ("unipc", 25)]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def one_image(pipe, name: str, steps: int, size: int) -> tuple[float, list[float]]:
@@ -67,7 +64,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", type=int, default=512, help="image height and width in pixels")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                    help="CUDA graphs (default: the library's, on for CUDA)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args(argv)
