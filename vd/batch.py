@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -47,13 +46,10 @@ from tqdm.auto import tqdm
 
 from vd import checks, files
 from vd.fast import EAGER
-from vd.files import OutputError, process_alive
+from vd.files import OutputError
 from vd.jobs import PER_JOB, Job, read_jobs
 from vd.pipeline import DEFAULT_REPO, VersatileDiffusion
 
-# temporary files: .NAME.partial-HOST-PID (vd.files); older runs wrote .NAME.partial-PID
-PARTIAL = re.compile(r"\..+\.partial-(?:(?P<host>[^-]+)-)?(?P<pid>\d+)")
-STALE_SECONDS = 600  # a temporary file lives for one write; one of another host older than this is a leftover
 RECORDS = "records.jsonl"
 # ranks wait for the slowest one at the end; jobs of very different sizes can leave them far apart
 COLLECTIVE_TIMEOUT = timedelta(hours=24)
@@ -65,12 +61,16 @@ class Interrupted(Exception):
 
 
 def make_batches(jobs: list[Job], size: int) -> list[list[Job]]:
-    """Jobs that can share one facade call, at most `size` per batch, in order of their first line. The batches
-    depend only on the job file and `size`, so any number of ranks, and any restart, runs the same calls."""
+    """Jobs that can share one facade call, at most `size` per batch and within the facade's pixel budget per call
+    (jobs of one batch key make outputs of one size), in order of their first line. The batches depend only on
+    the job file and `size`, so any number of ranks, and any restart, runs the same calls."""
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         groups.setdefault(job.batch_key(), []).append(job)
-    batches = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+    batches = []
+    for g in groups.values():
+        per = max(1, min(size, checks.MAX_PIXELS // max(1, g[0].pixels)))
+        batches += [g[i:i + per] for i in range(0, len(g), per)]
     return sorted(batches, key=lambda b: b[0].line)
 
 
@@ -168,23 +168,10 @@ class Signals:
 
 
 def remove_stale(out: Path) -> None:
-    """Delete temporary files that killed runs left behind: those of a process of this host that is gone (or
-    has our pid: pids repeat in fresh containers), and those of other hosts older than STALE_SECONDS. The
-    temporary files of live runs, here or on other nodes, are left alone, so runs can share the folder."""
-    here = files.owner_tag().rsplit("-", 1)[0]
+    """Delete the temporary files that killed runs left behind (vd.files.stale_temp); those of live runs, here or
+    on other nodes, are left alone, so runs can share the folder."""
     for entry in os.scandir(out):
-        m = PARTIAL.fullmatch(entry.name)
-        if not m:
-            continue
-        pid = int(m.group("pid"))
-        if m.group("host") in (None, here):
-            stale = pid == os.getpid() or not process_alive(pid)
-        else:
-            try:
-                stale = time.time() - entry.stat().st_mtime > STALE_SECONDS
-            except FileNotFoundError:
-                continue
-        if stale:
+        if files.stale_temp(Path(entry.path)):
             Path(entry.path).unlink(missing_ok=True)
 
 

@@ -14,13 +14,13 @@ from vd import checks, files
 from vd.fast import EAGER
 from vd.files import OutputError, check_writable
 from vd.images import open_image
+from vd.jobs import TEXT_TASKS
 from vd.sched import SCHEDULERS
 
 CHUNK = 8  # images per facade call (fewer when the pixel budget, vd.checks.MAX_PIXELS, says so)
 WRITABLE = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 TASK_OF = {"text-to-image": "text_to_image", "image-variation": "image_variation", "dual-guided": "dual_guided",
            "blend": "blend", "image-to-text": "image_to_text", "text-variation": "text_variation"}
-TEXT_TASKS = ("image_to_text", "text_variation")
 
 
 class UserError(Exception):
@@ -144,6 +144,7 @@ def _draws_per_call(task: str, args: argparse.Namespace) -> bool:
 
 
 def run(args: argparse.Namespace) -> list[Path]:
+    """Generate what the command asks for, printing each output file once it is complete; its paths."""
     from vd.pipeline import VersatileDiffusion
 
     task = TASK_OF[args.command]
@@ -177,8 +178,9 @@ def run(args: argparse.Namespace) -> list[Path]:
         negative = _open_image(negative, "--negative")
     extra = {}
     if task == "blend":
-        if not 1 <= len(args.images) <= 4:
-            raise UserError(f"images: expected 1 to 4 image files, got {len(args.images)}")
+        if not 1 <= len(args.images) <= checks.MAX_BLEND_IMAGES:
+            raise UserError(f"images: expected 1 to {checks.MAX_BLEND_IMAGES} image files, "
+                            f"got {len(args.images)}")
         if args.masks is not None and len(args.masks) != len(args.images):
             raise UserError(f"--masks: expected one mask per image ({len(args.images)}) or none, got {len(args.masks)}")
         extra = dict(images=[_open_image(f, "images") for f in args.images], weights=args.weights, focus=args.focus,
@@ -213,9 +215,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         for img, k in zip(out.images, chunk):
             fmt = PIL.Image.registered_extensions()[paths[k].suffix.lower()]
             files.save(paths[k], lambda tmp: img.save(tmp, format=fmt))
+            print(paths[k], flush=True)  # listed as soon as it is complete (an interrupt keeps what is listed)
     if task in TEXT_TASKS:
         if paths:
             files.write_bytes(paths[0], ("\n".join(texts) + "\n").encode())
+            print(paths[0])
         else:
             print("\n".join(texts))
     return paths
@@ -236,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return batch_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        for path in run(args):
-            print(path)
+        run(args)  # prints each output's path once it is written
     except KeyboardInterrupt:
         print("vd: interrupted; the files already listed are complete, nothing is half-written", file=sys.stderr)
         return 130

@@ -3,20 +3,44 @@ converter): a temporary file in the target's folder, fsync, rename. Failures bec
 naming the path."""
 
 import os
+import re
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 PARTIAL = ".partial-"  # temporary names: .NAME.partial-HOST-PID (NAME shortened to fit the file-name limit)
+TEMP_NAME = re.compile(r"\..+\.partial-(?:(?P<host>[^-]+)-)?(?P<pid>\d+)")  # older runs wrote .NAME.partial-PID
+STALE_SECONDS = 600  # a temporary lives for one write; one of another host older than this is a leftover
 
 
 class OutputError(OSError):
     """An output that cannot be written (folder missing or read-only, disk full, name too long, ...)."""
 
 
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")
+
+
 def owner_tag() -> str:
     """HOST-PID of this process, as written into temporary names (so a cleanup can tell whose they are)."""
-    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+    return f"{_host()}-{os.getpid()}"
+
+
+def stale_temp(path: Path) -> bool:
+    """Whether `path` is a temporary file or folder that a killed run left behind: of this host, its process is
+    gone (or has our pid: pids repeat in fresh containers); of another host, it is older than STALE_SECONDS.
+    Those of live runs, here or on other nodes, are not, so runs can share a folder."""
+    m = TEMP_NAME.fullmatch(path.name)
+    if m is None:
+        return False
+    pid = int(m.group("pid"))
+    if m.group("host") in (None, _host()):
+        return pid == os.getpid() or not process_alive(pid)
+    try:
+        return time.time() - path.stat().st_mtime > STALE_SECONDS
+    except FileNotFoundError:
+        return False
 
 
 def temp_path(path: Path) -> Path:

@@ -57,7 +57,6 @@ RANKS = {"prompt_embeds": 3, "negative_prompt_embeds": 3, "image_embeds": 3, "ne
 TEXT_LATENT_RANK = 2  # the text flows' latents [N, 768]
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 VAE_FACTOR = 8  # VD's kl-f8; the facade checks the loaded VAE's own factor again
-MAX_BLEND_IMAGES = 4  # the facade's limit (vd.pipeline.MAX_BLEND_IMAGES)
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
               dict: "an object"}
 
@@ -70,21 +69,21 @@ def _id(name: str, value: str) -> str:
 
 
 def _numbers(low: float, high: float | None):
-    """A number, or a list of 1 to MAX_BLEND_IMAGES numbers (one per blended image), in [low, high]."""
+    """A number, or a list of 1 to checks.MAX_BLEND_IMAGES numbers (one per blended image), in [low, high]."""
     def check(name: str, value: object) -> object:
         if isinstance(value, list):
-            if not 1 <= len(value) <= MAX_BLEND_IMAGES:
-                checks.fail(name, value, f"a number or a list of 1 to {MAX_BLEND_IMAGES} numbers")
+            if not 1 <= len(value) <= checks.MAX_BLEND_IMAGES:
+                checks.fail(name, value, f"a number or a list of 1 to {checks.MAX_BLEND_IMAGES} numbers")
             return [checks.number(f"{name}[{i}]", v, low, high) for i, v in enumerate(value)]
         return checks.number(name, value, low, high)
     return check
 
 
 def _paths(nullable: bool):
-    """A list of 1 to MAX_BLEND_IMAGES file paths (or nulls, where `nullable`)."""
+    """A list of 1 to checks.MAX_BLEND_IMAGES file paths (or nulls, where `nullable`)."""
     def check(name: str, value: list) -> list:
-        if not 1 <= len(value) <= MAX_BLEND_IMAGES:
-            checks.fail(name, value, f"a list of 1 to {MAX_BLEND_IMAGES} paths")
+        if not 1 <= len(value) <= checks.MAX_BLEND_IMAGES:
+            checks.fail(name, value, f"a list of 1 to {checks.MAX_BLEND_IMAGES} paths")
         for i, v in enumerate(value):
             if not (isinstance(v, str) or (nullable and v is None)):
                 checks.fail(f"{name}[{i}]", v, "a path" + (" or null" if nullable else ""), TypeError)
@@ -178,6 +177,14 @@ class Job:
     @property
     def suffix(self) -> str:
         return ".txt" if self.task in TEXT_TASKS else ".png"
+
+    @property
+    def pixels(self) -> int:
+        """The pixels of all its outputs (an unset size counts as VD's 512; 0 for texts): what the facade's
+        per-call budget, vd.checks.MAX_PIXELS, counts."""
+        if self.task not in IMAGE_TASKS:
+            return 0
+        return self.args[self.count_key] * (self.args["height"] or 512) * (self.args["width"] or 512)
 
     @property
     def names(self) -> list[str]:

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from vd.checks import DTYPES
-from vd.files import OutputError, describe, process_alive
+from vd.files import PARTIAL, OutputError, describe, stale_temp, temp_path
 from weights_convert.checkpoint import ALL_PARTS, config_to_json
 from weights_convert.hub import download, looks_like_repo_id
 from weights_convert.layouts import (FORMAT, FORMAT_VERSION, OPTIMUS_TOKENIZER, OPTIMUS_TOKENIZER_FILES,
@@ -50,8 +50,8 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, parts
     if not out.parent.is_dir():
         what = "is not a folder" if out.parent.exists() else "does not exist"
         raise OutputError(f"{out}: folder {str(out.parent)!r} {what}")
-    _sweep_partials(out)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp = temp_path(out)
+    _sweep_partials(tmp)
     try:
         try:
             tmp.mkdir()  # before any weight is read: a read-only folder or a too-long name fails here
@@ -118,10 +118,10 @@ def _writing(out: Path):
         raise OutputError(f"{out}: cannot write ({str(e).splitlines()[0]})") from None
 
 
-def _sweep_partials(out: Path) -> None:
-    """Remove temporary folders left by killed runs (whose process is gone). One named with our own pid is
-    stale too: a killed run had that pid before (pids repeat, e.g. in fresh containers)."""
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
+def _sweep_partials(tmp: Path) -> None:
+    """Remove the temporary folders of this output that killed conversions left (vd.files.stale_temp), before
+    writing to `tmp`, this run's."""
+    prefix = tmp.name.rsplit(PARTIAL, 1)[0] + PARTIAL
+    for stale in tmp.parent.glob(f"{glob.escape(prefix)}*"):
+        if stale_temp(stale):
             shutil.rmtree(stale, ignore_errors=True)

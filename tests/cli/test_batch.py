@@ -242,3 +242,16 @@ def test_batches_do_not_depend_on_what_is_finished(tmp_path):
     batches = make_batches(jobs, 2)
     assert [[j.line for j in b] for b in batches] == [[1, 7], [2], [3], [4], [5], [6], [8]]
     assert [[j.line for j in b] for b in make_batches(jobs, 1)] == [[i] for i in range(1, 9)]
+
+
+def test_batches_stay_within_the_pixel_budget(tmp_path):
+    """Jobs each within the facade's per-call pixel budget never share a call that would exceed it (such a call
+    would be refused and every job rerun alone): 40 images of 512 x 512 per job, two jobs are 20.9 M pixels, over
+    vd.checks.MAX_PIXELS (16.8 M)."""
+    from vd.checks import MAX_PIXELS
+    big = [dict(task="text_to_image", prompt=f"a {i}", seed=i, num_images_per_prompt=40) for i in range(3)]
+    small = [dict(task="text_to_image", prompt=f"b {i}", seed=i, height=64, width=64) for i in range(3)]
+    jobs, _ = read_jobs(_write_jobs(tmp_path, big + small))
+    batches = make_batches(jobs, 4)
+    assert [[j.line for j in b] for b in batches] == [[1], [2], [3], [4, 5, 6]]
+    assert all(sum(j.pixels for j in b) <= MAX_PIXELS for b in batches)

@@ -143,6 +143,24 @@ def test_ctrl_c_is_status_130(model, tmp_path, capsys, monkeypatch):
     assert "interrupted" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_midway_lists_the_files_already_written(model, tmp_path, capsys, monkeypatch):
+    """Outputs are listed as they are written: after an interrupt, the listed files are exactly the complete ones."""
+    real, calls = VersatileDiffusion.text_to_image, []
+
+    def second_call_interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+    monkeypatch.setattr(VersatileDiffusion, "text_to_image", second_call_interrupted)
+    monkeypatch.setattr("vd.cli.CHUNK", 2)
+    assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), "--model", model, "--num-images", "5",
+                 *FAST]) == 130
+    listed = capsys.readouterr().out.split()
+    assert listed == [str(tmp_path / "x-0.png"), str(tmp_path / "x-1.png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-0.png", "x-1.png"]
+
+
 def test_init_image_one_image_per_call(model, tmp_path, monkeypatch):
     """--init-image / --init-strength: each image is the Python call with its own seed (one image per call, as the
     init image's encoding draws from the call's first generator)."""
