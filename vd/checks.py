@@ -20,6 +20,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32} 
 MAX_PIXELS = 2**24
 MAX_GUIDANCE = 1000.0  # far above any useful scale (1 to 20); beyond, guided noise overflows fp16 for sure
 MAX_SEED = 2**64 - 1   # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+MAX_BLEND_IMAGES = 4   # blend's images (the original app's four slots)
 
 
 def _show(value: object) -> str:
@@ -91,9 +92,13 @@ def number(name: str, value: object, low: float, high: float | None = None) -> f
     """A finite real number in [low, high] (NaN and infinities are refused whatever the bounds)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         fail(name, value, "a number", TypeError)
-    if not (math.isfinite(value) and value >= low and (high is None or value <= high)):
+    try:
+        real = float(value)
+    except OverflowError:  # an integer beyond float's range
+        real = math.inf
+    if not (math.isfinite(real) and real >= low and (high is None or real <= high)):
         fail(name, value, f"a finite number in [{low}, {high}]" if high is not None else f"a finite number >= {low}")
-    return float(value)
+    return real
 
 
 def guidance(value: object) -> float:

@@ -36,7 +36,6 @@ from vd.tasks import TASK_PARTS, TASKS
 
 DEFAULT_REPO = "shi-labs/versatile-diffusion"
 DEFAULT_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")  # the image flows; text needs asking
-MAX_BLEND_IMAGES = 4
 DEFAULT_STRENGTH = 0.75  # Brain-Diffuser's, and close to img2img's usual 0.8
 Callback = Callable[[int, Tensor, Tensor], None]
 Images = PIL.Image.Image | list[PIL.Image.Image] | Tensor
@@ -304,8 +303,8 @@ class VersatileDiffusion:
         self._need("blend")
         imgs = checks.images("images", images)
         k = len(imgs)
-        if k > MAX_BLEND_IMAGES:
-            checks.fail("images", f"{k} images", f"1 to {MAX_BLEND_IMAGES} images")
+        if k > checks.MAX_BLEND_IMAGES:
+            checks.fail("images", f"{k} images", f"1 to {checks.MAX_BLEND_IMAGES} images")
         weights = checks.per_image("weights", weights, k, 1.0, 0.0)
         focus = checks.per_image("focus", focus, k, 0.5, 0.0, 1.0)
         keep = checks.keep_masks(masks, k)
@@ -431,8 +430,9 @@ class VersatileDiffusion:
             init_images = checks.images(init_name, init_image)
             if len(init_images) not in (1, batch):
                 checks.fail(init_name, f"{len(init_images)} images", f"one image or {batch} (one per prompt)")
-            if height is None and width is None:  # the init image's own size, as img2img
-                height, width = checks.common_size(init_name, init_images, factor)
+            if height is None or width is None:  # the init image's own size where not given, as img2img
+                own_h, own_w = checks.common_size(init_name, init_images, factor)
+                height, width = own_h if height is None else height, own_w if width is None else width
         default = (unet.sample_size or 64) * factor
         if init_latents is not None:
             checks.tensor("init_latents", init_latents, dims=4)

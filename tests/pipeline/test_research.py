@@ -121,6 +121,17 @@ def test_init_image_is_its_encoded_latents(pipe):
     assert got.shape == (2, 4, 6, 5) and torch.equal(got, want)
 
 
+def test_init_image_sizes_each_dimension_not_given(pipe):
+    """A 48 x 40 init image gives the output dimension that height or width leaves open (as init latents do),
+    and is resized to the output size."""
+    img = random_image(29, (48, 40))
+    kw = dict(strength=0.5, output_type="latent", **FAST)
+    assert pipe.text_to_image("the cat", width=32, init_image=img, generator=seeded(31), **kw).images.shape == (
+        1, 4, 6, 4)
+    assert pipe.text_to_image("the cat", height=32, init_image=img, generator=seeded(31), **kw).images.shape == (
+        1, 4, 4, 5)
+
+
 def test_fidelity_is_init_image_at_one_minus_strength(pipe):
     img = random_image(24)
     kw = dict(output_type="latent", generator=None, **FAST)

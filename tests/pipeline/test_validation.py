@@ -91,6 +91,7 @@ CASES = [
     ("image_variation", dict(image=PIL.Image.fromarray(np.full((8, 8), 2.0, np.float32))), ValueError,
      ["image", "mode F", "[0, 1]", "2"]),
     ("text_to_image", dict(prompt="a", guidance_scale=-1), ValueError, ["guidance_scale", "-1", "[0.0, 1000.0]"]),
+    ("text_to_image", dict(prompt="a", guidance_scale=10**400), ValueError, ["guidance_scale", "[0.0, 1000.0]"]),
     ("text_to_image", dict(prompt="a", guidance_scale="7"), TypeError, ["guidance_scale", "'7'", "number"]),
     ("text_to_image", dict(prompt="a", guidance_scale=math.nan), ValueError, ["guidance_scale", "nan"]),
     ("text_to_image", dict(prompt="a", num_images_per_prompt=0), ValueError, ["num_images_per_prompt", "0"]),
