@@ -155,7 +155,7 @@ def test_output_problems_are_one_line(model, tmp_path, capsys, monkeypatch):
     real_write = pathlib.Path.write_bytes
 
     def full(self, data):
-        if ".partial-" in self.name and self.name.endswith(tuple(f"-{os.getpid()}" for _ in [0])):
+        if ".partial-" in self.name and self.name.endswith(f"-{os.getpid()}"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, data)
     monkeypatch.setattr(pathlib.Path, "write_bytes", full)

@@ -170,9 +170,16 @@ def test_fast_path_refuses_kernels_without_triton(monkeypatch):
         fast_path(CUDA, False, None, True)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the real check on a machine without a GPU")
+def test_the_kernel_check_fails_without_a_gpu():
+    from vd.kernels import runs_on
+    assert runs_on(CUDA) is False
+
+
 def test_kernels_stay_off_by_default_where_triton_cannot_build_them(monkeypatch):
-    """No GPU here, so the real check fails: the default turns the kernels off with a warning; asking for them
-    is not second-guessed."""
+    """Where the one-time check fails (no GPU, no compiler for it), the default turns the kernels off with a
+    warning; asking for them is not second-guessed."""
+    monkeypatch.setattr("vd.fast.kernels_run_on", lambda device: False)
     with pytest.warns(UserWarning, match="Triton cannot build its kernels for cuda here"):
         assert fast_path(CUDA, False, None, None) == (True, False)
     monkeypatch.setattr("vd.fast.kernels_run_on", lambda device: pytest.fail("checked though asked for"))

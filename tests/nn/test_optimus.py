@@ -21,28 +21,15 @@ from vd.optimus_tokenizers import OptimusTokenizers, remove_duplicate_word
 from weights_convert.optimus import WHY_CAUSAL_MASK, WHY_TIED_HEAD, route
 from helpers import GOLDEN
 
-PREFIXES = ("", "optimus.", "vae.text.")  # optimus-vae.pth, the deprecated full model, the current full model
-
-
-def convert(state: dict[str, torch.Tensor], prefix: str | None = None
-            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """`route` over a whole Optimus state dict (prefix guessed when None) -> (our state dict, {ignored key: reason}).
-
-    Keys outside the prefix are left alone (a full-model file holds other components); keys inside it that
-    are neither ours nor known to be ignorable raise KeyError."""
-    if prefix is None:
-        prefix = next((p for p in PREFIXES[1:] if any(k.startswith(p + "decoder.") or k.startswith(p + "encoder.")
-                                                       for k in state)), "")
+def convert(state: dict[str, torch.Tensor], prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`route` over a whole Optimus state dict under `prefix` -> (our state dict, {ignored key: reason}); keys it
+    does not route (outside the prefix: other components of a full-model file) are left out."""
     ours, ignored = {}, {}
     for key, tensor in state.items():
-        if not key.startswith(prefix):
-            continue
         r = route(key, prefix)
-        if r is None:
-            raise KeyError(f"{key!r}: not a key of the Optimus text VAE")
         if isinstance(r, str):
             ignored[key] = r
-        else:
+        elif r is not None:
             ours[r[1]] = tensor
     return ours, ignored
 
@@ -99,9 +86,8 @@ def test_convert_golden_state(golden):
                        "decoder.transformer.h.1.attn.bias": WHY_CAUSAL_MASK, "decoder.lm_head.weight": WHY_TIED_HEAD}
     assert torch.equal(golden.state["decoder.lm_head.weight"], ours["decoder.transformer.wte.weight"])
     prefixed = {f"optimus.{k}": v for k, v in golden.state.items()} | {"model.diffusion_model.x": torch.zeros(1)}
-    assert convert(prefixed)[0].keys() == ours.keys()
-    with pytest.raises(KeyError, match="lm.extra"):
-        convert({**golden.state, "lm.extra": torch.zeros(1)})
+    assert convert(prefixed, "optimus.")[0].keys() == ours.keys()
+    assert route("lm.extra") is None and route("optimus.lm.extra", "optimus.") is None  # the loader refuses these
     # a stray key inside encoder.* / decoder.* goes through; the strict load names it
     with pytest.raises(RuntimeError, match="encoder.extra"):
         OptimusVAE(OptimusConfig(**golden.meta["config"])).load_state_dict(
@@ -127,15 +113,16 @@ def test_full_size_manifest_on_meta():
     n_ignored = 12 * 1024 * 1024 + 50260 * 768  # causal masks, tied lm_head
     assert sum(p.numel() for p in model.parameters()) == sum(math.prod(s) for s in manifest.values()) - n_ignored
     assert sum(p.numel() for p in model.parameters()) == 241_599_744
-    for prefix in ("", "optimus.", "vae.text."):
+    for prefix in ("", "optimus.", "vae.text."):  # optimus-vae.pth, the deprecated full model, the current one
         state = {prefix + k: torch.empty(s, device="meta") for k, s in manifest.items()}
-        ours, ignored = convert(state)
+        ours, ignored = convert(state, prefix)
+        assert len(ours) + len(ignored) == len(manifest)  # every key routed
         assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
         assert sorted(ignored.values()) == [WHY_CAUSAL_MASK] * 12 + [WHY_TIED_HEAD]
         model.load_state_dict(ours, strict=True, assign=True)
     # the deprecated file as the manifests list it, other components and all
     deprecated = {k: torch.empty(s, device="meta") for k, s in read_manifest("vd-four-flow-v1-0-deprecated").items()}
-    assert convert(deprecated)[0].keys() == model.state_dict().keys()
+    assert convert(deprecated, "optimus.")[0].keys() == model.state_dict().keys()
 
 
 def test_parts_are_built_only_when_asked(golden):

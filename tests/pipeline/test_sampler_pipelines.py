@@ -87,7 +87,7 @@ def test_callback_heun_counts_evaluations(ours, folder):
         assert (a - b).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", sorted(set(NEW) - {"ddim"}))
+@pytest.mark.parametrize("name", NEW)
 def test_fidelity_needs_a_sampler_that_starts_part_way(name, ours):
     """Starting part-way (image variation's fidelity) is DDIM's only; the others are refused by name."""
     with pytest.raises(ValueError, match="fidelity.*ddim"):

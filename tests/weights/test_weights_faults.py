@@ -248,6 +248,13 @@ def test_optimus_file_is_opened_only_for_the_text_flows(folder):
     _raises(folder, folder / "nowhere.pth", "no such file", tasks=["text_to_image"], optimus=folder / "nowhere.pth")
 
 
+def test_unexpected_optimus_key(folder):
+    f = folder / "pretrained_pth" / "optimus-vae.pth"
+    state = torch.load(f, weights_only=True)
+    torch.save({**state, "lm.extra": torch.zeros(1)}, f)
+    _raises(folder, f, "unexpected key 'lm.extra'", "not an Optimus text VAE weight", tasks=["image_to_text"])
+
+
 def test_unexpected_key(folder):
     f = folder / UNET_FILE
     _edit_weights(f, lambda sd: sd.__setitem__("down_blocks.0.attentions.0.extra.weight", torch.zeros(3)))
