@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .common import Callback, EpsFn, Schedule
 from .noise import step_noises
+from .sigmas import vp_x0
 
 VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 
@@ -57,12 +58,7 @@ class DDPM(Schedule):
             b, b_prev = 1 - a, 1 - a_prev
             alpha = a / a_prev
             beta = 1 - alpha
-            if self.prediction_type == "epsilon":
-                x0 = (x - b**0.5 * out) / a**0.5
-            elif self.prediction_type == "v_prediction":
-                x0 = a**0.5 * x - b**0.5 * out
-            else:  # "sample"
-                x0 = out
+            x0 = vp_x0(out, x, a**0.5, b**0.5, self.prediction_type)
             if self.clip_sample:
                 x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
             # posterior mean, eq. 7: mu = sqrt(a_prev)·beta/b · x0 + sqrt(alpha)·b_prev/b · x_t

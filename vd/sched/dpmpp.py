@@ -21,7 +21,7 @@ from torch import Tensor
 from .common import Callback, EpsFn
 from .multistep import MultistepSchedule
 from .noise import step_noises
-from .sigmas import log_snr, vp
+from .sigmas import log_snr, vp, vp_x0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,12 +57,7 @@ class DPMSolverPP(MultistepSchedule):
         for i in range(num_steps):
             out = eps_fn(x, ts_dev[i])
             alpha_s, sigma_s = vp(sig[i])
-            if self.prediction_type == "epsilon":
-                x0 = (x - sigma_s * out) / alpha_s
-            elif self.prediction_type == "v_prediction":
-                x0 = alpha_s * x - sigma_s * out
-            else:  # "sample"
-                x0 = out
+            x0 = vp_x0(out, x, alpha_s, sigma_s, self.prediction_type)
             alpha_t, sigma_t = vp(sig[i + 1])
             h = log_snr(sig[i + 1]) - log_snr(sig[i])
             D0, x = x0, x.float()

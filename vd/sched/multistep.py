@@ -67,6 +67,3 @@ class MultistepSchedule(Schedule):
     def timesteps(self, num_steps: int) -> Tensor:
         """Descending int64 timesteps of the model evaluations."""
         return self.schedule(num_steps)[0]
-
-    def init_noise_sigma(self, num_steps: int) -> float:
-        return 1.0

@@ -67,9 +67,6 @@ class PNDM(Schedule):
         prk = with_mid.repeat_interleave(2)[1:-1].flip(0)  # (12,)
         return torch.cat([prk, base[:-3].flip(0)])
 
-    def init_noise_sigma(self, num_steps: int) -> float:
-        return 1.0
-
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
         noise: Sequence[Tensor] | None = None, callback: Callback | None = None,

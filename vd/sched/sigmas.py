@@ -55,6 +55,15 @@ def denoised(out: Tensor, x: Tensor, sigma: Tensor, prediction_type: str) -> Ten
     return out  # "sample"
 
 
+def vp_x0(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """x0 from the model output for the variance-preserving x_t = alpha·x0 + sigma·eps."""
+    if prediction_type == "epsilon":
+        return (x - sigma * out) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * out
+    return out  # "sample"
+
+
 def vp(sigma: Tensor) -> tuple[Tensor, Tensor]:
     """(alpha_t, sigma_t) of the variance-preserving x_t = alpha_t·x0 + sigma_t·eps at noise level sigma."""
     alpha = 1 / (sigma**2 + 1) ** 0.5

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .common import Callback, EpsFn
 from .multistep import MultistepSchedule
-from .sigmas import log_snr, vp
+from .sigmas import log_snr, vp, vp_x0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,13 +53,7 @@ class UniPC(MultistepSchedule):
         x_last, order = x, 1  # x and the predictor's order of the previous step
         for i in range(num_steps):
             out = eps_fn(x, ts_dev[i])
-            alpha, sigma = vp(sig[i])
-            if self.prediction_type == "epsilon":
-                m = (x - sigma * out) / alpha
-            elif self.prediction_type == "v_prediction":
-                m = alpha * x - sigma * out
-            else:  # "sample"
-                m = out
+            m = vp_x0(out, x, *vp(sig[i]), self.prediction_type)
             if i > 0:  # UniC: redo the last step s0 = i − 1 -> i with the new x0 m as an extra point
                 x = self.update(x_last, ms, lam, sig, i - 1, order, m_t=m)
             ms = (ms + [m])[-self.solver_order:]
