@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from vd import checks
 from vd import sampling as core
+from vd.sampling import Callback, Generator
 from vd.colors import match_colors
 from vd.conditioning import UNCOND_IMAGES, resized, to_pil
 from vd.conditions import Conditions
@@ -37,9 +38,7 @@ from vd.tasks import TASK_PARTS, TASKS
 DEFAULT_REPO = "shi-labs/versatile-diffusion"
 DEFAULT_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")  # the image flows; text needs asking
 DEFAULT_STRENGTH = 0.75  # Brain-Diffuser's, and close to img2img's usual 0.8
-Callback = Callable[[int, Tensor, Tensor], None]
 Images = PIL.Image.Image | list[PIL.Image.Image] | Tensor
-Generator = torch.Generator | list[torch.Generator] | None
 
 
 @dataclass
@@ -497,8 +496,6 @@ class VersatileDiffusion:
         return _Call(sampling=sampling, scheduler=name, per_prompt=per_prompt, shape=shape,
                      latents=checks.latents(latents, shape, self.device), output_type=output_type,
                      callback=callback, callback_steps=checks.callback(callback, callback_steps))
-
-    # ---- conditions
 
     # ---- sampling and outputs
 
