@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .common import Callback, EpsFn, Schedule
-from .noise import randn
+from .noise import step_noises
 
 
 def ddim_step(
@@ -80,22 +80,18 @@ class DDIM(Schedule):
         ts = self.timesteps(num_steps)
         if not 0 <= skip <= len(ts):
             raise ValueError(f"skip: expected an int in [0, {len(ts)}], got {skip!r}")
-        if noise is not None and eta > 0 and len(noise) < len(ts):
-            raise ValueError(f"noise: need {len(ts)} tensors, got {len(noise)}")
         a_bar = self.alpha_bars()  # (T,) float32
         a_last = torch.tensor(1.0, dtype=torch.float32) if self.set_alpha_to_one else a_bar[0]  # "alpha_{-1}"
         # parity: diffusers steps back by T // N even for "linspace"/"trailing" (diffusers issue #12633)
         stride = self.num_train_timesteps // num_steps
         clip = self.clip_sample_range if self.clip_sample else None
         ts_dev = ts.to(x.device).unbind()  # 0-d timesteps passed to eps_fn and callback
+        # fresh noise only when eta > 0, so the generator advances exactly as in diffusers
+        draw = step_noises(noise, generator, len(ts)) if eta > 0 else None
         x = x * self.init_noise_sigma(num_steps)  # 1: DDIM starts from unit-variance noise
         for i, t in enumerate(ts.tolist()[skip:], start=skip):
             out = eps_fn(x, ts_dev[i])
-            z = None  # fresh noise only when eta > 0, so the generator advances exactly as in diffusers
-            if eta > 0 and noise is not None:
-                z = noise[i].to(out)
-            elif eta > 0:
-                z = randn(out.shape, generator, out.device, out.dtype)
+            z = draw(i, out, out.dtype) if draw is not None else None
             a_prev = a_bar[t - stride] if t - stride >= 0 else a_last
             x = ddim_step(out, x, a_bar[t], a_prev, eta, z, self.prediction_type, clip)
             if callback is not None:
