@@ -19,7 +19,6 @@ import PIL.Image
 import pytest
 import torch
 
-import tiny_pipeline as tp
 from helpers import REPO
 
 pytest.importorskip("diffusers")  # tiny_pipeline writes the model with diffusers
@@ -39,11 +38,6 @@ JOBS = [
     dict(task="text_to_image", prompt="and then", seed=7, **SMALL),
     dict(task="text_to_image", prompt="a dog", seed=8, **SMALL),
 ]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
 
 
 def _write_jobs(folder: Path, jobs: list, extra_lines: tuple[bytes, ...] = ()) -> Path:

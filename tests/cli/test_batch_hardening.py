@@ -13,7 +13,6 @@ import numpy as np
 import PIL.Image
 import pytest
 
-import tiny_pipeline as tp
 
 pytest.importorskip("diffusers")
 
@@ -22,11 +21,6 @@ from vd.batch import main, read_jobs  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 SMALL = dict(height=16, width=16, num_inference_steps=1)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> pathlib.Path:
-    return tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
 
 
 def _jobs(folder: pathlib.Path, lines: list) -> pathlib.Path:

@@ -55,11 +55,6 @@ JOBS = [
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
-
-
-@pytest.fixture(scope="module")
 def pipe(model) -> VersatileDiffusion:
     return VersatileDiffusion.from_pretrained(model, tasks=list(TASKS), device="cpu")
 

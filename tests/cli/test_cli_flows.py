@@ -7,18 +7,12 @@ import PIL.Image
 import pytest
 import torch
 
-import tiny_pipeline as tp
 from vd import VersatileDiffusion
 from vd.cli import main
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 FAST = ["--steps", "2", "--seed", "0", "--no-progress", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return str(tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd"))
 
 
 def _write(folder, name, array) -> str:

@@ -10,7 +10,6 @@ import PIL.Image
 import pytest
 import torch
 
-import tiny_pipeline as tp
 import vd.cli
 from vd import VersatileDiffusion
 from vd.cli import main
@@ -18,11 +17,6 @@ from vd.cli import main
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 FAST = ["--steps", "2", "--seed", "7", "--no-progress", "--height", "16", "--width", "24"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return str(tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd"))
 
 
 @pytest.fixture

@@ -58,25 +58,20 @@ def test_setup_and_test_commands_are_what_ci_runs():
         assert part in ci, f"{part!r} is not run by .ci/run"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
-
-
-def _fast(argv: list[str], tiny: Path) -> list[str]:
+def _fast(argv: list[str], model: str) -> list[str]:
     """The README's arguments, with the tiny model and 2 steps (the last --steps wins)."""
-    argv = [*argv, "--model", str(tiny)] if "--model" not in argv else list(argv)
+    argv = [*argv, "--model", model] if "--model" not in argv else list(argv)
     return argv if argv[0] == "batch" else [*argv, "--steps", "2", "--no-progress"]
 
 
-def test_every_shell_command(tiny, tmp_path, monkeypatch):
+def test_every_shell_command(model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # the batch example's inputs: the README's own job file (at 2 steps) and an image for it
     jobs = [{**json.loads(line), "num_inference_steps": 2} for line in jsonl_block("red fox").splitlines()]
     (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
     (tmp_path / "inputs").mkdir()
     PIL.Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype(np.uint8)).save("inputs/cat.jpg")
-    originals = tp.write_originals(tiny, tmp_path / "repo", tmp_path)
+    originals = tp.write_originals(Path(model), tmp_path / "repo", tmp_path)
     ran = []
     for cmd in [c for line in shell_commands() for c in line.split(" && ")
                 if not line.startswith("python3 -m venv") and "pytest" not in line and not research_command(line)]:
@@ -86,7 +81,7 @@ def test_every_shell_command(tiny, tmp_path, monkeypatch):
         if argv[:3] == ["python", "-m", "vd"]:
             argv = ["vd", *argv[3:]]
         if argv[0] == "vd":
-            code = vd_main(_fast(argv[1:], tiny))
+            code = vd_main(_fast(argv[1:], model))
         elif argv[0] == "python" and argv[1].startswith("benchmarks/"):  # CPU and tiny instead of GPU and full
             small = {"full": "small", "cuda": "cpu", "fp16": "fp32"}
             args = [small.get(a, a) for a in argv[2:]]
@@ -96,10 +91,10 @@ def test_every_shell_command(tiny, tmp_path, monkeypatch):
             code = subprocess.run([sys.executable, str(ROOT / argv[1]), *args], timeout=600).returncode
             argv = ["python", "-m", Path(argv[1]).stem]
         elif argv[:3] == ["python", "-m", "weights_convert"]:
-            args = [str(tiny) if a == HUB else a for a in argv[3:]]
+            args = [model if a == HUB else a for a in argv[3:]]
             if args[0].startswith("pretrained_pth/"):  # the tiny .pth, read with the tiny configs
                 args[0] = str(originals["current"])
-                args[args.index("--clip") + 1] = str(tiny)
+                args[args.index("--clip") + 1] = model
                 monkeypatch.setattr("weights_convert.layouts.VD_IMAGE_UNET", originals["configs"]["image_unet"])
                 monkeypatch.setattr("weights_convert.layouts.VD_TEXT_UNET", originals["configs"]["text_unet"])
                 monkeypatch.setattr("weights_convert.layouts.VD_VAE", originals["configs"]["vae"])
@@ -125,7 +120,7 @@ def test_every_shell_command(tiny, tmp_path, monkeypatch):
                                                                         "dual_guided"}
 
 
-def test_python_example(tiny, monkeypatch):
+def test_python_example(model, monkeypatch):
     code, _research = blocks("python")
     assert HUB in code
     from vd import VersatileDiffusion
@@ -135,7 +130,7 @@ def test_python_example(tiny, monkeypatch):
         monkeypatch.setattr(VersatileDiffusion, task,
                             lambda self, *a, _m=method, **k: _m(self, *a, **{**k, "num_inference_steps": 2}))
     namespace = {}
-    exec(code.replace(f'"{HUB}"', repr(str(tiny))), namespace)
+    exec(code.replace(f'"{HUB}"', repr(model)), namespace)
     assert isinstance(namespace["image"], PIL.Image.Image) and len(namespace["variations"]) == 2
     assert isinstance(namespace["mixed"], PIL.Image.Image)
     assert isinstance(namespace["closer"], PIL.Image.Image) and isinstance(namespace["blended"], PIL.Image.Image)
@@ -144,7 +139,7 @@ def test_python_example(tiny, monkeypatch):
     assert isinstance(namespace["g"], torch.Generator)
 
 
-def test_research_example(tiny, tmp_path, monkeypatch):
+def test_research_example(model, tmp_path, monkeypatch):
     """The research example on the tiny model: predicted features from .npy files (16-wide here, 768 at full
     size), low-level reconstructions as init images, 4 steps; then its batch file and command, which give the
     same images."""
@@ -161,7 +156,7 @@ def test_research_example(tiny, tmp_path, monkeypatch):
     method = VersatileDiffusion.dual_guided
     monkeypatch.setattr(VersatileDiffusion, "dual_guided",
                         lambda self, *a, **k: method(self, *a, **{**k, "num_inference_steps": 4}))
-    exec(code.replace(f'"{HUB}"', repr(str(tiny))), {})
+    exec(code.replace(f'"{HUB}"', repr(model)), {})
     for i in range(2):
         assert PIL.Image.open(f"recon-{i}.png").size == (48, 40)
     jobs = [{**json.loads(line), "num_inference_steps": 4} for line in jsonl_block("pred_text.npy").splitlines()]
@@ -170,7 +165,7 @@ def test_research_example(tiny, tmp_path, monkeypatch):
     argv = shlex.split(cmd)
     assert argv[:2] == ["vd", "batch"]
     monkeypatch.setattr(VersatileDiffusion, "dual_guided", method)  # the steps are in the job file
-    assert vd_main(_fast(argv[1:], tiny) + ["--no-progress"]) == 0
+    assert vd_main(_fast(argv[1:], model) + ["--no-progress"]) == 0
     for i in range(2):  # the batch file gives the Python example's images
         want = np.asarray(PIL.Image.open(f"recon-{i}.png"))
         assert np.array_equal(np.asarray(PIL.Image.open(f"recon/recon-{i}-0.png")), want), i

@@ -9,8 +9,9 @@ import torch
 import tiny_pipeline as tp
 from vd import sampling as core
 from vd.conditioning import encode_image, encode_text, mask_token_weights, pixel_values
+from vd.tasks import TASKS
 
-ALL_TASKS = ["text_to_image", "image_variation", "dual_guided", "blend", "image_to_text", "text_variation"]
+ALL_TASKS = list(TASKS)  # every flow, and encode_text_latents
 TEXT_TASKS = ["image_to_text", "text_variation"]
 LATENT = tp.OPTIMUS.latent_dim  # 24: the tiny text UNet's features
 FAST = dict(num_inference_steps=2, progress=False)

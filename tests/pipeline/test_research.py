@@ -5,22 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-import tiny_pipeline as tp
+from flows import LATENT
 from helpers import random_image, seeded
 from vd import VersatileDiffusion
 from vd import sampling as core
 from vd.conditioning import resized
 from vd.sched import randn, sampler_from_config
-from vd.tasks import TASKS
 
 FAST = dict(num_inference_steps=4, progress=False)
-CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    folder = tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
-    return VersatileDiffusion.from_pretrained(folder, tasks=list(TASKS), device="cpu")
 
 
 # ---- conditions as tensors: the tokens encode_* return give what the strings and images give
@@ -166,7 +158,7 @@ def test_text_latents_in_and_out(pipe):
     sampled = pipe.image_to_text(random_image(30), latents=out.latents, num_texts_per_prompt=2, generator=seeded(32),
                                  **FAST)
     assert pipe.decode_text(sampled.latents, generator=seeded(32)) == sampled.texts
-    start = torch.randn(2, 24, generator=seeded(33))
+    start = torch.randn(2, LATENT, generator=seeded(33))
     again = pipe.image_to_text(random_image(30), num_texts_per_prompt=2, latents=start, **FAST)
     z = pipe.encode_text_latents(["the cat", "a dog on a sofa"])
     assert z.shape == (2, 24) and torch.isfinite(z).all() and not torch.equal(again.latents, out.latents)
@@ -176,13 +168,12 @@ def test_text_latents_in_and_out(pipe):
         pipe.decode_text(torch.zeros(2, 5))
 
 
-def test_text_latent_parts_are_asked_for(tmp_path):
-    folder = tp.save(tp.build_components(seed=0), tmp_path / "vd")
+def test_text_latent_parts_are_asked_for(folder):
     images_only = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], device="cpu")
     with pytest.raises(ValueError, match=r"tasks=\[\.\.\., 'encode_text_latents'\]"):
         images_only.encode_text_latents("the cat")
     with pytest.raises(ValueError, match="image_to_text"):
-        images_only.decode_text(torch.zeros(1, 24))
+        images_only.decode_text(torch.zeros(1, LATENT))
     with pytest.raises(ValueError, match=r"tasks=\[\.\.\., 'image_variation'\]"):
         images_only.encode_image(random_image(1))
 

@@ -10,19 +10,12 @@ import pytest
 import torch
 
 import tiny_pipeline as tp
-from helpers import rel_err
-from helpers import random_image, seeded
+from flows import LATENT
+from helpers import random_image, rel_err, seeded
 from vd import VersatileDiffusion
-from vd.tasks import TASKS
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    folder = tp.save(tp.build_components(seed=0), tmp_path_factory.mktemp("tiny") / "vd")
-    return VersatileDiffusion.from_pretrained(folder, tasks=list(TASKS))
 
 
 @pytest.fixture
@@ -51,7 +44,6 @@ def V(batch: int = 1) -> torch.Tensor:  # image tokens
 
 IMG = PIL.Image.new("RGB", (32, 32), (200, 30, 60))
 TWO = [IMG, random_image(91, (32, 48))]
-LATENT = tp.OPTIMUS.latent_dim  # 24: the tiny text UNet's features
 OK = dict(num_inference_steps=2, progress=False)
 
 CASES = [
