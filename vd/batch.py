@@ -365,8 +365,8 @@ def _run(args, jobs: list[Job], malformed: list[tuple[int, str]], rank: int, wor
     if rank == 0:
         _merge_records(out, jobs)
         _summary(args, jobs, malformed, every, failed, world)
-    if world > 1:  # no rank tears down before rank 0 has written everything: a rank that aborts at teardown
-        dist.barrier()  # (seen once: SIGABRT in gloo's) makes torchrun stop the others, rank 0 mid-merge too
+    if world > 1:  # no rank tears down before rank 0 has written everything: a rank aborting in its teardown
+        dist.barrier()  # (seen once, SIGABRT inside gloo) makes torchrun stop the others, rank 0 mid-merge too
     return 1 if failed or malformed else 0
 
 
