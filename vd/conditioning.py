@@ -91,8 +91,8 @@ def pixel_values(processor, images: list[PIL.Image.Image] | Tensor, *, square: b
                      return_tensors="pt").pixel_values
 
 
-def uncond_pixel_values(processor, mode: str, batch: int) -> Tensor | None:
-    """Pixels of the "no image" condition for classifier-free guidance.
+def uncond_pixel_values(processor, mode: str) -> Tensor | None:
+    """Pixels [1, 3, 224, 224] of the "no image" condition for classifier-free guidance (one image serves a batch).
 
     grey: a mid-grey image: the reference's own input, float 0.5, scaled once (as the 2022 feature extractor
       did; it becomes 127/255 on the way through PIL). This is what the reference means to do.
@@ -104,8 +104,7 @@ def uncond_pixel_values(processor, mode: str, batch: int) -> Tensor | None:
     if mode == "zeros":
         return None
     fill = 0.0 if mode == "black" else 0.5
-    images = [np.zeros((512, 512, 3)) + fill] * batch
-    return processor(images=images, do_rescale=mode == "diffusers", return_tensors="pt").pixel_values
+    return processor(images=[np.zeros((512, 512, 3)) + fill], do_rescale=mode == "diffusers", return_tensors="pt").pixel_values
 
 
 def resized(images: list[PIL.Image.Image] | Tensor, height: int, width: int) -> Tensor:

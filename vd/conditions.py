@@ -78,7 +78,7 @@ class Conditions:
         if not s.guided:
             return cond
         n = len(cond) // per_prompt
-        uncond = self.text_embeds([""] * n if negative is None else negative)
+        uncond = self.text_embeds([""] if negative is None else negative)  # one row serves every prompt
         uncond = uncond.expand(n, -1, -1) if len(uncond) == 1 else uncond
         return guided_tokens(cond, uncond.repeat_interleave(per_prompt, dim=0), s.guidance_scale)
 
@@ -107,8 +107,8 @@ class Conditions:
         elif mode == "zeros":
             uncond = torch.zeros_like(cond[::per_prompt])
         else:
-            pixels = uncond_pixel_values(self.components.image_processor, mode, n)
-            uncond = encode_image(self.components.image_encoder, pixels.to(self.device, self.dtype))
+            pixels = uncond_pixel_values(self.components.image_processor, mode)
+            uncond = encode_image(self.components.image_encoder, pixels.to(self.device, self.dtype)).expand(n, -1, -1)
         return guided_tokens(cond, uncond.repeat_interleave(per_prompt, dim=0), s.guidance_scale)
 
     def encode_images(self, imgs: list | Tensor, focus: float, generator: Generator, stride: int = 1) -> Tensor:

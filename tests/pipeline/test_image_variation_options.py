@@ -28,13 +28,13 @@ def test_image_variation_focus_tokens(pipe, captured):
     pipe.image_variation(imgs[0], focus=0.8, generator=seeded(5), output_type="latent", **FAST)
     pipe.image_variation(imgs[0], focus=0.5, generator=seeded(5), output_type="latent", **FAST)
     plain = clip_image(pipe, imgs)
-    grey = encode_image(pipe.components.image_encoder, uncond_pixel_values(pipe.components.image_processor, "grey", 2))
+    grey = encode_image(pipe.components.image_encoder, uncond_pixel_values(pipe.components.image_processor, "grey"))
 
     tokens = captured[0].streams[0].tokens
     want = torch.cat([adjust_focus(plain[:1], 0.2, generator=seeded(1)),
                       adjust_focus(plain[1:], 0.2, generator=seeded(3))])
     assert torch.equal(tokens[4:], want.repeat_interleave(2, dim=0))
-    assert torch.equal(tokens[:4], grey.repeat_interleave(2, dim=0))  # "no image" is not focus-adjusted
+    assert torch.equal(tokens[:4], grey.expand(4, -1, -1))  # "no image" is not focus-adjusted
     assert not torch.allclose(tokens[4:], plain.repeat_interleave(2, dim=0), atol=1e-3)
 
     one = clip_image(pipe, imgs[:1])  # encoded alone, as the call does (a batch may round differently)
@@ -75,7 +75,7 @@ def _encoded(pipe, ref: np.ndarray, g, per_prompt: int = 1) -> torch.Tensor:
 
 
 def _grey_streams(pipe, img) -> list[Context]:
-    grey = encode_image(pipe.components.image_encoder, uncond_pixel_values(pipe.components.image_processor, "grey", 1))
+    grey = encode_image(pipe.components.image_encoder, uncond_pixel_values(pipe.components.image_processor, "grey"))
     return [Context(pipe.components.image_unet.context_layers(), torch.cat([grey, clip_image(pipe, [img])]))]
 
 

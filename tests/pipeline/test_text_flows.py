@@ -47,7 +47,7 @@ def _manual_text(pipe, contexts, total, steps, guidance, gens, latents=None, ded
 def _image_contexts(pipe, imgs, n):
     cond = clip_image(pipe, imgs).repeat_interleave(n, dim=0)
     black = encode_image(pipe.components.image_encoder,
-                         uncond_pixel_values(pipe.components.image_processor, "black", len(imgs)))
+                         uncond_pixel_values(pipe.components.image_processor, "black")).expand(len(imgs), -1, -1)
     return [Context(pipe.components.image_unet.context_layers(), torch.cat([black.repeat_interleave(n, dim=0), cond]))]
 
 
