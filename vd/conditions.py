@@ -92,18 +92,15 @@ class Conditions:
         """Image tokens of a call: [uncond; cond] per sample (cond alone when unguided); "no image" is `negative`,
         or else by `mode` (UNCOND_IMAGES, or "black"). Focus draws from the generator of each image's first sample."""
         n = len(cond)
-        if isinstance(cond, Tensor) and cond.dim() == 3:  # tokens given
-            cond = torch.cat([self.focus(cond[i:i + 1].to(self.device), focus, s.generator, i * per_prompt)
-                              for i in range(n)])
-        else:
-            cond = self.encode_images(cond, focus, s.generator, stride=per_prompt)
+        given = isinstance(cond, Tensor) and cond.dim() == 3
+        cond = self.focused(cond.to(self.device) if given else self.encode_images(cond), focus, s.generator, per_prompt)
         cond = cond.repeat_interleave(per_prompt, dim=0)
         if not s.guided:
             return cond
         if isinstance(negative, Tensor) and negative.dim() == 3:
             uncond = negative.to(self.device).expand(n, -1, -1)
         elif negative is not None:
-            uncond = self.encode_images(negative, 0.5, None)
+            uncond = self.encode_images(negative)
         elif mode == "zeros":
             uncond = torch.zeros_like(cond[::per_prompt])
         else:
@@ -111,10 +108,13 @@ class Conditions:
             uncond = encode_image(self.components.image_encoder, pixels.to(self.device, self.dtype)).expand(n, -1, -1)
         return guided_tokens(cond, uncond.repeat_interleave(per_prompt, dim=0), s.guidance_scale)
 
-    def encode_images(self, imgs: list | Tensor, focus: float, generator: Generator, stride: int = 1) -> Tensor:
-        """CLIP tokens of images, each focus-adjusted with generator[i * stride] (the first of its samples)."""
+    def encode_images(self, imgs: list | Tensor) -> Tensor:
+        """CLIP tokens [B, 257, D] of images (PIL images or a [B, 3, H, W] tensor in [0, 1])."""
         pixels = pixel_values(self.components.image_processor, imgs).to(self.device, self.dtype)
-        tokens = encode_image(self.components.image_encoder, pixels)
+        return encode_image(self.components.image_encoder, pixels)
+
+    def focused(self, tokens: Tensor, focus: float, generator: Generator, stride: int = 1) -> Tensor:
+        """Images' tokens [B, 257, D], each focus-adjusted with generator[i * stride] (the first of its samples)."""
         if focus == 0.5:
             return tokens
         return torch.cat([self.focus(tokens[i:i + 1], focus, generator, i * stride) for i in range(len(tokens))])

@@ -141,7 +141,7 @@ class VersatileDiffusion:
         focus = checks.number("focus", focus, 0.0, 1.0)
         generator = checks.generator(generator, len(imgs))
         with torch.no_grad(), self._autocast():
-            return self.conditions.encode_images(imgs, focus, generator)
+            return self.conditions.focused(self.conditions.encode_images(imgs), focus, generator)
 
     def encode_text_latents(self, texts: str | list[str]) -> Tensor:
         """Optimus text latents [B, 768] of sentences (the posterior mean, as the original): what image_to_text
