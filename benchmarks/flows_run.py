@@ -18,19 +18,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import condition_image, init_device, sync  # noqa: E402
+from bench import condition_image, init_device, timed  # noqa: E402
 
 
 def timed_median(fn, device: torch.device, repeats: int):
-    out = fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    """Median seconds of fn() over `repeats` calls after a warm-up, and its output."""
+    out = fn()
+    return statistics.median(timed(fn, device) for _ in range(repeats)), out
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vd import VersatileDiffusion  # noqa: E402
 from vd.sched import sampler_from_config  # noqa: E402
 
-from bench import sync  # noqa: E402
+from bench import sync, timed  # noqa: E402
 
 RUNS = [("ddim", 50), ("dpmpp_2m_karras", 20), ("dpmpp_2m_karras", 25), ("unipc", 20), ("unipc", 25)]
 
@@ -48,14 +48,8 @@ def sampler_only(pipe, name: str, steps: int, size: int, repeats: int = 5) -> fl
     shape = (1, pipe.components.image_unet.config.in_channels, size // pipe._factor, size // pipe._factor)
     x = torch.randn(shape, device=pipe.device, dtype=pipe.dtype)
     out = torch.randn_like(x)
-    times = []
-    for _ in range(repeats):
-        sync(pipe.device)
-        t0 = time.perf_counter()
-        sampler.sample(lambda x_in, t: out, x, steps)
-        sync(pipe.device)
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times)
+    return statistics.median(timed(lambda: sampler.sample(lambda x_in, t: out, x, steps), pipe.device)
+                             for _ in range(repeats)) / steps
 
 
 def main(argv=None) -> dict:
