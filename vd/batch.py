@@ -111,24 +111,26 @@ def generate(pipe: VersatileDiffusion, batch: list[Job], folder: Path,
     results, ready = [], []
     for job in batch:
         try:
-            loaded = job.inputs(folder, anywhere)
+            ready.append((job, job.inputs(folder, anywhere)))
         except Exception as e:  # the file changed since the job file was checked
             results.append((job, f"cannot read input: {_reason(e)}"))
-            continue
-        ready.append((job, loaded))
-    error = None
-    if ready:
-        try:
-            results += [(job, images) for (job, _), images in zip(ready, _call(pipe, ready))]
-        except Interrupted:
-            raise
-        except Exception as e:
-            error = _reason(e)  # retried below, once the failed call's tensors are released
-    if error is not None and len(ready) == 1:
-        results.append((ready[0][0], error))
-    elif error is not None:  # one job can fail a whole batch: run each alone to find which
-        results += [r for job, _ in ready for r in generate(pipe, [job], folder, anywhere)]
-    return sorted(results, key=lambda r: r[0].line)
+    return sorted(results + _outputs(pipe, ready), key=lambda r: r[0].line)
+
+
+def _outputs(pipe: VersatileDiffusion, ready: list[tuple[Job, dict]]) -> list[tuple[Job, list | str]]:
+    """(job, its outputs or why it failed) for jobs with their files read; a failed batch is run again one job at
+    a time, with the same files, to find which job failed."""
+    if not ready:
+        return []
+    try:
+        return [(job, outputs) for (job, _), outputs in zip(ready, _call(pipe, ready))]
+    except Interrupted:
+        raise
+    except Exception as e:
+        error = _reason(e)  # retried below, once the failed call's tensors are released
+    if len(ready) == 1:
+        return [(ready[0][0], error)]
+    return [r for one in ready for r in _outputs(pipe, [one])]
 
 
 def _reason(e: BaseException) -> str:

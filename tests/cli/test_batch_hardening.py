@@ -18,6 +18,7 @@ pytest.importorskip("diffusers")
 
 from vd import VersatileDiffusion  # noqa: E402
 from vd.batch import main, read_jobs  # noqa: E402
+from vd.jobs import Job  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 SMALL = dict(height=16, width=16, num_inference_steps=1)
@@ -78,6 +79,24 @@ def test_one_bad_job_never_stops_the_others(model, tmp_path, capsys, monkeypatch
     # the failed job does not block a rerun either: it is tried again, the finished ones are skipped
     assert _run(jobs, tmp_path / "out", model) == 1
     assert "3 jobs: 0 done, 2 skipped" in capsys.readouterr().out
+
+
+def test_a_failed_batch_runs_again_job_by_job_reading_its_files_once(model, tmp_path, capsys, monkeypatch):
+    t2i = dict(task="text_to_image", **SMALL)
+    jobs = _jobs(tmp_path, [dict(t2i, prompt="the cat", seed=1), dict(t2i, prompt="boom", seed=2)])
+    real_call, real_inputs, reads = VersatileDiffusion.text_to_image, Job.inputs, []
+
+    @functools.wraps(real_call)
+    def fails_with_boom(self, prompt, *a, **k):
+        if "boom" in prompt:
+            raise RuntimeError("boom")
+        return real_call(self, prompt, *a, **k)
+    monkeypatch.setattr(VersatileDiffusion, "text_to_image", fails_with_boom)
+    monkeypatch.setattr(Job, "inputs", lambda job, *a: reads.append(job.line) or real_inputs(job, *a))
+    assert _run(jobs, tmp_path / "out", model, "--batch-size", 2) == 1
+    assert "failed: line 2" in capsys.readouterr().out
+    assert sorted(reads) == [1, 2]  # the batch's call and the two calls alone share one read of each job's files
+    assert [r["seed"] for r in map(json.loads, (tmp_path / "out" / "records.jsonl").read_text().splitlines())] == [1]
 
 
 def test_allow_any_path(model, tmp_path, capsys):
