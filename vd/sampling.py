@@ -149,10 +149,13 @@ def noised_start(sampler, x0: Tensor, num_steps: int, t_enc: int, generator: Gen
     """Init latents x0 noised for `sample(..., t_enc=t_enc)`: sqrt(a) x0 + sqrt(1 - a) z, with one draw z for the
     batch and a = alpha_bar at the ascending timestep grid's entry t_enc (the original's `stochastic_encode`).
 
-    That level is one grid step noisier than the first step then denoised, as in the original. t_enc = num_steps
-    (strength 1, where the original's index runs off its grid) noises to the last trained timestep instead."""
+    That level is one grid step noisier than the first step then denoised, as in the original. For t_enc =
+    num_steps (strength 1) it is the grid's next entry, num_steps * (T // num_steps) + offset for VD's "leading"
+    grid, which the original's grid has when T (1000) is not a multiple of num_steps; where that is not below T
+    (the original fails there), the last trained timestep T - 1."""
     grid = sampler.timesteps(num_steps).flip(0).tolist()  # ascending
-    t = grid[t_enc] if t_enc < len(grid) else sampler.num_train_timesteps - 1
+    t_max = sampler.num_train_timesteps - 1
+    t = grid[t_enc] if t_enc < len(grid) else min(grid[-1] + sampler.num_train_timesteps // num_steps, t_max)
     z = randn(x0.shape, generator, x0.device, x0.dtype)
     return sampler.noised(x0, int(t), z)
 

@@ -78,10 +78,13 @@ def test_encoders_return_the_flows_shapes(pipe):
 
 # ---- init image or latents at a strength: the original's img2img
 
-@pytest.mark.parametrize("steps,strength", [(4, 0.75), (5, 0.5), (10, 0.55), (4, 0.0), (4, 1.0)])
+@pytest.mark.parametrize("steps,strength", [(4, 0.75), (5, 0.5), (10, 0.55), (4, 0.0), (4, 1.0), (7, 1.0),
+                                            (49, 1.0), (7, 0.9)])
 def test_text_to_image_from_init_latents(pipe, captured, steps, strength, check):
-    """t_enc = int(strength * steps); the init latents are noised to the ascending grid's entry t_enc (the last
-    trained timestep for strength 1) with one draw from the generator, and the t_enc least noisy steps run."""
+    """t_enc = int(strength * steps); the init latents are noised to the original's ascending grid
+    (range(0, 1000, 1000 // steps) + 1, which has one more entry when 1000 % steps != 0) at entry t_enc, or to
+    the last trained timestep where the grid ends (strength 1, 1000 % steps == 0), with one draw from the
+    generator; then the t_enc least noisy steps of VD's DDIM grid run."""
     x0 = torch.randn(2, 4, 6, 5, generator=seeded(20))
     seen = []
     got = pipe.text_to_image("the cat", num_images_per_prompt=2, init_latents=x0, strength=strength,
@@ -90,7 +93,8 @@ def test_text_to_image_from_init_latents(pipe, captured, steps, strength, check)
     sampler = sampler_from_config("ddim", pipe.components.scheduler_config)
     ts = sampler.timesteps(steps).tolist()
     t_enc = int(strength * steps)
-    level = ts[::-1][t_enc] if t_enc < steps else 999
+    original_grid = [t + 1 for t in range(0, 1000, 1000 // steps)]
+    level = original_grid[t_enc] if t_enc < len(original_grid) else 999
     (call,) = captured
     s, start = call.sampling, call.start
     assert s.t_enc == t_enc and seen == ts[steps - t_enc:]
