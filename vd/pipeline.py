@@ -161,10 +161,8 @@ class VersatileDiffusion:
             raise ValueError(f"this pipeline was loaded for tasks {list(self.tasks)}; load it with tasks=[..., "
                              "'image_to_text'] or [..., 'text_variation'] to decode text latents")
         width = self.components.optimus.config.latent_dim
-        if not isinstance(latents, Tensor) or latents.dim() != 2 or latents.shape[1] != width:
-            checks.fail("latents", latents, f"a tensor [N, {width}]", TypeError if not isinstance(latents, Tensor)
-                        else ValueError)
-        checks.finite("latents", latents)
+        if checks.tensor("latents", latents, dims=2).shape[1] != width:
+            checks.fail("latents", latents, f"a tensor [N, {width}]")
         generator = checks.generator(generator, len(latents))
         decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
         return self._decode_text(latents, generator, decoding)
@@ -458,11 +456,14 @@ class VersatileDiffusion:
                         f"a scheduler that starts part-way (ddim), not {run.scheduler!r}")
         strength = checks.number("strength", DEFAULT_STRENGTH if strength is None else strength, 0.0, 1.0)
         if init_latents is not None:
-            rows = (batch, run.shape[0])
             init_latents = checks.latents(init_latents, (init_latents.shape[0], *run.shape[1:]), self.device,
                                           name="init_latents")
+            rows = sorted({1, batch, run.shape[0]})
             if init_latents.shape[0] not in rows:
-                checks.fail("init_latents", init_latents, f"{batch} or {run.shape[0]} rows (per prompt or per image)")
+                checks.fail("init_latents", init_latents, f"{', '.join(map(str, rows[:-1]))} or {rows[-1]} rows "
+                            "(one for all, one per prompt or one per image)")
+            if len(init_latents) == 1 and batch > 1:
+                init_latents = init_latents.expand(batch, -1, -1, -1)
         elif init_images is not None:
             init_images = resized(init_images, height, width).to(self.device)
             if len(init_images) == 1 and batch > 1:

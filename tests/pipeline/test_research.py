@@ -117,6 +117,15 @@ def test_init_image_is_its_encoded_latents(pipe):
     assert got.shape == (2, 4, 6, 5) and torch.equal(got, want)
 
 
+def test_one_init_latent_serves_every_prompt(pipe):
+    """init_latents with one row are every prompt's start, as one init image is."""
+    x0 = torch.randn(1, 4, 6, 5, generator=seeded(40))
+    kw = dict(num_images_per_prompt=2, strength=0.5, output_type="latent", **FAST)
+    one = pipe.text_to_image(["a", "b"], init_latents=x0, generator=seeded(41), **kw).images
+    per_prompt = pipe.text_to_image(["a", "b"], init_latents=x0.expand(2, -1, -1, -1), generator=seeded(41), **kw)
+    assert one.shape == (4, 4, 6, 5) and torch.equal(one, per_prompt.images)
+
+
 def test_init_image_sizes_each_dimension_not_given(pipe):
     """A 48 x 40 init image gives the output dimension that height or width leaves open (as init latents do),
     and is resized to the output size."""
@@ -170,6 +179,9 @@ def test_text_latents_in_and_out(pipe):
     assert len(greedy) == 2 and greedy == pipe.decode_text(z, greedy=True, dedupe=False)
     with pytest.raises(ValueError, match=r"latents: expected a tensor \[N, 24\]"):
         pipe.decode_text(torch.zeros(2, 5))
+    for bad in (torch.zeros(2, LATENT, dtype=torch.long), torch.zeros(0, LATENT)):
+        with pytest.raises(ValueError, match="latents: expected a non-empty floating-point tensor with 2 dim"):
+            pipe.decode_text(bad)
 
 
 def test_text_latent_parts_are_asked_for(folder):

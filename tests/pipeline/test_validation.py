@@ -200,6 +200,8 @@ CASES = [
      ["init_latents", "ddim"]),
     ("text_to_image", dict(prompt="a", init_latents=torch.zeros(1, 3, 6, 6)), ValueError, ["init_latents", "shape"]),
     ("text_to_image", dict(prompt="a", init_latents=torch.zeros(3, 4, 8, 8)), ValueError, ["init_latents", "rows"]),
+    ("text_to_image", dict(prompt=["a", "b"], num_images_per_prompt=2, init_latents=torch.zeros(3, 4, 8, 8)),
+     ValueError, ["init_latents", "1, 2 or 4 rows"]),
     ("text_to_image", dict(prompt="a", init_latents=torch.zeros(1, 4, 8)), ValueError,
      ["init_latents", "4 dimensions"]),
     ("text_to_image", dict(prompt=["a", "b"], init_image=[random_image(1, (40, 40)), random_image(2, (48, 40))]),
