@@ -247,6 +247,15 @@ def test_float64_runs(name):
     assert_same_run(our_loop(FIRST_THREE[name].from_config(VD), x, 25, fake_eps, **kw()), ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_noised_is_add_noise(dtype):
+    """The init path's forward diffusion equals diffusers' add_noise, in float64 too (no float32 detour)."""
+    x0, z = start_noise(dtype), start_noise(dtype).flip(0)
+    ref = DDIMScheduler.from_config(VD).add_noise(x0, z, torch.tensor([741]))
+    got = DDIM.from_config(VD).noised(x0, 741, z)
+    assert got.dtype == dtype and (got - ref).abs().max().item() <= (1e-6 if dtype == torch.float32 else 1e-15)
+
+
 def test_lms_coefficients_against_quad():
     """float64: the exact integral (scipy quad on a float64 integrand) to 1e-10."""
     def quad_coeff(sig, i, order, j):

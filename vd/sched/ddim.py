@@ -114,5 +114,6 @@ class DDIM(Schedule):
 
     def noised(self, x0: Tensor, t: int, noise: Tensor) -> Tensor:
         """x0 diffused to timestep t: sqrt(alpha_t) x0 + sqrt(1 - alpha_t) noise (the forward process, eq. 4)."""
-        a = self.alpha_bars()[t].to(x0.device)
-        return (a**0.5 * x0.float() + (1 - a) ** 0.5 * noise.float()).to(x0.dtype)
+        dtype = torch.promote_types(x0.dtype, torch.float32)  # float64 stays float64, as diffusers' add_noise
+        a = self.alpha_bars()[t].to(x0.device, dtype)
+        return (a**0.5 * x0.to(dtype) + (1 - a) ** 0.5 * noise.to(dtype)).to(x0.dtype)
