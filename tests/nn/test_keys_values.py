@@ -55,3 +55,12 @@ def test_keys_values_come_in_the_layers_dtype_and_skip_unused_streams():
     assert c.tokens.dtype == k.dtype == v.dtype == torch.float64
     assert k.shape == v.shape == (1, attn2.heads, 7, attn2.to_k.out_features // attn2.heads)
     assert Context(unet.context_layers(), tokens, 0.0).with_keys_values().keys_values is None
+
+
+def test_a_unet_without_context_layers_takes_a_context():
+    """A UNet of plain blocks (no cross-attention, no mid block) ignores its condition, as diffusers' does."""
+    unet = _unet(dict(TINY_UNET_A, down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2,
+                      mid_block_type=None))
+    x, tokens = torch.randn(1, 4, 8, 8), torch.randn(1, 7, TINY_UNET_A["cross_attention_dim"])
+    context = Context(unet.context_layers(), tokens)
+    assert unet.context_layers() == [] and torch.equal(unet(x, 5, [context.with_keys_values()]), unet(x, 5, [context]))

@@ -103,8 +103,24 @@ def test_random_unets(seed, check):
                           dtype=torch.float64)
         t = torch.randint(0, 1000, (batch,), generator=g)
         want = ref(x, t, encoder_hidden_states=ctx).sample
-        got = ours(x, t, [Context(ours.context_layers(), ctx)])
-        check(rel_err(got, want), MODULE_TOL, "flat" if flat else "2d")
+        context = Context(ours.context_layers(), ctx)
+        check(rel_err(ours(x, t, [context]), want), MODULE_TOL, "flat" if flat else "2d")
+        check(rel_err(ours(x, t, [context.with_keys_values()]), want), MODULE_TOL, "keys and values once")
+
+
+@pytest.mark.parametrize("kernel", [2, 4])
+@torch.no_grad()
+def test_even_conv_kernels_pad_as_diffusers(kernel, check):
+    """An even conv_in/conv_out kernel pads (k - 1) // 2: a 9 x 9 input gives an 8 x 8 UNet and a 7 x 7 output."""
+    config = dict(sample_size=8, in_channels=3, out_channels=2, block_out_channels=[8], norm_num_groups=2,
+                  attention_head_dim=2, down_block_types=["CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D"], cross_attention_dim=8, layers_per_block=1,
+                  conv_in_kernel=kernel, conv_out_kernel=kernel)
+    ref, ours = _pair(UNet2DConditionModel, UNet, UNetConfig, config, kernel)
+    x, ctx = torch.randn(2, 3, 9, 9, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    want, got = ref(x, 10, encoder_hidden_states=ctx).sample, ours(x, 10, [Context(ours.context_layers(), ctx)])
+    assert got.shape == want.shape == (2, 2, 7, 7)
+    check(rel_err(got, want), MODULE_TOL, "2d")
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -408,6 +408,9 @@ def test_converted_folder_opens_only_the_parts_of_its_tasks(pristine, tmp_path):
     ("text_encoder", dict(hidden_size="32"), "hidden_size"),
     ("image_encoder", dict(num_attention_heads=5), "num_attention_heads"),  # does not divide hidden_size 32
     ("image_encoder", dict(patch_size=0), "patch_size"),
+    ("image_unet", dict(num_attention_heads=2), "num_attention_heads"),  # diffusers' UNets refuse it too
+    ("text_unet", dict(up_block_types=["UpBlockFlat", "CrossAttnUpBlock2D"]), "CrossAttnUpBlock2D"),  # 2D in flat
+    ("text_unet", dict(mid_block_type="UNetMidBlock2DCrossAttn"), "mid_block_type"),
 ])
 def test_bad_config_value_names_file_and_key(folder, component, changes, key):
     conf = folder / component / "config.json"

@@ -251,12 +251,15 @@ def _unet_from_diffusers(d: dict) -> UNetConfig:
     up = list(d.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
     flat = bool(down) and all(t.endswith("Flat") for t in down)
 
-    def kind(t: str | None) -> str | None:  # "CrossAttnDownBlockFlat" -> "CrossAttnDownBlock2D"
-        return t.replace("Flat", "2D") if flat and t else t
+    def kind(t: str | None) -> str | None:  # "CrossAttnDownBlockFlat" -> "CrossAttnDownBlock2D"; 2D names not flat
+        if not flat or t is None:
+            return t
+        return t.replace("Flat", "2D") if "Flat" in t else ""
 
     _check_fixed(d, _UNET_FIXED, "UNet")
-    if flat and d.get("num_attention_heads") is not None:
-        raise ValueError("UNetFlat config num_attention_heads must be null (the reference refuses it too)")
+    if d.get("num_attention_heads") is not None:
+        raise ValueError("UNet config num_attention_heads must be null (the reference refuses it too; "
+                         "attention_head_dim holds the head counts)")
     channels = tuple(d.get("block_out_channels", (320, 640, 1280, 1280)))
     n = len(channels)
     if len(down) != n or len(up) != n:
@@ -272,7 +275,7 @@ def _unet_from_diffusers(d: dict) -> UNetConfig:
         raise ValueError(f"UNet config mid_block_type {d.get('mid_block_type')!r} is not supported")
     if d.get("norm_num_groups", 32) is None:
         raise ValueError("UNet config norm_num_groups=None is not supported")
-    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+    heads = d.get("attention_head_dim", 8)
     only_cross = d.get("only_cross_attention", False)
 
     def io(value):  # the flat UNet's data shape: an int n means (n, flat_dim, 1)

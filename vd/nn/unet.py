@@ -45,7 +45,7 @@ class Context:
     def with_keys_values(self) -> "Context":
         """This stream with its keys and values computed, in the layers' dtype and with autocast off (as the
         UNet runs: vd.fast.NoisePredictor)."""
-        if self.keys_values is not None or self.weight == 0:  # done, or never run (apply_context)
+        if self.keys_values is not None or self.weight == 0 or not self.layers:  # done, never run, or no layers
             return self
         device = self.tokens.device.type
         with torch.autocast(device, enabled=False) if device in AUTOCAST_DEVICES else contextlib.nullcontext():
@@ -82,7 +82,8 @@ class UNet(nn.Module):
             if flat:
                 self.conv_in = FlatLinear(cfg.in_channels, (chs[0], fd, 1))
             else:
-                self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], cfg.conv_in_kernel, padding=cfg.conv_in_kernel // 2)
+                self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], cfg.conv_in_kernel,
+                                         padding=(cfg.conv_in_kernel - 1) // 2)
 
         def resnet(cin: int, cout: int, output_scale: float = 1.0) -> nn.Module:
             if flat:  # parity: the flat block ignores output scaling, as the reference does
@@ -145,7 +146,7 @@ class UNet(nn.Module):
                 self.conv_out = FlatLinear((chs[0], fd, 1), cfg.out_channels)
             else:
                 self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, cfg.conv_out_kernel,
-                                          padding=cfg.conv_out_kernel // 2)
+                                          padding=(cfg.conv_out_kernel - 1) // 2)
 
     def context_layers(self) -> list[SpatialTransformer]:
         """This UNet's context layers in the order a forward visits them."""
