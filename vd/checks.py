@@ -124,8 +124,11 @@ def seed(name: str, value: object, count: int = 1) -> int:
 
 def steps(value: object, sampler) -> int:
     """num_inference_steps in [1, the most this sampler's schedule places] (`max_steps`: with "leading" spacing
-    and a steps_offset, VD's 1, the first timestep must stay below num_train_timesteps)."""
-    return integer("num_inference_steps", value, 1, sampler.max_steps())
+    and a steps_offset, VD's 1, the first timestep must stay below num_train_timesteps), and one whose timesteps
+    the schedule places (computing them is cheap: a "leading" one refuses some counts below its largest)."""
+    steps = integer("num_inference_steps", value, 1, sampler.max_steps())
+    sampler.timesteps(steps)
+    return steps
 
 
 def pixel_budget(images: int, height: int, width: int) -> None:

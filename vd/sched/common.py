@@ -48,15 +48,28 @@ def linspace(start: float, stop: float, n: int) -> Tensor:
 
 def most_steps(spacing: str, num_train: int, steps_offset: int) -> int:
     """The most timesteps `spaced_timesteps` places: num_train, except that "leading" with a steps_offset must keep
-    its first timestep, (N − 1)·(T // N) + steps_offset, below T (VD: 999 of 1000; diffusers' DDIM fails later
-    with an IndexError)."""
+    its first timestep below T (VD: 999 of 1000; diffusers' DDIM fails later with an IndexError)."""
     if spacing not in SPACINGS:
         raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
     most = num_train
     if spacing == "leading":
-        while most > 1 and (most - 1) * (num_train // most) + steps_offset >= num_train:
+        while most > 1 and leading_top(most, num_train, steps_offset) >= num_train:
             most -= 1
     return most
+
+
+def leading_top(n: int, num_train: int, steps_offset: int) -> int:
+    """The first (largest) of n "leading" points, (n − 1)·(T // n) + steps_offset. It does not grow with n
+    (T = 1000, offset 3: 1001 at n = 500, 999 at n = 997), so each n is checked, not only the largest."""
+    return (n - 1) * (num_train // n) + steps_offset
+
+
+def check_leading(n: int, num_train: int, steps_offset: int, num_steps: int) -> None:
+    """Refuse num_steps whose n "leading" points would start at or past T (diffusers' DDIM: an IndexError)."""
+    top = leading_top(n, num_train, steps_offset)
+    if top >= num_train:
+        raise ValueError(f"num_inference_steps={num_steps} with 'leading' spacing and steps_offset {steps_offset} "
+                         f"starts at timestep {top}, past the last trained one ({num_train - 1}); choose another")
 
 
 def timestep_points(spacing: str, n: int, num_train: int, steps_offset: int) -> Tensor:
@@ -81,6 +94,8 @@ def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset:
     most = most_steps(spacing, num_train, steps_offset)
     if not 1 <= num_steps <= most:
         raise ValueError(f"num_inference_steps must be in [1, {most}], got {num_steps}")
+    if spacing == "leading":
+        check_leading(num_steps, num_train, steps_offset, num_steps)
     return timestep_points(spacing, num_steps, num_train, steps_offset)
 
 
@@ -95,9 +110,12 @@ class Schedule:
     prediction_type: str = "epsilon"
     timestep_spacing: str = "leading"
     steps_offset: int = 0
+    sigma_min: float | None = None  # the ends of Karras sigmas (karras_range), where a config gives them
+    sigma_max: float | None = None
 
     PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
-    # config keys we accept only at the given value (the features are not implemented)
+    # config keys we accept only at the given value, or at one of a tuple of values (the others change
+    # diffusers' result in ways not implemented here)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {"trained_betas": None}
     # what this sampler's name sets whatever the config says (diffusers: `from_config(config, **overrides)`)
     OVERRIDES: ClassVar[dict[str, Any]] = {}
@@ -129,10 +147,11 @@ class Schedule:
         absent = set(config.get("_use_default_values", ())) | set(cls.OVERRIDES)
         given = {k: v for k, v in config.items() if not k.startswith("_") and k not in absent}
         for key, only in cls.UNSUPPORTED.items():
-            if key in given and given[key] != only:
-                value = reprlib.repr(given[key])
-                hint = "; choose a scheduler name ending in '_karras'" if key == "use_karras_sigmas" else ""
-                raise ValueError(f"{key}={value} is not supported by {cls.__name__} (only {only!r} is){hint}")
+            if key in given and (given[key] not in only if isinstance(only, tuple) else given[key] != only):
+                value, allowed = reprlib.repr(given[key]), f"one of {only!r}" if isinstance(only, tuple) else repr(only)
+                karras_form = any(getattr(sub, "karras", False) for sub in cls.__subclasses__())
+                hint = "; choose a scheduler name ending in '_karras'" if key == "use_karras_sigmas" and karras_form else ""
+                raise ValueError(f"{key}={value} is not supported by {cls.__name__} (only {allowed} is){hint}")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in given.items() if k in names})
 
@@ -159,3 +178,9 @@ class Schedule:
     def init_noise_sigma(self, num_steps: int) -> float:
         """Std of the start noise: 1 for the variance-preserving samplers (the sigma-space ones override it)."""
         return 1.0
+
+    def karras_range(self, low: float, high: float) -> tuple[float, float]:
+        """(sigma_min, sigma_max) of Karras sigmas: the config's where given, else the schedule's `low`, `high`.
+        diffusers' Euler, Heun, DPM-Solver++ and UniPC read these keys from any config (one saved from an Euler
+        pipeline has them); its LMS does not (LMS overrides this)."""
+        return (low if self.sigma_min is None else self.sigma_min, high if self.sigma_max is None else self.sigma_max)

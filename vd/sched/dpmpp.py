@@ -33,11 +33,14 @@ class DPMSolverPP(MultistepSchedule):
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         **MultistepSchedule.UNSUPPORTED, "algorithm_type": "dpmsolver++", "use_lu_lambdas": False,
-        "lambda_min_clipped": -float("inf"), "variance_type": None,
+        "lambda_min_clipped": -float("inf"),
+        "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),  # not learned
     }
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.solver_type in ("logrho", "bh1", "bh2"):  # other solvers' names: diffusers runs midpoint
+            object.__setattr__(self, "solver_type", "midpoint")
         if self.solver_type not in ("midpoint", "heun"):
             raise ValueError(f"solver_type must be one of ('midpoint', 'heun') for DPMSolverPP, "
                              f"got {self.solver_type!r}")

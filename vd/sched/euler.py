@@ -26,7 +26,7 @@ class Euler(SigmaSchedule):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        **SigmaSchedule.UNSUPPORTED, "sigma_min": None, "sigma_max": None, "interpolation_type": "linear",
+        **SigmaSchedule.UNSUPPORTED, "interpolation_type": "linear",
         "timestep_type": "discrete", "final_sigmas_type": "zero", "rescale_betas_zero_snr": False,
     }
 

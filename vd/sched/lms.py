@@ -74,6 +74,10 @@ def lms_coefficients(sigmas: Tensor, i: int, order: int, dtype: torch.dtype = to
 class LMS(SigmaSchedule):
     """LMS with diffusers' LMSDiscreteScheduler defaults (note: "linspace" spacing, float timesteps)."""
 
+    def karras_range(self, low: float, high: float) -> tuple[float, float]:
+        """The schedule's own ends: diffusers' LMS ignores a config's sigma_min and sigma_max."""
+        return low, high
+
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
         noise: Sequence[Tensor] | None = None, callback: Callback | None = None,

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Schedule, most_steps, timestep_points
+from .common import Schedule, check_leading, most_steps, timestep_points
 from .sigmas import interp, karras, sigma_to_t, train_sigmas
 
 
@@ -47,13 +47,15 @@ class MultistepSchedule(Schedule):
         if not 1 <= N <= self.max_steps():
             raise ValueError(f"num_inference_steps must be in [1, {self.max_steps()}], got {N}")
         if self.karras:
-            sig = karras(train[0].item(), train[-1].item(), N)
+            sig = karras(*self.karras_range(train[0].item(), train[-1].item()), N)
             ts = sigma_to_t(sig, train)
             ts = ts if self.beta_schedule == "squaredcos_cap_v2" else ts.round()
         else:
             if self.timestep_spacing == "trailing":
                 ts = timestep_points("trailing", N, T, self.steps_offset).round()
             else:  # N + 1 points, the last dropped
+                if self.timestep_spacing == "leading":
+                    check_leading(N + 1, T, self.steps_offset, N)
                 ts = timestep_points(self.timestep_spacing, N + 1, T, self.steps_offset).round()[:-1]
             sig = interp(train, ts)
         return ts.long(), torch.cat([sig, sig.new_zeros(1)]).float()

@@ -37,7 +37,7 @@ class SigmaSchedule(Schedule):
         train = train_sigmas(self.alpha_bars())
         sig = interp(train, ts)  # float64
         if self.karras:
-            sig = karras(sig[-1].item(), sig[0].item(), num_steps)
+            sig = karras(*self.karras_range(sig[-1].item(), sig[0].item()), num_steps)
             ts = sigma_to_t(sig, train).float()
         return ts, torch.cat([sig, sig.new_zeros(1)]).float()
 

@@ -4,14 +4,15 @@ Models", arXiv:2206.00364), shared by the samplers that step in sigma (Euler, He
 lambda = −log sigma (DPM-Solver++, UniPC).
 
 Numbers follow diffusers 0.42.1: float32 training sigmas, float64 schedule arithmetic, float32 at the end.
-Two of its steps run in numpy's float32 log and float64 power, whose last bit varies with numpy's SIMD
-code; ours are torch's, so Karras sigmas and timesteps can differ from it in the last bit.
+The Karras sigmas and their timesteps are computed in numpy, as diffusers computes them: numpy's float32 log
+and float64 power can differ from torch's in the last bit, and a timestep that is rounded (DPM-Solver++, UniPC)
+or truncated (cosine betas) turns that bit into a whole step.
 """
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .common import linspace
 
 
 def train_sigmas(alpha_bar: Tensor) -> Tensor:
@@ -28,22 +29,22 @@ def interp(train: Tensor, t: Tensor) -> Tensor:
 
 
 def karras(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> Tensor:
-    """Karras et al. 2022, eq. 5: n sigmas evenly spaced in sigma^(1/rho), from sigma_max down to sigma_min."""
+    """Karras et al. 2022, eq. 5: n float64 sigmas evenly spaced in sigma^(1/rho), from sigma_max down to
+    sigma_min."""
     hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (hi + linspace(0, 1, n) * (lo - hi)) ** rho
+    return torch.from_numpy((hi + np.linspace(0, 1, n) * (lo - hi)) ** rho)
 
 
 def sigma_to_t(sigmas: Tensor, train: Tensor) -> Tensor:
     """float64 (fractional) timestep of each sigma: linear interpolation in log sigma between the two training
     timesteps around it, clamped to [0, T − 1]."""
-    log_train = train.log()  # float32, as diffusers (np.log of the float32 sigmas)
-    log_s = sigmas.double().clamp(min=1e-10).log()
+    log_train = np.log(train.numpy())  # float32
+    log_s = np.log(np.maximum(sigmas.double().numpy(), 1e-10))
     # index of the last training sigma <= sigma (0 if none), at most T − 2
-    low = ((log_s[:, None] - log_train[None, :].double()) >= 0).sum(1).sub(1).clamp(0, len(train) - 2)
+    low = np.clip((log_s[:, None] - log_train[None, :] >= 0).sum(1) - 1, 0, len(train) - 2)
     lo, hi = log_train[low], log_train[low + 1]
-    # parity: diffusers takes lo − hi in float32
-    w = ((lo.double() - log_s) / (lo - hi).double()).clamp(0, 1)
-    return (1 - w) * low + w * (low + 1)
+    w = np.clip((lo - log_s) / (lo - hi), 0, 1)  # parity: lo − hi in float32, as diffusers
+    return torch.from_numpy((1 - w) * low + w * (low + 1))
 
 
 def denoised(out: Tensor, x: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:

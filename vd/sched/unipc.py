@@ -32,11 +32,13 @@ class UniPC(MultistepSchedule):
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2, 3)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         **MultistepSchedule.UNSUPPORTED, "predict_x0": True, "disable_corrector": [], "solver_p": None,
-        "sigma_min": None, "sigma_max": None, "shift_terminal": None,
+        "shift_terminal": None,
     }
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.solver_type in ("midpoint", "heun", "logrho"):  # DPM-Solver's names: diffusers runs bh2
+            object.__setattr__(self, "solver_type", "bh2")
         if self.solver_type not in ("bh1", "bh2"):
             raise ValueError(f"solver_type must be one of ('bh1', 'bh2') for UniPC, got {self.solver_type!r}")
 
