@@ -15,7 +15,7 @@ _SIXTEEN_BIT = 65535
 
 
 def to_rgb(img: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
-    """An 8-bit RGB copy of `img`. Integer modes ("I;16*", "I") are 16-bit pixels (0..65535, what a 16-bit PNG
+    """An 8-bit RGB copy of `img`, transparent parts over white. Integer modes ("I;16*", "I") are 16-bit pixels (0..65535, what a 16-bit PNG
     or TIFF holds); "F" must hold values in [0, 1]; other ranges are refused with a ValueError naming `name`."""
     mode = img.mode
     if mode == "RGB":
@@ -34,7 +34,16 @@ def to_rgb(img: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
             scale = 255.0 / _SIXTEEN_BIT
         grey = np.clip(np.round(a * scale), 0, 255).astype(np.uint8)
         return PIL.Image.fromarray(np.repeat(grey[..., None], 3, axis=2), mode="RGB")
-    for route in (("RGB",), ("RGBA", "RGB"), ("LA", "RGB")):  # some modes (e.g. "La") reach RGB only via another
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        # transparent pixels (RGBA, LA, PA, a transparent colour) over white, as the reference's CLIP preprocessing
+        # (transformers' convert_to_rgb) shows them
+        white = PIL.Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, _converted(img, "RGBA", name)).convert("RGB")
+    return _converted(img, "RGB", name)
+
+
+def _converted(img: PIL.Image.Image, mode: str, name: str) -> PIL.Image.Image:
+    for route in ((mode,), ("RGBA", mode), ("LA", mode)):  # some modes (e.g. "La") reach RGB only via another
         try:
             out = img
             for m in route:
@@ -42,7 +51,7 @@ def to_rgb(img: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
             return out
         except (ValueError, OSError):
             continue
-    raise ValueError(f"{name}: images of PIL mode {mode!r} cannot be converted to RGB")
+    raise ValueError(f"{name}: images of PIL mode {img.mode!r} cannot be converted to RGB")
 
 
 def open_image(path: str | Path, name: str = "image") -> PIL.Image.Image:

@@ -67,6 +67,20 @@ def test_unknown_range_is_refused(img, words):
         assert w in str(info.value), (w, str(info.value))
 
 
+def test_transparent_pixels_are_seen_over_white():
+    """RGBA, LA, PA and a palette's transparent colour: over white, as transformers' convert_to_rgb (the
+    reference's CLIP preprocessing); premultiplied RGBa as PIL converts it, also as there."""
+    from transformers.image_transforms import convert_to_rgb
+    rng = np.random.RandomState(1)
+    rgba = PIL.Image.fromarray(rng.randint(0, 256, (12, 10, 4)).astype(np.uint8), "RGBA")
+    palette = rgba.convert("RGB").convert("P")
+    palette.info["transparency"] = int(np.asarray(palette)[0, 0])
+    for img in (rgba, rgba.convert("LA"), rgba.convert("PA"), rgba.convert("RGBa"), palette):
+        out = np.asarray(to_rgb(img))
+        assert np.array_equal(out, convert_to_rgb(img, return_numpy=True)), img.mode
+    assert np.asarray(to_rgb(palette))[0, 0].tolist() == [255, 255, 255]
+
+
 def test_the_facade_check_converts_sixteen_bit_images():
     """checks.images, which every image-taking call runs first, hands RGB pictures on (not clipped ones)."""
     img16 = PIL.Image.fromarray(GREY.astype(np.uint16) * 257)

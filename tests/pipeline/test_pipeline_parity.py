@@ -6,6 +6,7 @@ end of a pytest run).
 """
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -59,6 +60,14 @@ def test_text_to_image_given_latents(ours, folder, check):
     check(max_abs_diff(got, want), TOL)
 
 
+def _with_alpha(img, seed: int):
+    """`img` with random transparency (RGBA)."""
+    alpha = PIL.Image.fromarray(np.random.RandomState(seed).randint(0, 256, img.size[::-1]).astype(np.uint8))
+    rgba = img.convert("RGBA")
+    rgba.putalpha(alpha)
+    return rgba
+
+
 IMAGE_CASES = {
     "default": dict(image=random_image(0)),
     "batch2x2_negative": dict(image=[random_image(1), random_image(2, (64, 32))],
@@ -69,6 +78,9 @@ IMAGE_CASES = {
     "pndm_eta_ignored": dict(image=random_image(8), scheduler="pndm", eta=0.7),
     "lms": dict(image=random_image(9), scheduler="lms"),
     "ddim_eta": dict(image=random_image(10), eta=0.7),
+    # half-transparent pictures: seen over white, as the reference's CLIP preprocessing shows them
+    "transparent": dict(image=[_with_alpha(random_image(17), 18), _with_alpha(random_image(19), 20).convert("LA")],
+                        negative_prompt=[_with_alpha(random_image(21), 22).convert("PA"), random_image(23)]),
 }
 
 
