@@ -222,9 +222,10 @@ def latents(value: object, shape: tuple[int, ...], device: torch.device, name: s
 
 
 def callback(value: object, steps: object) -> int:
+    """callback_steps for `value`; None is taken where there is no callback (as the reference takes it)."""
     if value is not None and not callable(value):
         fail("callback", value, "a callable(step, timestep, latents) or None", TypeError)
-    return integer("callback_steps", steps, 1)
+    return 1 if steps is None and value is None else integer("callback_steps", steps, 1)
 
 
 def per_image(name: str, value: object, k: int, default: float, low: float,

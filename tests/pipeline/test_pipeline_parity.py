@@ -129,6 +129,10 @@ def test_output_types_and_callback(ours, folder):
         a = ours.text_to_image("the cat", generator=seeded(), output_type=output_type, progress=False, **kw).images
         b = ref("the cat", generator=seeded(), output_type=output_type, **kw).images
         assert a.shape == b.shape and (a - b).abs().max() <= TOL
+    kw["callback_steps"] = None  # taken without a callback, as the reference takes it
+    a = ours.text_to_image("the cat", generator=seeded(), output_type="pt", progress=False, **kw).images
+    b = ref("the cat", generator=seeded(), output_type="pt", **kw).images
+    assert a.shape == b.shape and (a - b).abs().max() <= TOL
 
 
 # ---- deliberate divergences

@@ -104,6 +104,7 @@ CASES = [
     ("text_to_image", dict(prompt="a", output_type="jpg"), ValueError, ["output_type", "'jpg'", "pil"]),
     ("text_to_image", dict(prompt="a", callback=3), TypeError, ["callback", "3", "callable"]),
     ("text_to_image", dict(prompt="a", callback_steps=0), ValueError, ["callback_steps", "0"]),
+    ("text_to_image", dict(prompt="a", callback=print, callback_steps=None), TypeError, ["callback_steps", "None"]),
     ("image_variation", dict(image="cat.png"), TypeError, ["image", "'cat.png'", "PIL"]),
     ("image_variation", dict(image=[]), ValueError, ["image", "non-empty"]),
     ("image_variation", dict(image=np.zeros((32, 48, 3), np.uint8)), TypeError,
