@@ -2,7 +2,8 @@
 
   diffusers folders   image_unet/ text_unet/ vae/ text_encoder/ image_encoder/ tokenizer/ scheduler/ ...
                       (config.json per folder; *.safetensors or *.bin; model_index.json is not needed and its
-                      class names are never resolved)
+                      class names are never resolved; it only tells a folder saved for one pipeline, which has
+                      no text_unet/)
   current original    vd-four-flow-v1-0(.pth|-fp16.pth): diffuser.image.* + diffuser.text.*, plus kl-f8.pth
                       and optimus-vae.pth beside it
   Nov-2022 original   vd-four-flow-v1-0(-fp16)-deprecated.pth: model.diffusion_model.*, autokl.*, clip.model.*,
@@ -18,6 +19,7 @@ modules built from the configs (`Checkpoint.validate`).
 
 import json
 import os
+from dataclasses import replace
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -212,6 +214,43 @@ def _diffusers_route(component: str) -> Callable[[str], Route]:
     return route
 
 
+# Folders diffusers writes for one VD pipeline after `remove_unused_weights()` (its docs' recipe) have no
+# text_unet/: the text-to-image one keeps the text UNet's context layers (swapped in) as image_unet's attentions,
+# the dual-guided one both UNets' as image_unet's DualTransformer2DModel (transformers.0: image, .1: text).
+SAVED_TEXT_TO_IMAGE = "VersatileDiffusionTextToImagePipeline"
+SAVED_DUAL_GUIDED = "VersatileDiffusionDualGuidedPipeline"
+
+
+def _saved_pipeline(folder: Path) -> str | None:
+    """The pipeline class of a saved text-to-image or dual-guided folder without text_unet/, else None."""
+    index = folder / "model_index.json"
+    if _is_dir(folder / "text_unet") or not index.is_file():
+        return None
+    name = _json(index).get("_class_name")
+    return name if name in (SAVED_TEXT_TO_IMAGE, SAVED_DUAL_GUIDED) else None
+
+
+def _saved_route(saved: str) -> Callable[[str], Route]:
+    """image_unet's keys of a saved pipeline: its attentions go to the context layers they hold."""
+    def route(key: str) -> Route:
+        if ".attentions." not in key:
+            return "image_unet", key, None
+        if saved == SAVED_TEXT_TO_IMAGE:
+            return "text_unet", key, None
+        head, sep, tail = key.partition(".transformers.")
+        index, _, rest = tail.partition(".")
+        if not sep or index not in ("0", "1"):
+            return None
+        return ("image_unet" if index == "0" else "text_unet"), f"{head}.{rest}", None
+    return route
+
+
+def _text_context_config(image: UNetConfig) -> UNetConfig:
+    """A text UNet whose context layers are shaped as the image UNet's (all a saved pipeline keeps of it)."""
+    return replace(image, in_channels=VD_TEXT_UNET.in_channels, out_channels=VD_TEXT_UNET.out_channels,
+                   flat_dim=VD_TEXT_UNET.flat_dim, sample_size=None)
+
+
 def _components(need: Iterable[str] | None) -> set[str]:
     """The components holding the needed parts (all of them when need is None)."""
     return set(COMPONENT_PARTS) if need is None else {p.split(".")[0] for p in need}
@@ -220,7 +259,9 @@ def _components(need: Iterable[str] | None) -> set[str]:
 def read_diffusers(folder: Path, need: Iterable[str] | None = None) -> Checkpoint:
     """need: the parts the caller will read (default all); other component folders are not opened."""
     ckpt = Checkpoint(origin=str(folder))
-    wanted = _components(need)
+    wanted, saved = _components(need), _saved_pipeline(folder)
+    if saved is not None and "text_unet" in wanted:
+        wanted.add("image_unet")  # which holds the text context layers
     for component in COMPONENT_PARTS:
         sub = folder / component
         if component not in wanted or not _is_dir(sub):
@@ -229,6 +270,8 @@ def read_diffusers(folder: Path, need: Iterable[str] | None = None) -> Checkpoin
         if not conf.is_file():
             raise CheckpointError(f"{conf}: missing (every component folder needs its config.json)")
         d = _json(conf)
+        if saved == SAVED_DUAL_GUIDED and component == "image_unet":
+            d = {**d, "dual_cross_attention": False}  # its two context layers are read apart (_saved_route)
         try:
             if component in ("image_unet", "text_unet"):
                 ckpt.configs[component] = UNetConfig.from_diffusers(d)
@@ -239,11 +282,20 @@ def read_diffusers(folder: Path, need: Iterable[str] | None = None) -> Checkpoin
         except ValueError as e:
             raise CheckpointError(f"{conf}: {e}") from None
         ckpt.config_files[component] = str(conf)
+        route = _diffusers_route(component)
+        if saved is not None and component == "image_unet":
+            ckpt.configs["text_unet"] = _text_context_config(ckpt.configs[component])
+            ckpt.config_files["text_unet"] = f"{conf} (a saved {saved}: the text context layers are image_unet's)"
+            route = _saved_route(saved)
         for part in ALL_PARTS:  # a component folder holds all of its parts: validate them all
             if part.split(".")[0] == component:
                 ckpt.sources.setdefault(part, {})
+        if saved is not None and component == "image_unet":
+            ckpt.sources.setdefault("text_unet.context", {})
+            if saved == SAVED_TEXT_TO_IMAGE:
+                del ckpt.sources["image_unet.context"]  # the image context layers are not in it
         for f in weight_files(sub):
-            _collect(ckpt, TensorFile(f), _diffusers_route(component))
+            _collect(ckpt, TensorFile(f), route)
     if (folder / "tokenizer").is_dir():
         ckpt.tokenizer = folder / "tokenizer"
     pre = folder / "image_feature_extractor" / "preprocessor_config.json"
