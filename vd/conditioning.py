@@ -104,7 +104,8 @@ def uncond_pixel_values(processor, mode: str) -> Tensor | None:
     if mode == "zeros":
         return None
     fill = 0.0 if mode == "black" else 0.5
-    return processor(images=[np.zeros((512, 512, 3)) + fill], do_rescale=mode == "diffusers", return_tensors="pt").pixel_values
+    grey = np.zeros((512, 512, 3)) + fill
+    return processor(images=[grey], do_rescale=mode == "diffusers", return_tensors="pt").pixel_values
 
 
 def resized(images: list[PIL.Image.Image] | Tensor, height: int, width: int) -> Tensor:

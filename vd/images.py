@@ -15,8 +15,9 @@ _SIXTEEN_BIT = 65535
 
 
 def to_rgb(img: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
-    """An 8-bit RGB copy of `img`, transparent parts over white. Integer modes ("I;16*", "I") are 16-bit pixels (0..65535, what a 16-bit PNG
-    or TIFF holds); "F" must hold values in [0, 1]; other ranges are refused with a ValueError naming `name`."""
+    """An 8-bit RGB copy of `img`, transparent parts over white. Integer modes ("I;16*", "I") are 16-bit pixels
+    (0..65535, what a 16-bit PNG or TIFF holds); "F" must hold values in [0, 1]; other ranges are refused with a
+    ValueError naming `name`."""
     mode = img.mode
     if mode == "RGB":
         return img

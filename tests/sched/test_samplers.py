@@ -363,4 +363,5 @@ def test_karras_hint_only_where_a_karras_name_exists():
     with pytest.raises(ValueError, match="use_karras_sigmas") as err:
         sampler_from_config("unipc", {**VD, "use_karras_sigmas": True})
     assert "name ending in" not in str(err.value)  # there is no unipc_karras
-    assert sampler_from_config("dpmpp_2m", {**VD, "variance_type": "fixed_small"}) == sampler_from_config("dpmpp_2m", VD)
+    fixed_small = sampler_from_config("dpmpp_2m", {**VD, "variance_type": "fixed_small"})
+    assert fixed_small == sampler_from_config("dpmpp_2m", VD)

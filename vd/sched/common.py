@@ -148,9 +148,11 @@ class Schedule:
         given = {k: v for k, v in config.items() if not k.startswith("_") and k not in absent}
         for key, only in cls.UNSUPPORTED.items():
             if key in given and (given[key] not in only if isinstance(only, tuple) else given[key] != only):
-                value, allowed = reprlib.repr(given[key]), f"one of {only!r}" if isinstance(only, tuple) else repr(only)
+                value = reprlib.repr(given[key])
+                allowed = f"one of {only!r}" if isinstance(only, tuple) else repr(only)
                 karras_form = any(getattr(sub, "karras", False) for sub in cls.__subclasses__())
-                hint = "; choose a scheduler name ending in '_karras'" if key == "use_karras_sigmas" and karras_form else ""
+                hint = ("; choose a scheduler name ending in '_karras'" if key == "use_karras_sigmas" and karras_form
+                        else "")
                 raise ValueError(f"{key}={value} is not supported by {cls.__name__} (only {allowed} is){hint}")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in given.items() if k in names})
