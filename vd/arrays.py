@@ -50,13 +50,19 @@ class ArrayFiles:
 
 
 def _open(path: Path) -> object:
-    if path.suffix not in SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
         raise ValueError(f"{path.name!r}: expected a {', '.join(SUFFIXES)} file")
     try:
-        if path.suffix == ".npy":
+        if suffix == ".npy":
             return np.load(path, mmap_mode="r", allow_pickle=False)
-        if path.suffix == ".pt":
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if suffix == ".pt":
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # the legacy (pre-1.6, non-zip) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
         from safetensors import safe_open
         return safe_open(str(path), framework="pt")
     except Exception as e:  # OSError, a damaged file, a pickle holding more than tensors
@@ -69,7 +75,8 @@ def _select(f: object, path: Path, key: str | None) -> _Array:
     if isinstance(f, np.ndarray):
         if key is not None:
             raise ValueError(f"{name!r} is a .npy file, which holds one array: give no \"key\"")
-        return _Array(f.shape, f.dtype.kind == "f", lambda s: torch.from_numpy(np.array(f[s])))
+        native = f.dtype.newbyteorder("=")  # torch reads native byte order only (a big-endian .npy is valid)
+        return _Array(f.shape, f.dtype.kind == "f", lambda s: torch.from_numpy(np.array(f[s], dtype=native)))
     if isinstance(f, Tensor):
         if key is not None:
             raise ValueError(f"{name!r} holds one tensor, not a dict: give no \"key\"")
