@@ -267,6 +267,9 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
     if not isinstance(task, str) or task not in REQUIRED:
         checks.fail("task", task, f"one of {list(REQUIRED)}")
     keys = [k for group in REQUIRED[task] for k in group] + list(OPTIONAL[task])
+    sig = inspect.signature(getattr(_facade(), task)).parameters
+    # null where the Python default is None is that default (a record's arguments hold such nulls)
+    obj = {k: v for k, v in obj.items() if not (v is None and k in keys and k in sig and sig[k].default is None)}
     unknown = sorted(set(obj) - {"task", "seed", "id", *keys})
     if unknown:
         names = ", ".join(k if len(k) <= 60 else k[:57] + "..." for k in unknown)
@@ -286,7 +289,6 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
         except (ValueError, TypeError) as e:
             raise ValueError(str(e)) from None
     _check_together(task, obj)
-    sig = inspect.signature(getattr(_facade(), task)).parameters
     args = {k: obj.get(k, sig[k].default) for k in keys if k in obj or k in FILLED}
     alone = task not in BATCHED or not set(obj) <= BATCH_KEYS
     canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -249,3 +249,18 @@ def test_batches_stay_within_the_pixel_budget(tmp_path):
     batches = make_batches(jobs, 4)
     assert [[j.line for j in b] for b in batches] == [[1], [2], [3], [4, 5, 6]]
     assert all(sum(j.pixels for j in b) <= MAX_PIXELS for b in batches)
+
+
+def test_null_is_the_python_default_where_that_is_none(tmp_path):
+    """A record's arguments hold nulls (negative_prompt, height, scheduler, ...): as a job line they are the same
+    job as without them (same id, arguments and digest), not malformed lines."""
+    plain = dict(task="text_to_image", prompt="a cat", seed=3)
+    nulls = dict(plain, negative_prompt=None, height=None, width=None, scheduler=None, latents=None)
+    blend = dict(task="blend", images=["a.png"], seed=1)
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    for without, with_nulls in ((plain, nulls), (blend, dict(blend, prompt=None, masks=None))):
+        (a,), _ = read_jobs(_write_jobs(tmp_path, [without]))
+        (b,), malformed = read_jobs(_write_jobs(tmp_path, [with_nulls]))
+        assert malformed == [] and (a.id, a.args, a.digest) == (b.id, b.args, b.digest)
+    _, bad = read_jobs(_write_jobs(tmp_path, [dict(plain, prompt=None), dict(plain, guidance_scale=None)]))
+    assert [line for line, _ in bad] == [1, 2]  # no default None there: still refused
