@@ -84,12 +84,15 @@ def _parser() -> argparse.ArgumentParser:
     common(dual)
     blend = sub.add_parser("blend", help="generate one image from up to four images (and a text)")
     blend.add_argument("images", nargs="+", help="input image files (1 to 4)")
-    blend.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per image (default 1)")
-    blend.add_argument("--focus", type=float, nargs="+", default=None, help="one focus per image (default 0.5)")
+    blend.add_argument("--weights", type=float, nargs="+", default=None,
+                       help="one weight for all images, or one per image (default 1)")
+    blend.add_argument("--focus", type=float, nargs="+", default=None,
+                       help="one focus for all images, or one per image (default 0.5)")
     blend.add_argument("--masks", nargs="+", default=None, help="one mask file per image (white = leave out), "
                        "or 'none'")
     blend.add_argument("--prompt", default=None, help="optional text")
     blend.add_argument("--text-strength", type=float, default=0.0, help="weight of the text (default 0)")
+    blend.add_argument("--negative", default=None, help="negative prompt (with --prompt)")
     common(blend)
     i2t = sub.add_parser("image-to-text", help="describe an image")
     i2t.add_argument("image", help="input image file")
@@ -183,10 +186,13 @@ def run(args: argparse.Namespace) -> list[Path]:
                             f"got {len(args.images)}")
         if args.masks is not None and len(args.masks) != len(args.images):
             raise UserError(f"--masks: expected one mask per image ({len(args.images)}) or none, got {len(args.masks)}")
-        extra = dict(images=[_open_image(f, "images") for f in args.images], weights=args.weights, focus=args.focus,
+        def one_or_each(values: list[float] | None) -> float | list[float] | None:  # one number serves every image
+            return values[0] if values is not None and len(values) == 1 else values
+        extra = dict(images=[_open_image(f, "images") for f in args.images], weights=one_or_each(args.weights),
+                     focus=one_or_each(args.focus),
                      masks=None if args.masks is None else
                      [None if m.lower() == "none" else _open_image(m, "--masks") for m in args.masks],
-                     prompt=args.prompt, text_strength=args.text_strength)
+                     prompt=args.prompt, text_strength=args.text_strength, negative_prompt=args.negative)
     pipe = VersatileDiffusion.from_pretrained(args.model, tasks=[task], device=device,
                                               dtype=checks.DTYPES.get(args.dtype), scheduler=args.scheduler,
                                               optimus=getattr(args, "optimus", None), **(EAGER if args.eager else {}))

@@ -91,6 +91,15 @@ def test_blend(model, files, tmp_path, capsys):
     assert not np.array_equal(got, np.asarray(unmasked))  # the mask file was used
 
 
+def test_blend_one_weight_and_focus_for_all_images(model, files, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    assert main(["blend", files["a"], files["b"], "--weights", "0.7", "--focus", "0.8", "--prompt", "x",
+                 "--text-strength", "0.4", "--negative", "blur", "-o", str(out), "--model", model, *FAST]) == 0
+    want = _api(model, "blend", [_open(files["a"]), _open(files["b"])], weights=[0.7, 0.7], focus=[0.8, 0.8],
+                prompt="x", text_strength=0.4, negative_prompt="blur")
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(want.images[0]))
+
+
 def test_image_variation_focus_fidelity_color(model, files, tmp_path, capsys):
     out = tmp_path / "out.png"
     assert main(["image-variation", files["a"], "--focus", "0.2", "--fidelity", "0.5", "--color-adjust",
@@ -107,7 +116,7 @@ def test_image_variation_focus_fidelity_color(model, files, tmp_path, capsys):
     (["blend", "{a}", "{a}", "{a}", "{a}", "{a}", "-o", "{tmp}/x.png"], ["images", "1 to 4", "5"]),
     (["blend", "{a}", "{b}", "--masks", "{mask}", "-o", "{tmp}/x.png"], ["--masks", "(2)", "got 1"]),
     (["blend", "{a}", "{b}", "--masks", "none", "{tmp}/nope.png", "-o", "{tmp}/x.png"], ["--masks", "nope.png"]),
-    (["blend", "{a}", "{b}", "--weights", "1", "-o", "{tmp}/x.png"], ["weights", "one number per image (2)"]),
+    (["blend", "{a}", "{b}", "{a}", "--weights", "1", "2", "-o", "{tmp}/x.png"], ["weights", "one number per image (3)"]),
     (["blend", "{a}", "--weights", "-1", "-o", "{tmp}/x.png"], ["weights", "-1"]),
     (["blend", "{a}", "--text-strength", "1.5", "--prompt", "x", "-o", "{tmp}/x.png"], ["text_strength", "1.5"]),
     (["blend", "{tmp}/nope.png", "-o", "{tmp}/x.png"], ["images", "nope.png"]),
