@@ -251,9 +251,24 @@ def main(argv: list[str] | None = None) -> int:
         print("vd: interrupted; the files already listed are complete, nothing is half-written", file=sys.stderr)
         return 130
     except (UserError, ValueError, TypeError, CheckpointError, OSError, FloatingPointError) as e:
-        print(f"vd: error: {_one_line(e)}", file=sys.stderr)
+        print(f"vd: error: {_as_options(_one_line(e))}", file=sys.stderr)
         return 2
     return 0
+
+
+# the Python API's argument names the facade's errors start with -> the options a user of the command typed
+OPTION_OF = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "text_to_image_strength": "--strength",
+             "strength": "--init-strength", "init_image": "--init-image", "negative_prompt": "--negative",
+             "num_images_per_prompt": "--num-images", "num_texts_per_prompt": "--num-texts",
+             "text_strength": "--text-strength", "fidelity": "--fidelity", "focus": "--focus", "weights": "--weights",
+             "masks": "--masks", "height": "--height", "width": "--width", "scheduler": "--scheduler",
+             "temperature": "--temperature", "device": "--device"}
+
+
+def _as_options(message: str) -> str:
+    """An error that starts with an argument's Python name, said with the command's option too."""
+    name, sep, rest = message.partition(":")
+    return f"{OPTION_OF[name]} ({name}){sep}{rest}" if sep and name in OPTION_OF else message
 
 
 def _one_line(e: BaseException) -> str:

@@ -69,13 +69,15 @@ def test_dual_guided_as_python_module(model, picture, tmp_path):
 @pytest.mark.parametrize("args,words", [
     (["text-to-image", "a", "-o", "{tmp}/x.txt"], ["--output", "x.txt"]),
     (["text-to-image", "a", "-o", "{tmp}/missing/x.png"], ["--output", "does not exist"]),
-    (["text-to-image", "a", "-o", "{tmp}/x.png", "--steps", "0"], ["num_inference_steps", "0"]),
-    (["text-to-image", "a", "-o", "{tmp}/x.png", "--height", "100"], ["height", "100", "multiple of 8"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--steps", "0"], ["error: --steps (num_inference_steps):", "0"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--guidance", "nan"], ["error: --guidance (guidance_scale):"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--height", "100"], ["--height", "100", "multiple of 8"]),
     (["text-to-image", "a", "-o", "{tmp}/x.png", "--scheduler", "k_heun"], ["scheduler", "k_heun"]),
     (["text-to-image", "a", "-o", "{tmp}/x.png", "--num-images", "0"], ["--num-images", "0"]),
     (["image-variation", "{tmp}/nope.png", "-o", "{tmp}/x.png"], ["image", "nope.png"]),
     (["dual-guided", "a", "{tmp}/x.txt", "-o", "{tmp}/x.png"], ["image", "x.txt"]),
-    (["dual-guided", "a", "{picture}", "-o", "{tmp}/x.png", "--strength", "2"], ["text_to_image_strength", "2"]),
+    (["dual-guided", "a", "{picture}", "-o", "{tmp}/x.png", "--strength", "2"],
+     ["error: --strength (text_to_image_strength):", "2"]),
     (["text-to-image", "a", "-o", "{tmp}/x.png", "--model", "{tmp}/no-such-model"], ["no-such-model"]),
 ])
 def test_user_mistakes(args, words, model, picture, tmp_path, capsys):
