@@ -187,18 +187,28 @@ def _collect(ckpt: Checkpoint, file: TensorFile, route: Callable[[str], Route]) 
 # ---- diffusers folders
 
 def weight_files(folder: Path) -> list[Path]:
-    """The weight file(s) of one diffusers/transformers component folder; safetensors preferred."""
+    """The weight file(s) of one diffusers/transformers component folder; safetensors preferred, then the fp16
+    variant. A diffusers model's shard index comes before its single file, a transformers model's after it (the
+    order each library looks in)."""
     for variant in ("", ".fp16"):
         for ext in (".safetensors", ".bin"):
             for stem in WEIGHT_STEMS:
-                index = folder / f"{stem}{variant}{ext}.index.json"
-                if index.is_file():
-                    return sorted({folder / f for f in _json(index)["weight_map"].values()})
+                # the variant's index: "X.safetensors.index.fp16.json" (current) or "X.fp16.safetensors.index.json"
+                indexes = [folder / f"{stem}{ext}.index{variant}.json", folder / f"{stem}{variant}{ext}.index.json"]
                 single = folder / f"{stem}{variant}{ext}"
-                if single.is_file():
-                    return [single]
+                order = [single, *indexes] if stem in ("model", "pytorch_model") else [*indexes, single]
+                for f in order:
+                    if f.is_file():
+                        return [f] if f == single else _shards(f)
     raise CheckpointError(f"{folder}: no weight file (expected diffusion_pytorch_model.safetensors or .bin, "
                           "model.safetensors or pytorch_model.bin)")
+
+
+def _shards(index: Path) -> list[Path]:
+    weight_map = _json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map: expected an object of tensor name -> shard file name")
+    return sorted({index.parent / f for f in weight_map.values()})
 
 
 def _diffusers_route(component: str) -> Callable[[str], Route]:
@@ -392,6 +402,8 @@ def _add_clip_assets(ckpt: Checkpoint, pth: Path, clip: str | Path | None, wante
         if not (guess / "tokenizer").is_dir():
             return
         clip = guess
+    elif not _is_dir(Path(clip)):
+        raise CheckpointError(f"{clip}: no such folder (clip=, the diffusers folder with the CLIP towers)")
     other = read_diffusers(Path(clip), [c for c in ("text_encoder", "image_encoder") if c in wanted])
     for component in ("text_encoder", "image_encoder"):
         if component not in ckpt.configs and component in other.configs:
@@ -420,10 +432,11 @@ def read_converted(folder: Path, need: Iterable[str] | None = None) -> Checkpoin
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{folder / 'config.json'}: configs.{c}: {e}") from None
     ckpt.config_files = {c: str(folder / "config.json") for c in ckpt.configs}
-    if meta.get("tokenizer"):
-        ckpt.tokenizer = folder / meta["tokenizer"]
-    if meta.get("optimus_tokenizer"):
-        ckpt.optimus_tokenizer = folder / meta["optimus_tokenizer"]
+    for key in ("tokenizer", "optimus_tokenizer"):
+        if meta.get(key):
+            if not _is_dir(folder / meta[key]):
+                raise CheckpointError(f"{folder / meta[key]}: missing (config.json names it as the {key} folder)")
+            setattr(ckpt, key, folder / meta[key])
     for part in meta.get("parts", []):
         component = part.split(".")[0]
         if component not in ckpt.configs:

@@ -73,6 +73,21 @@ def test_missing_tokenizer_folder(folder):
     _raises(folder, folder, "tokenizer", tasks=["text_to_image"])
 
 
+def test_damaged_shard_index(folder):
+    st = folder / UNET_FILE
+    index = st.parent / "diffusion_pytorch_model.safetensors.index.json"
+    st.rename(st.parent / "shard-1.safetensors")
+    index.write_text(json.dumps({"metadata": {}, "weight_map": ["shard-1.safetensors"]}))
+    _raises(folder, index, "weight_map")
+
+
+def test_converted_folder_without_its_tokenizer(pristine, tmp_path):
+    from weights_convert.convert import convert
+    out = convert(pristine, tmp_path / "conv")
+    shutil.rmtree(out / "tokenizer")
+    _raises(out, out / "tokenizer", "missing", tasks=["text_to_image"])
+
+
 def test_missing_weight_file(folder):
     (folder / UNET_FILE).unlink()
     _raises(folder, folder / "image_unet", "no weight file")

@@ -130,6 +130,40 @@ def test_bin_and_safetensors_give_the_same_tensors(folders):
         assert all(torch.equal(ta[k], tb[k]) for k in ta), part
 
 
+def test_sharded_fp16_variant_folders(folders, tmp_path):
+    """save_pretrained(variant="fp16") with shards names its index X.safetensors.index.fp16.json (diffusers and
+    transformers): read, with the same (fp16-rounded) tensors."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+    src = folders["safetensors"]
+    out = shutil.copytree(src, tmp_path / "vd")
+    for c, cls in (("image_unet", UNet2DConditionModel), ("text_encoder", CLIPTextModelWithProjection)):
+        shutil.rmtree(out / c)
+        cls.from_pretrained(src / c).half().save_pretrained(out / c, variant="fp16", max_shard_size="20KB")
+        assert len(list((out / c).glob("*.index.fp16.json"))) == 1 and len(list((out / c).glob("*.fp16*"))) > 2
+    a, b = open_checkpoint(src), open_checkpoint(out)
+    for part in ("image_unet.data", "image_unet.context", "text_encoder"):
+        want, got = a.load(part), b.load(part)
+        assert want.keys() == got.keys() and all(torch.equal(want[k].half(), got[k]) for k in want), part
+
+
+def test_transformers_single_file_before_its_index(folders, tmp_path):
+    """A CLIP folder with model.safetensors and a shard index: transformers reads the single file, so do we (a
+    diffusers model folder reads its index first, as diffusers does)."""
+    from transformers import CLIPTextModelWithProjection
+    out = shutil.copytree(folders["safetensors"], tmp_path / "vd")
+    model = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder")
+    with torch.no_grad():
+        model.text_projection.weight.mul_(2)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    for f in (tmp_path / "sharded").iterdir():
+        shutil.copy(f, out / "text_encoder" / f.name)
+    assert (out / "text_encoder" / "model.safetensors.index.json").is_file()
+    single = open_checkpoint(folders["safetensors"]).load("text_encoder")
+    got = open_checkpoint(out).load("text_encoder")
+    assert all(torch.equal(single[k], got[k]) for k in single)
+
+
 # ---- the two original layouts
 
 def _assert_same_tensors(ckpt: Checkpoint, reference: Checkpoint) -> None:
@@ -154,6 +188,11 @@ def test_current_original_layout(originals, folders, expected, check):
     pipe = pipeline(ckpt)
     for task in TASKS:
         check(_diff(run_ours(pipe, task), expected[task]), 1e-6, task)
+
+
+def test_clip_folder_that_is_not_there(originals, tmp_path):
+    with pytest.raises(CheckpointError, match="no-clip: no such folder"):
+        open_checkpoint(originals["current"], configs=originals["configs"], clip=tmp_path / "no-clip")
 
 
 def test_deprecated_original_layout(originals, folders, expected, check):
