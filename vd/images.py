@@ -19,7 +19,7 @@ def to_rgb(img: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
     (0..65535, what a 16-bit PNG or TIFF holds); "F" must hold values in [0, 1]; other ranges are refused with a
     ValueError naming `name`."""
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and img.info.get("transparency") is None:
         return img
     if mode == "F" or mode == "I" or mode.startswith("I;"):
         a = np.asarray(img).astype(np.float64)

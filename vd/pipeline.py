@@ -460,8 +460,10 @@ class VersatileDiffusion:
                                           name="init_latents")
             rows = sorted({1, batch, run.shape[0]})
             if init_latents.shape[0] not in rows:
-                checks.fail("init_latents", init_latents, f"{', '.join(map(str, rows[:-1]))} or {rows[-1]} rows "
-                            "(one for all, one per prompt or one per image)")
+                expected = "1 row (one prompt, one image)" if len(rows) == 1 else (
+                    f"{', '.join(map(str, rows[:-1]))} or {rows[-1]} rows (one for all, one per prompt or one per "
+                    "image)")
+                checks.fail("init_latents", init_latents, expected)
             if len(init_latents) == 1 and batch > 1:
                 init_latents = init_latents.expand(batch, -1, -1, -1)
         elif init_images is not None:

@@ -19,8 +19,8 @@ modules built from the configs (`Checkpoint.validate`).
 
 import json
 import os
-from dataclasses import replace
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from vd.nn import VD_IMAGE_UNET, VD_TEXT_UNET, VD_VAE, UNetConfig, VAEConfig
@@ -194,7 +194,8 @@ def weight_files(folder: Path) -> list[Path]:
         for ext in (".safetensors", ".bin"):
             for stem in WEIGHT_STEMS:
                 # the variant's index: "X.safetensors.index.fp16.json" (current) or "X.fp16.safetensors.index.json"
-                indexes = [folder / f"{stem}{ext}.index{variant}.json", folder / f"{stem}{variant}{ext}.index.json"]
+                indexes = list(dict.fromkeys([folder / f"{stem}{ext}.index{variant}.json",
+                                              folder / f"{stem}{variant}{ext}.index.json"]))
                 single = folder / f"{stem}{variant}{ext}"
                 order = [single, *indexes] if stem in ("model", "pytorch_model") else [*indexes, single]
                 for f in order:
@@ -432,9 +433,10 @@ def read_converted(folder: Path, need: Iterable[str] | None = None) -> Checkpoin
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{folder / 'config.json'}: configs.{c}: {e}") from None
     ckpt.config_files = {c: str(folder / "config.json") for c in ckpt.configs}
-    for key in ("tokenizer", "optimus_tokenizer"):
+    for key, user in (("tokenizer", "text_encoder"), ("optimus_tokenizer", "optimus")):
         if meta.get(key):
-            if not _is_dir(folder / meta[key]):
+            needed = need is None or any(p.split(".")[0] == user for p in need)
+            if needed and not _is_dir(folder / meta[key]):
                 raise CheckpointError(f"{folder / meta[key]}: missing (config.json names it as the {key} folder)")
             setattr(ckpt, key, folder / meta[key])
     for part in meta.get("parts", []):

@@ -58,9 +58,11 @@ def test_keys_values_come_in_the_layers_dtype_and_skip_unused_streams():
 
 
 def test_a_unet_without_context_layers_takes_a_context():
-    """A UNet of plain blocks (no cross-attention, no mid block) ignores its condition, as diffusers' does."""
+    """A UNet of plain blocks (no cross-attention, no mid block) takes a context and its keys and values (of no
+    layers), and ignores it."""
     unet = _unet(dict(TINY_UNET_A, down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2,
                       mid_block_type=None))
     x, tokens = torch.randn(1, 4, 8, 8), torch.randn(1, 7, TINY_UNET_A["cross_attention_dim"])
     context = Context(unet.context_layers(), tokens)
-    assert unet.context_layers() == [] and torch.equal(unet(x, 5, [context.with_keys_values()]), unet(x, 5, [context]))
+    other = Context(unet.context_layers(), torch.randn_like(tokens))
+    assert unet.context_layers() == [] and torch.equal(unet(x, 5, [context.with_keys_values()]), unet(x, 5, [other]))

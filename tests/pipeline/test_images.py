@@ -75,10 +75,12 @@ def test_transparent_pixels_are_seen_over_white():
     rgba = PIL.Image.fromarray(rng.randint(0, 256, (12, 10, 4)).astype(np.uint8), "RGBA")
     palette = rgba.convert("RGB").convert("P")
     palette.info["transparency"] = int(np.asarray(palette)[0, 0])
-    for img in (rgba, rgba.convert("LA"), rgba.convert("PA"), rgba.convert("RGBa"), palette):
+    keyed = rgba.convert("RGB")  # an RGB picture with a transparent colour (a PNG's tRNS chunk)
+    keyed.info["transparency"] = tuple(int(v) for v in np.asarray(keyed)[0, 0])
+    for img in (rgba, rgba.convert("LA"), rgba.convert("PA"), rgba.convert("RGBa"), palette, keyed):
         out = np.asarray(to_rgb(img))
         assert np.array_equal(out, convert_to_rgb(img, return_numpy=True)), img.mode
-    assert np.asarray(to_rgb(palette))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(to_rgb(palette))[0, 0].tolist() == np.asarray(to_rgb(keyed))[0, 0].tolist() == [255, 255, 255]
 
 
 def test_the_facade_check_converts_sixteen_bit_images():

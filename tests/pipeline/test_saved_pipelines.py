@@ -44,10 +44,20 @@ def test_saved_text_to_image_pipeline(folder, full, tmp_path):
         VersatileDiffusion.from_pretrained(saved, tasks=["image_variation"])
 
 
-def test_saved_dual_guided_pipeline(folder, full, tmp_path):
-    ours = VersatileDiffusion.from_pretrained(_saved(folder, "dual_guided", tmp_path / "dual"),
-                                              tasks=["text_to_image", "image_variation", "dual_guided"])
+def test_saved_dual_guided_pipeline(folder, tmp_path, patched_dual):
+    from diffusers import VersatileDiffusionDualGuidedPipeline
+    saved = _saved(folder, "dual_guided", tmp_path / "dual")
+    ours = VersatileDiffusion.from_pretrained(saved, tasks=["text_to_image", "image_variation", "dual_guided"],
+                                              uncond_image="diffusers")
     img = random_image(3)
+    ref = VersatileDiffusionDualGuidedPipeline.from_pretrained(saved)
+    ref.set_progress_bar_config(disable=True)
+    want = ref("the cat", img, text_to_image_strength=0.3, generator=seeded(4), num_inference_steps=3,
+               output_type="np").images
+    got = ours.dual_guided("the cat", img, text_to_image_strength=0.3, generator=seeded(4), **KW).images
+    assert max_abs_diff(got, want) <= 1e-3
+    full = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image", "image_variation", "dual_guided"],
+                                              uncond_image="diffusers")
     for task, args in [("dual_guided", dict(prompt="the cat", image=img, text_to_image_strength=0.3)),
                        ("image_variation", dict(image=img)), ("text_to_image", dict(prompt="a dog"))]:
         got = getattr(ours, task)(**args, generator=seeded(4), **KW).images

@@ -86,6 +86,7 @@ def test_converted_folder_without_its_tokenizer(pristine, tmp_path):
     out = convert(pristine, tmp_path / "conv")
     shutil.rmtree(out / "tokenizer")
     _raises(out, out / "tokenizer", "missing", tasks=["text_to_image"])
+    VersatileDiffusion.from_pretrained(out, tasks=["image_variation"])  # which needs no tokenizer
 
 
 def test_missing_weight_file(folder):

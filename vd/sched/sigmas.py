@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 
-
 def train_sigmas(alpha_bar: Tensor) -> Tensor:
     """sigma_t for t = 0..T−1, float32 (ascending in t)."""
     return ((1 - alpha_bar) / alpha_bar) ** 0.5
