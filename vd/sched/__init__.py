@@ -40,11 +40,24 @@ SCHEDULERS: dict[str, type[Sampler]] = {
 }
 
 
+# the form a config's own use_karras_sigmas=True or algorithm_type="sde-dpmsolver++" gives a name, as diffusers'
+# class reads those keys (a config saved from a Karras or SDE pipeline)
+KARRAS_FORM = {"euler": "euler_karras", "heun": "heun_karras", "lms": "lms_karras", "dpmpp_2m": "dpmpp_2m_karras",
+               "dpmpp_2m_sde": "dpmpp_2m_sde_karras"}
+SDE_FORM = {"dpmpp_2m": "dpmpp_2m_sde", "dpmpp_2m_karras": "dpmpp_2m_sde_karras"}
+
+
 def sampler_from_config(name: str, config: Mapping[str, Any]) -> Sampler:
     """The sampler `name` built from a raw scheduler_config.json dict (any sampler from VD's DDIM config), as
-    diffusers' `XScheduler.from_config(config)` with the name's one override (`use_karras_sigmas=True`, ...)."""
+    diffusers' `XScheduler.from_config(config)` with the name's one override (`use_karras_sigmas=True`, ...).
+    A config that asks for Karras sigmas or the SDE form itself gets it."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
+    given = {k: v for k, v in config.items() if k not in config.get("_use_default_values", ())}
+    if given.get("use_karras_sigmas") is True:
+        name = KARRAS_FORM.get(name, name)
+    if given.get("algorithm_type") == "sde-dpmsolver++":
+        name = SDE_FORM.get(name, name)
     return SCHEDULERS[name].from_config(config)
 
 

@@ -150,10 +150,7 @@ class Schedule:
             if key in given and (given[key] not in only if isinstance(only, tuple) else given[key] != only):
                 value = reprlib.repr(given[key])
                 allowed = f"one of {only!r}" if isinstance(only, tuple) else repr(only)
-                karras_form = any(getattr(sub, "karras", False) for sub in cls.__subclasses__())
-                hint = ("; choose a scheduler name ending in '_karras'" if key == "use_karras_sigmas" and karras_form
-                        else "")
-                raise ValueError(f"{key}={value} is not supported by {cls.__name__} (only {allowed} is){hint}")
+                raise ValueError(f"{key}={value} is not supported by {cls.__name__} (only {allowed} is)")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in given.items() if k in names})
 

@@ -36,6 +36,8 @@ class DDPM(Schedule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.variance_type is None:  # as a DPM-Solver config saves it; diffusers' DDPM runs it as fixed_small
+            object.__setattr__(self, "variance_type", "fixed_small")
         if self.variance_type not in VARIANCES:
             raise ValueError(f"variance_type must be one of {VARIANCES} for DDPM, got {self.variance_type!r}")
 
