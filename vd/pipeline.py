@@ -32,7 +32,7 @@ from vd.conditions import Conditions
 from vd.fast import NoisePredictor, fast_path, speed_up_, use_triton_kernels_
 from vd.loading import Components, load_components, resolve
 from vd.optimus_tokenizers import remove_duplicate_word
-from vd.sched import SCHEDULERS, randn, sampler_from_config
+from vd.sched import DDIM, SCHEDULERS, randn, sampler_from_config
 from vd.tasks import TASK_PARTS, TASKS
 
 DEFAULT_REPO = "shi-labs/versatile-diffusion"
@@ -353,6 +353,7 @@ class VersatileDiffusion:
         with torch.no_grad(), self._autocast():
             tokens = self.conditions.image_tokens(cond, negative, "black", run.per_prompt, run.sampling)
             x = self._sample(run, lambda s, x: core.image_to_text(self._nets, image=tokens, x=x, s=s), progress)
+        self._draw_unused_step_noise(run)
         x = x.flatten(1)  # [N, 768]
         return TextOutput(self._decode_text(x, run.generator, decoding), x)
 
@@ -376,6 +377,7 @@ class VersatileDiffusion:
         with torch.no_grad(), self._autocast():
             tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
             x = self._sample(run, lambda s, x: core.text_variation(self._nets, text=tokens, x=x, s=s), progress)
+        self._draw_unused_step_noise(run)
         x = x.flatten(1)  # [N, 768]
         return TextOutput(self._decode_text(x, run.generator, decoding), x)
 
@@ -561,6 +563,14 @@ class VersatileDiffusion:
         if not torch.isfinite(images).all():
             raise FloatingPointError("the VAE decode produced NaN or inf values even in float32")
         return images.clamp(0, 1)
+
+    def _draw_unused_step_noise(self, run: "_Call") -> None:
+        """The original's DDIM draws each step's noise even at eta 0 (and multiplies it by 0), from the stream its
+        Optimus then samples words from: draw it too, so a seeded text flow writes the original's sentences."""
+        s = run.sampling
+        if isinstance(s.sampler, DDIM) and s.eta == 0:
+            for _ in range(s.num_steps):
+                randn(run.shape, s.generator, self.device, self.dtype)
 
     def _decode_text(self, latents: Tensor, generator: Generator, decoding: dict) -> list[str]:
         """One sentence per latent [N, 768], drawing from its generator, as the original."""

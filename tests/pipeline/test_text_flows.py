@@ -19,7 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Deprec
 # ---- 6. the text flows against a manual composition
 
 def _manual_text(pipe, contexts, total, steps, guidance, gens, latents=None, dedupe=True, **decoding):
-    """DDIM over the text UNet (the image UNet's time MLP), CFG on [uncond, cond], then Optimus per latent."""
+    """DDIM over the text UNet (the image UNet's time MLP), CFG on [uncond, cond], then Optimus per latent, from
+    the stream as the original leaves it: its DDIM draws every step's noise even at eta 0 (times 0)."""
     c, tok = pipe.components, pipe.components.optimus_tokenizer
     sampler = sampler_from_config("ddim", c.scheduler_config)
     if latents is None:
@@ -35,6 +36,8 @@ def _manual_text(pipe, contexts, total, steps, guidance, gens, latents=None, ded
 
     with torch.no_grad():
         z = sampler.sample(eps, x, steps, generator=gens).flatten(1)
+    for _ in range(steps):
+        randn((total, LATENT, 1, 1), gens, CPU, F32)
     per = gens if isinstance(gens, list) else [gens] * total
     texts = []
     for zi, g in zip(z, per):
