@@ -9,8 +9,10 @@ from typing import NoReturn
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from vd.conditioning import APP_SIDE
 from vd.images import to_rgb
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -252,18 +254,32 @@ def keep_masks(masks: object, k: int) -> list[Tensor | None]:
         if m is None:
             keep.append(None)
             continue
-        if isinstance(m, PIL.Image.Image):  # parity: the original uses the mask image's first channel
-            m = torch.from_numpy(np.asarray(_pil(name, m))[..., 0].copy()).float() / 255
+        if isinstance(m, PIL.Image.Image):
+            m = _mask_picture(name, m)
         elif isinstance(m, Tensor):
             if not m.is_floating_point() or m.dim() not in (2, 3) or (m.dim() == 3 and m.shape[0] != 1):
                 fail(name, f"tensor of shape {tuple(m.shape)} and dtype {m.dtype}",
                      "a float tensor [H, W] or [1, H, W]")
             if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
                 fail(name, "a tensor with values outside [0, 1]", "values in [0, 1]")
+            m = F.interpolate(m.float().reshape(1, 1, *m.shape[-2:]), size=(APP_SIDE, APP_SIDE), mode="bilinear",
+                              antialias=True)  # as a picture is
         else:
             fail(name, m, "a PIL image, a float tensor [H, W] in [0, 1], or None", TypeError)
         keep.append((1 - m.float()).reshape(1, 1, *m.shape[-2:]))
     return keep
+
+
+def _mask_picture(name: str, m: PIL.Image.Image) -> Tensor:
+    """A mask picture as the original app reads it: resized to 512 x 512 (bilinear, in its own mode), its first
+    channel in [0, 1], transparency ignored (a transparent stroke keeps its colour)."""
+    if m.width == 0 or m.height == 0:
+        fail(name, m, "an image at least 1 pixel high and wide")
+    m = m.resize((APP_SIDE, APP_SIDE), PIL.Image.Resampling.BILINEAR)
+    if "A" in m.getbands():
+        m = m.convert("RGB")  # drops the alpha band, no compositing
+    m.info.pop("transparency", None)
+    return torch.from_numpy(np.asarray(_pil(name, m))[..., 0].copy()).float() / 255
 
 
 def decoding(temperature, top_k, top_p, greedy, max_length, dedupe, *, max_positions: int) -> dict:

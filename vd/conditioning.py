@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 UNCOND_IMAGES = ("grey", "zeros", "diffusers")
+APP_SIDE = 512  # the original app resizes the pictures of blend and image-to-text (and masks) to 512 x 512 first
 
 
 @torch.no_grad()
@@ -89,6 +90,12 @@ def pixel_values(processor, images: list[PIL.Image.Image] | Tensor, *, square: b
     side = processor.crop_size["height"]
     return processor(images=pil, size={"height": side, "width": side}, do_center_crop=False,
                      return_tensors="pt").pixel_values
+
+
+def squashed_pixel_values(processor, images: list[PIL.Image.Image] | Tensor) -> Tensor:
+    """CLIP pixels of images as the original app prepares them for blend and image-to-text: resized to 512 x 512
+    (bicubic, on 8-bit pixels) and then to CLIP's square input, the whole picture (squashed, not cropped)."""
+    return pixel_values(processor, resized(images, APP_SIDE, APP_SIDE), square=True)
 
 
 def uncond_pixel_values(processor, mode: str) -> Tensor | None:

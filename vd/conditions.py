@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from vd import checks
-from vd.conditioning import encode_image, encode_text, mask_token_weights, pixel_values, uncond_pixel_values
+from vd.conditioning import (encode_image, encode_text, mask_token_weights, pixel_values, squashed_pixel_values,
+                             uncond_pixel_values)
 from vd.focus import adjust_focus
 from vd.loading import Components
 from vd.sampling import Generator, Sampling, blend_tokens, guided_tokens
@@ -88,12 +89,15 @@ class Conditions:
         return encode_text(self.components.text_encoder, self.components.tokenizer, texts, self.device)
 
     def image_tokens(self, cond: list | Tensor, negative: list | Tensor | None, mode: str, per_prompt: int,
-                     s: Sampling, focus: float = 0.5) -> Tensor:
+                     s: Sampling, focus: float = 0.5, squash: bool = False) -> Tensor:
         """Image tokens of a call: [uncond; cond] per sample (cond alone when unguided); "no image" is `negative`,
-        or else by `mode` (UNCOND_IMAGES, or "black"). Focus draws from the generator of each image's first sample."""
+        or else by `mode` (UNCOND_IMAGES, or "black"). Focus draws from the generator of each image's first sample.
+        squash: the whole pictures squashed as the original app shows them to CLIP (`squashed_pixel_values`), not
+        centre-cropped."""
         n = len(cond)
         given = isinstance(cond, Tensor) and cond.dim() == 3
-        cond = self.focused(cond.to(self.device) if given else self.encode_images(cond), focus, s.generator, per_prompt)
+        cond = cond.to(self.device) if given else self.encode_images(cond, squash)
+        cond = self.focused(cond, focus, s.generator, per_prompt)
         cond = cond.repeat_interleave(per_prompt, dim=0)
         if not s.guided:
             return cond
@@ -108,9 +112,10 @@ class Conditions:
             uncond = encode_image(self.components.image_encoder, pixels.to(self.device, self.dtype)).expand(n, -1, -1)
         return guided_tokens(cond, uncond.repeat_interleave(per_prompt, dim=0), s.guidance_scale)
 
-    def encode_images(self, imgs: list | Tensor) -> Tensor:
+    def encode_images(self, imgs: list | Tensor, squash: bool = False) -> Tensor:
         """CLIP tokens [B, 257, D] of images (PIL images or a [B, 3, H, W] tensor in [0, 1])."""
-        pixels = pixel_values(self.components.image_processor, imgs).to(self.device, self.dtype)
+        prepare = squashed_pixel_values if squash else pixel_values
+        pixels = prepare(self.components.image_processor, imgs).to(self.device, self.dtype)
         return encode_image(self.components.image_encoder, pixels)
 
     def focused(self, tokens: Tensor, focus: float, generator: Generator, stride: int = 1) -> Tensor:
@@ -135,8 +140,7 @@ class Conditions:
         prompt), weighted and put side by side (vd.sampling.blend_tokens); "no image" is all zeros."""
         per_image = []
         for i in range(len(imgs)):
-            pixels = pixel_values(self.components.image_processor, imgs[i:i + 1], square=True)
-            pixels = pixels.to(self.device, self.dtype)
+            pixels = squashed_pixel_values(self.components.image_processor, imgs[i:i + 1]).to(self.device, self.dtype)
             weights_of_tokens = None
             if keep[i] is not None:
                 patch = self.components.image_encoder.config.patch_size

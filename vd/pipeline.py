@@ -133,15 +133,20 @@ class VersatileDiffusion:
         with torch.no_grad(), self._autocast():
             return self.conditions.text_embeds(texts)
 
-    def encode_image(self, images: Images, focus: float = 0.5, generator: Generator = None) -> Tensor:
-        """The context tokens [B, 257, D] the flows use for these images (CLIP vision, centre crop), focus-adjusted
-        as image_variation does (its randomised PCA draws from `generator`: one, or one per image)."""
+    def encode_image(self, images: Images, focus: float = 0.5, generator: Generator = None, *,
+                     squash: bool = False) -> Tensor:
+        """The context tokens [B, 257, D] the flows use for these images (CLIP vision), focus-adjusted as
+        image_variation does (its randomised PCA draws from `generator`: one, or one per image). CLIP sees the
+        centre crop, as in image_variation and dual_guided, or with `squash` the whole picture squashed via
+        512 x 512, as image_to_text sees it (the original app's view)."""
         self._need_parts("encode_image", "image_encoder")
         imgs = checks.images("images", images)
         focus = checks.number("focus", focus, 0.0, 1.0)
         generator = checks.generator(generator, len(imgs))
+        if not isinstance(squash, bool):
+            checks.fail("squash", squash, "True or False", TypeError)
         with torch.no_grad(), self._autocast():
-            return self.conditions.focused(self.conditions.encode_images(imgs), focus, generator)
+            return self.conditions.focused(self.conditions.encode_images(imgs, squash), focus, generator)
 
     def encode_text_latents(self, texts: str | list[str]) -> Tensor:
         """Optimus text latents [B, 768] of sentences (the posterior mean, as the original): what image_to_text
@@ -293,8 +298,9 @@ class VersatileDiffusion:
 
         Each image's 257 CLIP tokens are focus-adjusted (see image_variation), scaled by its weight and placed
         side by side (vd.sampling.blend_tokens). A mask (same aspect as its image; white = leave this region out)
-        weights the image's patches inside CLIP. Images and masks are squashed to CLIP's square input, as the
-        original does, so that patches and mask line up. With a text (prompt or prompt_embeds [1, 77, D]) and
+        weights the image's patches inside CLIP. Images and masks are squashed to 512 x 512 and then to CLIP's
+        square input, as the original app does, so that patches and mask line up; a mask's first channel counts,
+        its transparency does not. With a text (prompt or prompt_embeds [1, 77, D]) and
         text_strength s > 0, the text stream weighs s and the images 1 - s. "No image" is an all-zero embedding.
         """
         self._need("blend")
@@ -351,7 +357,7 @@ class VersatileDiffusion:
                                  callback=callback, callback_steps=callback_steps, scheduler=scheduler)
         decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
         with torch.no_grad(), self._autocast():
-            tokens = self.conditions.image_tokens(cond, negative, "black", run.per_prompt, run.sampling)
+            tokens = self.conditions.image_tokens(cond, negative, "black", run.per_prompt, run.sampling, squash=True)
             x = self._sample(run, lambda s, x: core.image_to_text(self._nets, image=tokens, x=x, s=s), progress)
         self._draw_unused_step_noise(run)
         x = x.flatten(1)  # [N, 768]

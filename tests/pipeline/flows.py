@@ -3,6 +3,7 @@ CLIP tokens computed by hand (vd.conditioning), to check the facade against manu
 
 from types import SimpleNamespace
 
+import PIL.Image
 import pytest
 import torch
 
@@ -48,8 +49,12 @@ class Counting:
         return self.inner(x, t, streams)
 
 
-def clip_image(pipe, imgs, *, square=False, keep=None) -> torch.Tensor:
-    pixels = pixel_values(pipe.components.image_processor, imgs, square=square)
+def clip_image(pipe, imgs, *, squash=False, keep=None) -> torch.Tensor:
+    """CLIP tokens of PIL images: centre-cropped, or (squash) as the original app shows them: resized to 512 x 512
+    (bicubic), then squashed to CLIP's square input."""
+    if squash:
+        imgs = [im.convert("RGB").resize((512, 512), PIL.Image.Resampling.BICUBIC) for im in imgs]
+    pixels = pixel_values(pipe.components.image_processor, imgs, square=squash)
     tw = None
     if keep is not None:
         tw = mask_token_weights(keep, pipe.components.image_encoder.config.patch_size, pixels.shape[-1])

@@ -5,9 +5,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flows import FAST, clip_image, clip_text, same_layers
 from helpers import random_image, seeded
+from vd import checks
 from vd.focus import adjust_focus
 
 pytest.importorskip("diffusers")
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Deprec
 
 @pytest.mark.parametrize("s", [0.3, 1.0])
 def test_blend_one_image_with_text_is_dual_guided(pipe, s):
-    img = random_image(1, (48, 48))  # square: the blend's squash and the crop agree
+    img = random_image(1, (512, 512))  # the blend's squash via 512 x 512 and the crop agree on it
     got = pipe.blend([img], prompt="the cat", text_strength=s, generator=seeded(2), output_type="np", **FAST).images
     want = pipe.dual_guided("the cat", img, s, uncond_image="zeros", generator=seeded(2), output_type="np",
                             **FAST).images
@@ -27,7 +29,7 @@ def test_blend_one_image_with_text_is_dual_guided(pipe, s):
 
 
 def test_blend_one_image_is_image_variation(pipe):
-    img = random_image(2, (40, 40))
+    img = random_image(2, (512, 512))
     got = pipe.blend([img], generator=seeded(3), output_type="np", **FAST).images
     want = pipe.image_variation(img, uncond_image="zeros", generator=seeded(3), output_type="np", **FAST).images
     assert np.array_equal(got, want)
@@ -50,14 +52,17 @@ def _mask_pil(size) -> PIL.Image.Image:
 
 
 def _keep_of(mask) -> torch.Tensor | None:
-    """What a blend mask means: keep = 1 - mask, [1, 1, H, W]."""
+    """What a blend mask means: keep = 1 - mask, [1, 1, 512, 512]: the original app resizes a mask picture to
+    512 x 512 (bilinear) and reads its first channel; a tensor is resized alike."""
     if mask is None:
         return None
     if isinstance(mask, PIL.Image.Image):
-        m = torch.from_numpy(np.asarray(mask)[..., 0].copy()).float() / 255
+        m = np.asarray(mask.resize((512, 512), PIL.Image.Resampling.BILINEAR))[..., 0]
+        m = torch.from_numpy(m.copy()).float().reshape(1, 1, 512, 512) / 255
     else:
-        m = mask.float()
-    return (1 - m).reshape(1, 1, *m.shape[-2:])
+        m = F.interpolate(mask.float().reshape(1, 1, *mask.shape[-2:]), size=(512, 512), mode="bilinear",
+                          antialias=True)
+    return 1 - m
 
 
 BLEND_CASES = {
@@ -101,7 +106,7 @@ def test_blend_streams(case, pipe, captured):
     g = seeded(5)  # one generator: every image's focus draws from it, in order, before the noise
     per_image = []
     for i, img in enumerate(imgs):
-        tokens = clip_image(pipe, [img], square=True, keep=_keep_of(masks[i] if masks else None))
+        tokens = clip_image(pipe, [img], squash=True, keep=_keep_of(masks[i] if masks else None))
         if focus[i] != 0.5:
             tokens = adjust_focus(tokens, focus[i], generator=g)
         per_image.append(tokens * weights[i])
@@ -127,8 +132,8 @@ def test_blend_streams(case, pipe, captured):
         assert torch.equal(text.tokens, want)
     if masks is not None:  # the masks really count: an unmasked encoding differs
         i = next(i for i, m in enumerate(masks) if m is not None)
-        masked = clip_image(pipe, [imgs[i]], square=True, keep=_keep_of(masks[i]))
-        assert not torch.allclose(masked, clip_image(pipe, [imgs[i]], square=True), atol=1e-3)
+        masked = clip_image(pipe, [imgs[i]], squash=True, keep=_keep_of(masks[i]))
+        assert not torch.allclose(masked, clip_image(pipe, [imgs[i]], squash=True), atol=1e-3)
 
 
 def test_blend_focus_with_a_generator_list(pipe, captured):
@@ -137,6 +142,15 @@ def test_blend_focus_with_a_generator_list(pipe, captured):
     pipe.blend(imgs, focus=[0.2, 0.8], num_images_per_prompt=2, generator=[seeded(6), seeded(7)], output_type="latent",
                **FAST)
     g = seeded(6)
-    want = torch.cat([adjust_focus(clip_image(pipe, [im], square=True), f, generator=g)
+    want = torch.cat([adjust_focus(clip_image(pipe, [im], squash=True), f, generator=g)
                       for im, f in zip(imgs, (0.2, 0.8))], dim=1).repeat_interleave(2, dim=0)
     assert torch.equal(captured[0].streams[0].tokens[2:], want)
+
+
+def test_a_mask_reads_its_first_channel_not_its_transparency():
+    """White on the left, transparent black elsewhere (RGBA): the original reads the first channel after its
+    512 x 512 resize, so the right part is kept; seen over white, the whole image would be left out."""
+    a = np.zeros((40, 56, 4), np.uint8)
+    a[:, :20] = 255
+    (keep,) = checks.keep_masks([PIL.Image.fromarray(a, "RGBA")], 1)
+    assert torch.equal(keep, _keep_of(PIL.Image.fromarray(a, "RGBA"))) and 0.6 < keep.mean() < 0.7

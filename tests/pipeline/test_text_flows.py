@@ -48,7 +48,7 @@ def _manual_text(pipe, contexts, total, steps, guidance, gens, latents=None, ded
 
 
 def _image_contexts(pipe, imgs, n):
-    cond = clip_image(pipe, imgs).repeat_interleave(n, dim=0)
+    cond = clip_image(pipe, imgs, squash=True).repeat_interleave(n, dim=0)  # squashed via 512, as the app
     black = encode_image(pipe.components.image_encoder,
                          uncond_pixel_values(pipe.components.image_processor, "black")).expand(len(imgs), -1, -1)
     return [Context(pipe.components.image_unet.context_layers(), torch.cat([black.repeat_interleave(n, dim=0), cond]))]
