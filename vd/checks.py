@@ -243,7 +243,7 @@ def per_image(name: str, value: object, k: int, default: float, low: float,
 
 
 def keep_masks(masks: object, k: int) -> list[Tensor | None]:
-    """The blend masks (white = leave out) as keep-weights [1, 1, H, W] in [0, 1] (None = keep everything)."""
+    """The blend masks (white = leave out) as keep-weights [1, 1, 512, 512] in [0, 1] (None = keep everything)."""
     if masks is None:
         return [None] * k
     if not isinstance(masks, (list, tuple)) or len(masks) != k:
@@ -271,10 +271,16 @@ def keep_masks(masks: object, k: int) -> list[Tensor | None]:
 
 
 def _mask_picture(name: str, m: PIL.Image.Image) -> Tensor:
-    """A mask picture as the original app reads it: resized to 512 x 512 (bilinear, in its own mode), its first
-    channel in [0, 1], transparency ignored (a transparent stroke keeps its colour)."""
+    """A mask picture as the original app reads it: resized to 512 x 512 (bilinear, in its own mode: PIL's resize
+    of a transparent RGBA mask darkens its transparent parts), then its first channel in [0, 1], not composited
+    over white. Palette masks are resized in their colours (the original would read palette indices), 16-bit ones
+    as 32-bit integers (what every Pillow can resize)."""
     if m.width == 0 or m.height == 0:
         fail(name, m, "an image at least 1 pixel high and wide")
+    if m.mode in ("P", "PA"):
+        m = m.convert("RGBA" if m.mode == "PA" or m.info.get("transparency") is not None else "RGB")
+    elif m.mode.startswith("I;16"):
+        m = m.convert("I")
     m = m.resize((APP_SIDE, APP_SIDE), PIL.Image.Resampling.BILINEAR)
     if "A" in m.getbands():
         m = m.convert("RGB")  # drops the alpha band, no compositing

@@ -104,9 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _open_image(path: str, what: str) -> PIL.Image.Image:
+def _open_image(path: str, what: str, as_is: bool = False) -> PIL.Image.Image:
     try:
-        return open_image(path, what)
+        return open_image(path, what, as_is=as_is)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         extra = dict(images=[_open_image(f, "images") for f in args.images], weights=one_or_each(args.weights),
                      focus=one_or_each(args.focus),
                      masks=None if args.masks is None else
-                     [None if m.lower() == "none" else _open_image(m, "--masks") for m in args.masks],
+                     [None if m.lower() == "none" else _open_image(m, "--masks", as_is=True) for m in args.masks],
                      prompt=args.prompt, text_strength=args.text_strength, negative_prompt=args.negative)
     pipe = VersatileDiffusion.from_pretrained(args.model, tasks=[task], device=device,
                                               dtype=checks.DTYPES.get(args.dtype), scheduler=args.scheduler,

@@ -95,7 +95,8 @@ def pixel_values(processor, images: list[PIL.Image.Image] | Tensor, *, square: b
 def squashed_pixel_values(processor, images: list[PIL.Image.Image] | Tensor) -> Tensor:
     """CLIP pixels of images as the original app prepares them for blend and image-to-text: resized to 512 x 512
     (bicubic, on 8-bit pixels) and then to CLIP's square input, the whole picture (squashed, not cropped)."""
-    return pixel_values(processor, resized(images, APP_SIDE, APP_SIDE), square=True)
+    pil = to_pil(images) if isinstance(images, Tensor) else images  # so a tensor and the same picture agree
+    return pixel_values(processor, resized(pil, APP_SIDE, APP_SIDE), square=True)
 
 
 def uncond_pixel_values(processor, mode: str) -> Tensor | None:

@@ -55,10 +55,11 @@ def _converted(img: PIL.Image.Image, mode: str, name: str) -> PIL.Image.Image:
     raise ValueError(f"{name}: images of PIL mode {img.mode!r} cannot be converted to RGB")
 
 
-def open_image(path: str | Path, name: str = "image") -> PIL.Image.Image:
+def open_image(path: str | Path, name: str = "image", *, as_is: bool = False) -> PIL.Image.Image:
     """The picture in a file as 8-bit RGB; ValueError naming `name` and the path if it cannot be read, is not an
     image, is larger than PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`), or has a mode with no
-    meaningful RGB (see `to_rgb`)."""
+    meaningful RGB (see `to_rgb`). as_is: in the file's own mode (a blend mask, read as `checks.keep_masks` reads
+    it)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
@@ -69,4 +70,4 @@ def open_image(path: str | Path, name: str = "image") -> PIL.Image.Image:
     except Exception as e:  # OSError, DecompressionBomb*, and what damaged files make decoders raise
         raise ValueError(f"{name}: cannot read image {str(path)!r} ({type(e).__name__}: {e})") from None
     with img:
-        return to_rgb(img, f"{name} {str(path)!r}")
+        return img.copy() if as_is else to_rgb(img, f"{name} {str(path)!r}")

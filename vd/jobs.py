@@ -216,7 +216,7 @@ class Job:
         ValueError if a file cannot be read (it changed since the job file was checked)."""
         opened = {}
         for name, path in self.image_files():
-            opened[name] = open_image(image_path(folder, path, anywhere), name)
+            opened[name] = open_image(image_path(folder, path, anywhere), name, as_is=name.startswith("masks"))
         loaded = {k: opened[k] for k in ("image", "negative_prompt", "init_image") if k in opened}
         if self.args.get("images") is not None:
             loaded["images"] = [opened[f"images[{i}]"] for i in range(len(self.args["images"]))]

@@ -91,6 +91,22 @@ def test_blend(model, files, tmp_path, capsys):
     assert not np.array_equal(got, np.asarray(unmasked))  # the mask file was used
 
 
+def test_blend_mask_file_with_transparency(model, files, tmp_path):
+    """An RGBA mask file (white on the left, transparent black elsewhere) means what the same picture means to
+    the Python API: its first channel, not the picture over white (which would leave the whole image out)."""
+    a = np.zeros((48, 40, 4), np.uint8)
+    a[:, :20] = 255
+    mask = tmp_path / "rgba.png"
+    PIL.Image.fromarray(a, "RGBA").save(mask)
+    out = tmp_path / "out.png"
+    assert main(["blend", files["a"], files["b"], "--masks", "none", str(mask), "-o", str(out), "--model", model,
+                 *FAST]) == 0
+    want = _api(model, "blend", [_open(files["a"]), _open(files["b"])], masks=[None, PIL.Image.open(mask)])
+    white = _api(model, "blend", [_open(files["a"]), _open(files["b"])], masks=[None, _open(mask)])
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(want.images[0]))
+    assert not np.array_equal(np.asarray(want.images[0]), np.asarray(white.images[0]))
+
+
 def test_blend_one_weight_and_focus_for_all_images(model, files, tmp_path, capsys):
     out = tmp_path / "out.png"
     assert main(["blend", files["a"], files["b"], "--weights", "0.7", "--focus", "0.8", "--prompt", "x",

@@ -154,3 +154,26 @@ def test_a_mask_reads_its_first_channel_not_its_transparency():
     a[:, :20] = 255
     (keep,) = checks.keep_masks([PIL.Image.fromarray(a, "RGBA")], 1)
     assert torch.equal(keep, _keep_of(PIL.Image.fromarray(a, "RGBA"))) and 0.6 < keep.mean() < 0.7
+
+
+def test_mask_modes_mean_the_same_picture():
+    """The same half-white mask as L, palette (with and without alpha), RGBA, 16-bit and 1-bit pictures, or a
+    tensor: the same keep-weights (1-bit: PIL resizes it nearest-neighbour, as in the original)."""
+    a = np.zeros((40, 56), np.uint8)
+    a[:, :20] = 255
+    grey = PIL.Image.fromarray(a)
+    masks = [grey, grey.convert("P"), grey.convert("PA"), grey.convert("RGBA"),
+             PIL.Image.fromarray(a.astype(np.uint16) * 257), torch.from_numpy(a).float() / 255]
+    (want,), got = checks.keep_masks([grey], 1), checks.keep_masks(masks, len(masks))
+    for m, keep in zip(masks, got):
+        assert keep.shape == (1, 1, 512, 512) and (keep - want).abs().max() <= 1 / 255 + 1e-6, m
+    (one_bit,) = checks.keep_masks([grey.convert("1")], 1)
+    assert abs(one_bit.mean() - want.mean()) < 1e-3
+
+
+def test_a_tensor_picture_blends_as_the_same_pil_picture(pipe):
+    img = random_image(40, (40, 56))
+    tensor = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 255
+    a = pipe.blend([img], generator=seeded(1), output_type="latent", **FAST).images
+    b = pipe.blend(tensor, generator=seeded(1), output_type="latent", **FAST).images
+    assert torch.equal(a, b)
