@@ -300,8 +300,8 @@ class VersatileDiffusion:
         side by side (vd.sampling.blend_tokens). A mask (same aspect as its image; white = leave this region out)
         weights the image's patches inside CLIP. Images and masks are squashed to 512 x 512 and then to CLIP's
         square input, as the original app does, so that patches and mask line up; a mask's first channel counts,
-        after the original's resize in the mask's own mode (not composited over white). With a text (prompt or prompt_embeds [1, 77, D]) and
-        text_strength s > 0, the text stream weighs s and the images 1 - s. "No image" is an all-zero embedding.
+        after the original's resize in the mask's own mode (not composited over white). With a text (prompt or
+        prompt_embeds [1, 77, D]) and text_strength s > 0, the text stream weighs s and the images 1 - s. "No image" is an all-zero embedding.
         """
         self._need("blend")
         imgs = checks.images("images", images)

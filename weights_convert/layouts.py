@@ -293,18 +293,16 @@ def read_diffusers(folder: Path, need: Iterable[str] | None = None) -> Checkpoin
         except ValueError as e:
             raise CheckpointError(f"{conf}: {e}") from None
         ckpt.config_files[component] = str(conf)
-        route = _diffusers_route(component)
+        route, held = _diffusers_route(component), [p for p in ALL_PARTS if p.split(".")[0] == component]
         if saved is not None and component == "image_unet":
             ckpt.configs["text_unet"] = _text_context_config(ckpt.configs[component])
             ckpt.config_files["text_unet"] = f"{conf} (a saved {saved}: the text context layers are image_unet's)"
             route = _saved_route(saved)
-        for part in ALL_PARTS:  # a component folder holds all of its parts: validate them all
-            if part.split(".")[0] == component:
-                ckpt.sources.setdefault(part, {})
-        if saved is not None and component == "image_unet":
-            ckpt.sources.setdefault("text_unet.context", {})
-            if saved == SAVED_TEXT_TO_IMAGE:
-                del ckpt.sources["image_unet.context"]  # the image context layers are not in it
+            if saved == SAVED_TEXT_TO_IMAGE:  # its attentions are the text context layers, not the image ones
+                held.remove("image_unet.context")
+            held.append("text_unet.context")
+        for part in held:  # a component folder holds all of its parts: validate them all
+            ckpt.sources.setdefault(part, {})
         for f in weight_files(sub):
             _collect(ckpt, TensorFile(f), route)
     if (folder / "tokenizer").is_dir():

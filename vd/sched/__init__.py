@@ -8,6 +8,7 @@ thing); `SCHEDULERS` maps those names to the classes."""
 from collections.abc import Mapping
 from typing import Any
 
+from .common import stated
 from .ddim import DDIM
 from .ddpm import DDPM
 from .dpmpp import DPMSolverPP, DPMSolverPPKarras, DPMSolverPPSDE, DPMSolverPPSDEKarras
@@ -53,7 +54,7 @@ def sampler_from_config(name: str, config: Mapping[str, Any]) -> Sampler:
     A config that asks for Karras sigmas or the SDE form itself gets it."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
-    given = {k: v for k, v in config.items() if k not in config.get("_use_default_values", ())}
+    given = stated(config)
     if given.get("use_karras_sigmas") is True:
         name = KARRAS_FORM.get(name, name)
     if given.get("algorithm_type") == "sde-dpmsolver++":

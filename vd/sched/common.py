@@ -99,6 +99,13 @@ def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset:
     return timestep_points(spacing, num_steps, num_train, steps_offset)
 
 
+def stated(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a scheduler_config.json states: not its "_"-prefixed metadata, nor the keys it lists in
+    "_use_default_values" (diffusers filled those with the defaults of the class that saved it)."""
+    absent = set(config.get("_use_default_values", ()))
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in absent}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Schedule:
     """Config fields shared by the samplers; defaults are those of the diffusers scheduler classes."""
@@ -144,8 +151,7 @@ class Schedule:
         sampler's own default (e.g. LMS keeps "linspace" spacing when built from the hub VD config, which has no
         timestep_spacing); keys this sampler lacks are ignored.
         """
-        absent = set(config.get("_use_default_values", ())) | set(cls.OVERRIDES)
-        given = {k: v for k, v in config.items() if not k.startswith("_") and k not in absent}
+        given = {k: v for k, v in stated(config).items() if k not in cls.OVERRIDES}
         for key, only in cls.UNSUPPORTED.items():
             if key in given and (given[key] not in only if isinstance(only, tuple) else given[key] != only):
                 value = reprlib.repr(given[key])
