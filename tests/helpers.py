@@ -46,6 +46,8 @@ def flat_config(image_config: dict, in_features: int | list[int]) -> dict:
     d = dict(image_config)
     d["down_block_types"] = [t.replace("2D", "Flat") for t in d["down_block_types"]]
     d["up_block_types"] = [t.replace("2D", "Flat") for t in d["up_block_types"]]
+    if d.get("mid_block_type"):
+        d["mid_block_type"] = d["mid_block_type"].replace("2D", "Flat")
     d["in_channels"] = d["out_channels"] = in_features
     d.pop("sample_size", None)
     return d

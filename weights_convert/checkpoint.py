@@ -230,6 +230,10 @@ def config_from_json(component: str, d: dict) -> object:
     if not isinstance(d, dict):
         raise ValueError(f"expected a JSON object of settings, got a {type(d).__name__}")
     if component in ("image_unet", "text_unet"):
+        d = dict(d)
+        if "mid_attention" in d:  # folders converted before mid_block named the kind of mid block
+            old = d.pop("mid_attention")
+            d["mid_block"] = {True: "cross_attention", False: "none"}[old] if isinstance(old, bool) else old
         return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
     if component == "vae":
         return VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -82,8 +82,9 @@ def _unet_walk(cfg: UNetConfig) -> Iterator[tuple[str, str, str, dict[str, str]]
         if i < n - 1:
             yield "data", f"down_blocks.{i}.downsamplers.0", f"input_blocks.{k}.0", {} if cfg.flat_dim else IMAGE_DOWNSAMPLE
             k += 1
-    if cfg.mid_attention:
+    if cfg.mid_block != "none":
         yield "data", "mid_block.resnets.0", "middle_block.0", RESNET
+    if cfg.mid_attention:
         yield "context", "mid_block.attentions.0", "middle_block.1", {}
         yield "data", "mid_block.resnets.1", "middle_block.2", RESNET
     k = 0

@@ -45,7 +45,7 @@ def random_unet(r: random.Random, context_dim: int | None = None) -> dict:
         "use_linear_projection": [True],
         "only_cross_attention": [True, [r.random() < 0.5 for _ in range(n)]],
         "mid_block_only_cross_attention": [True, False],
-        "mid_block_type": [None],
+        "mid_block_type": [None, "UNetMidBlock2D"],
         "norm_eps": [1e-6, 1e-3],
         "flip_sin_to_cos": [False],
         "freq_shift": [1],  # (larger shifts divide by zero in both for narrow first levels)
@@ -56,6 +56,12 @@ def random_unet(r: random.Random, context_dim: int | None = None) -> dict:
         "conv_out_kernel": [1, 5],
         "upcast_attention": [True],
         "mid_block_scale_factor": [0.5, 1.5],
+        "resnet_time_scale_shift": ["scale_shift"],
+        "act_fn": ["swish"],
+        # (options the reference ignores for these block types)
+        "resnet_skip_time_act": [True],
+        "resnet_out_scale_factor": [2.0],
+        "cross_attention_norm": ["layer_norm"],
     }
     for key, values in maybe.items():
         if r.random() < 0.3:
@@ -70,7 +76,7 @@ def random_vae(r: random.Random, levels: int | None = None, latent_channels: int
              in_channels=3, out_channels=3, sample_size=64,
              down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
     for key, value in (("mid_block_add_attention", False), ("use_quant_conv", False),
-                       ("use_post_quant_conv", False), ("scaling_factor", 0.5)):
+                       ("use_post_quant_conv", False), ("scaling_factor", 0.5), ("act_fn", "swish")):
         if r.random() < 0.3:
             d[key] = value
     return d

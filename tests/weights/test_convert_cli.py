@@ -132,6 +132,24 @@ def test_cli_tasks_writes_only_their_parts(src, tmp_path, expected, check):
         VersatileDiffusion.from_pretrained(out, tasks=["image_variation"])
 
 
+def test_folder_converted_by_an_earlier_version_loads(src, tmp_path, expected, check):
+    """Converted folders written before UNetConfig.mid_block (`"mid_attention": true`, no time_scale_shift) load
+    as they were: format_version 1 did not change."""
+    out = tmp_path / "old"
+    assert main([str(src), str(out), "--tasks", "text_to_image"]) == 0
+    meta = json.loads((out / "config.json").read_text())
+    for unet in ("image_unet", "text_unet"):
+        d = meta["configs"][unet]
+        assert d.pop("mid_block") == "cross_attention" and d.pop("time_scale_shift") is False
+        d["mid_attention"] = True
+    (out / "config.json").write_text(json.dumps(meta))
+    check(float(np.abs(_text_to_image(out) - expected).max()), 0.0, "earlier converted folder vs source")
+    d["mid_attention"] = "yes"
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"configs\.text_unet: mid_block: expected one of .*, got 'yes'"):
+        VersatileDiffusion.from_pretrained(out, tasks=["text_to_image"])
+
+
 def test_cli_dtype_fp16(src, tmp_path, expected, check):
     out = tmp_path / "fp16"
     assert main([str(src), str(out), "--dtype", "fp16", "--tasks", "image_variation"]) == 0

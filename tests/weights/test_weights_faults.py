@@ -427,6 +427,9 @@ def test_converted_folder_opens_only_the_parts_of_its_tasks(pristine, tmp_path):
     ("image_unet", dict(num_attention_heads=2), "num_attention_heads"),  # diffusers' UNets refuse it too
     ("text_unet", dict(up_block_types=["UpBlockFlat", "CrossAttnUpBlock2D"]), "CrossAttnUpBlock2D"),  # 2D in flat
     ("text_unet", dict(mid_block_type="UNetMidBlock2DCrossAttn"), "mid_block_type"),
+    ("image_unet", dict(mid_block_type="UNetMidBlock2DSimpleCrossAttn"), "mid_block_type"),
+    ("image_unet", dict(resnet_time_scale_shift="spatial"), "resnet_time_scale_shift"),  # options not built
+    ("text_unet", dict(act_fn="gelu"), "act_fn='gelu' is not supported (only 'silu' or 'swish')"),
 ])
 def test_bad_config_value_names_file_and_key(folder, component, changes, key):
     conf = folder / component / "config.json"

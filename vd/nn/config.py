@@ -2,8 +2,9 @@
 
 Our field names say what they mean: diffusers' `attention_head_dim` is really the number of heads for these
 models (diffusers issue #2011), so here it is `num_heads`. Per-level tuples are in down-path order; the up path
-mirrors them. Options of diffusers' UNet2DConditionModel that VD never uses are refused with a clear error
-rather than silently ignored, unless the reference ignores them too (mid_block_only_cross_attention for its
+mirrors them. Options of diffusers' UNet2DConditionModel that VD never uses are built where they are cheap
+(a resnet-only or no mid block, scale-and-shift time conditioning) and otherwise refused with a clear error rather
+than silently ignored, unless the reference ignores them too (mid_block_only_cross_attention for its
 cross-attention mid blocks; upcast_attention, which only changes fp16 rounding).
 """
 
@@ -26,7 +27,7 @@ class UNetConfig:
     context_dim: tuple[int, ...]             # width of the context tokens per level
     transformer_depth: tuple[int, ...]       # transformer blocks in each context layer, per level
     only_cross_attention: tuple[bool, ...]   # attn1 attends to the context too (not in VD)
-    mid_attention: bool = True               # False: no mid block at all
+    mid_block: str = "cross_attention"       # resnet, context layer, resnet; "resnet": one resnet; "none": none
     mid_transformer_depth: int = 1           # transformer blocks in the mid context layer
     norm_groups: int = 32
     norm_eps: float = 1e-5
@@ -41,6 +42,7 @@ class UNetConfig:
     conv_out_kernel: int = 3
     sample_size: int | None = None           # default latent size (image UNet)
     flat_dim: int = 0
+    time_scale_shift: bool = False           # 2-D resnets: the time embedding scales and shifts (not in VD)
 
     def __post_init__(self):
         _check_fields(self, _UNET_KINDS)
@@ -58,6 +60,11 @@ class UNetConfig:
     def flat(self) -> bool:
         """The text UNet (flat data: Linear layers over [C, flat_dim, 1]); False for the image UNet."""
         return self.flat_dim > 0
+
+    @property
+    def mid_attention(self) -> bool:
+        """The mid block holds a context layer."""
+        return self.mid_block == "cross_attention"
 
     @property
     def time_dim(self) -> int:
@@ -124,6 +131,7 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+MID_BLOCKS = ("cross_attention", "resnet", "none")
 _KINDS = {
     "int": (_positive_int, "a positive integer"),
     "int0": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
@@ -134,15 +142,16 @@ _KINDS = {
     "bools": (_bools, "a list of true/false"),
     "number": (_number, "a finite number"),
     "positive": (lambda v: _number(v) and v > 0, "a positive number"),
+    "mid": (lambda v: v in MID_BLOCKS, f"one of {MID_BLOCKS}"),
 }
 _UNET_KINDS = {
     "in_channels": "int|ints", "out_channels": "int|ints", "block_channels": "ints", "down_attention": "bools",
     "up_attention": "bools", "layers_per_block": "ints", "num_heads": "ints", "context_dim": "ints",
-    "transformer_depth": "ints", "only_cross_attention": "bools", "mid_attention": "bool",
+    "transformer_depth": "ints", "only_cross_attention": "bools", "mid_block": "mid",
     "mid_transformer_depth": "int", "norm_groups": "int", "norm_eps": "positive", "flip_sin_to_cos": "bool",
     "freq_shift": "number", "time_embed_dim": "int?", "downsample_padding": "int0", "mid_block_scale_factor": "number",
     "linear_projection": "bool", "center_input_sample": "bool", "conv_in_kernel": "int", "conv_out_kernel": "int",
-    "sample_size": "int?", "flat_dim": "int0",
+    "sample_size": "int?", "flat_dim": "int0", "time_scale_shift": "bool",
 }
 _VAE_KINDS = {
     "in_channels": "int", "out_channels": "int", "latent_channels": "int", "block_channels": "ints",
@@ -191,25 +200,27 @@ VD_VAE = VAEConfig(sample_size=256)
 
 # ---- diffusers config.json -> ours
 
-# Options our modules do not implement, with the only value we accept (diffusers' default).
+# Options our modules do not implement, with the values we accept (diffusers' default first).
+# (resnet_skip_time_act, resnet_out_scale_factor and cross_attention_norm only reach block types VD does not use,
+# so the reference ignores them for ours, and so do we.)
 _UNET_FIXED = {
-    "act_fn": "silu", "time_embedding_type": "positional", "time_embedding_act_fn": None, "timestep_post_act": None,
-    "time_cond_proj_dim": None, "class_embed_type": None, "num_class_embeds": None, "addition_embed_type": None,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "attention_type": "default",
-    "class_embeddings_concat": False, "cross_attention_norm": None, "dual_cross_attention": False,
-    "reverse_transformer_layers_per_block": None,
+    "act_fn": ("silu", "swish"), "time_embedding_type": ("positional",), "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "class_embed_type": (None,),
+    "num_class_embeds": (None,), "addition_embed_type": (None,), "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,), "resnet_time_scale_shift": ("default", "scale_shift"),
+    "attention_type": ("default",), "class_embeddings_concat": (False,), "dual_cross_attention": (False,),
+    "reverse_transformer_layers_per_block": (None,),
 }
 _DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
-_MID = {"UNetMidBlock2DCrossAttn": True, None: False}
+_MID = {"UNetMidBlock2DCrossAttn": "cross_attention", "UNetMidBlock2D": "resnet", None: "none"}
 
 
 # our field -> the diffusers config.json key it comes from (for error messages)
 _UNET_SOURCE = {"block_channels": "block_out_channels", "down_attention": "down_block_types",
                 "up_attention": "up_block_types", "num_heads": "attention_head_dim", "context_dim": "cross_attention_dim",
                 "transformer_depth": "transformer_layers_per_block",
-                "mid_transformer_depth": "transformer_layers_per_block", "mid_attention": "mid_block_type",
+                "mid_transformer_depth": "transformer_layers_per_block", "mid_block": "mid_block_type",
                 "norm_groups": "norm_num_groups", "time_embed_dim": "time_embedding_dim",
                 "linear_projection": "use_linear_projection"}
 _VAE_SOURCE = {"block_channels": "block_out_channels", "norm_groups": "norm_num_groups",
@@ -240,10 +251,11 @@ def _per_level(value, n: int, name: str) -> tuple:
     return (value,) * n
 
 
-def _check_fixed(d: dict, fixed: dict, what: str) -> None:
+def _check_fixed(d: dict, fixed: dict[str, tuple], what: str) -> None:
     for key, allowed in fixed.items():
-        if key in d and d[key] != allowed:
-            raise ValueError(f"{what} config {key}={d[key]!r} is not supported (only {allowed!r})")
+        if key in d and d[key] not in allowed:
+            only = " or ".join(repr(a) for a in allowed)
+            raise ValueError(f"{what} config {key}={d[key]!r} is not supported (only {only})")
 
 
 def _unet_from_diffusers(d: dict) -> UNetConfig:
@@ -299,7 +311,7 @@ def _unet_from_diffusers(d: dict) -> UNetConfig:
         transformer_depth=(1,) * n if flat else depth,
         mid_transformer_depth=depth[-1],
         only_cross_attention=_per_level(only_cross, n, "only_cross_attention"),
-        mid_attention=_MID[mid_type],
+        mid_block=_MID[mid_type],
         norm_groups=d.get("norm_num_groups", 32),
         norm_eps=d.get("norm_eps", 1e-5),
         flip_sin_to_cos=d.get("flip_sin_to_cos", True),
@@ -313,10 +325,12 @@ def _unet_from_diffusers(d: dict) -> UNetConfig:
         conv_out_kernel=d.get("conv_out_kernel", 3),
         sample_size=d.get("sample_size"),
         flat_dim=4 if flat else 0,
+        # parity: the reference's flat resnets always add the time embedding (they ignore scale_shift)
+        time_scale_shift=not flat and d.get("resnet_time_scale_shift") == "scale_shift",
     )
 
 
-_VAE_FIXED = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None}
+_VAE_FIXED = {"act_fn": ("silu", "swish"), "shift_factor": (None,), "latents_mean": (None,), "latents_std": (None,)}
 
 
 def _vae_from_diffusers(d: dict) -> VAEConfig:

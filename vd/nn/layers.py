@@ -48,24 +48,31 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the time embedding added in between and a 1x1 shortcut if widths differ."""
+    """GroupNorm-SiLU-conv twice, with the time embedding added in between and a 1x1 shortcut if widths differ.
+
+    `scale_shift` (diffusers' resnet_time_scale_shift="scale_shift", not in VD): the time embedding gives a scale
+    and a shift applied after norm2 instead of a shift before it."""
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float,
-                 kernel_size: int = 3, output_scale: float = 1.0):
+                 kernel_size: int = 3, output_scale: float = 1.0, scale_shift: bool = False):
         super().__init__()
         pad = kernel_size // 2
-        self.output_scale = output_scale
+        self.output_scale, self.scale_shift = output_scale, scale_shift
         self.norm1 = GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size, padding=pad)
-        self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch is not None else None
+        self.time_emb_proj = nn.Linear(temb_ch, out_ch * (2 if scale_shift else 1)) if temb_ch is not None else None
         self.norm2 = GroupNorm(groups, out_ch, eps=eps)
         self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size, padding=pad)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         h = self.conv1(self.norm1(x, silu=True))
-        shift = self.time_emb_proj(F.silu(temb)) if self.time_emb_proj is not None else None  # (B, out_ch)
-        h = self.conv2(self.norm2(h, shift, silu=True))  # silu(norm2(h + shift)), one pass when fused
+        shift = self.time_emb_proj(F.silu(temb)) if self.time_emb_proj is not None else None  # (B, out_ch or 2x)
+        if self.scale_shift:
+            scale, shift = shift[:, :, None, None].chunk(2, dim=1)
+            h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+        else:
+            h = self.conv2(self.norm2(h, shift, silu=True))  # silu(norm2(h + shift)), one pass when fused
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h

@@ -88,7 +88,8 @@ class UNet(nn.Module):
         def resnet(cin: int, cout: int, output_scale: float = 1.0) -> nn.Module:
             if flat:  # parity: the flat block ignores output scaling, as the reference does
                 return FlatResnetBlock(cin, cout, cfg.time_dim, cfg.norm_groups, cfg.norm_eps, fd)
-            return ResnetBlock(cin, cout, cfg.time_dim, cfg.norm_groups, cfg.norm_eps, output_scale=output_scale)
+            return ResnetBlock(cin, cout, cfg.time_dim, cfg.norm_groups, cfg.norm_eps, output_scale=output_scale,
+                               scale_shift=cfg.time_scale_shift)
 
         def transformer(ch: int, level: int, only_cross: bool, depth: int | None = None) -> SpatialTransformer:
             return SpatialTransformer(ch, cfg.num_heads[level], cfg.context_dim[level],
@@ -114,12 +115,12 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
             self.down_blocks.append(block)
 
-        if cfg.mid_attention:
+        if cfg.mid_block != "none":
             self.mid_block = nn.Module()
             if data:
                 self.mid_block.resnets = nn.ModuleList(
-                    [resnet(chs[-1], chs[-1], cfg.mid_block_scale_factor) for _ in range(2)])
-            if context:
+                    [resnet(chs[-1], chs[-1], cfg.mid_block_scale_factor) for _ in range(1 + cfg.mid_attention)])
+            if context and cfg.mid_attention:
                 self.mid_block.attentions = nn.ModuleList(
                     [transformer(chs[-1], n - 1, False, cfg.mid_transformer_depth)])
 
@@ -191,10 +192,11 @@ class UNet(nn.Module):
                 h = block.downsamplers[0](h)  # (B, Ci, H / 2^(i+1), W / 2^(i+1)); flat: same shape
                 skips.append(h)
 
-        if cfg.mid_attention:
+        if cfg.mid_block != "none":
             h = self.mid_block.resnets[0](h, temb)
-            h = apply_context(next(sites), h, contexts)
-            h = self.mid_block.resnets[1](h, temb)
+            if cfg.mid_attention:
+                h = apply_context(next(sites), h, contexts)
+                h = self.mid_block.resnets[1](h, temb)
 
         for i, block in enumerate(self.up_blocks):
             for resnet in block.resnets:
