@@ -36,8 +36,10 @@ def random_unet(r: random.Random, context_dim: int | None = None) -> dict:
     heads = [r.choice([h for h in (1, 2, 4) if c % h == 0]) for c in channels]
     d = dict(sample_size=r.choice([4, 6, 8]), in_channels=r.randint(1, 5), out_channels=r.randint(1, 5),
              block_out_channels=channels, norm_num_groups=groups, attention_head_dim=heads,
-             down_block_types=[r.choice(["CrossAttnDownBlock2D", "DownBlock2D"]) for _ in range(n)],
-             up_block_types=[r.choice(["CrossAttnUpBlock2D", "UpBlock2D"]) for _ in range(n)],
+             down_block_types=[r.choice(["CrossAttnDownBlock2D", "DownBlock2D", "UNetResDownBlock2D"])
+                               for _ in range(n)],
+             up_block_types=[r.choice(["CrossAttnUpBlock2D", "UpBlock2D", "UNetResCrossAttnUpBlock2D"])
+                             for _ in range(n)],
              cross_attention_dim=context_dim or r.choice([8, 12, 16]),
              layers_per_block=r.choice([r.randint(1, 3), [r.randint(1, 3) for _ in range(n)]]))
     maybe = {  # option: the values drawn when it is set (each is set with probability 0.3)

@@ -259,8 +259,11 @@ def _check_fixed(d: dict, fixed: dict[str, tuple], what: str) -> None:
 
 
 def _unet_from_diffusers(d: dict) -> UNetConfig:
-    down = list(d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
-    up = list(d.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
+    def unalias(t):  # the reference reads "UNetResDownBlock2D" as "DownBlock2D" (down and up blocks only)
+        return t[len("UNetRes"):] if isinstance(t, str) and t.startswith("UNetRes") else t
+
+    down = [unalias(t) for t in d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])]
+    up = [unalias(t) for t in d.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)]
     flat = bool(down) and all(t.endswith("Flat") for t in down)
 
     def kind(t: str | None) -> str | None:  # "CrossAttnDownBlockFlat" -> "CrossAttnDownBlock2D"; 2D names not flat
