@@ -19,6 +19,7 @@ REF = {
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, SDE),
     "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {**SDE, **KARRAS}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "unipc_karras": (UniPCMultistepScheduler, KARRAS),
 }
 NEW = sorted(REF)
 STOCHASTIC = {"ddpm", "euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}

@@ -129,7 +129,7 @@ def test_karras_timesteps_to_the_last_bit(beta_schedule, train):
     rounded one (scaled_linear, 500 steps of training, 200 of sampling: 480, not 479) or a truncated one (cosine,
     37: 35, not 36) by a whole step."""
     cfg = {**VD, "beta_schedule": beta_schedule, "num_train_timesteps": train}
-    for name in ("dpmpp_2m_karras", "euler_karras", "heun_karras", "lms_karras"):
+    for name in ("dpmpp_2m_karras", "euler_karras", "heun_karras", "lms_karras", "unipc_karras"):
         for n in (2, 20, 200)[:2 if train < 200 else 3]:
             ref = reference(name, cfg)
             ref.set_timesteps(n)
@@ -159,12 +159,13 @@ RUNS = [("vd", 25), ("vd", 20), ("vd", 2), ("vd_loaded", 7), ("vd_leading", 10),
 def test_trajectory(name, cfg_name, n, check):
     cfg, x = CONFIGS[cfg_name], start_noise()
     kw = {"generator": gens(False)} if name in STOCHASTIC else {}
-    if name.startswith("dpmpp") and name.endswith("karras") and cfg_name == "cosine":
-        # cosine betas end at huge sigmas: the first Karras sigmas truncate to the same timestep; diffusers then
-        # starts at the second of the equal timesteps and steps past its sigmas (IndexError). We run all of them.
+    if name.startswith(("dpmpp", "unipc")) and name.endswith("karras") and cfg_name == "cosine":
+        # cosine betas end at huge sigmas: the first Karras sigmas map to the same timestep; diffusers then starts
+        # at the second of the equal timesteps and steps past its sigmas (DPM-Solver++: IndexError; UniPC: its
+        # order check fails). We run all of them.
         ts = sampler_from_config(name, cfg).timesteps(n)
         assert ts[0] == ts[1]
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError if name.startswith("dpmpp") else AssertionError):
             reference_run(reference(name, cfg), x, n, **kw)
         calls, xs = our_run(sampler_from_config(name, cfg), x, n, **kw)
         assert len(calls) == len(xs) == n and torch.isfinite(xs[-1]).all()
@@ -278,7 +279,7 @@ def test_leading_counts_that_start_past_the_schedule(name):
     facade refuses it before any model runs (diffusers' DDIM fails with an IndexError)."""
     sampler = sampler_from_config(name, {**VD, "timestep_spacing": "leading", "steps_offset": 3})
     bad = 499 if name.startswith(("dpmpp", "unipc")) and "karras" not in name else 500
-    if name.startswith("dpmpp") and "karras" in name:  # their Karras sigmas span the training range, unspaced
+    if name.startswith(("dpmpp", "unipc")) and "karras" in name:  # Karras sigmas span the training range, unspaced
         assert len(sampler.timesteps(bad)) == bad
         return
     with pytest.raises(ValueError, match=rf"num_inference_steps={bad} .* starts at timestep 1001"):
@@ -334,7 +335,7 @@ def test_bad_num_steps(name, n):
 
 
 @pytest.mark.parametrize("name,key,value", [
-    ("unipc", "use_karras_sigmas", True),  # not implemented (a config's own setting gives euler etc. Karras)
+    ("unipc", "use_exponential_sigmas", True),
     ("dpmpp_2m", "algorithm_type", "dpmsolver"),
     ("dpmpp_2m", "solver_order", 3),
     ("dpmpp_2m", "use_lu_lambdas", True),
@@ -361,6 +362,7 @@ def test_unsupported_config(name, key, value):
     ("euler", {"use_karras_sigmas": True}), ("heun", {"use_karras_sigmas": True}), ("lms", {"use_karras_sigmas": True}),
     ("dpmpp_2m", {"use_karras_sigmas": True}), ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}),
     ("dpmpp_2m_karras", {"algorithm_type": "sde-dpmsolver++"}), ("dpmpp_2m_sde", {"use_karras_sigmas": True}),
+    ("unipc", {"use_karras_sigmas": True}),
     ("ddpm", {"variance_type": None}), ("dpmpp_2m", {"variance_type": "fixed_small"}),
 ])
 def test_configs_saved_from_other_samplers(name, stated, check):

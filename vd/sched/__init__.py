@@ -17,7 +17,7 @@ from .heun import Heun, HeunKarras
 from .lms import LMS, LMSKarras
 from .noise import randn
 from .pndm import PNDM
-from .unipc import UniPC
+from .unipc import UniPC, UniPCKarras
 
 Sampler = DDIM | PNDM | LMS | DDPM | Euler | EulerAncestral | Heun | DPMSolverPP | UniPC
 
@@ -38,13 +38,14 @@ SCHEDULERS: dict[str, type[Sampler]] = {
     "dpmpp_2m_sde": DPMSolverPPSDE,
     "dpmpp_2m_sde_karras": DPMSolverPPSDEKarras,
     "unipc": UniPC,
+    "unipc_karras": UniPCKarras,
 }
 
 
 # the form a config's own use_karras_sigmas=True or algorithm_type="sde-dpmsolver++" gives a name, as diffusers'
 # class reads those keys (a config saved from a Karras or SDE pipeline)
 KARRAS_FORM = {"euler": "euler_karras", "heun": "heun_karras", "lms": "lms_karras", "dpmpp_2m": "dpmpp_2m_karras",
-               "dpmpp_2m_sde": "dpmpp_2m_sde_karras"}
+               "dpmpp_2m_sde": "dpmpp_2m_sde_karras", "unipc": "unipc_karras"}
 SDE_FORM = {"dpmpp_2m": "dpmpp_2m_sde", "dpmpp_2m_karras": "dpmpp_2m_sde_karras"}
 
 

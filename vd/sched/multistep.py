@@ -6,7 +6,7 @@ x stays the variance-preserving x_t (start noise std 1, the model sees x as is).
 the other samplers "linspace" and "leading" place N + 1 points and drop the last (t = 0 for "linspace"):
 with 20 steps "linspace" runs t = 999, 949, ..., 50 and VD's "leading" 941, 894, ..., 48 (with its steps_offset 1). Timesteps
 are integers; the sigmas after them end in 0. With Karras sigmas the N levels span the whole training range
-(t = 999 down to t = 0) and each timestep is its sigma's, rounded (except for cosine betas: truncated).
+(t = 999 down to t = 0) and each timestep is its sigma's, rounded (DPM-Solver++ truncates for cosine betas).
 """
 
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ class MultistepSchedule(Schedule):
     timestep_spacing: str = "linspace"
     solver_order: int = 2
     karras: ClassVar[bool] = False  # Karras et al.'s sigmas: diffusers' use_karras_sigmas=True
+    round_cosine: ClassVar[bool] = False  # Karras timesteps of cosine betas rounded (UniPC), not truncated (DPM)
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
@@ -49,7 +50,7 @@ class MultistepSchedule(Schedule):
         if self.karras:
             sig = karras(*self.karras_range(train[0].item(), train[-1].item()), N)
             ts = sigma_to_t(sig, train)
-            ts = ts if self.beta_schedule == "squaredcos_cap_v2" else ts.round()
+            ts = ts if self.beta_schedule == "squaredcos_cap_v2" and not self.round_cosine else ts.round()
         else:
             if self.timestep_spacing == "trailing":
                 ts = timestep_points("trailing", N, T, self.steps_offset).round()

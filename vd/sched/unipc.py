@@ -35,6 +35,8 @@ class UniPC(MultistepSchedule):
         "shift_terminal": None,
     }
 
+    round_cosine: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.solver_type in ("midpoint", "heun", "logrho"):  # DPM-Solver's names: diffusers runs bh2
@@ -101,3 +103,11 @@ class UniPC(MultistepSchedule):
         rho = rho.to(x.dtype)
         res = sum(p * d for p, d in zip(rho[:-1], D1s))
         return (x_t - alpha_t * B_h * (res + rho[-1] * (m_t - m0))).to(x.dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UniPCKarras(UniPC):
+    """UniPC on Karras et al.'s sigmas (diffusers: use_karras_sigmas=True)."""
+
+    karras: ClassVar[bool] = True
+    OVERRIDES: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}
