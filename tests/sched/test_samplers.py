@@ -253,6 +253,21 @@ def test_unipc_third_order(check):
     check(relative_diff(our_run(sampler_from_config("unipc", cfg), x, 12), ref), 1e-6)
 
 
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"])
+@pytest.mark.parametrize("n,lower_order_final", [(12, True), (12, False), (20, True), (3, True)])
+def test_dpmpp_third_order(name, n, lower_order_final, check):
+    """solver_order 3 (DPM-Solver++(3M), "3M SDE" with the SDE form): third-order steps from the third on; with
+    fewer than 15 steps and lower_order_final the second-to-last is second order."""
+    cfg, x = {**VD, "solver_order": 3, "lower_order_final": lower_order_final}, start_noise()
+
+    def kw():
+        return {"generator": gens(False)} if name in STOCHASTIC else {}
+    ref = reference_run(reference(name, cfg), x, n, **kw())
+    check(relative_diff(our_run(sampler_from_config(name, cfg), x, n, **kw()), ref), 1e-6)
+    second_order = relative_diff(our_run(sampler_from_config(name, {**cfg, "solver_order": 2}), x, n, **kw()), ref)
+    assert second_order == 0 if n == 3 else second_order > 1e-4  # 3 steps run orders 1, 2, 1
+
+
 @pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large"])
 def test_ddpm_variance_types(variance_type, check):
     cfg, x = {**VD, "variance_type": variance_type, "timestep_spacing": "linspace"}, start_noise()
@@ -337,7 +352,7 @@ def test_bad_num_steps(name, n):
 @pytest.mark.parametrize("name,key,value", [
     ("unipc", "use_exponential_sigmas", True),
     ("dpmpp_2m", "algorithm_type", "dpmsolver"),
-    ("dpmpp_2m", "solver_order", 3),
+    ("dpmpp_2m", "solver_order", 4),
     ("dpmpp_2m", "use_lu_lambdas", True),
     ("dpmpp_2m", "final_sigmas_type", "sigma_min"),
     ("dpmpp_2m", "solver_type", "bh3"),

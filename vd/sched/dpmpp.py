@@ -6,7 +6,8 @@ https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/s
 
 Notation (paper): x_t = alpha_t·x0 + sigma_t·eps, lambda_t = log(alpha_t/sigma_t), h = lambda_t − lambda_s for
 a step s -> t; D0 = the model's x0 at s, D1 its divided difference with the previous step's x0 (r0 = h_prev/h).
-The first step and the last (into sigma = 0) are first order (DPM-Solver++(1) = DDIM), the others second order.
+The first step and the last (into sigma = 0) are first order (DPM-Solver++(1) = DDIM), the others second order;
+with solver_order 3 (3M) D2, the second divided difference over three steps, adds a third-order term.
 The SDE form adds exp(−h) damping and fresh noise of std sigma_t·sqrt(1 − exp(−2h)), drawn in float32 every
 step. diffusers steps in float32 whatever the model's dtype; so do we.
 """
@@ -29,8 +30,10 @@ class DPMSolverPP(MultistepSchedule):
     """DPM-Solver++(2M) with diffusers' DPMSolverMultistepScheduler defaults."""
 
     solver_type: str = "midpoint"
+    lower_order_final: bool = True
     sde: ClassVar[bool] = False  # the SDE form: diffusers' algorithm_type="sde-dpmsolver++"
 
+    ORDERS: ClassVar[tuple[int, ...]] = (1, 2, 3)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         **MultistepSchedule.UNSUPPORTED, "algorithm_type": "dpmsolver++", "use_lu_lambdas": False,
         "lambda_min_clipped": -float("inf"),
@@ -54,38 +57,56 @@ class DPMSolverPP(MultistepSchedule):
         from `generator` as diffusers does. eta is ignored (as diffusers)."""
         ts, sig = self.schedule(num_steps)
         z = step_noises(noise, generator, len(ts)) if self.sde else None
+        lam = [log_snr(s) for s in sig]  # lambda at each sigma (inf at the final 0)
         ts_dev = ts.to(x.device).unbind()
         x = x * self.init_noise_sigma(num_steps)
-        x0_prev = None  # the previous step's D0
+        ms: list[Tensor] = []  # the model's x0 at past steps, newest last
         for i in range(num_steps):
             out = eps_fn(x, ts_dev[i])
             alpha_s, sigma_s = vp(sig[i])
-            x0 = vp_x0(out, x, alpha_s, sigma_s, self.prediction_type)
+            ms = (ms + [vp_x0(out, x, alpha_s, sigma_s, self.prediction_type)])[-3:]
             alpha_t, sigma_t = vp(sig[i + 1])
-            h = log_snr(sig[i + 1]) - log_snr(sig[i])
-            D0, x = x0, x.float()
-            first_order = self.solver_order == 1 or i == 0 or i == num_steps - 1
-            D1 = None if first_order else 1.0 / ((log_snr(sig[i]) - log_snr(sig[i - 1])) / h) * (x0 - x0_prev)
-            if not self.sde:  # x_t = sigma_t/sigma_s·x − alpha_t·(e^−h − 1)·(D0 + D1/2 | + (…)·D1)
+            h = lam[i + 1] - lam[i]
+            order = self.step_order(i, num_steps)
+            D0, D1, D2, x = ms[-1], None, None, x.float()
+            if order >= 2:  # D1 = (m0 − m1)/r0
+                D1 = 1.0 / ((lam[i] - lam[i - 1]) / h) * (ms[-1] - ms[-2])
+            if order == 3:  # with r1 and the step before: D1 and D2 of the quadratic through three x0s
+                r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+                D1_1 = 1.0 / r1 * (ms[-2] - ms[-3])
+                D1, D2 = D1 + r0 / (r0 + r1) * (D1 - D1_1), 1.0 / (r0 + r1) * (D1 - D1_1)
+            heun = self.solver_type == "heun" or order == 3
+            if not self.sde:  # x_t = sigma_t/sigma_s·x − alpha_t·(e^−h − 1)·D0 + (…)·D1 − (…)·D2
                 x = sigma_t / sigma_s * x - alpha_t * (torch.exp(-h) - 1.0) * D0
-                if D1 is not None and self.solver_type == "midpoint":
+                if D1 is not None and not heun:
                     x = x - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
                 elif D1 is not None:
                     x = x + alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0) * D1
+                if D2 is not None:
+                    x = x - alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5) * D2
             else:
                 zi = z(i, out, torch.float32)
                 x = sigma_t / sigma_s * torch.exp(-h) * x + alpha_t * (1 - torch.exp(-2.0 * h)) * D0
-                if D1 is not None and self.solver_type == "midpoint":
+                if D1 is not None and not heun:
                     x = x + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
                 elif D1 is not None:
                     x = x + alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0) * D1
+                if D2 is not None:
+                    x = x + alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5) * D2
                 x = x + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * zi
             x = x.to(out.dtype)
-            x0_prev = x0
             if callback is not None:
                 callback(i, ts_dev[i], x)
         return x
 
+    def step_order(self, i: int, num_steps: int) -> int:
+        """The order of step i: it ramps up from 1 with the x0s at hand; the last step (into sigma 0) is first
+        order, and with `lower_order_final` and fewer than 15 steps the one before it at most second."""
+        if i == num_steps - 1:
+            return 1
+        if i == num_steps - 2 and self.lower_order_final and num_steps < 15:
+            return min(self.solver_order, i + 1, 2)
+        return min(self.solver_order, i + 1)
 
 @dataclass(frozen=True, kw_only=True)
 class DPMSolverPPKarras(DPMSolverPP):
