@@ -15,7 +15,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, HeunDiscreteScheduler,  # noqa: E402
-                       LMSDiscreteScheduler, UniPCMultistepScheduler)
+                       LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
 from sampler_table import NEW, REF, STOCHASTIC  # noqa: E402
 from vd.sched import SCHEDULERS, sampler_from_config  # noqa: E402
@@ -266,6 +266,24 @@ def test_dpmpp_third_order(name, n, lower_order_final, check):
     check(relative_diff(our_run(sampler_from_config(name, cfg), x, n, **kw()), ref), 1e-6)
     second_order = relative_diff(our_run(sampler_from_config(name, {**cfg, "solver_order": 2}), x, n, **kw()), ref)
     assert second_order == 0 if n == 3 else second_order > 1e-4  # 3 steps run orders 1, 2, 1
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_trailing_counts_with_one_more_timestep(name, check):
+    """"trailing" spacing places its points with numpy's arange, which for some counts (61, 103, 121, ... of
+    1000) rounds to one point more, t = -1: diffusers then evaluates the model N + 1 times, and so do we. (The
+    sigma samplers' extra step is what brings them to sigma 0; DDIM, DDPM and PNDM read the schedule's last
+    entry at t = -1, as diffusers does.)"""
+    cls, override = {**REF, "ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
+                     "lms": (LMSDiscreteScheduler, {})}[name]
+    cfg, x, n = {**VD, "timestep_spacing": "trailing"}, start_noise(), 61
+    kw = {"generator": gens(False)} if name in STOCHASTIC else {}
+    ref = reference_run(cls.from_config(cfg, **override), x, n, **kw)
+    kw = {"generator": gens(False)} if name in STOCHASTIC else {}
+    ours = our_run(sampler_from_config(name, cfg), x, n, **kw)
+    if "karras" not in name:  # (Karras sigmas are placed without arange)
+        assert ours[0][-1][0].item() == -1  # the last evaluation; relative_diff asserts the counts equal
+    check(relative_diff(ours, ref), 1e-6)
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large"])

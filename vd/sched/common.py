@@ -76,7 +76,9 @@ def timestep_points(spacing: str, n: int, num_train: int, steps_offset: int) -> 
     """`n` descending float64 timesteps of the spacing, unchecked (not yet rounded for "linspace").
 
     "leading": t_k = k·(T // n) + steps_offset; "trailing": round(T − k·T/n) − 1; "linspace": n points
-    evenly over [0, T − 1]. We keep diffusers' choice that `steps_offset` only shifts "leading".
+    evenly over [0, T − 1]. We keep diffusers' choice that `steps_offset` only shifts "leading". "trailing"
+    places its points with numpy's arange, which for some n (61, 103, 121, ... of T = 1000) rounds to one point
+    more, t = −1; diffusers then runs n + 1 steps, and so do our samplers.
     Stable Diffusion and VD ship "leading" with steps_offset=1, so sampling ends at t = 1 and never
     visits t = 0 (and leading, unlike trailing, never starts at t = T − 1); see diffusers issue #2585
     and Lin et al. 2023, table 2. We reproduce that for pixel parity rather than "fixing" it.

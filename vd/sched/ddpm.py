@@ -56,7 +56,8 @@ class DDPM(Schedule):
         for i, t in enumerate(t_list):
             out = eps_fn(x, ts_dev[i])
             a = a_bar[t]
-            a_prev = a_bar[t_list[i + 1]] if i + 1 < len(t_list) else one
+            t_prev = t_list[i + 1] if i + 1 < len(t_list) else -1
+            a_prev = a_bar[t_prev] if t_prev >= 0 else one
             b, b_prev = 1 - a, 1 - a_prev
             alpha = a / a_prev
             beta = 1 - alpha

@@ -61,13 +61,13 @@ class DPMSolverPP(MultistepSchedule):
         ts_dev = ts.to(x.device).unbind()
         x = x * self.init_noise_sigma(num_steps)
         ms: list[Tensor] = []  # the model's x0 at past steps, newest last
-        for i in range(num_steps):
+        for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             out = eps_fn(x, ts_dev[i])
             alpha_s, sigma_s = vp(sig[i])
             ms = (ms + [vp_x0(out, x, alpha_s, sigma_s, self.prediction_type)])[-3:]
             alpha_t, sigma_t = vp(sig[i + 1])
             h = lam[i + 1] - lam[i]
-            order = self.step_order(i, num_steps)
+            order = self.step_order(i, len(ts))
             D0, D1, D2, x = ms[-1], None, None, x.float()
             if order >= 2:  # D1 = (m0 − m1)/r0
                 D1 = 1.0 / ((lam[i] - lam[i - 1]) / h) * (ms[-1] - ms[-2])

@@ -38,7 +38,7 @@ class Euler(SigmaSchedule):
         ts, sig = self.schedule(num_steps)
         ts_dev = ts.to(x.device).unbind()
         x = x * self.init_noise_sigma(num_steps)
-        for i in range(num_steps):
+        for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             s, s_next = sig[i], sig[i + 1]
             out = eps_fn(x / (s**2 + 1) ** 0.5, ts_dev[i])  # the model sees the variance-preserving x_t
             x32 = x.float()
@@ -68,7 +68,7 @@ class EulerAncestral(SigmaSchedule):
         z = step_noises(noise, generator, len(ts))
         ts_dev = ts.to(x.device).unbind()
         x = x * self.init_noise_sigma(num_steps)
-        for i in range(num_steps):
+        for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             s, s_next = sig[i], sig[i + 1]
             out = eps_fn(x / (s**2 + 1) ** 0.5, ts_dev[i])
             x32 = x.float()

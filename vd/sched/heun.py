@@ -53,7 +53,7 @@ class Heun(SigmaSchedule):
 
         x = x * self.init_noise_sigma(num_steps)
         k = 0  # evaluation counter, as the callback's index
-        for i in range(num_steps):
+        for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             s, s_next = sig[i], sig[i + 1]
             dt = s_next - s
             d = slope(x, s, ts_dev[i])
@@ -61,7 +61,7 @@ class Heun(SigmaSchedule):
             if callback is not None:
                 callback(k, ts_dev[i], x_euler)
             k += 1
-            if i == num_steps - 1:  # into sigma = 0: Euler only
+            if i == len(ts) - 1:  # into sigma = 0: Euler only
                 x = x_euler
                 break
             d_next = slope(x_euler, s_next, ts_dev[i + 1])

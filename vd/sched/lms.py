@@ -88,7 +88,7 @@ class LMS(SigmaSchedule):
         ts_dev = ts.to(x.device).unbind()  # 0-d timesteps passed to eps_fn and callback
         x = x * self.init_noise_sigma(num_steps)
         ds: list[Tensor] = []  # last ORDER derivatives d = dx/dsigma, oldest first
-        for i in range(num_steps):
+        for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             s = sig[i]  # 0-d float32
             # the model sees x = x0 + sigma·eps scaled back to the variance-preserving x_t
             out = eps_fn(x / (s**2 + 1) ** 0.5, ts_dev[i])

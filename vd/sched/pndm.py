@@ -102,7 +102,8 @@ class PNDM(Schedule):
                 ets = ets[-3:] + [out]
                 if i == 0:
                     x_start = x
-                x = transfer(x, plms_eps(ets), alpha(t), alpha(t - r), self.prediction_type)
+                # parity: the current timestep indexes the schedule as is (t = -1: its last entry), as DDIM
+                x = transfer(x, plms_eps(ets), a_bar[t], alpha(t - r), self.prediction_type)
             if callback is not None:
                 callback(i, ts_dev[i], x)
         return x
