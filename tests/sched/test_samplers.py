@@ -286,6 +286,26 @@ def test_trailing_counts_with_one_more_timestep(name, check):
     check(relative_diff(ours, ref), 1e-6)
 
 
+@pytest.mark.parametrize("name", [n for n in NEW if n.startswith(("euler", "dpmpp", "unipc", "heun", "lms"))])
+@pytest.mark.parametrize("n,euler_at_final", [(7, False), (20, False), (20, True)])
+def test_final_sigma_min(name, n, euler_at_final, check):
+    """final_sigmas_type "sigma_min": Euler, DPM-Solver++ and UniPC end at the first training sigma (UniPC on
+    Karras sigmas: at their last), and DPM-Solver++ keeps its order there from 15 steps on unless
+    euler_at_final; Heun, LMS and Euler ancestral ignore the key, as diffusers' classes do."""
+    cfg, x = {**VD, "final_sigmas_type": "sigma_min", "euler_at_final": euler_at_final}, start_noise()
+
+    def kw():
+        return {"generator": gens(False)} if name in STOCHASTIC else {}
+    ref_sched = reference(name, cfg)
+    ref = reference_run(ref_sched, x, n, **kw())
+    ours = sampler_from_config(name, cfg)
+    check(relative_diff(our_run(ours, x, n, **kw()), ref), 1e-6)
+    if hasattr(ours, "final_sigmas_type"):
+        assert ours.schedule(n)[1][-1] > 0
+    else:
+        assert ours == sampler_from_config(name, VD)
+
+
 @pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large"])
 def test_ddpm_variance_types(variance_type, check):
     cfg, x = {**VD, "variance_type": variance_type, "timestep_spacing": "linspace"}, start_noise()
@@ -372,7 +392,8 @@ def test_bad_num_steps(name, n):
     ("dpmpp_2m", "algorithm_type", "dpmsolver"),
     ("dpmpp_2m", "solver_order", 4),
     ("dpmpp_2m", "use_lu_lambdas", True),
-    ("dpmpp_2m", "final_sigmas_type", "sigma_min"),
+    ("dpmpp_2m", "final_sigmas_type", "last"),
+    ("euler", "final_sigmas_type", "last"),
     ("dpmpp_2m", "solver_type", "bh3"),
     ("dpmpp_2m", "variance_type", "learned_range"),  # other DDPM variance types are accepted (no effect)
     ("unipc", "predict_x0", False),

@@ -135,14 +135,15 @@ class Schedule:
     evals_per_step: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
-        for key, allowed in (
-            ("beta_schedule", BETA_SCHEDULES),
-            ("timestep_spacing", SPACINGS),
-            ("prediction_type", self.PREDICTION_TYPES),
-        ):
-            if getattr(self, key) not in allowed:
-                name, value = type(self).__name__, getattr(self, key)
-                raise ValueError(f"{key} must be one of {allowed} for {name}, got {value!r}")
+        self.check_choice("beta_schedule", BETA_SCHEDULES)
+        self.check_choice("timestep_spacing", SPACINGS)
+        self.check_choice("prediction_type", self.PREDICTION_TYPES)
+
+    def check_choice(self, key: str, allowed: tuple) -> None:
+        """A ValueError naming the field unless its value is one of `allowed`."""
+        if getattr(self, key) not in allowed:
+            name, value = type(self).__name__, getattr(self, key)
+            raise ValueError(f"{key} must be one of {allowed} for {name}, got {value!r}")
 
     @classmethod
     def from_config(cls: type[S], config: Mapping[str, Any]) -> S:

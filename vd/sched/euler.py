@@ -25,10 +25,19 @@ from .sigmas import denoised
 class Euler(SigmaSchedule):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
 
+    final_sigmas_type: str = "zero"  # "sigma_min": the last step ends at the first training sigma, not 0
+
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         **SigmaSchedule.UNSUPPORTED, "interpolation_type": "linear",
-        "timestep_type": "discrete", "final_sigmas_type": "zero", "rescale_betas_zero_snr": False,
+        "timestep_type": "discrete", "final_sigmas_type": ("zero", "sigma_min"), "rescale_betas_zero_snr": False,
     }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_choice("final_sigmas_type", ("zero", "sigma_min"))
+
+    def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
+        return train[0] if self.final_sigmas_type == "sigma_min" else train.new_zeros(())
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,

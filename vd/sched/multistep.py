@@ -25,18 +25,20 @@ class MultistepSchedule(Schedule):
 
     timestep_spacing: str = "linspace"
     solver_order: int = 2
+    final_sigmas_type: str = "zero"  # "sigma_min": the last step ends at the first training sigma, not 0
     karras: ClassVar[bool] = False  # Karras et al.'s sigmas: diffusers' use_karras_sigmas=True
     round_cosine: ClassVar[bool] = False  # Karras timesteps of cosine betas rounded (UniPC), not truncated (DPM)
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         "trained_betas": None, "thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-        "use_beta_sigmas": False, "use_flow_sigmas": False, "final_sigmas_type": "zero",
+        "use_beta_sigmas": False, "use_flow_sigmas": False, "final_sigmas_type": ("zero", "sigma_min"),
         "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
     }
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_choice("final_sigmas_type", ("zero", "sigma_min"))
         if self.solver_order not in self.ORDERS:
             name = type(self).__name__
             raise ValueError(f"solver_order must be one of {self.ORDERS} for {name}, got {self.solver_order!r}")
@@ -59,7 +61,11 @@ class MultistepSchedule(Schedule):
                     check_leading(N + 1, T, self.steps_offset, N)
                 ts = timestep_points(self.timestep_spacing, N + 1, T, self.steps_offset).round()[:-1]
             sig = interp(train, ts)
-        return ts.long(), torch.cat([sig, sig.new_zeros(1)]).float()
+        return ts.long(), torch.cat([sig, self.last_sigma(train, sig).double().reshape(1)]).float()
+
+    def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
+        """Where the last step ends: 0, or with final_sigmas_type "sigma_min" the first training sigma."""
+        return train[0] if self.final_sigmas_type == "sigma_min" else train.new_zeros(())
 
     def max_steps(self) -> int:
         """T, but with "leading" spacing the N + 1 points placed must fit (VD: 998 steps)."""

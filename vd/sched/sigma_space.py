@@ -39,7 +39,11 @@ class SigmaSchedule(Schedule):
         if self.karras:
             sig = karras(*self.karras_range(sig[-1].item(), sig[0].item()), num_steps)
             ts = sigma_to_t(sig, train).float()
-        return ts, torch.cat([sig, sig.new_zeros(1)]).float()
+        return ts, torch.cat([sig, self.last_sigma(train, sig).double().reshape(1)]).float()
+
+    def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
+        """Where the last step ends: 0 (Euler overrides it for its final_sigmas_type)."""
+        return train.new_zeros(())
 
     def timesteps(self, num_steps: int) -> Tensor:
         """Descending float32 timesteps of the model evaluations (fractional for "linspace" and Karras)."""

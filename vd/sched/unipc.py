@@ -37,6 +37,12 @@ class UniPC(MultistepSchedule):
 
     round_cosine: ClassVar[bool] = True
 
+    def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
+        """As DPM-Solver++, but "sigma_min" on Karras sigmas ends at their own last one (diffusers' UniPC)."""
+        if self.final_sigmas_type == "sigma_min" and self.karras:
+            return sig[-1]
+        return super().last_sigma(train, sig)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.solver_type in ("midpoint", "heun", "logrho"):  # DPM-Solver's names: diffusers runs bh2
