@@ -277,10 +277,11 @@ def test_trailing_counts_with_one_more_timestep(name, check):
     cls, override = {**REF, "ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
                      "lms": (LMSDiscreteScheduler, {})}[name]
     cfg, x, n = {**VD, "timestep_spacing": "trailing"}, start_noise(), 61
-    kw = {"generator": gens(False)} if name in STOCHASTIC else {}
-    ref = reference_run(cls.from_config(cfg, **override), x, n, **kw)
-    kw = {"generator": gens(False)} if name in STOCHASTIC else {}
-    ours = our_run(sampler_from_config(name, cfg), x, n, **kw)
+
+    def kw():
+        return {"generator": gens(False)} if name in STOCHASTIC else {}
+    ref = reference_run(cls.from_config(cfg, **override), x, n, **kw())
+    ours = our_run(sampler_from_config(name, cfg), x, n, **kw())
     if "karras" not in name:  # (Karras sigmas are placed without arange)
         assert ours[0][-1][0].item() == -1  # the last evaluation; relative_diff asserts the counts equal
     check(relative_diff(ours, ref), 1e-6)
@@ -296,8 +297,7 @@ def test_final_sigma_min(name, n, euler_at_final, check):
 
     def kw():
         return {"generator": gens(False)} if name in STOCHASTIC else {}
-    ref_sched = reference(name, cfg)
-    ref = reference_run(ref_sched, x, n, **kw())
+    ref = reference_run(reference(name, cfg), x, n, **kw())
     ours = sampler_from_config(name, cfg)
     check(relative_diff(our_run(ours, x, n, **kw()), ref), 1e-6)
     if hasattr(ours, "final_sigmas_type"):

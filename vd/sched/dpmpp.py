@@ -76,7 +76,7 @@ class DPMSolverPP(MultistepSchedule):
                 r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
                 D1_1 = 1.0 / r1 * (ms[-2] - ms[-3])
                 D1, D2 = D1 + r0 / (r0 + r1) * (D1 - D1_1), 1.0 / (r0 + r1) * (D1 - D1_1)
-            heun = self.solver_type == "heun" or order == 3
+            heun = self.solver_type == "heun" or order == 3  # the form of the D1 term (third order: Heun's)
             if not self.sde:  # x_t = sigma_t/sigma_s·x − alpha_t·(e^−h − 1)·D0 + (…)·D1 − (…)·D2
                 x = sigma_t / sigma_s * x - alpha_t * (torch.exp(-h) - 1.0) * D0
                 if D1 is not None and not heun:
