@@ -186,6 +186,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                             f"got {len(args.images)}")
         if args.masks is not None and len(args.masks) != len(args.images):
             raise UserError(f"--masks: expected one mask per image ({len(args.images)}) or none, got {len(args.masks)}")
+
         def one_or_each(values: list[float] | None) -> float | list[float] | None:  # one number serves every image
             return values[0] if values is not None and len(values) == 1 else values
         extra = dict(images=[_open_image(f, "images") for f in args.images], weights=one_or_each(args.weights),

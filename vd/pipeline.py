@@ -4,9 +4,9 @@ Images: text_to_image, image_variation (with focus, fidelity and colour matching
 Text: image_to_text, text_variation (the text UNet's data layers, decoded by the Optimus text VAE).
 
 Each flow method checks its arguments (all of them, before any model runs), encodes its conditions into context
-tokens or takes them as tensors (`vd.conditions`), picks the start (noise, given latents, or an init image noised part-way) and
-calls the flow of the functional core, `vd.sampling`, where a reader learns what the flow computes. Then it
-decodes and converts. Nothing is kept between calls, so any order of calls gives what a fresh pipeline gives.
+tokens or takes them as tensors (`vd.conditions`), picks the start (noise, given latents, or an init image noised
+part-way) and calls the flow of the functional core, `vd.sampling`, where a reader learns what the flow computes.
+Then it decodes and converts. Nothing is kept between calls, so any order of calls gives what a fresh pipeline gives.
 """
 
 import copy
@@ -76,7 +76,7 @@ class VersatileDiffusion:
             self.image_eps = NoisePredictor(image_unet, compile=compile, cuda_graphs=cuda_graphs)
         if text_unet is not None and "data" in text_unet.parts:  # text flows: the image UNet's time MLP, as VD does
             self.text_eps = NoisePredictor(text_unet, time_embedding=image_unet.time_embedding, compile=compile,
-                                          cuda_graphs=cuda_graphs)
+                                           cuda_graphs=cuda_graphs)
 
     @classmethod
     def from_pretrained(cls, src: str | Path = DEFAULT_REPO, *, tasks: list[str] | None = None,
@@ -301,7 +301,8 @@ class VersatileDiffusion:
         weights the image's patches inside CLIP. Images and masks are squashed to 512 x 512 and then to CLIP's
         square input, as the original app does, so that patches and mask line up; a mask's first channel counts,
         after the original's resize in the mask's own mode (not composited over white). With a text (prompt or
-        prompt_embeds [1, 77, D]) and text_strength s > 0, the text stream weighs s and the images 1 - s. "No image" is an all-zero embedding.
+        prompt_embeds [1, 77, D]) and text_strength s > 0, the text stream weighs s and the images 1 - s. "No image"
+        is an all-zero embedding.
         """
         self._need("blend")
         imgs = checks.images("images", images)

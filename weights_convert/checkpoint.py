@@ -34,6 +34,7 @@ COMPONENT_PARTS = {
 }
 ALL_PARTS = tuple(f"{c}.{p}" if p else c for c, ps in COMPONENT_PARTS.items() for p in (ps or ("",)))
 
+
 def part_of(component: str, key: str) -> str:
     """Which part of `component` our parameter `key` belongs to."""
     if component in ("image_unet", "text_unet"):

@@ -80,7 +80,8 @@ def _unet_walk(cfg: UNetConfig) -> Iterator[tuple[str, str, str, dict[str, str]]
                 yield "context", f"down_blocks.{i}.attentions.{j}", f"input_blocks.{k}.1", {}
             k += 1
         if i < n - 1:
-            yield "data", f"down_blocks.{i}.downsamplers.0", f"input_blocks.{k}.0", {} if cfg.flat_dim else IMAGE_DOWNSAMPLE
+            renames = {} if cfg.flat_dim else IMAGE_DOWNSAMPLE
+            yield "data", f"down_blocks.{i}.downsamplers.0", f"input_blocks.{k}.0", renames
             k += 1
     if cfg.mid_block != "none":
         yield "data", "mid_block.resnets.0", "middle_block.0", RESNET
@@ -136,7 +137,8 @@ def vae_layers_ldm(cfg: VAEConfig, prefix: str = "") -> list[Layer]:
         for j in range(cfg.layers_per_block):
             layers.append(Layer(f"{p}encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", VAE_RESNET))
         for j in range(cfg.layers_per_block + 1):
-            layers.append(Layer(f"{p}decoder.up.{i}.block.{j}", f"decoder.up_blocks.{n - 1 - i}.resnets.{j}", VAE_RESNET))
+            layers.append(Layer(f"{p}decoder.up.{i}.block.{j}", f"decoder.up_blocks.{n - 1 - i}.resnets.{j}",
+                                VAE_RESNET))
         if i < n - 1:
             layers.append(Layer(f"{p}encoder.down.{i}.downsample", f"encoder.down_blocks.{i}.downsamplers.0"))
         if i > 0:
@@ -147,5 +149,6 @@ def vae_layers_ldm(cfg: VAEConfig, prefix: str = "") -> list[Layer]:
 def clip_layers(prefix: str) -> tuple[list[Layer], list[Layer]]:
     """A full transformers CLIPModel under `prefix` -> the text and the vision tower with their projections."""
     text = [Layer(f"{prefix}.text_model", "text_model"), Layer(f"{prefix}.text_projection", "text_projection")]
-    vision = [Layer(f"{prefix}.vision_model", "vision_model"), Layer(f"{prefix}.visual_projection", "visual_projection")]
+    vision = [Layer(f"{prefix}.vision_model", "vision_model"),
+              Layer(f"{prefix}.visual_projection", "visual_projection")]
     return text, vision

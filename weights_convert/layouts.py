@@ -28,7 +28,7 @@ from vd.nn.optimus import VD_OPTIMUS
 from weights_convert import optimus as optimus_keys
 from weights_convert import presets
 from weights_convert.checkpoint import (ALL_PARTS, COMPONENT_PARTS, Checkpoint, Source, check_clip_config,
-                                       config_from_json, part_of)
+                                        config_from_json, part_of)
 from weights_convert.keymaps import (LEGACY_VAE_ATTENTION, Layer, clip_layers, find_layer, rename,
                                      unet_layers_v1, unet_layers_v2, vae_layers_ldm)
 from weights_convert.tensorfile import CheckpointError, TensorFile

@@ -22,4 +22,3 @@ def route(key: str, prefix: str = "") -> tuple[str, str] | str | None:
         return WHY_CAUSAL_MASK
     part = ours.split(".")[0]
     return (part, ours) if part in ("encoder", "decoder") else None
-

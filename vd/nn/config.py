@@ -73,8 +73,8 @@ class UNetConfig:
     @property
     def num_context_sites(self) -> int:
         """How many context layers (transformers) one forward passes through, in forward order."""
-        down = sum(l for l, a in zip(self.layers_per_block, self.down_attention) if a)
-        up = sum(l + 1 for l, a in zip(self.layers_per_block[::-1], self.up_attention) if a)
+        down = sum(n for n, a in zip(self.layers_per_block, self.down_attention) if a)
+        up = sum(n + 1 for n, a in zip(self.layers_per_block[::-1], self.up_attention) if a)
         return down + int(self.mid_attention) + up
 
     @classmethod
@@ -218,7 +218,8 @@ _MID = {"UNetMidBlock2DCrossAttn": "cross_attention", "UNetMidBlock2D": "resnet"
 
 # our field -> the diffusers config.json key it comes from (for error messages)
 _UNET_SOURCE = {"block_channels": "block_out_channels", "down_attention": "down_block_types",
-                "up_attention": "up_block_types", "num_heads": "attention_head_dim", "context_dim": "cross_attention_dim",
+                "up_attention": "up_block_types", "num_heads": "attention_head_dim",
+                "context_dim": "cross_attention_dim",
                 "transformer_depth": "transformer_layers_per_block",
                 "mid_transformer_depth": "transformer_layers_per_block", "mid_block": "mid_block_type",
                 "norm_groups": "norm_num_groups", "time_embed_dim": "time_embedding_dim",

@@ -171,7 +171,8 @@ class UNet(nn.Module):
             raise RuntimeError("this UNet has no time embedding of its own: pass time_embedding=")
         for c in contexts:
             if len(c.layers) != cfg.num_context_sites:
-                raise ValueError(f"a context stream has {len(c.layers)} layers, this UNet needs {cfg.num_context_sites}")
+                raise ValueError(f"a context stream has {len(c.layers)} layers, "
+                                 f"this UNet needs {cfg.num_context_sites}")
 
         t = torch.as_tensor(t, device=x.device)
         t = (t[None] if t.dim() == 0 else t).expand(x.shape[0])  # (B,)

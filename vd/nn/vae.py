@@ -131,7 +131,8 @@ class AutoencoderKL(nn.Module):
             self.encoder = Encoder(cfg)
             self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1) if cfg.quant_conv else None
         if "decoder" in parts:
-            self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1) if cfg.post_quant_conv else None
+            self.post_quant_conv = (nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+                                    if cfg.post_quant_conv else None)
             self.decoder = Decoder(cfg)
 
     def encode(self, x: Tensor) -> LatentDistribution:

@@ -111,6 +111,7 @@ class DPMSolverPP(MultistepSchedule):
             return min(self.solver_order, i + 1, 2)
         return min(self.solver_order, i + 1)
 
+
 @dataclass(frozen=True, kw_only=True)
 class DPMSolverPPKarras(DPMSolverPP):
     """DPM-Solver++(2M) on Karras et al.'s sigmas (diffusers: use_karras_sigmas=True)."""

@@ -4,9 +4,10 @@ DPMSolverMultistepScheduler and UniPCMultistepScheduler (v0.42.1) compute it.
 x stays the variance-preserving x_t (start noise std 1, the model sees x as is). Their default spacing is
 "linspace", not VD's "leading" (VD's config has no timestep_spacing, so each class keeps its own), and unlike
 the other samplers "linspace" and "leading" place N + 1 points and drop the last (t = 0 for "linspace"):
-with 20 steps "linspace" runs t = 999, 949, ..., 50 and VD's "leading" 941, 894, ..., 48 (with its steps_offset 1). Timesteps
-are integers; the sigmas after them end in 0. With Karras sigmas the N levels span the whole training range
-(t = 999 down to t = 0) and each timestep is its sigma's, rounded (DPM-Solver++ truncates for cosine betas).
+with 20 steps "linspace" runs t = 999, 949, ..., 50 and VD's "leading" 941, 894, ..., 48 (with its steps_offset
+1). Timesteps are integers; the sigmas after them end in 0 (or, with final_sigmas_type "sigma_min", in the first
+training sigma). With Karras sigmas the N levels span the whole training range (t = 999 down to t = 0) and each
+timestep is its sigma's, rounded (DPM-Solver++ truncates for cosine betas).
 """
 
 from dataclasses import dataclass
