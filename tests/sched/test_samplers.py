@@ -306,6 +306,18 @@ def test_final_sigma_min(name, n, euler_at_final, check):
         assert ours == sampler_from_config(name, VD)
 
 
+@pytest.mark.parametrize("name", ["euler", "euler_karras"])
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_euler_continuous_timesteps(name, prediction_type, check):
+    """timestep_type "continuous": with v_prediction the model sees t = log(sigma) / 4 (EDM's c_noise), else the
+    usual timesteps, as diffusers' EulerDiscreteScheduler."""
+    cfg, x = {**VD, "timestep_type": "continuous", "prediction_type": prediction_type}, start_noise()
+    ours = sampler_from_config(name, cfg)
+    check(relative_diff(our_run(ours, x, 9), reference_run(reference(name, cfg), x, 9)), 1e-6)
+    discrete = sampler_from_config(name, {**cfg, "timestep_type": "discrete"})
+    assert torch.equal(ours.timesteps(9), discrete.timesteps(9)) == (prediction_type == "epsilon")
+
+
 @pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large"])
 def test_ddpm_variance_types(variance_type, check):
     cfg, x = {**VD, "variance_type": variance_type, "timestep_spacing": "linspace"}, start_noise()
@@ -394,6 +406,7 @@ def test_bad_num_steps(name, n):
     ("dpmpp_2m", "use_lu_lambdas", True),
     ("dpmpp_2m", "final_sigmas_type", "last"),
     ("euler", "final_sigmas_type", "last"),
+    ("euler", "timestep_type", "edm"),
     ("dpmpp_2m", "solver_type", "bh3"),
     ("dpmpp_2m", "variance_type", "learned_range"),  # other DDPM variance types are accepted (no effect)
     ("unipc", "predict_x0", False),

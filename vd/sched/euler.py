@@ -26,15 +26,22 @@ class Euler(SigmaSchedule):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
 
     final_sigmas_type: str = "zero"  # "sigma_min": the last step ends at the first training sigma, not 0
+    timestep_type: str = "discrete"  # "continuous" with v_prediction: the model sees t = log(sigma) / 4 (EDM)
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        **SigmaSchedule.UNSUPPORTED, "interpolation_type": "linear",
-        "timestep_type": "discrete", "final_sigmas_type": ("zero", "sigma_min"), "rescale_betas_zero_snr": False,
+        **SigmaSchedule.UNSUPPORTED, "interpolation_type": "linear", "rescale_betas_zero_snr": False,
     }
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("final_sigmas_type", ("zero", "sigma_min"))
+        self.check_choice("timestep_type", ("discrete", "continuous"))
+
+    def schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
+        ts, sig = super().schedule(num_steps)
+        if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
+            ts = 0.25 * sig[:-1].log()
+        return ts, sig
 
     def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
         return train[0] if self.final_sigmas_type == "sigma_min" else train.new_zeros(())
