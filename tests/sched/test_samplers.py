@@ -34,7 +34,8 @@ CONFIGS = {
 
 
 def reference(name: str, cfg) -> object:
-    cls, override = REF[name]
+    cls, override = {**REF, "ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
+                     "lms": (LMSDiscreteScheduler, {})}[name]
     return cls.from_config(cfg, **override)
 
 
@@ -274,13 +275,11 @@ def test_trailing_counts_with_one_more_timestep(name, check):
     1000) rounds to one point more, t = -1: diffusers then evaluates the model N + 1 times, and so do we. (The
     sigma samplers' extra step is what brings them to sigma 0; DDIM, DDPM and PNDM read the schedule's last
     entry at t = -1, as diffusers does.)"""
-    cls, override = {**REF, "ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
-                     "lms": (LMSDiscreteScheduler, {})}[name]
     cfg, x, n = {**VD, "timestep_spacing": "trailing"}, start_noise(), 61
 
     def kw():
         return {"generator": gens(False)} if name in STOCHASTIC else {}
-    ref = reference_run(cls.from_config(cfg, **override), x, n, **kw())
+    ref = reference_run(reference(name, cfg), x, n, **kw())
     ours = our_run(sampler_from_config(name, cfg), x, n, **kw())
     if "karras" not in name:  # (Karras sigmas are placed without arange)
         assert ours[0][-1][0].item() == -1  # the last evaluation; relative_diff asserts the counts equal
@@ -316,6 +315,30 @@ def test_euler_continuous_timesteps(name, prediction_type, check):
     check(relative_diff(our_run(ours, x, 9), reference_run(reference(name, cfg), x, 9)), 1e-6)
     discrete = sampler_from_config(name, {**cfg, "timestep_type": "discrete"})
     assert torch.equal(ours.timesteps(9), discrete.timesteps(9)) == (prediction_type == "epsilon")
+
+
+EXPONENTIAL = {"vd": VD, "cosine_leading_ends": {**VD, "beta_schedule": "squaredcos_cap_v2", "sigma_min": 0.05,
+                                                   "sigma_max": 10.0, "timestep_spacing": "leading"},
+               "sigma_min_final": {**VD, "final_sigmas_type": "sigma_min"}}
+
+
+@pytest.mark.parametrize("cfg_name", sorted(EXPONENTIAL))
+@pytest.mark.parametrize("name", ["euler", "euler_a", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_exponential_sigmas(name, cfg_name, check):
+    """use_exponential_sigmas: N sigmas evenly spaced in log sigma between the schedule's ends (or the config's
+    sigma_min/sigma_max), timesteps mapped back from them (truncated to integers by the multistep solvers), as
+    diffusers; its EulerAncestral has no such option and ignores the key."""
+    cfg, x = {**EXPONENTIAL[cfg_name], "use_exponential_sigmas": True}, start_noise()
+
+    def kw():
+        return {"generator": gens(False)} if name in STOCHASTIC else {}
+    ours, ref = sampler_from_config(name, cfg), reference(name, cfg)
+    for n in (1, 2, 7, 20):
+        ref.set_timesteps(n)
+        assert torch.equal(ours.timesteps(n), ref.timesteps), n
+    check(relative_diff(our_run(ours, x, 9, **kw()), reference_run(reference(name, cfg), x, 9, **kw())), 1e-6)
+    plain = sampler_from_config(name, EXPONENTIAL[cfg_name])
+    assert torch.equal(ours.timesteps(9), plain.timesteps(9)) == (name == "euler_a")
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large"])
@@ -400,7 +423,8 @@ def test_bad_num_steps(name, n):
 
 
 @pytest.mark.parametrize("name,key,value", [
-    ("unipc", "use_exponential_sigmas", True),
+    ("unipc_karras", "use_exponential_sigmas", True),  # diffusers refuses both at once too
+    ("unipc", "use_beta_sigmas", True),
     ("dpmpp_2m", "algorithm_type", "dpmsolver"),
     ("dpmpp_2m", "solver_order", 4),
     ("dpmpp_2m", "use_lu_lambdas", True),

@@ -343,7 +343,7 @@ def test_unknown_scheduler_name():
     ("ddim", "rescale_betas_zero_snr", True),
     ("ddim", "trained_betas", [0.1] * 1000),
     ("pndm", "trained_betas", [0.1] * 1000),
-    ("lms", "use_exponential_sigmas", True),
+    ("lms", "use_beta_sigmas", True),
     ("lms", "use_beta_sigmas", True),
     ("ddim", "beta_schedule", "sigmoid"),
     ("lms", "timestep_spacing", "uniform"),

@@ -101,6 +101,13 @@ def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset:
     return timestep_points(spacing, num_steps, num_train, steps_offset)
 
 
+def check_one_spacing(schedule: "Schedule") -> None:
+    """Karras and exponential sigmas exclude each other (diffusers refuses both too)."""
+    if schedule.karras and schedule.use_exponential_sigmas:
+        raise ValueError(f"use_exponential_sigmas=True cannot be combined with Karras sigmas "
+                         f"({type(schedule).__name__}); pick one")
+
+
 def stated(config: Mapping[str, Any]) -> dict[str, Any]:
     """The settings a scheduler_config.json states: not its "_"-prefixed metadata, nor the keys it lists in
     "_use_default_values" (diffusers filled those with the defaults of the class that saved it)."""
@@ -119,7 +126,7 @@ class Schedule:
     prediction_type: str = "epsilon"
     timestep_spacing: str = "leading"
     steps_offset: int = 0
-    sigma_min: float | None = None  # the ends of Karras sigmas (karras_range), where a config gives them
+    sigma_min: float | None = None  # the ends of Karras or exponential sigmas (sigma_range), where a config gives them
     sigma_max: float | None = None
 
     PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
@@ -187,8 +194,11 @@ class Schedule:
         """Std of the start noise: 1 for the variance-preserving samplers (the sigma-space ones override it)."""
         return 1.0
 
-    def karras_range(self, low: float, high: float) -> tuple[float, float]:
-        """(sigma_min, sigma_max) of Karras sigmas: the config's where given, else the schedule's `low`, `high`.
-        diffusers' Euler, Heun, DPM-Solver++ and UniPC read these keys from any config (one saved from an Euler
-        pipeline has them); its LMS does not (LMS overrides this)."""
+    def sigma_range(self, low: float, high: float) -> tuple[float, float]:
+        """(sigma_min, sigma_max) of Karras or exponential sigmas: the config's where given, else the schedule's
+        `low`, `high`. diffusers reads these keys from any config (one saved from an Euler pipeline has them)."""
         return (low if self.sigma_min is None else self.sigma_min, high if self.sigma_max is None else self.sigma_max)
+
+    def karras_range(self, low: float, high: float) -> tuple[float, float]:
+        """`sigma_range` for Karras sigmas (diffusers' LMS ignores the config's ends there: LMS overrides this)."""
+        return self.sigma_range(low, high)

@@ -26,6 +26,7 @@ class Euler(SigmaSchedule):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
 
     final_sigmas_type: str = "zero"  # "sigma_min": the last step ends at the first training sigma, not 0
+    use_exponential_sigmas: bool = False
     timestep_type: str = "discrete"  # "continuous" with v_prediction: the model sees t = log(sigma) / 4 (EDM)
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {

@@ -29,6 +29,7 @@ class Heun(SigmaSchedule):
     beta_end: float = 0.012
     clip_sample: bool = False
     clip_sample_range: float = 1.0
+    use_exponential_sigmas: bool = False
 
     evals_per_step: ClassVar[int] = 2
 

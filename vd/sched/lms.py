@@ -74,6 +74,8 @@ def lms_coefficients(sigmas: Tensor, i: int, order: int, dtype: torch.dtype = to
 class LMS(SigmaSchedule):
     """LMS with diffusers' LMSDiscreteScheduler defaults (note: "linspace" spacing, float timesteps)."""
 
+    use_exponential_sigmas: bool = False
+
     def karras_range(self, low: float, high: float) -> tuple[float, float]:
         """The schedule's own ends: diffusers' LMS ignores a config's sigma_min and sigma_max."""
         return low, high

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Schedule, check_leading, most_steps, timestep_points
-from .sigmas import interp, karras, sigma_to_t, train_sigmas
+from .common import Schedule, check_leading, check_one_spacing, most_steps, timestep_points
+from .sigmas import exponential, interp, karras, sigma_to_t, train_sigmas
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,19 +27,21 @@ class MultistepSchedule(Schedule):
     timestep_spacing: str = "linspace"
     solver_order: int = 2
     final_sigmas_type: str = "zero"  # "sigma_min": the last step ends at the first training sigma, not 0
+    use_exponential_sigmas: bool = False  # N sigmas evenly spaced in log sigma over the training range
     karras: ClassVar[bool] = False  # Karras et al.'s sigmas: diffusers' use_karras_sigmas=True
     round_cosine: ClassVar[bool] = False  # Karras timesteps of cosine betas rounded (UniPC), not truncated (DPM)
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "trained_betas": None, "thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-        "use_beta_sigmas": False, "use_flow_sigmas": False, "final_sigmas_type": ("zero", "sigma_min"),
-        "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
+        "trained_betas": None, "thresholding": False, "use_karras_sigmas": False, "use_beta_sigmas": False,
+        "use_flow_sigmas": False, "final_sigmas_type": ("zero", "sigma_min"), "rescale_betas_zero_snr": False,
+        "use_dynamic_shifting": False,
     }
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("final_sigmas_type", ("zero", "sigma_min"))
+        check_one_spacing(self)
         if self.solver_order not in self.ORDERS:
             name = type(self).__name__
             raise ValueError(f"solver_order must be one of {self.ORDERS} for {name}, got {self.solver_order!r}")
@@ -54,6 +56,9 @@ class MultistepSchedule(Schedule):
             sig = karras(*self.karras_range(train[0].item(), train[-1].item()), N)
             ts = sigma_to_t(sig, train)
             ts = ts if self.beta_schedule == "squaredcos_cap_v2" and not self.round_cosine else ts.round()
+        elif self.use_exponential_sigmas:  # (timesteps truncated, never rounded)
+            sig = exponential(*self.sigma_range(train[0].item(), train[-1].item()), N)
+            ts = sigma_to_t(sig, train)
         else:
             if self.timestep_spacing == "trailing":
                 ts = timestep_points("trailing", N, T, self.steps_offset).round()
@@ -70,7 +75,7 @@ class MultistepSchedule(Schedule):
 
     def max_steps(self) -> int:
         """T, but with "leading" spacing the N + 1 points placed must fit (VD: 998 steps)."""
-        if self.karras or self.timestep_spacing != "leading":
+        if self.karras or self.use_exponential_sigmas or self.timestep_spacing != "leading":
             return self.num_train_timesteps
         return most_steps("leading", self.num_train_timesteps, self.steps_offset) - 1
 

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Schedule, spaced_timesteps
-from .sigmas import interp, karras, sigma_to_t, train_sigmas
+from .common import Schedule, check_one_spacing, spaced_timesteps
+from .sigmas import exponential, interp, karras, sigma_to_t, train_sigmas
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,11 +24,17 @@ class SigmaSchedule(Schedule):
 
     timestep_spacing: str = "linspace"
     karras: ClassVar[bool] = False  # Karras et al.'s sigmas: diffusers' use_karras_sigmas=True
+    # N sigmas evenly spaced in log sigma between the schedule's ends: a field of the samplers whose diffusers
+    # class has the option (Euler, Heun, LMS; not Euler ancestral)
+    use_exponential_sigmas: ClassVar[bool] = False
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "trained_betas": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
+        "trained_betas": None, "use_karras_sigmas": False, "use_beta_sigmas": False,
     }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_one_spacing(self)
 
     def schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
         """(timesteps float32 (N,), sigmas float32 (N+1,) ending in 0), as `set_timesteps(num_steps)`."""
@@ -38,6 +44,9 @@ class SigmaSchedule(Schedule):
         sig = interp(train, ts)  # float64
         if self.karras:
             sig = karras(*self.karras_range(sig[-1].item(), sig[0].item()), num_steps)
+            ts = sigma_to_t(sig, train).float()
+        elif self.use_exponential_sigmas:
+            sig = exponential(*self.sigma_range(sig[-1].item(), sig[0].item()), num_steps)
             ts = sigma_to_t(sig, train).float()
         return ts, torch.cat([sig, self.last_sigma(train, sig).double().reshape(1)]).float()
 

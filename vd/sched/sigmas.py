@@ -9,6 +9,8 @@ and float64 power can differ from torch's in the last bit, and a timestep that i
 or truncated (cosine betas) turns that bit into a whole step.
 """
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -32,6 +34,12 @@ def karras(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> Tens
     sigma_min."""
     hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return torch.from_numpy((hi + np.linspace(0, 1, n) * (lo - hi)) ** rho)
+
+
+def exponential(sigma_min: float, sigma_max: float, n: int) -> Tensor:
+    """n float64 sigmas evenly spaced in log sigma, from sigma_max down to sigma_min (diffusers'
+    use_exponential_sigmas)."""
+    return torch.from_numpy(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n)))
 
 
 def sigma_to_t(sigmas: Tensor, train: Tensor) -> Tensor:

@@ -38,8 +38,9 @@ class UniPC(MultistepSchedule):
     round_cosine: ClassVar[bool] = True
 
     def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
-        """As DPM-Solver++, but "sigma_min" on Karras sigmas ends at their own last one (diffusers' UniPC)."""
-        if self.final_sigmas_type == "sigma_min" and self.karras:
+        """As DPM-Solver++, but "sigma_min" on Karras or exponential sigmas ends at their own last one (diffusers'
+        UniPC)."""
+        if self.final_sigmas_type == "sigma_min" and (self.karras or self.use_exponential_sigmas):
             return sig[-1]
         return super().last_sigma(train, sig)
 
