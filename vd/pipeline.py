@@ -143,8 +143,7 @@ class VersatileDiffusion:
         imgs = checks.images("images", images)
         focus = checks.number("focus", focus, 0.0, 1.0)
         generator = checks.generator(generator, len(imgs))
-        if not isinstance(squash, bool):
-            checks.fail("squash", squash, "True or False", TypeError)
+        checks.boolean("squash", squash)
         with torch.no_grad(), self._autocast():
             return self.conditions.focused(self.conditions.encode_images(imgs, squash), focus, generator)
 
@@ -576,7 +575,7 @@ class VersatileDiffusion:
         Optimus then samples words from: draw it too, so a seeded text flow writes the original's sentences."""
         s = run.sampling
         if isinstance(s.sampler, DDIM) and s.eta == 0:
-            for _ in range(s.num_steps):
+            for _ in s.sampler.timesteps(s.num_steps):
                 randn(run.shape, s.generator, self.device, self.dtype)
 
     def _decode_text(self, latents: Tensor, generator: Generator, decoding: dict) -> list[str]:
