@@ -9,6 +9,7 @@ the stochastic ones with the same generator (or one per batch item) on both side
 
 import dataclasses
 import json
+import reprlib
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, HeunDiscreteS
 
 from sampler_table import NEW, REF, STOCHASTIC  # noqa: E402
 from vd.sched import SCHEDULERS, sampler_from_config  # noqa: E402
+from vd.sched.common import dynamic_threshold  # noqa: E402
 from helpers import DATA
 
 VD = json.loads((DATA / "scheduler_config.json").read_text())
@@ -348,6 +350,101 @@ def test_ddpm_variance_types(variance_type, check):
     check(relative_diff(our_run(sampler_from_config("ddpm", cfg), x, 10, generator=gens(False)), ref), 1e-6)
 
 
+ZERO_SNR = {**VD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
+IGNORE_ZERO_SNR = {"pndm", "lms", "lms_karras", "heun", "heun_karras"}  # their diffusers classes lack the key
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_zero_terminal_snr(name, check):
+    """rescale_betas_zero_snr (Lin et al. 2023), with the trailing spacing and v-prediction it is meant for:
+    alpha_bar ends at 0, raised to 2**-24 by the samplers that take a sigma from it, as diffusers; PNDM, LMS and
+    Heun ignore the key, as their diffusers classes do."""
+    x = start_noise()
+
+    def kw():
+        return {"generator": gens(False)} if name in STOCHASTIC else {}
+    ours = sampler_from_config(name, ZERO_SNR)
+    ref = reference(name, ZERO_SNR)
+    assert torch.equal(ours.alpha_bars(), ref.alphas_cumprod)
+    check(relative_diff(our_run(ours, x, 9, **kw()), reference_run(ref, x, 9, **kw())), 1e-6)
+    last = ours.alpha_bars()[-1].item()
+    if name in IGNORE_ZERO_SNR:
+        assert last == sampler_from_config(name, VD).alpha_bars()[-1].item()
+    else:
+        assert last == (0.0 if name in ("ddim", "ddpm") else 2.0**-24)
+
+
+THRESHOLDS = [(0.995, 1.0), (0.9, 1.5), (0.6, 20.0), (0.995, 0.5)]
+
+
+@pytest.mark.parametrize("ratio,max_value", THRESHOLDS)
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde_karras", "unipc", "unipc_karras"])
+def test_dynamic_thresholding(name, ratio, max_value, check):
+    """thresholding=True: each predicted x0 is clipped to [-s, s] and divided by s, s its `ratio` quantile of |x0|
+    kept within [1, sample_max_value] (sample_max_value < 1 wins over 1, as torch.clamp). DDIM and DDPM threshold
+    instead of clipping. The runs differ from those without thresholding."""
+    cfg = {**VD, "thresholding": True, "dynamic_thresholding_ratio": ratio, "sample_max_value": max_value}
+    x = start_noise() * 3
+
+    def kw():
+        return {"generator": gens(False)} if name in STOCHASTIC else {}
+    ours = our_run(sampler_from_config(name, cfg), x, 9, **kw())
+    check(relative_diff(ours, reference_run(reference(name, cfg), x, 9, **kw())), 1e-6)
+    plain = our_run(sampler_from_config(name, {**VD, "clip_sample": False}), x, 9, **kw())
+    assert not torch.allclose(ours[1][-1], plain[1][-1], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dynamic_threshold_dtypes(dtype):
+    """Half-precision x0 is thresholded in float32 and returned in its own dtype, as diffusers does."""
+    x0 = (torch.randn((3, 4, 5, 6), generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
+    ref = DDIMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.7)._threshold_sample(x0)
+    ours = dynamic_threshold(x0, 0.9, 1.7)
+    assert ours.dtype == dtype and torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("train", [1000, 200])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_trained_betas(name, train, check):
+    """trained_betas: the config's own betas, one per training timestep, in place of the named schedule (whose
+    name is then not read, as diffusers)."""
+    betas = (torch.rand(train, generator=torch.Generator().manual_seed(train), dtype=torch.float64) * 0.03 + 1e-4)
+    cfg = {**VD, "num_train_timesteps": train, "trained_betas": betas.tolist(), "beta_schedule": "sigmoid"}
+    x = start_noise()
+
+    def kw():
+        return {"generator": gens(False)} if name in STOCHASTIC else {}
+    ours, ref = sampler_from_config(name, cfg), reference(name, cfg)
+    assert torch.equal(ours.alpha_bars(), ref.alphas_cumprod)
+    check(relative_diff(our_run(ours, x, 9, **kw()), reference_run(ref, x, 9, **kw())), 1e-6)
+    for array in (betas.numpy(), betas):  # as diffusers' own constructor takes them too
+        assert sampler_from_config(name, {**cfg, "trained_betas": array}) == ours
+
+
+@pytest.mark.parametrize("name,key,value,expected", [
+    ("euler", "rescale_betas_zero_snr", "true", "true or false"),
+    ("ddim", "clip_sample", "false", "true or false"),
+    ("ddim", "trained_betas", 0.1, "a list of numbers or null"),
+    ("lms", "trained_betas", ["0.1"] * 1000, "a list of numbers or null"),
+    ("unipc", "solver_order", 2.0, "an integer"),
+    ("dpmpp_2m", "steps_offset", None, "an integer"),
+    ("ddpm", "beta_start", "0.1", "a number"),
+    ("euler_karras", "sigma_max", False, "a number or null"),
+    ("heun", "prediction_type", 1, "a string"),
+])
+def test_config_value_types(name, key, value, expected):
+    """A config value of the wrong type is refused by name, before any sampling (a JSON "false" string would be
+    true in diffusers)."""
+    with pytest.raises(TypeError, match=rf"^{key}: expected {expected} for \w+, got ") as err:
+        sampler_from_config(name, {**VD, key: value})
+    assert str(err.value).endswith(reprlib.repr(value))
+
+
+def test_trained_betas_count():
+    with pytest.raises(ValueError, match=r"trained_betas must hold num_train_timesteps=1000 betas, got 999"):
+        sampler_from_config("euler", {**VD, "trained_betas": [0.01] * 999})
+
+
 # ------------------------------------------------------------------------------------------ config, names, errors
 
 
@@ -438,7 +535,6 @@ def test_bad_num_steps(name, n):
     ("unipc", "solver_type", "bh3"),
     ("unipc", "solver_order", 4),
     ("ddpm", "variance_type", "learned_range"),
-    ("ddpm", "thresholding", True),
     ("heun", "beta_schedule", "exp"),
     ("euler", "interpolation_type", "log_linear"),
     ("euler_a", "prediction_type", "sample"),

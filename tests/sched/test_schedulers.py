@@ -339,10 +339,6 @@ def test_unknown_scheduler_name():
 
 
 @pytest.mark.parametrize("name,key,value", [
-    ("ddim", "thresholding", True),
-    ("ddim", "rescale_betas_zero_snr", True),
-    ("ddim", "trained_betas", [0.1] * 1000),
-    ("pndm", "trained_betas", [0.1] * 1000),
     ("lms", "use_beta_sigmas", True),
     ("lms", "use_beta_sigmas", True),
     ("ddim", "beta_schedule", "sigmoid"),

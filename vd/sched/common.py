@@ -7,9 +7,10 @@ and alpha_t in the DDIM paper.
 """
 
 import math
+import numbers
 import reprlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -29,6 +30,26 @@ def cosine_betas(n: int, max_beta: float = 0.999) -> Tensor:
     f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     # float64 arithmetic per step, one cast to float32 at the end (as diffusers)
     return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)], dtype=torch.float32)
+
+
+def zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Betas whose alpha_bar ends at exactly 0 (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps
+    Are Flawed", Algorithm 1): sqrt(alpha_bar) is shifted down by its last value, then scaled back to its first.
+    Float32, in diffusers' order of operations (the last beta becomes 1)."""
+    root = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()  # 0-d float32, as diffusers (python floats round otherwise)
+    root = (root - last) * (first / (first - last))
+    a_bar = root**2
+    return 1 - torch.cat([a_bar[:1], a_bar[1:] / a_bar[:-1]])
+
+
+def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): per sample, s = the `ratio` quantile of |x0|
+    kept within [1, max_value]; x0 is clipped to [−s, s] and divided by s. Meant for pixel-space models; in
+    float32 at least (as diffusers)."""
+    flat = x0.flatten(1) if x0.dtype in (torch.float32, torch.float64) else x0.float().flatten(1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
 
 
 def arange_like_numpy(start: float, stop: float, step: float) -> Tensor:
@@ -128,11 +149,15 @@ class Schedule:
     steps_offset: int = 0
     sigma_min: float | None = None  # the ends of Karras or exponential sigmas (sigma_range), where a config gives them
     sigma_max: float | None = None
+    trained_betas: tuple[float, ...] | None = field(default=None, repr=False)  # one beta per training timestep
+    # Lin et al.'s zero terminal SNR: a field of the samplers whose diffusers class reads the key (DDIM, DDPM, Euler,
+    # Euler ancestral, DPM-Solver++, UniPC); the others ignore it, as their diffusers classes do
+    rescale_betas_zero_snr: ClassVar[bool] = False
 
     PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
     # config keys we accept only at the given value, or at one of a tuple of values (the others change
     # diffusers' result in ways not implemented here)
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {"trained_betas": None}
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {}
     # what this sampler's name sets whatever the config says (diffusers: `from_config(config, **overrides)`)
     OVERRIDES: ClassVar[dict[str, Any]] = {}
     # whether sample(..., skip=k) starts from a sample noised part-way (init image, fidelity)
@@ -140,11 +165,46 @@ class Schedule:
     # model evaluations per step (diffusers' `scheduler.order`): the callback's index i counts evaluations; the
     # reference pipelines report step i // evals_per_step to the user (after filtering i by callback_steps)
     evals_per_step: ClassVar[int] = 1
+    # with zero terminal SNR, alpha_bar at t = T − 1 is raised from 0 to this, so that its sigma is finite (not DDIM
+    # and DDPM, which never divide by it: as diffusers)
+    ZERO_SNR_FLOOR: ClassVar[float | None] = 2.0**-24
 
     def __post_init__(self) -> None:
-        self.check_choice("beta_schedule", BETA_SCHEDULES)
+        if hasattr(self.trained_betas, "tolist"):  # a numpy array or a tensor
+            object.__setattr__(self, "trained_betas", self.trained_betas.tolist())
+        self.check_types()
+        if self.trained_betas is None:  # (trained betas make diffusers skip the schedule's name)
+            self.check_choice("beta_schedule", BETA_SCHEDULES)
+        else:
+            betas = tuple(float(b) for b in self.trained_betas)  # (a tuple keeps the frozen dataclass hashable)
+            if len(betas) != self.num_train_timesteps:
+                raise ValueError(f"trained_betas must hold num_train_timesteps={self.num_train_timesteps} betas, "
+                                 f"got {len(betas)}")
+            object.__setattr__(self, "trained_betas", betas)
         self.check_choice("timestep_spacing", SPACINGS)
         self.check_choice("prediction_type", self.PREDICTION_TYPES)
+
+    def check_types(self) -> None:
+        """A TypeError naming the first field whose value has the wrong type (a JSON "false" string is truthy)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if f.type is bool:
+                ok, want = isinstance(value, bool), "true or false"
+            elif f.type is int:
+                ok, want = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+            elif f.type is float:
+                ok, want = is_real, "a number"
+            elif f.type is str:
+                ok, want = isinstance(value, str), "a string"
+            elif f.type == float | None:
+                ok, want = value is None or is_real, "a number or null"
+            else:  # trained_betas
+                ok = value is None or (isinstance(value, Sequence) and not isinstance(value, str) and all(
+                    isinstance(b, numbers.Real) and not isinstance(b, bool) for b in value))
+                want = "a list of numbers or null"
+            if not ok:
+                raise TypeError(f"{f.name}: expected {want} for {type(self).__name__}, got {reprlib.repr(value)}")
 
     def check_choice(self, key: str, allowed: tuple) -> None:
         """A ValueError naming the field unless its value is one of `allowed`."""
@@ -170,16 +230,25 @@ class Schedule:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in given.items() if k in names})
 
-    def alpha_bars(self) -> Tensor:
-        """alpha_bar_t for t = 0..T-1, float32 (T,)."""
+    def betas(self) -> Tensor:
+        """beta_t for t = 0..T-1, float32 (T,): the trained ones where the config gives them, else the schedule's."""
         T, b0, b1 = self.num_train_timesteps, self.beta_start, self.beta_end
-        if self.beta_schedule == "linear":
+        if self.trained_betas is not None:
+            betas = torch.tensor(self.trained_betas, dtype=torch.float32)
+        elif self.beta_schedule == "linear":
             betas = torch.linspace(b0, b1, T, dtype=torch.float32)
         elif self.beta_schedule == "scaled_linear":  # linear in sqrt(beta); the LDM/SD/VD schedule
             betas = torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float32) ** 2
         else:
             betas = cosine_betas(T)
-        return torch.cumprod(1.0 - betas, dim=0)
+        return zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
+
+    def alpha_bars(self) -> Tensor:
+        """alpha_bar_t for t = 0..T-1, float32 (T,)."""
+        a_bar = torch.cumprod(1.0 - self.betas(), dim=0)
+        if self.rescale_betas_zero_snr and self.ZERO_SNR_FLOOR is not None:
+            a_bar[-1] = self.ZERO_SNR_FLOOR
+        return a_bar
 
     def max_steps(self) -> int:
         """The most sampling steps this schedule places (what `timesteps` accepts)."""
@@ -202,3 +271,38 @@ class Schedule:
     def karras_range(self, low: float, high: float) -> tuple[float, float]:
         """`sigma_range` for Karras sigmas (diffusers' LMS ignores the config's ends there: LMS overrides this)."""
         return self.sigma_range(low, high)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Thresholding:
+    """The config keys of dynamic thresholding, read by diffusers' DDIM, DDPM, DPM-Solver++ and UniPC."""
+
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # (the Schedule's checks; this class comes first in the samplers' bases)
+        if self.thresholding and not 0 <= self.dynamic_thresholding_ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio: expected a quantile in [0, 1] with thresholding, got "
+                             f"{self.dynamic_thresholding_ratio!r}")
+
+    def threshold(self, x0: Tensor) -> Tensor:
+        """x0 dynamically thresholded where `thresholding` is set, else as is."""
+        if not self.thresholding:
+            return x0
+        return dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClippedX0(Thresholding):
+    """DDIM's and DDPM's limit on the predicted x0: dynamic thresholding if set, else clipping if clip_sample."""
+
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+
+    def limit_x0(self, x0: Tensor) -> Tensor:
+        """x0 thresholded, else clipped to [−clip_sample_range, clip_sample_range], else as is (diffusers' order)."""
+        if self.thresholding:
+            return self.threshold(x0)
+        return x0.clamp(-self.clip_sample_range, self.clip_sample_range) if self.clip_sample else x0

@@ -14,20 +14,20 @@ Notation (code -> paper):
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, Schedule
+from .common import Callback, ClippedX0, EpsFn, Schedule
 from .noise import step_noises
 
 
 def ddim_step(
     out: Tensor, x: Tensor, a: Tensor, a_prev: Tensor, eta: float, z: Tensor | None,
-    prediction_type: str = "epsilon", clip: float | None = None,
+    prediction_type: str = "epsilon", limit: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """One DDIM update x_t -> x_{t-1} (eq. 12). `a`, `a_prev` are 0-d float32 tensors."""
     b = 1 - a
@@ -38,9 +38,9 @@ def ddim_step(
         x0, eps = a**0.5 * x - b**0.5 * out, a**0.5 * out + b**0.5 * x
     else:  # "sample"
         x0, eps = out, (x - a**0.5 * out) / b**0.5
-    # 2. optional clipping of x_0; eps stays the unclipped one (parity: diffusers' default)
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
+    # 2. optional clipping or thresholding of x_0; eps stays the unclipped one (parity: diffusers' default)
+    if limit is not None:
+        x0 = limit(x0)
     # 3. sigma_t(eta), eq. 16: eta · sqrt((1 − a_prev)/(1 − a) · (1 − a/a_prev))
     sigma = eta * ((1 - a_prev) / b * (1 - a / a_prev)) ** 0.5
     # 4. "direction pointing to x_t", eq. 12
@@ -51,18 +51,14 @@ def ddim_step(
 
 
 @dataclass(frozen=True, kw_only=True)
-class DDIM(Schedule):
+class DDIM(ClippedX0, Schedule):
     """DDIM with diffusers' DDIMScheduler defaults; build VD's with `DDIM.from_config(config)`."""
 
-    clip_sample: bool = True
-    clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
+    rescale_betas_zero_snr: bool = False
 
     starts_part_way: ClassVar[bool] = True  # `sample(skip=...)`: init images and fidelity
-
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False,
-    }
+    ZERO_SNR_FLOOR: ClassVar[float | None] = None
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
@@ -84,7 +80,6 @@ class DDIM(Schedule):
         a_last = torch.tensor(1.0, dtype=torch.float32) if self.set_alpha_to_one else a_bar[0]  # "alpha_{-1}"
         # parity: diffusers steps back by T // N even for "linspace"/"trailing" (diffusers issue #12633)
         stride = self.num_train_timesteps // num_steps
-        clip = self.clip_sample_range if self.clip_sample else None
         ts_dev = ts.to(x.device).unbind()  # 0-d timesteps passed to eps_fn and callback
         # fresh noise only when eta > 0, so the generator advances exactly as in diffusers
         draw = step_noises(noise, generator, len(ts)) if eta > 0 else None
@@ -93,7 +88,7 @@ class DDIM(Schedule):
             out = eps_fn(x, ts_dev[i])
             z = draw(i, out, out.dtype) if draw is not None else None
             a_prev = a_bar[t - stride] if t - stride >= 0 else a_last
-            x = ddim_step(out, x, a_bar[t], a_prev, eta, z, self.prediction_type, clip)
+            x = ddim_step(out, x, a_bar[t], a_prev, eta, z, self.prediction_type, self.limit_x0)
             if callback is not None:
                 callback(i, ts_dev[i], x)
         return x

@@ -10,12 +10,12 @@ next timestep (1 after the last); the fresh noise z is drawn at every t > 0 (als
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, Schedule
+from .common import Callback, ClippedX0, EpsFn, Schedule
 from .noise import step_noises
 from .sigmas import vp_x0
 
@@ -23,21 +23,18 @@ VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 
 @dataclass(frozen=True, kw_only=True)
-class DDPM(Schedule):
+class DDPM(ClippedX0, Schedule):
     """DDPM with diffusers' DDPMScheduler defaults ("leading" spacing, x0 clipped to [-1, 1])."""
 
     variance_type: str = "fixed_small"
-    clip_sample: bool = True
-    clip_sample_range: float = 1.0
+    rescale_betas_zero_snr: bool = False
 
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False,
-    }
+    ZERO_SNR_FLOOR: ClassVar[float | None] = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.variance_type is None:  # as a DPM-Solver config saves it; diffusers' DDPM runs it as fixed_small
             object.__setattr__(self, "variance_type", "fixed_small")
+        super().__post_init__()
         if self.variance_type not in VARIANCES:
             raise ValueError(f"variance_type must be one of {VARIANCES} for DDPM, got {self.variance_type!r}")
 
@@ -62,8 +59,7 @@ class DDPM(Schedule):
             alpha = a / a_prev
             beta = 1 - alpha
             x0 = vp_x0(out, x, a**0.5, b**0.5, self.prediction_type)
-            if self.clip_sample:
-                x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+            x0 = self.limit_x0(x0)
             # posterior mean, eq. 7: mu = sqrt(a_prev)·beta/b · x0 + sqrt(alpha)·b_prev/b · x_t
             x = a_prev**0.5 * beta / b * x0 + alpha**0.5 * b_prev / b * x
             if t > 0:

@@ -65,7 +65,7 @@ class DPMSolverPP(MultistepSchedule):
         for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             out = eps_fn(x, ts_dev[i])
             alpha_s, sigma_s = vp(sig[i])
-            ms = (ms + [vp_x0(out, x, alpha_s, sigma_s, self.prediction_type)])[-3:]
+            ms = (ms + [self.threshold(vp_x0(out, x, alpha_s, sigma_s, self.prediction_type))])[-3:]
             alpha_t, sigma_t = vp(sig[i + 1])
             h = lam[i + 1] - lam[i]
             order = self.step_order(i, len(ts))

@@ -28,9 +28,10 @@ class Euler(SigmaSchedule):
     final_sigmas_type: str = "zero"  # "sigma_min": the last step ends at the first training sigma, not 0
     use_exponential_sigmas: bool = False
     timestep_type: str = "discrete"  # "continuous" with v_prediction: the model sees t = log(sigma) / 4 (EDM)
+    rescale_betas_zero_snr: bool = False
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        **SigmaSchedule.UNSUPPORTED, "interpolation_type": "linear", "rescale_betas_zero_snr": False,
+        **SigmaSchedule.UNSUPPORTED, "interpolation_type": "linear",
     }
 
     def __post_init__(self) -> None:
@@ -71,8 +72,10 @@ class EulerAncestral(SigmaSchedule):
     """Euler ancestral: an Euler step down to sigma_down, then fresh noise of std sigma_up back up to
     sigma_{i+1} (k-diffusion's `sample_euler_ancestral`, the ancestral step of Ho et al. 2020 in sigma space)."""
 
+    rescale_betas_zero_snr: bool = False
+
     PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {"trained_betas": None, "rescale_betas_zero_snr": False}
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {}  # (not Karras sigmas, which diffusers' class lacks and ignores)
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,

@@ -16,26 +16,26 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Schedule, check_leading, check_one_spacing, most_steps, timestep_points
+from .common import Schedule, Thresholding, check_leading, check_one_spacing, most_steps, timestep_points
 from .sigmas import exponential, interp, karras, sigma_to_t, train_sigmas
 
 
 @dataclass(frozen=True, kw_only=True)
-class MultistepSchedule(Schedule):
+class MultistepSchedule(Thresholding, Schedule):
     """Timesteps and sigmas of the multistep solvers; the "Karras" subclasses set `karras`."""
 
     timestep_spacing: str = "linspace"
     solver_order: int = 2
     final_sigmas_type: str = "zero"  # "sigma_min": the last step ends at the first training sigma, not 0
     use_exponential_sigmas: bool = False  # N sigmas evenly spaced in log sigma over the training range
+    rescale_betas_zero_snr: bool = False
     karras: ClassVar[bool] = False  # Karras et al.'s sigmas: diffusers' use_karras_sigmas=True
     round_cosine: ClassVar[bool] = False  # Karras timesteps of cosine betas rounded (UniPC), not truncated (DPM)
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "trained_betas": None, "thresholding": False, "use_karras_sigmas": False, "use_beta_sigmas": False,
-        "use_flow_sigmas": False, "final_sigmas_type": ("zero", "sigma_min"), "rescale_betas_zero_snr": False,
-        "use_dynamic_shifting": False,
+        "use_karras_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
+        "final_sigmas_type": ("zero", "sigma_min"), "use_dynamic_shifting": False,
     }
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ class SigmaSchedule(Schedule):
     use_exponential_sigmas: ClassVar[bool] = False
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "trained_betas": None, "use_karras_sigmas": False, "use_beta_sigmas": False,
+        "use_karras_sigmas": False, "use_beta_sigmas": False,
     }
 
     def __post_init__(self) -> None:

@@ -64,7 +64,7 @@ class UniPC(MultistepSchedule):
         x_last, order = x, 1  # x and the predictor's order of the previous step
         for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             out = eps_fn(x, ts_dev[i])
-            m = vp_x0(out, x, *vp(sig[i]), self.prediction_type)
+            m = self.threshold(vp_x0(out, x, *vp(sig[i]), self.prediction_type))
             if i > 0:  # UniC: redo the last step s0 = i − 1 -> i with the new x0 m as an extra point
                 x = self.update(x_last, ms, lam, sig, i - 1, order, m_t=m)
             ms = (ms + [m])[-self.solver_order:]
