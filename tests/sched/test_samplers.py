@@ -374,6 +374,31 @@ def test_zero_terminal_snr(name, check):
         assert last == (0.0 if name in ("ddim", "ddpm") else 2.0**-24)
 
 
+@pytest.mark.parametrize("tail,spacing", [(1, "trailing"), (12, "leading")])
+@pytest.mark.parametrize("name", ["euler_karras", "dpmpp_2m_karras", "unipc_karras", "euler", "unipc"])
+def test_zero_snr_sigmas_rising_to_the_end(name, tail, spacing, check):
+    """Zero terminal SNR with tiny last betas: alpha_bar before t = T − 1 falls below the 2**-24 floor there (to 0
+    in float32 with one beta of 1e-7: an infinite sigma), so the training sigmas are no longer ascending. The
+    Karras and exponential timesteps then come from the last training sigma at or below theirs, with np.interp's
+    rules at an infinite one, as diffusers computes them. 100 "leading" steps start where sigma > sigma(T − 1)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    betas[-tail:] = 1e-7 if tail == 1 else 1e-4
+    cfg = {**ZERO_SNR, "trained_betas": betas.tolist(), "timestep_spacing": spacing}
+    cfg.update({} if name.endswith("karras") else {"use_exponential_sigmas": True})
+    ours, ref = sampler_from_config(name, cfg), reference(name, cfg)
+    train = ((1 - ours.alpha_bars()) / ours.alpha_bars()) ** 0.5
+    assert train[-2] > train[-1] and torch.isinf(train).any() == (tail == 1)
+    ref.set_timesteps(100)
+    assert torch.equal(ours.timesteps(100), ref.timesteps)
+    x = start_noise()
+    if len(set(ref.timesteps.tolist())) == 100:
+        check(relative_diff(our_run(ours, x, 100), reference_run(reference(name, cfg), x, 100)), 1e-6)
+    else:  # repeated timesteps: diffusers steps past its sigmas (see test_trajectory)
+        with pytest.raises((IndexError, AssertionError)):
+            reference_run(reference(name, cfg), x, 100)
+        assert torch.isfinite(ours.sample(fake_eps, x, 100)).all()
+
+
 THRESHOLDS = [(0.995, 1.0), (0.9, 1.5), (0.6, 20.0), (0.995, 0.5)]
 
 

@@ -24,9 +24,17 @@ def train_sigmas(alpha_bar: Tensor) -> Tensor:
 def interp(train: Tensor, t: Tensor) -> Tensor:
     """float64 sigma at (fractional) timesteps t, linear between the training timesteps and constant beyond the
     ends, as np.interp (a "trailing" schedule of 998 steps ends at t = -1)."""
-    train, t = train.double(), t.double().clamp(0, len(train) - 1)
+    train, t = train.double(), t.double()
     lo = t.floor().long().clamp(0, len(train) - 2)
-    return (train[lo + 1] - train[lo]) * (t - lo) + train[lo]
+    left, right, slope = train[lo], train[lo + 1], train[lo + 1] - train[lo]
+    out = slope * (t - lo) + left
+    # np.interp's rules, which matter for an infinite training sigma (alpha_bar 0 in float32, zero terminal SNR):
+    # a training timestep gives its own value; a NaN is retried from the right point, then equal neighbours give
+    # their value; and the ends are returned as they are
+    out = torch.where(t == lo, left, out)
+    out = torch.where(out.isnan(), slope * (t - lo - 1) + right, out)
+    out = torch.where(out.isnan() & (left == right), left, out)
+    return torch.where(t >= len(train) - 1, train[-1], torch.where(t < 0, train[0], out))
 
 
 def karras(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> Tensor:
@@ -47,8 +55,11 @@ def sigma_to_t(sigmas: Tensor, train: Tensor) -> Tensor:
     timesteps around it, clamped to [0, T − 1]."""
     log_train = np.log(train.numpy())  # float32
     log_s = np.log(np.maximum(sigmas.double().numpy(), 1e-10))
-    # index of the last training sigma <= sigma (0 if none), at most T − 2
-    low = np.clip((log_s[:, None] - log_train[None, :] >= 0).sum(1) - 1, 0, len(train) - 2)
+    # index of the last training sigma <= sigma (0 if none), at most T − 2; "last", not "how many − 1": with zero
+    # terminal SNR the training sigmas can fall again at t = T − 1 (alpha_bar floored to 2**-24 there)
+    below = log_s[:, None] - log_train[None, :] >= 0
+    last = len(train) - 1 - below[:, ::-1].argmax(1)
+    low = np.clip(np.where(below.any(1), last, 0), 0, len(train) - 2)
     lo, hi = log_train[low], log_train[low + 1]
     w = np.clip((lo - log_s) / (lo - hi), 0, 1)  # parity: lo − hi in float32, as diffusers
     return torch.from_numpy((1 - w) * low + w * (low + 1))
