@@ -324,6 +324,23 @@ EXPONENTIAL = {"vd": VD, "cosine_leading_ends": {**VD, "beta_schedule": "squared
                "sigma_min_final": {**VD, "final_sigmas_type": "sigma_min"}}
 
 
+@pytest.mark.parametrize("extra", [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
+                                   {"timestep_spacing": "trailing"}, {"final_sigmas_type": "sigma_min"},
+                                   {"timestep_type": "continuous", "prediction_type": "v_prediction"}])
+def test_euler_log_linear_sigmas(extra, check):
+    """interpolation_type "log_linear": N + 1 sigmas evenly in log sigma over the training range, the timesteps
+    still the spaced ones, so N steps end at the smallest training sigma (Karras/exponential: only their range
+    changes; continuous timesteps: N + 1 steps, to the last sigma), as diffusers' EulerDiscreteScheduler."""
+    cfg, x = {**VD, "interpolation_type": "log_linear", **extra}, start_noise()
+    name = "euler_karras" if "use_karras_sigmas" in extra else "euler"
+    ours, ref = sampler_from_config(name, cfg), reference(name, cfg)
+    for n in (1, 9, 61):
+        ref.set_timesteps(n)
+        assert torch.equal(ours.sigmas(n), ref.sigmas) and torch.equal(ours.timesteps(n), ref.timesteps), n
+        check(relative_diff(our_run(ours, x, n), reference_run(reference(name, cfg), x, n)), 1e-6, f"{n} steps")
+    assert not torch.equal(ours.sigmas(9), sampler_from_config(name, {**cfg, "interpolation_type": "linear"}).sigmas(9))
+
+
 @pytest.mark.parametrize("cfg_name", sorted(EXPONENTIAL))
 @pytest.mark.parametrize("name", ["euler", "euler_a", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
 def test_exponential_sigmas(name, cfg_name, check):
@@ -561,7 +578,7 @@ def test_bad_num_steps(name, n):
     ("unipc", "solver_order", 4),
     ("ddpm", "variance_type", "learned_range"),
     ("heun", "beta_schedule", "exp"),
-    ("euler", "interpolation_type", "log_linear"),
+    ("euler", "interpolation_type", "cubic"),
     ("euler_a", "prediction_type", "sample"),
 ])
 def test_unsupported_config(name, key, value):

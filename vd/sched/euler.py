@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,21 +30,32 @@ class Euler(SigmaSchedule):
     use_exponential_sigmas: bool = False
     timestep_type: str = "discrete"  # "continuous" with v_prediction: the model sees t = log(sigma) / 4 (EDM)
     rescale_betas_zero_snr: bool = False
+    interpolation_type: str = "linear"  # "log_linear": N + 1 sigmas evenly in log sigma over the training range
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        **SigmaSchedule.UNSUPPORTED, "interpolation_type": "linear",
+        **SigmaSchedule.UNSUPPORTED,
     }
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("final_sigmas_type", ("zero", "sigma_min"))
         self.check_choice("timestep_type", ("discrete", "continuous"))
+        self.check_choice("interpolation_type", ("linear", "log_linear"))
 
     def schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
         ts, sig = super().schedule(num_steps)
         if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
             ts = 0.25 * sig[:-1].log()
         return ts, sig
+
+    def spaced_sigmas(self, train: Tensor, ts: Tensor, num_steps: int) -> Tensor:
+        """With "log_linear", N + 1 sigmas from the largest training sigma down to the smallest, evenly in log sigma
+        (float32, as diffusers). The timesteps stay the spaced ones, so the N steps end at the smallest training
+        sigma, not at 0 (with Karras or exponential sigmas only their range changes)."""
+        if self.interpolation_type == "linear":
+            return super().spaced_sigmas(train, ts, num_steps)
+        log_train = np.log(train.numpy())  # (numpy's float32 log, which can differ from torch's in the last bit)
+        return torch.linspace(float(log_train[-1]), float(log_train[0]), num_steps + 1).exp().double()
 
     def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
         return train[0] if self.final_sigmas_type == "sigma_min" else train.new_zeros(())

@@ -41,7 +41,7 @@ class SigmaSchedule(Schedule):
         T = self.num_train_timesteps
         ts = spaced_timesteps(self.timestep_spacing, num_steps, T, self.steps_offset).float()
         train = train_sigmas(self.alpha_bars())
-        sig = interp(train, ts)  # float64
+        sig = self.spaced_sigmas(train, ts, num_steps)  # float64
         if self.karras:
             sig = karras(*self.karras_range(sig[-1].item(), sig[0].item()), num_steps)
             ts = sigma_to_t(sig, train).float()
@@ -49,6 +49,10 @@ class SigmaSchedule(Schedule):
             sig = exponential(*self.sigma_range(sig[-1].item(), sig[0].item()), num_steps)
             ts = sigma_to_t(sig, train).float()
         return ts, torch.cat([sig, self.last_sigma(train, sig).double().reshape(1)]).float()
+
+    def spaced_sigmas(self, train: Tensor, ts: Tensor, num_steps: int) -> Tensor:
+        """float64 sigmas of the spaced timesteps, linear in t between training ones (Euler overrides it)."""
+        return interp(train, ts)
 
     def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
         """Where the last step ends: 0 (Euler overrides it for its final_sigmas_type)."""
