@@ -11,6 +11,7 @@ import dataclasses
 import json
 import reprlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, HeunDiscreteS
 
 from sampler_table import NEW, REF, STOCHASTIC  # noqa: E402
 from vd.sched import SCHEDULERS, sampler_from_config  # noqa: E402
+from vd.sched.beta_quantile import beta_quantiles  # noqa: E402
 from vd.sched.common import dynamic_threshold  # noqa: E402
 from helpers import DATA
 
@@ -341,13 +343,15 @@ def test_euler_log_linear_sigmas(extra, check):
     assert not torch.equal(ours.sigmas(9), sampler_from_config(name, {**cfg, "interpolation_type": "linear"}).sigmas(9))
 
 
+@pytest.mark.parametrize("key", ["use_exponential_sigmas", "use_beta_sigmas"])
 @pytest.mark.parametrize("cfg_name", sorted(EXPONENTIAL))
 @pytest.mark.parametrize("name", ["euler", "euler_a", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
-def test_exponential_sigmas(name, cfg_name, check):
+def test_exponential_and_beta_sigmas(name, cfg_name, key, check):
     """use_exponential_sigmas: N sigmas evenly spaced in log sigma between the schedule's ends (or the config's
-    sigma_min/sigma_max), timesteps mapped back from them (truncated to integers by the multistep solvers), as
-    diffusers; its EulerAncestral has no such option and ignores the key."""
-    cfg, x = {**EXPONENTIAL[cfg_name], "use_exponential_sigmas": True}, start_noise()
+    sigma_min/sigma_max); use_beta_sigmas: N sigmas at the quantiles 1 − k/(N − 1) of Beta(0.6, 0.6) between them.
+    Timesteps mapped back from them (truncated to integers by the multistep solvers), as diffusers; its
+    EulerAncestral has neither option and ignores the keys."""
+    cfg, x = {**EXPONENTIAL[cfg_name], key: True}, start_noise()
 
     def kw():
         return {"generator": gens(False)} if name in STOCHASTIC else {}
@@ -358,6 +362,19 @@ def test_exponential_sigmas(name, cfg_name, check):
     check(relative_diff(our_run(ours, x, 9, **kw()), reference_run(reference(name, cfg), x, 9, **kw())), 1e-6)
     plain = sampler_from_config(name, EXPONENTIAL[cfg_name])
     assert torch.equal(ours.timesteps(9), plain.timesteps(9)) == (name == "euler_a")
+
+
+@pytest.mark.parametrize("a,b", [(0.6, 0.6), (2.0, 5.0), (0.3, 1.7)])
+def test_beta_quantiles_match_scipy(a, b):
+    """Our Beta(a, b) quantile function (vd has no scipy) against scipy.stats.beta.ppf, which diffusers calls: within
+    1e-14 relative over diffusers' 1 − k/(N − 1), and exactly 0 and 1 at the ends."""
+    from scipy import stats as scipy_stats  # (in the test extra: diffusers' LMS needs it)
+    for n in (1, 2, 10, 1000):
+        qs = (1 - np.linspace(0, 1, n)).tolist()
+        ours = np.array(beta_quantiles(tuple(qs), a, b))
+        ref = scipy_stats.beta.ppf(qs, a, b)
+        assert ours[0] == 1.0 and (n == 1 or ours[-1] == 0.0)
+        assert np.all(np.abs(ours - ref) <= 1e-14 * np.abs(ref)), n
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large"])
@@ -563,7 +580,7 @@ def test_bad_num_steps(name, n):
 
 @pytest.mark.parametrize("name,key,value", [
     ("unipc_karras", "use_exponential_sigmas", True),  # diffusers refuses both at once too
-    ("unipc", "use_beta_sigmas", True),
+    ("unipc_karras", "use_beta_sigmas", True),  # (as diffusers: one of Karras, exponential, beta)
     ("dpmpp_2m", "algorithm_type", "dpmsolver"),
     ("dpmpp_2m", "solver_order", 4),
     ("dpmpp_2m", "use_lu_lambdas", True),

@@ -339,8 +339,6 @@ def test_unknown_scheduler_name():
 
 
 @pytest.mark.parametrize("name,key,value", [
-    ("lms", "use_beta_sigmas", True),
-    ("lms", "use_beta_sigmas", True),
     ("ddim", "beta_schedule", "sigmoid"),
     ("lms", "timestep_spacing", "uniform"),
     ("pndm", "prediction_type", "sample"),

@@ -123,10 +123,12 @@ def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset:
 
 
 def check_one_spacing(schedule: "Schedule") -> None:
-    """Karras and exponential sigmas exclude each other (diffusers refuses both too)."""
-    if schedule.karras and schedule.use_exponential_sigmas:
-        raise ValueError(f"use_exponential_sigmas=True cannot be combined with Karras sigmas "
-                         f"({type(schedule).__name__}); pick one")
+    """Karras, exponential and beta sigmas exclude each other (diffusers refuses two at once too)."""
+    chosen = [name for name, on in [("Karras sigmas", schedule.karras),
+                                    ("use_exponential_sigmas=True", schedule.use_exponential_sigmas),
+                                    ("use_beta_sigmas=True", schedule.use_beta_sigmas)] if on]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} cannot be combined ({type(schedule).__name__}); pick one")
 
 
 def stated(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,7 +149,7 @@ class Schedule:
     prediction_type: str = "epsilon"
     timestep_spacing: str = "leading"
     steps_offset: int = 0
-    sigma_min: float | None = None  # the ends of Karras or exponential sigmas (sigma_range), where a config gives them
+    sigma_min: float | None = None  # the ends of Karras, exponential or beta sigmas (sigma_range), if a config has them
     sigma_max: float | None = None
     trained_betas: tuple[float, ...] | None = field(default=None, repr=False)  # one beta per training timestep
     # Lin et al.'s zero terminal SNR: a field of the samplers whose diffusers class reads the key (DDIM, DDPM, Euler,
@@ -264,7 +266,7 @@ class Schedule:
         return 1.0
 
     def sigma_range(self, low: float, high: float) -> tuple[float, float]:
-        """(sigma_min, sigma_max) of Karras or exponential sigmas: the config's where given, else the schedule's
+        """(sigma_min, sigma_max) of Karras, exponential or beta sigmas: the config's where given, else the schedule's
         `low`, `high`. diffusers reads these keys from any config (one saved from an Euler pipeline has them)."""
         return (low if self.sigma_min is None else self.sigma_min, high if self.sigma_max is None else self.sigma_max)
 

@@ -28,6 +28,7 @@ class Euler(SigmaSchedule):
 
     final_sigmas_type: str = "zero"  # "sigma_min": the last step ends at the first training sigma, not 0
     use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
     timestep_type: str = "discrete"  # "continuous" with v_prediction: the model sees t = log(sigma) / 4 (EDM)
     rescale_betas_zero_snr: bool = False
     interpolation_type: str = "linear"  # "log_linear": N + 1 sigmas evenly in log sigma over the training range

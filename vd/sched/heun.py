@@ -30,6 +30,7 @@ class Heun(SigmaSchedule):
     clip_sample: bool = False
     clip_sample_range: float = 1.0
     use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
 
     evals_per_step: ClassVar[int] = 2
 

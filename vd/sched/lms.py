@@ -75,6 +75,7 @@ class LMS(SigmaSchedule):
     """LMS with diffusers' LMSDiscreteScheduler defaults (note: "linspace" spacing, float timesteps)."""
 
     use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
 
     def karras_range(self, low: float, high: float) -> tuple[float, float]:
         """The schedule's own ends: diffusers' LMS ignores a config's sigma_min and sigma_max."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .common import Schedule, Thresholding, check_leading, check_one_spacing, most_steps, timestep_points
-from .sigmas import exponential, interp, karras, sigma_to_t, train_sigmas
+from .sigmas import beta_spaced, exponential, interp, karras, sigma_to_t, train_sigmas
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,13 +28,14 @@ class MultistepSchedule(Thresholding, Schedule):
     solver_order: int = 2
     final_sigmas_type: str = "zero"  # "sigma_min": the last step ends at the first training sigma, not 0
     use_exponential_sigmas: bool = False  # N sigmas evenly spaced in log sigma over the training range
+    use_beta_sigmas: bool = False  # N sigmas at quantiles of Beta(0.6, 0.6) over the training range
     rescale_betas_zero_snr: bool = False
     karras: ClassVar[bool] = False  # Karras et al.'s sigmas: diffusers' use_karras_sigmas=True
     round_cosine: ClassVar[bool] = False  # Karras timesteps of cosine betas rounded (UniPC), not truncated (DPM)
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "use_karras_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
+        "use_karras_sigmas": False, "use_flow_sigmas": False,
         "final_sigmas_type": ("zero", "sigma_min"), "use_dynamic_shifting": False,
     }
 
@@ -56,8 +57,9 @@ class MultistepSchedule(Thresholding, Schedule):
             sig = karras(*self.karras_range(train[0].item(), train[-1].item()), N)
             ts = sigma_to_t(sig, train)
             ts = ts if self.beta_schedule == "squaredcos_cap_v2" and not self.round_cosine else ts.round()
-        elif self.use_exponential_sigmas:  # (timesteps truncated, never rounded)
-            sig = exponential(*self.sigma_range(train[0].item(), train[-1].item()), N)
+        elif self.use_exponential_sigmas or self.use_beta_sigmas:  # (timesteps truncated, never rounded)
+            spread = exponential if self.use_exponential_sigmas else beta_spaced
+            sig = spread(*self.sigma_range(train[0].item(), train[-1].item()), N)
             ts = sigma_to_t(sig, train)
         else:
             if self.timestep_spacing == "trailing":
@@ -75,7 +77,7 @@ class MultistepSchedule(Thresholding, Schedule):
 
     def max_steps(self) -> int:
         """T, but with "leading" spacing the N + 1 points placed must fit (VD: 998 steps)."""
-        if self.karras or self.use_exponential_sigmas or self.timestep_spacing != "leading":
+        if self.karras or self.use_exponential_sigmas or self.use_beta_sigmas or self.timestep_spacing != "leading":
             return self.num_train_timesteps
         return most_steps("leading", self.num_train_timesteps, self.steps_offset) - 1
 

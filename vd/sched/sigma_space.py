@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .common import Schedule, check_one_spacing, spaced_timesteps
-from .sigmas import exponential, interp, karras, sigma_to_t, train_sigmas
+from .sigmas import beta_spaced, exponential, interp, karras, sigma_to_t, train_sigmas
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,9 +27,10 @@ class SigmaSchedule(Schedule):
     # N sigmas evenly spaced in log sigma between the schedule's ends: a field of the samplers whose diffusers
     # class has the option (Euler, Heun, LMS; not Euler ancestral)
     use_exponential_sigmas: ClassVar[bool] = False
+    use_beta_sigmas: ClassVar[bool] = False  # sigmas at quantiles of Beta(0.6, 0.6): the same samplers
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "use_karras_sigmas": False, "use_beta_sigmas": False,
+        "use_karras_sigmas": False,
     }
 
     def __post_init__(self) -> None:
@@ -45,8 +46,9 @@ class SigmaSchedule(Schedule):
         if self.karras:
             sig = karras(*self.karras_range(sig[-1].item(), sig[0].item()), num_steps)
             ts = sigma_to_t(sig, train).float()
-        elif self.use_exponential_sigmas:
-            sig = exponential(*self.sigma_range(sig[-1].item(), sig[0].item()), num_steps)
+        elif self.use_exponential_sigmas or self.use_beta_sigmas:
+            spread = exponential if self.use_exponential_sigmas else beta_spaced
+            sig = spread(*self.sigma_range(sig[-1].item(), sig[0].item()), num_steps)
             ts = sigma_to_t(sig, train).float()
         return ts, torch.cat([sig, self.last_sigma(train, sig).double().reshape(1)]).float()
 

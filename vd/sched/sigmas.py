@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .beta_quantile import beta_quantiles
+
 
 def train_sigmas(alpha_bar: Tensor) -> Tensor:
     """sigma_t for t = 0..T−1, float32 (ascending in t)."""
@@ -48,6 +50,13 @@ def exponential(sigma_min: float, sigma_max: float, n: int) -> Tensor:
     """n float64 sigmas evenly spaced in log sigma, from sigma_max down to sigma_min (diffusers'
     use_exponential_sigmas)."""
     return torch.from_numpy(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n)))
+
+
+def beta_spaced(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
+    """n float64 sigmas from sigma_max down to sigma_min at the quantiles 1 − k/(n − 1) of Beta(alpha, beta)
+    (diffusers' use_beta_sigmas, after Lee et al. 2024: denser at both ends than in the middle)."""
+    ppf = np.array(beta_quantiles(tuple((1 - np.linspace(0, 1, n)).tolist()), alpha, beta))
+    return torch.from_numpy(sigma_min + ppf * (sigma_max - sigma_min))
 
 
 def sigma_to_t(sigmas: Tensor, train: Tensor) -> Tensor:

@@ -38,9 +38,10 @@ class UniPC(MultistepSchedule):
     round_cosine: ClassVar[bool] = True
 
     def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
-        """As DPM-Solver++, but "sigma_min" on Karras or exponential sigmas ends at their own last one (diffusers'
-        UniPC)."""
-        if self.final_sigmas_type == "sigma_min" and (self.karras or self.use_exponential_sigmas):
+        """As DPM-Solver++, but "sigma_min" on Karras, exponential or beta sigmas ends at their own last one
+        (diffusers' UniPC)."""
+        spread = self.karras or self.use_exponential_sigmas or self.use_beta_sigmas
+        if self.final_sigmas_type == "sigma_min" and spread:
             return sig[-1]
         return super().last_sigma(train, sig)
 
