@@ -377,6 +377,23 @@ def test_beta_quantiles_match_scipy(a, b):
         assert np.all(np.abs(ours - ref) <= 1e-14 * np.abs(ref)), n
 
 
+@pytest.mark.parametrize("name,extra", [
+    *[(name, extra) for name in ("unipc", "unipc_karras") for extra in (
+        {}, {"solver_type": "bh1"}, {"solver_order": 3, "lower_order_final": False}, {"prediction_type": "sample"},
+        {"prediction_type": "v_prediction"}, {"thresholding": True})],
+    ("unipc", {"use_beta_sigmas": True}),
+])
+def test_unipc_noise_prediction(name, extra, check):
+    """predict_x0=False: UniPC in noise prediction form (the model's eps in place of x0, h for −h), which
+    diffusers runs to a finite end only with final_sigmas_type "sigma_min"; it thresholds nothing in this form."""
+    cfg, x = {**VD, "predict_x0": False, "final_sigmas_type": "sigma_min", **extra}, start_noise()
+    for n in (1, 2, 12):
+        ours = our_run(sampler_from_config(name, cfg), x, n)
+        check(relative_diff(ours, reference_run(reference(name, cfg), x, n)), 1e-6, f"{n} steps")
+    data_form = our_run(sampler_from_config(name, {**cfg, "predict_x0": True}), x, 12)
+    assert not torch.allclose(ours[1][-1], data_form[1][-1], rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large"])
 def test_ddpm_variance_types(variance_type, check):
     cfg, x = {**VD, "variance_type": variance_type, "timestep_spacing": "linspace"}, start_noise()
@@ -589,7 +606,7 @@ def test_bad_num_steps(name, n):
     ("euler", "timestep_type", "edm"),
     ("dpmpp_2m", "solver_type", "bh3"),
     ("dpmpp_2m", "variance_type", "learned_range"),  # other DDPM variance types are accepted (no effect)
-    ("unipc", "predict_x0", False),
+    ("unipc", "predict_x0", False),  # with the final sigma 0 (the default) diffusers' last step is NaN
     ("unipc", "disable_corrector", [0]),
     ("unipc", "solver_type", "bh3"),
     ("unipc", "solver_order", 4),

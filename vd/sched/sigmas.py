@@ -92,6 +92,15 @@ def vp_x0(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type:
     return out  # "sample"
 
 
+def vp_eps(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """eps from the model output for the variance-preserving x_t = alpha·x0 + sigma·eps."""
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        return alpha * out + sigma * x
+    return (x - alpha * out) / sigma  # "sample"
+
+
 def vp(sigma: Tensor) -> tuple[Tensor, Tensor]:
     """(alpha_t, sigma_t) of the variance-preserving x_t = alpha_t·x0 + sigma_t·eps at noise level sigma."""
     alpha = 1 / (sigma**2 + 1) ** 0.5

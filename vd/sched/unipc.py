@@ -1,5 +1,6 @@
 """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
-Models", arXiv:2302.04867): the UniP-p predictor with the UniC corrector, in data prediction (x0) form,
+Models", arXiv:2302.04867): the UniP-p predictor with the UniC corrector, in data prediction (x0) form (with
+predict_x0=False in noise prediction form: m_k the model's eps, hh = h, the roles of alpha and sigma swapped),
 matching diffusers' `UniPCMultistepScheduler` (v0.42.1) defaults (order 2, B(h) = e^h − 1 "bh2"):
 https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_unipc_multistep.py
 
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from .common import Callback, EpsFn
 from .multistep import MultistepSchedule
-from .sigmas import log_snr, vp, vp_x0
+from .sigmas import log_snr, vp, vp_eps, vp_x0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,10 +29,11 @@ class UniPC(MultistepSchedule):
 
     solver_type: str = "bh2"
     lower_order_final: bool = True
+    predict_x0: bool = True  # False: the noise prediction form (eps in place of x0, h in place of −h)
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2, 3)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        **MultistepSchedule.UNSUPPORTED, "predict_x0": True, "disable_corrector": [], "solver_p": None,
+        **MultistepSchedule.UNSUPPORTED, "disable_corrector": [], "solver_p": None,
         "shift_terminal": None,
     }
 
@@ -51,6 +53,9 @@ class UniPC(MultistepSchedule):
             object.__setattr__(self, "solver_type", "bh2")
         if self.solver_type not in ("bh1", "bh2"):
             raise ValueError(f"solver_type must be one of ('bh1', 'bh2') for UniPC, got {self.solver_type!r}")
+        if not self.predict_x0 and self.final_sigmas_type == "zero":
+            raise ValueError("predict_x0=False needs final_sigmas_type 'sigma_min' for UniPC: ending at sigma 0, its "
+                             "last step multiplies 0 by an infinite h and gives NaN (as in diffusers)")
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
@@ -65,8 +70,11 @@ class UniPC(MultistepSchedule):
         x_last, order = x, 1  # x and the predictor's order of the previous step
         for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             out = eps_fn(x, ts_dev[i])
-            m = self.threshold(vp_x0(out, x, *vp(sig[i]), self.prediction_type))
-            if i > 0:  # UniC: redo the last step s0 = i − 1 -> i with the new x0 m as an extra point
+            if self.predict_x0:
+                m = self.threshold(vp_x0(out, x, *vp(sig[i]), self.prediction_type))
+            else:  # (diffusers thresholds only in the x0 form)
+                m = vp_eps(out, x, *vp(sig[i]), self.prediction_type)
+            if i > 0:  # UniC: redo the last step s0 = i − 1 -> i with the new m as an extra point
                 x = self.update(x_last, ms, lam, sig, i - 1, order, m_t=m)
             ms = (ms + [m])[-self.solver_order:]
             left = len(ts) - i if self.lower_order_final else self.solver_order
@@ -79,15 +87,15 @@ class UniPC(MultistepSchedule):
 
     def update(self, x: Tensor, ms: list[Tensor], lam: list[Tensor], sig: Tensor, s: int, order: int,
                m_t: Tensor | None = None) -> Tensor:
-        """x at step s + 1 from x at step s and the x0 history ms (ms[-1] at s): the predictor UniP-order, or with
-        m_t (the x0 at s + 1) the corrector UniC-order."""
+        """x at step s + 1 from x at step s and the x0 (or eps) history ms (ms[-1] at s): the predictor UniP-order,
+        or with m_t (the x0 or eps at s + 1) the corrector UniC-order."""
         alpha_t, sigma_t = vp(sig[s + 1])
-        _, sigma_s0 = vp(sig[s])
+        alpha_s0, sigma_s0 = vp(sig[s])
         h = lam[s + 1] - lam[s]
         m0 = ms[-1]
         rks = [(lam[s - k] - lam[s]) / h for k in range(1, order)]  # r_k of the earlier points
         D1s = [(ms[-(k + 1)] - m0) / rk for k, rk in enumerate(rks, start=1)]
-        hh = -h  # data prediction
+        hh = -h if self.predict_x0 else h
         h_phi_1 = torch.expm1(hh)  # e^hh − 1
         B_h = hh if self.solver_type == "bh1" else torch.expm1(hh)
         # b_k = k!·phi_{k+1}(hh)/B(h) with phi_{k+1} from h_phi_k = h_phi_{k−1}/hh − 1/k!
@@ -99,18 +107,21 @@ class UniPC(MultistepSchedule):
             fact *= k + 1
             h_phi_k = h_phi_k / hh - 1 / fact
         R, b = torch.stack(R), torch.stack(b)
-        x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
+        if self.predict_x0:
+            x_t, scale = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0, alpha_t
+        else:
+            x_t, scale = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0, sigma_t
         if m_t is None:  # predictor: uses the order − 1 earlier points
             if order == 1:
                 return x_t.to(x.dtype)
             rho = torch.full((1,), 0.5) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
             res = sum(p * d for p, d in zip(rho.to(x.dtype), D1s))
-            return (x_t - alpha_t * B_h * res).to(x.dtype)
+            return (x_t - scale * B_h * res).to(x.dtype)
         # corrector: the earlier points and the new one, D1_t = m_t − m0
         rho = torch.full((1,), 0.5) if order == 1 else torch.linalg.solve(R, b)
         rho = rho.to(x.dtype)
         res = sum(p * d for p, d in zip(rho[:-1], D1s))
-        return (x_t - alpha_t * B_h * (res + rho[-1] * (m_t - m0))).to(x.dtype)
+        return (x_t - scale * B_h * (res + rho[-1] * (m_t - m0))).to(x.dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
