@@ -427,7 +427,7 @@ def test_zero_terminal_snr(name, check):
 
 @pytest.mark.parametrize("tail,spacing", [(1, "trailing"), (12, "leading")])
 @pytest.mark.parametrize("name", ["euler_karras", "dpmpp_2m_karras", "unipc_karras", "euler", "unipc"])
-def test_zero_snr_sigmas_rising_to_the_end(name, tail, spacing, check):
+def test_zero_snr_sigmas_not_ascending(name, tail, spacing, check):
     """Zero terminal SNR with tiny last betas: alpha_bar before t = T − 1 falls below the 2**-24 floor there (to 0
     in float32 with one beta of 1e-7: an infinite sigma), so the training sigmas are no longer ascending. The
     Karras and exponential timesteps then come from the last training sigma at or below theirs, with np.interp's

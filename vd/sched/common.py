@@ -167,8 +167,8 @@ class Schedule:
     # model evaluations per step (diffusers' `scheduler.order`): the callback's index i counts evaluations; the
     # reference pipelines report step i // evals_per_step to the user (after filtering i by callback_steps)
     evals_per_step: ClassVar[int] = 1
-    # with zero terminal SNR, alpha_bar at t = T − 1 is raised from 0 to this, so that its sigma is finite (not DDIM
-    # and DDPM, which never divide by it: as diffusers)
+    # with zero terminal SNR, alpha_bar at t = T − 1 is raised from 0 to this, so that its sigma is finite (DDIM and
+    # DDPM keep the 0, as diffusers' do: v-prediction, the kind zero SNR is for, never divides by it there)
     ZERO_SNR_FLOOR: ClassVar[float | None] = 2.0**-24
 
     def __post_init__(self) -> None:

@@ -33,10 +33,6 @@ class Euler(SigmaSchedule):
     rescale_betas_zero_snr: bool = False
     interpolation_type: str = "linear"  # "log_linear": N + 1 sigmas evenly in log sigma over the training range
 
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        **SigmaSchedule.UNSUPPORTED,
-    }
-
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("final_sigmas_type", ("zero", "sigma_min"))
@@ -88,7 +84,7 @@ class EulerAncestral(SigmaSchedule):
     rescale_betas_zero_snr: bool = False
 
     PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {}  # (not Karras sigmas, which diffusers' class lacks and ignores)
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {}  # diffusers' class has no use_karras_sigmas: it ignores the key
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,

@@ -19,7 +19,7 @@ from .beta_quantile import beta_quantiles
 
 
 def train_sigmas(alpha_bar: Tensor) -> Tensor:
-    """sigma_t for t = 0..T−1, float32 (ascending in t)."""
+    """sigma_t for t = 0..T−1, float32 (ascending in t, but for zero terminal SNR's last ones: see sigma_to_t)."""
     return ((1 - alpha_bar) / alpha_bar) ** 0.5
 
 
