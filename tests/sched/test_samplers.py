@@ -364,6 +364,35 @@ def test_exponential_and_beta_sigmas(name, cfg_name, key, check):
     assert torch.equal(ours.timesteps(9), plain.timesteps(9)) == (name == "euler_a")
 
 
+DPM_ONLY = ("use_lu_lambdas", "lambda_min_clipped")
+
+
+@pytest.mark.parametrize("extra", [
+    {"use_lu_lambdas": True}, {"use_lu_lambdas": True, "beta_schedule": "squaredcos_cap_v2"},
+    {"use_lu_lambdas": True, "use_exponential_sigmas": True},  # (Lu's lambdas win, as in diffusers)
+    {"lambda_min_clipped": -5.1, "beta_schedule": "squaredcos_cap_v2"}, {"lambda_min_clipped": -2.0},
+    {"lambda_min_clipped": -2.0, "timestep_spacing": "trailing"},
+    {"lambda_min_clipped": -5.1, "beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "leading"},
+])
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_dpmpp_lu_lambdas_and_clipped_lambdas(name, extra, check):
+    """DPM-Solver++'s use_lu_lambdas (N log sigmas evenly over the training range, timesteps rounded but for cosine
+    betas) and lambda_min_clipped (the spacings end where lambda_t = log(alpha_t/sigma_t) falls below it), as
+    diffusers; UniPC's diffusers class lacks both keys and ignores them."""
+    cfg, x = {**VD, **extra}, start_noise()
+
+    def kw():
+        return {"generator": gens(False)} if name in STOCHASTIC else {}
+    ours, ref = sampler_from_config(name, cfg), reference(name, cfg)
+    for n in (1, 2, 7, 20, 50):
+        ref.set_timesteps(n)
+        assert torch.equal(ours.timesteps(n), ref.timesteps), n
+    check(relative_diff(our_run(ours, x, 9, **kw()), reference_run(reference(name, cfg), x, 9, **kw())), 1e-6)
+    plain = sampler_from_config(name, {k: v for k, v in cfg.items() if k not in DPM_ONLY})
+    same = all(torch.equal(ours.timesteps(n), plain.timesteps(n)) for n in (7, 20, 50))
+    assert same == (name == "unipc")
+
+
 @pytest.mark.parametrize("a,b", [(0.6, 0.6), (2.0, 5.0), (0.3, 1.7)])
 def test_beta_quantiles_match_scipy(a, b):
     """Our Beta(a, b) quantile function (vd has no scipy) against scipy.stats.beta.ppf, which diffusers calls: within
@@ -600,7 +629,6 @@ def test_bad_num_steps(name, n):
     ("unipc_karras", "use_beta_sigmas", True),  # (as diffusers: one of Karras, exponential, beta)
     ("dpmpp_2m", "algorithm_type", "dpmsolver"),
     ("dpmpp_2m", "solver_order", 4),
-    ("dpmpp_2m", "use_lu_lambdas", True),
     ("dpmpp_2m", "final_sigmas_type", "last"),
     ("euler", "final_sigmas_type", "last"),
     ("euler", "timestep_type", "edm"),

@@ -79,37 +79,41 @@ def most_steps(spacing: str, num_train: int, steps_offset: int) -> int:
     return most
 
 
-def leading_top(n: int, num_train: int, steps_offset: int) -> int:
-    """The first (largest) of n "leading" points, (n − 1)·(T // n) + steps_offset. It does not grow with n
-    (T = 1000, offset 3: 1001 at n = 500, 999 at n = 997), so each n is checked, not only the largest."""
-    return (n - 1) * (num_train // n) + steps_offset
+def leading_top(n: int, num_train: int, steps_offset: int, end: int | None = None) -> int:
+    """The first (largest) of n "leading" points, (n − 1)·(end // n) + steps_offset (end: T, or DPM-Solver's
+    clipped end). It does not grow with n (T = 1000, offset 3: 1001 at n = 500, 999 at n = 997), so each n is
+    checked, not only the largest."""
+    return (n - 1) * ((num_train if end is None else end) // n) + steps_offset
 
 
-def check_leading(n: int, num_train: int, steps_offset: int, num_steps: int) -> None:
+def check_leading(n: int, num_train: int, steps_offset: int, num_steps: int, end: int | None = None) -> None:
     """Refuse num_steps whose n "leading" points would start at or past T (diffusers' DDIM: an IndexError)."""
-    top = leading_top(n, num_train, steps_offset)
+    top = leading_top(n, num_train, steps_offset, end)
     if top >= num_train:
         raise ValueError(f"num_inference_steps={num_steps} with 'leading' spacing and steps_offset {steps_offset} "
                          f"starts at timestep {top}, past the last trained one ({num_train - 1}); choose another")
 
 
-def timestep_points(spacing: str, n: int, num_train: int, steps_offset: int) -> Tensor:
+def timestep_points(
+    spacing: str, n: int, num_train: int, steps_offset: int, end: int | None = None,
+) -> Tensor:
     """`n` descending float64 timesteps of the spacing, unchecked (not yet rounded for "linspace").
 
     "leading": t_k = k·(T // n) + steps_offset; "trailing": round(T − k·T/n) − 1; "linspace": n points
-    evenly over [0, T − 1]. We keep diffusers' choice that `steps_offset` only shifts "leading". "trailing"
-    places its points with numpy's arange, which for some n (61, 103, 121, ... of T = 1000) rounds to one point
-    more, t = −1; diffusers then runs n + 1 steps, and so do our samplers.
+    evenly over [0, T − 1]. `end` replaces T there (the trailing stride stays T/n) where DPM-Solver's
+    lambda_min_clipped cuts off the noisiest timesteps. We keep diffusers' choice that `steps_offset` only shifts
+    "leading". "trailing" places its points with numpy's arange, which for some n (61, 103, 121, ... of T = 1000)
+    rounds to one point more, t = −1; diffusers then runs n + 1 steps, and so do our samplers.
     Stable Diffusion and VD ship "leading" with steps_offset=1, so sampling ends at t = 1 and never
     visits t = 0 (and leading, unlike trailing, never starts at t = T − 1); see diffusers issue #2585
     and Lin et al. 2023, table 2. We reproduce that for pixel parity rather than "fixing" it.
     """
-    T = num_train
+    T, end = num_train, num_train if end is None else end
     if spacing == "leading":
-        return (torch.arange(n, dtype=torch.float64) * (T // n) + steps_offset).flip(0)
+        return (torch.arange(n, dtype=torch.float64) * (end // n) + steps_offset).flip(0)
     if spacing == "trailing":
-        return arange_like_numpy(T, 0, -T / n).round() - 1
-    return linspace(0, T - 1, n).flip(0)
+        return arange_like_numpy(end, 0, -T / n).round() - 1
+    return linspace(0, end - 1, n).flip(0)
 
 
 def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset: int) -> Tensor:

@@ -12,6 +12,7 @@ The SDE form adds exp(−h) damping and fresh noise of std sigma_t·sqrt(1 − e
 step. diffusers steps in float32 whatever the model's dtype; so do we.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -32,12 +33,13 @@ class DPMSolverPP(MultistepSchedule):
     solver_type: str = "midpoint"
     lower_order_final: bool = True
     euler_at_final: bool = False
+    use_lu_lambdas: bool = False
+    lambda_min_clipped: float = -math.inf
     sde: ClassVar[bool] = False  # the SDE form: diffusers' algorithm_type="sde-dpmsolver++"
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2, 3)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        **MultistepSchedule.UNSUPPORTED, "algorithm_type": "dpmsolver++", "use_lu_lambdas": False,
-        "lambda_min_clipped": -float("inf"),
+        **MultistepSchedule.UNSUPPORTED, "algorithm_type": "dpmsolver++",
         "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),  # not learned
     }
 

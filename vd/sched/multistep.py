@@ -10,9 +10,11 @@ training sigma). With Karras sigmas the N levels span the whole training range (
 timestep is its sigma's, rounded (DPM-Solver++ truncates for cosine betas).
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,6 +33,9 @@ class MultistepSchedule(Thresholding, Schedule):
     use_beta_sigmas: bool = False  # N sigmas at quantiles of Beta(0.6, 0.6) over the training range
     rescale_betas_zero_snr: bool = False
     karras: ClassVar[bool] = False  # Karras et al.'s sigmas: diffusers' use_karras_sigmas=True
+    # DPM-Solver++'s options (fields there; UniPC's diffusers class lacks them and ignores the keys)
+    use_lu_lambdas: ClassVar[bool] = False  # N log sigmas evenly over the training range, timesteps rounded
+    lambda_min_clipped: ClassVar[float] = -math.inf  # the spacings end where lambda_t falls below it
     round_cosine: ClassVar[bool] = False  # Karras timesteps of cosine betas rounded (UniPC), not truncated (DPM)
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2)
@@ -53,23 +58,40 @@ class MultistepSchedule(Thresholding, Schedule):
         train = train_sigmas(self.alpha_bars())
         if not 1 <= N <= self.max_steps():
             raise ValueError(f"num_inference_steps must be in [1, {self.max_steps()}], got {N}")
+        truncate = self.beta_schedule == "squaredcos_cap_v2" and not self.round_cosine  # (cosine betas: DPM-Solver++)
         if self.karras:
             sig = karras(*self.karras_range(train[0].item(), train[-1].item()), N)
             ts = sigma_to_t(sig, train)
-            ts = ts if self.beta_schedule == "squaredcos_cap_v2" and not self.round_cosine else ts.round()
+            ts = ts if truncate else ts.round()
+        elif self.use_lu_lambdas:  # (Lu et al. 2022's lambdas, linear in lambda = −log sigma; Karras sigmas win)
+            log_train = np.log(train.numpy())  # float32, as diffusers
+            hi, lo = float(log_train[-1]), float(log_train[0])
+            sig = torch.from_numpy(np.exp(hi + np.linspace(0, 1, N) * (lo - hi)))
+            ts = sigma_to_t(sig, train)
+            ts = ts if truncate else ts.round()
         elif self.use_exponential_sigmas or self.use_beta_sigmas:  # (timesteps truncated, never rounded)
             spread = exponential if self.use_exponential_sigmas else beta_spaced
             sig = spread(*self.sigma_range(train[0].item(), train[-1].item()), N)
             ts = sigma_to_t(sig, train)
         else:
+            end = self.last_timestep()
             if self.timestep_spacing == "trailing":
-                ts = timestep_points("trailing", N, T, self.steps_offset).round()
+                ts = timestep_points("trailing", N, T, self.steps_offset, end).round()
             else:  # N + 1 points, the last dropped
                 if self.timestep_spacing == "leading":
-                    check_leading(N + 1, T, self.steps_offset, N)
-                ts = timestep_points(self.timestep_spacing, N + 1, T, self.steps_offset).round()[:-1]
+                    check_leading(N + 1, T, self.steps_offset, N, end)
+                ts = timestep_points(self.timestep_spacing, N + 1, T, self.steps_offset, end).round()[:-1]
             sig = interp(train, ts)
         return ts.long(), torch.cat([sig, self.last_sigma(train, sig).double().reshape(1)]).float()
+
+    def last_timestep(self) -> int:
+        """Where the spacings end: T, less the timesteps whose lambda_t = log(alpha_t/sigma_t) is below
+        lambda_min_clipped (DPM-Solver++'s guard for cosine betas, whose last lambdas plunge)."""
+        if self.lambda_min_clipped == -math.inf:
+            return self.num_train_timesteps
+        a_bar = self.alpha_bars()
+        lam = torch.log(a_bar.sqrt()) - torch.log((1 - a_bar).sqrt())  # float32, as diffusers
+        return self.num_train_timesteps - int(torch.searchsorted(lam.flip(0), self.lambda_min_clipped))
 
     def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
         """Where the last step ends: 0, or with final_sigmas_type "sigma_min" the first training sigma."""
@@ -77,7 +99,8 @@ class MultistepSchedule(Thresholding, Schedule):
 
     def max_steps(self) -> int:
         """T, but with "leading" spacing the N + 1 points placed must fit (VD: 998 steps)."""
-        if self.karras or self.use_exponential_sigmas or self.use_beta_sigmas or self.timestep_spacing != "leading":
+        spread = self.karras or self.use_lu_lambdas or self.use_exponential_sigmas or self.use_beta_sigmas
+        if spread or self.timestep_spacing != "leading":
             return self.num_train_timesteps
         return most_steps("leading", self.num_train_timesteps, self.steps_offset) - 1
 
