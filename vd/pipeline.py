@@ -12,10 +12,11 @@ Then it decodes and converts. Nothing is kept between calls, so any order of cal
 import copy
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -123,6 +124,20 @@ class VersatileDiffusion:
         components = load_components(ckpt, tasks, device, dtype)
         return cls(components, tasks=tasks, device=device, dtype=dtype, scheduler=scheduler, uncond_image=uncond_image,
                    compile=compile, cuda_graphs=cuda_graphs, triton_kernels=triton_kernels)
+
+    @property
+    def scheduler_config(self) -> dict:
+        """The samplers' settings (the checkpoint's scheduler_config.json), a copy. Change them by assigning a
+        new dict, as diffusers users rebuild `pipe.scheduler` from `pipe.scheduler.config`:
+        `pipe.scheduler_config = {**pipe.scheduler_config, "timestep_spacing": "trailing"}`."""
+        return dict(self.components.scheduler_config)
+
+    @scheduler_config.setter
+    def scheduler_config(self, config: Mapping[str, Any]) -> None:
+        if not isinstance(config, Mapping):
+            checks.fail("scheduler_config", config, "a dict of scheduler_config.json keys", TypeError)
+        sampler_from_config(self.scheduler, config)  # a bad key or value fails here, and leaves the old settings
+        self.components.scheduler_config = dict(config)
 
     # ---- conditions as data
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tiny_pipeline as tp
+from vd import VersatileDiffusion
 from flows import max_abs_diff
 from helpers import random_image, seeded
 
@@ -102,3 +103,46 @@ def test_stochastic_samplers_follow_the_generator(ours):
         a, b = (ours.text_to_image("the cat", latents=latents.clone(), generator=seeded(s), scheduler=name,
                                    num_inference_steps=STEPS, output_type="np", progress=False).images for s in (1, 2))
         assert (np.abs(a - b).max() > 1e-4) == differs == (name in STOCHASTIC), name
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("dpmpp_2m", {"timestep_spacing": "trailing", "use_lu_lambdas": True, "thresholding": True}),
+    ("euler_a", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+    ("unipc", {"predict_x0": False, "final_sigmas_type": "sigma_min", "use_beta_sigmas": True}),
+])
+def test_scheduler_config_assignment(name, settings, folder, check):
+    """`pipe.scheduler_config = {...}` changes what the samplers read, as diffusers users rebuild the scheduler with
+    `XScheduler.from_config(pipe.scheduler.config, **settings)`."""
+    pipe = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], uncond_image="diffusers")
+    pipe.scheduler_config = {**pipe.scheduler_config, **settings}
+    ref = tp.reference("text_to_image", folder)
+    cls, override = REF[name]
+    ref.scheduler = cls.from_config(ref.scheduler.config, **override, **settings)
+    kw = dict(prompt="the cat", num_inference_steps=4, output_type="np", height=32, width=32)
+    want = ref(**kw, generator=seeded(3)).images
+    got = pipe.text_to_image(**kw, generator=seeded(3), scheduler=name, progress=False).images
+    check(max_abs_diff(got, want), TOL)
+    plain = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], uncond_image="diffusers")
+    unchanged = plain.text_to_image(**kw, generator=seeded(3), scheduler=name, progress=False).images
+    assert max_abs_diff(unchanged, got) > TOL
+
+
+def test_scheduler_config_refused_at_assignment(folder):
+    """A value the pipeline's sampler refuses (a wrong type, an option not built) or not a dict: refused when
+    assigned, the settings unchanged; other samplers check it when a call names them."""
+    pipe = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"])
+    before = pipe.scheduler_config
+    with pytest.raises(TypeError, match=r"^clip_sample: expected true or false for DDIM, got 'no'"):
+        pipe.scheduler_config = {**before, "clip_sample": "no"}
+    with pytest.raises(TypeError, match=r"^scheduler_config: expected a dict of scheduler_config.json keys"):
+        pipe.scheduler_config = [("timestep_spacing", "trailing")]
+    assert pipe.scheduler_config == before
+    pipe.scheduler_config = {**before, "disable_corrector": [0]}  # DDIM has no such key; UniPC refuses it per call
+    with pytest.raises(ValueError, match=r"disable_corrector=\[0\] is not supported by UniPC"):
+        pipe.text_to_image("the cat", num_inference_steps=2, scheduler="unipc", progress=False)
+    unipc = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], scheduler="unipc")
+    with pytest.raises(ValueError, match=r"disable_corrector=\[0\] is not supported by UniPC"):
+        unipc.scheduler_config = {**before, "disable_corrector": [0]}
+    copy = unipc.scheduler_config
+    copy["timestep_spacing"] = "trailing"
+    assert unipc.scheduler_config == before
