@@ -3,6 +3,7 @@ written) end with one line on stderr and exit status 2; Ctrl-C with 130. Image k
 with --seed + k and generated in calls of at most CHUNK images, so results do not depend on the chunking."""
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from vd.fast import EAGER
 from vd.files import OutputError, check_writable
 from vd.images import open_image
 from vd.jobs import TEXT_TASKS
-from vd.sched import SCHEDULERS
+from vd.sched import SCHEDULERS, sampler_from_config
 
 CHUNK = 8  # images per facade call (fewer when the pixel budget, vd.checks.MAX_PIXELS, says so)
 WRITABLE = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -58,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=None, help="random seed, 0 to 2**64 - 1; image k gets seed + k "
                        "(default: random)")
         s.add_argument("--scheduler", default="ddim", help=f"sampler: {', '.join(SCHEDULERS)} (default ddim)")
+        s.add_argument("--scheduler-set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a scheduler_config.json setting over the model's, VALUE as JSON or else a string "
+                            "(e.g. timestep_spacing=trailing, use_karras_sigmas=true); repeatable")
         s.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
         s.add_argument("--dtype", choices=sorted(checks.DTYPES), default=None,
                        help="weights dtype (default fp16 on CUDA, fp32 on CPU)")
@@ -176,6 +180,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise UserError(f"--init-strength: expected it with --init-image only, got {args.init_strength}")
         if not 0 <= args.init_strength <= 1:
             raise UserError(f"--init-strength: expected a number in [0, 1], got {args.init_strength}")
+    settings = _scheduler_settings(args.scheduler_set, args.scheduler)
     negative = getattr(args, "negative", None)
     if task == "image_variation" and negative is not None:
         negative = _open_image(negative, "--negative")
@@ -197,6 +202,11 @@ def run(args: argparse.Namespace) -> list[Path]:
     pipe = VersatileDiffusion.from_pretrained(args.model, tasks=[task], device=device,
                                               dtype=checks.DTYPES.get(args.dtype), scheduler=args.scheduler,
                                               optimus=getattr(args, "optimus", None), **(EAGER if args.eager else {}))
+    if settings:
+        try:
+            pipe.scheduler_config = {**pipe.scheduler_config, **settings}
+        except (ValueError, TypeError) as e:
+            raise UserError(f"--scheduler-set: {e}") from None
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, progress=not args.no_progress)
     texts = []
     for chunk in chunks:  # image (text) k is drawn from its own generator seeded with seed + k, whatever the chunks
@@ -230,6 +240,26 @@ def run(args: argparse.Namespace) -> list[Path]:
         else:
             print("\n".join(texts))
     return paths
+
+
+def _scheduler_settings(pairs: list[str], scheduler: str) -> dict:
+    """--scheduler-set KEY=VALUE pairs as a dict, VALUE read as JSON (true, 3, 0.5, [...]) or else kept as the
+    string it is; checked against the sampler before the model loads."""
+    settings = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise UserError(f"--scheduler-set: expected KEY=VALUE, got {pair!r}")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    try:
+        if scheduler in SCHEDULERS:  # (an unknown name is reported by the loading, with the names)
+            sampler_from_config(scheduler, settings)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--scheduler-set: {e}") from None
+    return settings
 
 
 def _text_output(output: str) -> Path:

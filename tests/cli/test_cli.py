@@ -55,6 +55,23 @@ def test_image_variation_several_images(model, picture, tmp_path):
         assert got.size == (40, 72) and np.array_equal(np.asarray(got), np.asarray(img))
 
 
+def test_scheduler_settings(model, tmp_path):
+    """--scheduler-set KEY=VALUE (JSON, else a string) over the model's scheduler_config, as
+    `pipe.scheduler_config = {**pipe.scheduler_config, KEY: VALUE}` in Python."""
+    out = tmp_path / "cat.png"
+    assert main(["text-to-image", "the cat", "-o", str(out), "--model", model, "--scheduler", "dpmpp_2m",
+                 "--scheduler-set", "timestep_spacing=trailing", "--scheduler-set", "solver_order=3",
+                 "--scheduler-set", "use_lu_lambdas=true", *FAST]) == 0
+    pipe = VersatileDiffusion.from_pretrained(model, tasks=["text_to_image"], scheduler="dpmpp_2m")
+    pipe.scheduler_config = {**pipe.scheduler_config, "timestep_spacing": "trailing", "solver_order": 3,
+                             "use_lu_lambdas": True}
+    want = pipe.text_to_image("the cat", num_inference_steps=2, generator=torch.Generator().manual_seed(7),
+                              progress=False).images[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(want))
+    plain = _api(model, "text_to_image", "the cat", scheduler="dpmpp_2m")[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(want))
+
+
 def test_dual_guided_as_python_module(model, picture, tmp_path):
     out = tmp_path / "dual.png"
     cmd = [sys.executable, "-m", "vd", "dual-guided", "the cat", picture, "--strength", "0.3", "-o", str(out),
@@ -79,6 +96,12 @@ def test_dual_guided_as_python_module(model, picture, tmp_path):
     (["dual-guided", "a", "{picture}", "-o", "{tmp}/x.png", "--strength", "2"],
      ["error: --strength (text_to_image_strength):", "2"]),
     (["text-to-image", "a", "-o", "{tmp}/x.png", "--model", "{tmp}/no-such-model"], ["no-such-model"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--scheduler-set", "timestep_spacing"],
+     ["--scheduler-set: expected KEY=VALUE, got 'timestep_spacing'"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--scheduler-set", "clip_sample=yes"],
+     ["--scheduler-set: clip_sample: expected true or false for DDIM, got 'yes'"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--scheduler", "unipc", "--scheduler-set", "predict_x0=false"],
+     ["--scheduler-set: predict_x0=False needs final_sigmas_type 'sigma_min'"]),
 ])
 def test_user_mistakes(args, words, model, picture, tmp_path, capsys):
     (tmp_path / "x.txt").write_text("not an image")
