@@ -5,7 +5,8 @@ Their default spacing is "linspace" (N timesteps evenly over [0, T − 1], fract
 VD's "leading": VD's scheduler_config.json has no timestep_spacing, so each class keeps its own default
 (diffusers does the same). With "leading" the start noise has std sqrt(sigma_max² + 1), else sigma_max.
 With Karras sigmas the N noise levels are eq. 5 of Karras et al. 2022 between the spaced schedule's first
-and last sigma, and each timestep is the (fractional) one of its sigma.
+and last sigma, and each timestep is the (fractional) one of its sigma; exponential and beta sigmas (config keys)
+are placed between the same ends, or the config's sigma_min/sigma_max.
 """
 
 from dataclasses import dataclass
