@@ -3,12 +3,13 @@
 Each non-blank line of JOBS.jsonl is one JSON object: `task` (a flow of the facade: "text_to_image",
 "image_variation", "dual_guided", "blend", "image_to_text" or "text_variation"), `seed` (an integer >= 0), an
 optional `id` (letters, digits, ".", "_", "-"; default: the first 12 hex digits of the SHA-256 of the line's
-canonical JSON) and the task's arguments (vd.jobs.KEYS): files are paths relative to the JSONL's folder, and
-tensor arguments rows of array files (vd.arrays). Omitted arguments take the facade's defaults. Every line is
-checked completely before anything runs (types, ranges, seeds, the pixel budget, its image and array files:
-inside the JSONL's folder unless --allow-any-path, readable, with the key, row and rank asked for); a line that
-fails is reported with its number and skipped. Any error while running a job (out of memory, or a size the
-model refuses, included) is that job's failure, reported with its line, and the run goes on.
+canonical JSON) and the task's arguments (vd.jobs.KEYS; `scheduler_config` sets the samplers' settings for the
+job): files are paths relative to the JSONL's folder, and tensor arguments rows of array files (vd.arrays).
+Omitted arguments take the facade's defaults. Every line is checked completely before anything runs (types,
+ranges, seeds, the pixel budget, its image and array files: inside the JSONL's folder unless --allow-any-path,
+readable, with the key, row and rank asked for); a line that fails is reported with its number and skipped.
+Any error while running a job (out of memory, or a size the model refuses, included) is that job's failure,
+reported with its line, and the run goes on.
 
 Output k of a job is drawn from its own CPU generator seeded with `seed + k`, whatever the batch, rank or device
 count: a one-output facade call with `generator=torch.Generator().manual_seed(seed + k)` redraws it (up to float
@@ -47,7 +48,7 @@ from tqdm.auto import tqdm
 from vd import checks, files
 from vd.fast import EAGER
 from vd.files import OutputError
-from vd.jobs import PER_JOB, Job, read_jobs
+from vd.jobs import PER_JOB, SCHEDULER_SETTINGS, Job, read_jobs
 from vd.pipeline import DEFAULT_REPO, VersatileDiffusion
 
 RECORDS = "records.jsonl"
@@ -91,15 +92,22 @@ def _call(pipe: VersatileDiffusion, jobs: list[tuple[Job, dict]]) -> list[list]:
 
 def _alone(pipe: VersatileDiffusion, job: Job, loaded: dict) -> list[PIL.Image.Image | str]:
     """A job that runs on its own: one facade call per output k, seeded seed + k, with row k of its `latents`
-    (and of its `init_latents` when it has one row per output)."""
+    (and of its `init_latents` when it has one row per output), under its scheduler settings if it has some."""
     kwargs, n, outputs = {**job.args, **loaded, job.count_key: 1}, job.args[job.count_key], []
-    for k in range(n):
-        kw = dict(kwargs, generator=torch.Generator().manual_seed(job.seed + k), progress=False)
-        for key in ("latents", "init_latents"):
-            if kw.get(key) is not None and len(kw[key]) == n:
-                kw[key] = kw[key][k:k + 1]
-        out = getattr(pipe, job.task)(**kw)
-        outputs.append(out.texts[0] if job.suffix == ".txt" else out.images[0])
+    settings, saved = kwargs.pop(SCHEDULER_SETTINGS, None), pipe.scheduler_config
+    try:
+        if settings is not None:
+            pipe.scheduler_config = {**saved, **settings}
+        for k in range(n):
+            kw = dict(kwargs, generator=torch.Generator().manual_seed(job.seed + k), progress=False)
+            for key in ("latents", "init_latents"):
+                if kw.get(key) is not None and len(kw[key]) == n:
+                    kw[key] = kw[key][k:k + 1]
+            out = getattr(pipe, job.task)(**kw)
+            outputs.append(out.texts[0] if job.suffix == ".txt" else out.images[0])
+    finally:
+        if settings is not None:
+            pipe.scheduler_config = saved
     return outputs
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from vd import checks
 from vd.arrays import ArrayFiles
 from vd.images import open_image
-from vd.sched import SCHEDULERS
+from vd.sched import SCHEDULERS, sampler_from_config
 
 IMAGE_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")
 TEXT_TASKS = ("image_to_text", "text_variation")
@@ -33,14 +33,18 @@ TEXT = ("num_inference_steps", "guidance_scale", "num_texts_per_prompt", "eta", 
 REQUIRED = {"text_to_image": (("prompt", "prompt_embeds"),), "image_variation": (("image", "image_embeds"),),
             "dual_guided": (("prompt", "prompt_embeds"), ("image", "image_embeds")), "blend": (("images",),),
             "image_to_text": (("image", "image_embeds"),), "text_variation": (("prompt", "prompt_embeds"),)}
+# not an argument of the facade's flows: settings over `pipe.scheduler_config` for the job's calls (runs alone)
+SCHEDULER_SETTINGS = "scheduler_config"
 OPTIONAL = {
-    "text_to_image": (*COMMON, "negative_prompt_embeds", *START),
-    "image_variation": (*COMMON, "negative_image_embeds", "focus", "fidelity", "color_adjust", *START),
-    "dual_guided": ("text_to_image_strength", *COMMON, "negative_prompt_embeds", "negative_image_embeds", *START),
+    "text_to_image": (*COMMON, "negative_prompt_embeds", *START, SCHEDULER_SETTINGS),
+    "image_variation": (*COMMON, "negative_image_embeds", "focus", "fidelity", "color_adjust", *START,
+                        SCHEDULER_SETTINGS),
+    "dual_guided": ("text_to_image_strength", *COMMON, "negative_prompt_embeds", "negative_image_embeds", *START,
+                    SCHEDULER_SETTINGS),
     "blend": ("weights", "masks", "focus", "prompt", "prompt_embeds", "text_strength", *COMMON,
-              "negative_prompt_embeds", *START),
-    "image_to_text": ("negative_image_embeds", *TEXT),
-    "text_variation": ("negative_prompt", "negative_prompt_embeds", *TEXT),
+              "negative_prompt_embeds", *START, SCHEDULER_SETTINGS),
+    "image_to_text": ("negative_image_embeds", *TEXT, SCHEDULER_SETTINGS),
+    "text_variation": ("negative_prompt", "negative_prompt_embeds", *TEXT, SCHEDULER_SETTINGS),
 }
 EXCLUSIVE = (("prompt", "prompt_embeds"), ("negative_prompt", "negative_prompt_embeds"), ("image", "image_embeds"),
              ("init_image", "init_latents"), ("latents", "init_image"), ("latents", "init_latents"))
@@ -137,6 +141,7 @@ KEYS = {
     "num_texts_per_prompt": Key(int, lambda n, v: checks.integer(n, v, 1)),
     "eta": Key(float, lambda n, v: checks.eta(v)),
     "scheduler": Key(str, lambda n, v: checks.choice(n, v, list(SCHEDULERS))),
+    SCHEDULER_SETTINGS: Key(dict),  # checked with the job's scheduler, in _check_together
     # image_variation: a number; blend: a number or one per image
     "focus": Key((float, list), _numbers(0.0, 1.0)),
     "fidelity": Key(float, _UNIT),
@@ -269,7 +274,8 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
     keys = [k for group in REQUIRED[task] for k in group] + list(OPTIONAL[task])
     sig = inspect.signature(getattr(_facade(), task)).parameters
     # null where the Python default is None is that default (a record's arguments hold such nulls)
-    obj = {k: v for k, v in obj.items() if not (v is None and k in keys and k in sig and sig[k].default is None)}
+    obj = {k: v for k, v in obj.items()
+           if not (v is None and k in keys and (k == SCHEDULER_SETTINGS or k in sig and sig[k].default is None))}
     unknown = sorted(set(obj) - {"task", "seed", "id", *keys})
     if unknown:
         names = ", ".join(k if len(k) <= 60 else k[:57] + "..." for k in unknown)
@@ -289,7 +295,7 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
         except (ValueError, TypeError) as e:
             raise ValueError(str(e)) from None
     _check_together(task, obj)
-    args = {k: obj.get(k, sig[k].default) for k in keys if k in obj or k in FILLED}
+    args = {k: obj[k] if k in obj else sig[k].default for k in keys if k in obj or k in FILLED}
     alone = task not in BATCHED or not set(obj) <= BATCH_KEYS
     canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     job = Job(line, obj.get("id", hashlib.sha256(canonical.encode()).hexdigest()[:12]), task, obj["seed"], args,
@@ -315,6 +321,11 @@ def _check_together(task: str, obj: dict) -> None:
     for key in ("weights", "focus", "masks"):
         if task == "blend" and isinstance(obj.get(key), list) and len(obj[key]) != len(obj["images"]):
             raise ValueError(f"{key}: expected one entry per image ({len(obj['images'])}), got {len(obj[key])}")
+    if SCHEDULER_SETTINGS in obj:  # alone (the model's own settings are checked with them when the job runs)
+        try:
+            sampler_from_config(obj.get("scheduler", "ddim"), obj[SCHEDULER_SETTINGS])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{SCHEDULER_SETTINGS}: {e}") from None
 
 
 def _check_images(job: Job, folder: Path, anywhere: bool, opened: dict) -> None:

@@ -251,6 +251,44 @@ def test_batches_stay_within_the_pixel_budget(tmp_path):
     assert all(sum(j.pixels for j in b) <= MAX_PIXELS for b in batches)
 
 
+def test_scheduler_settings_per_job(model, tmp_path):
+    """A job's scheduler_config: settings over the model's scheduler_config.json for that job's calls only, as
+    `pipe.scheduler_config = {**pipe.scheduler_config, **settings}` around them; the next job has the model's."""
+    settings = {"timestep_spacing": "trailing", "solver_order": 3}
+    jobs = [dict(task="text_to_image", prompt="the cat", seed=1, scheduler="dpmpp_2m", scheduler_config=settings,
+                 num_images_per_prompt=2, **SMALL),
+            dict(task="text_to_image", prompt="the cat", seed=1, scheduler="dpmpp_2m", **SMALL)]
+    path = _write_jobs(tmp_path, jobs)
+    assert _run_in_process(path, "--out", tmp_path / "out", "--model", model, "--batch-size", 2) == 0
+    parsed, _ = read_jobs(path)
+    assert parsed[0].alone and parsed[0].args["scheduler_config"] == settings
+    pipe = VersatileDiffusion.from_pretrained(model)
+    model_settings, pngs = pipe.scheduler_config, []
+    for job in parsed:
+        pipe.scheduler_config = {**model_settings, **job.args.get("scheduler_config", {})}
+        args = {k: v for k, v in job.args.items() if k != "scheduler_config"}
+        for k, name in enumerate(job.names):
+            want = pipe.text_to_image(**dict(args, num_images_per_prompt=1), output_type="np", progress=False,
+                                      generator=torch.Generator().manual_seed(job.seed + k)).images[0]
+            pngs.append(np.asarray(PIL.Image.open(tmp_path / "out" / f"{name}.png"), dtype=np.float32) / 255)
+            assert np.abs(pngs[-1] - want).max() <= 0.5 / 255 + 1e-5, name
+    assert not np.array_equal(pngs[0], pngs[2])  # same seed and prompt, other settings
+
+
+def test_scheduler_settings_checked_with_the_line(tmp_path):
+    plain = dict(task="text_to_image", prompt="a cat", seed=3)
+    lines = [dict(plain, scheduler_config={"clip_sample": "no"}), dict(plain, scheduler_config=["trailing"]),
+             dict(plain, scheduler="unipc", scheduler_config={"predict_x0": False}), dict(plain, scheduler_config=None)]
+    jobs, bad = read_jobs(_write_jobs(tmp_path, lines))
+    assert bad == [(1, "scheduler_config: clip_sample: expected true or false for DDIM, got 'no'"),
+                   (2, "scheduler_config: expected an object, got ['trailing']"),
+                   (3, "scheduler_config: predict_x0=False needs final_sigmas_type 'sigma_min' for UniPC: ending at "
+                       "sigma 0, its last step multiplies 0 by an infinite h and gives NaN (as in diffusers)")]
+    (nulled,) = jobs  # null: as without the key
+    (without,), _ = read_jobs(_write_jobs(tmp_path, [plain]))
+    assert (nulled.id, nulled.args, nulled.digest) == (without.id, without.args, without.digest)
+
+
 def test_null_is_the_python_default_where_that_is_none(tmp_path):
     """A record's arguments hold nulls (negative_prompt, height, scheduler, ...): as a job line they are the same
     job as without them (same id, arguments and digest), not malformed lines."""
