@@ -20,6 +20,9 @@ from .noise import step_noises
 from .sigmas import vp_x0
 
 VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
+# why diffusers' other variance types are refused
+REFUSED_VARIANCES = {"fixed_large_log": " (diffusers' DDPM takes the square root of log(beta) < 0 there: NaN)",
+                     **dict.fromkeys(("learned", "learned_range"), " (for a model that predicts its variance, not VD)")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,11 +38,9 @@ class DDPM(ClippedX0, Schedule):
         if self.variance_type is None:  # as a DPM-Solver config saves it; diffusers' DDPM runs it as fixed_small
             object.__setattr__(self, "variance_type", "fixed_small")
         super().__post_init__()
-        why = {"fixed_large_log": " (diffusers' DDPM takes the square root of log(beta) < 0 there: NaN)",
-               **dict.fromkeys(("learned", "learned_range"), " (for a model that predicts its variance, not VD)")}
         if self.variance_type not in VARIANCES:
             raise ValueError(f"variance_type must be one of {VARIANCES} for DDPM, got {self.variance_type!r}"
-                             + why.get(self.variance_type, ""))
+                             + REFUSED_VARIANCES.get(self.variance_type, ""))
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,

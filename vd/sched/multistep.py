@@ -40,8 +40,7 @@ class MultistepSchedule(Thresholding, Schedule):
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "use_karras_sigmas": False, "use_flow_sigmas": False,
-        "final_sigmas_type": ("zero", "sigma_min"), "use_dynamic_shifting": False,
+        "use_karras_sigmas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False,
     }
 
     def __post_init__(self) -> None:
@@ -55,7 +54,8 @@ class MultistepSchedule(Thresholding, Schedule):
     def schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
         """(timesteps int64 (N,), sigmas float32 (N+1,) ending in 0), as `set_timesteps(num_steps)`."""
         T, N = self.num_train_timesteps, num_steps
-        train = train_sigmas(self.alpha_bars())
+        a_bar = self.alpha_bars()
+        train = train_sigmas(a_bar)
         if not 1 <= N <= self.max_steps():
             raise ValueError(f"num_inference_steps must be in [1, {self.max_steps()}], got {N}")
         truncate = self.beta_schedule == "squaredcos_cap_v2" and not self.round_cosine  # (cosine betas: DPM-Solver++)
@@ -74,7 +74,7 @@ class MultistepSchedule(Thresholding, Schedule):
             sig = spread(*self.sigma_range(train[0].item(), train[-1].item()), N)
             ts = sigma_to_t(sig, train)
         else:
-            end = self.last_timestep()
+            end = self.last_timestep(a_bar)
             if self.timestep_spacing == "trailing":
                 ts = timestep_points("trailing", N, T, self.steps_offset, end).round()
             else:  # N + 1 points, the last dropped
@@ -84,12 +84,11 @@ class MultistepSchedule(Thresholding, Schedule):
             sig = interp(train, ts)
         return ts.long(), torch.cat([sig, self.last_sigma(train, sig).double().reshape(1)]).float()
 
-    def last_timestep(self) -> int:
+    def last_timestep(self, a_bar: Tensor) -> int:
         """Where the spacings end: T, less the timesteps whose lambda_t = log(alpha_t/sigma_t) is below
         lambda_min_clipped (DPM-Solver++'s guard for cosine betas, whose last lambdas plunge)."""
         if self.lambda_min_clipped == -math.inf:
             return self.num_train_timesteps
-        a_bar = self.alpha_bars()
         lam = torch.log(a_bar.sqrt()) - torch.log((1 - a_bar).sqrt())  # float32, as diffusers
         return self.num_train_timesteps - int(torch.searchsorted(lam.flip(0), self.lambda_min_clipped))
 
