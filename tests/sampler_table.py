@@ -1,7 +1,8 @@
 """Our sampler names and the diffusers 0.42.1 class (and the one from_config override) each one equals."""
 
 from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler, UniPCMultistepScheduler)
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                       KDPM2DiscreteScheduler, LMSDiscreteScheduler, UniPCMultistepScheduler)
 
 KARRAS = {"use_karras_sigmas": True}
 SDE = {"algorithm_type": "sde-dpmsolver++"}
@@ -14,6 +15,10 @@ REF = {
     "heun": (HeunDiscreteScheduler, {}),
     "heun_karras": (HeunDiscreteScheduler, KARRAS),
     "lms_karras": (LMSDiscreteScheduler, KARRAS),
+    "dpm2": (KDPM2DiscreteScheduler, {}),
+    "dpm2_karras": (KDPM2DiscreteScheduler, KARRAS),
+    "dpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
+    "dpm2_a_karras": (KDPM2AncestralDiscreteScheduler, KARRAS),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, KARRAS),
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, SDE),
@@ -22,4 +27,4 @@ REF = {
     "unipc_karras": (UniPCMultistepScheduler, KARRAS),
 }
 NEW = sorted(REF)
-STOCHASTIC = {"ddpm", "euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}
+STOCHASTIC = {"ddpm", "euler_a", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}

@@ -46,12 +46,16 @@ class SigmaSchedule(Schedule):
         sig = self.spaced_sigmas(train, ts, num_steps)  # float64
         if self.karras:
             sig = karras(*self.karras_range(sig[-1].item(), sig[0].item()), num_steps)
-            ts = sigma_to_t(sig, train).float()
+            ts = self.spread_timesteps(sig, train)
         elif self.use_exponential_sigmas or self.use_beta_sigmas:
             spread = exponential if self.use_exponential_sigmas else beta_spaced
             sig = spread(*self.sigma_range(sig[-1].item(), sig[0].item()), num_steps)
-            ts = sigma_to_t(sig, train).float()
+            ts = self.spread_timesteps(sig, train)
         return ts, torch.cat([sig, self.last_sigma(train, sig).double().reshape(1)]).float()
+
+    def spread_timesteps(self, sig: Tensor, train: Tensor) -> Tensor:
+        """The timesteps of Karras, exponential or beta sigmas: float32 (DPM2 overrides it)."""
+        return sigma_to_t(sig, train).float()
 
     def spaced_sigmas(self, train: Tensor, ts: Tensor, num_steps: int) -> Tensor:
         """float64 sigmas of the spaced timesteps, linear in t between training ones (Euler overrides it)."""

@@ -59,11 +59,13 @@ def beta_spaced(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, 
     return torch.from_numpy(sigma_min + ppf * (sigma_max - sigma_min))
 
 
-def sigma_to_t(sigmas: Tensor, train: Tensor) -> Tensor:
-    """float64 (fractional) timestep of each sigma: linear interpolation in log sigma between the two training
-    timesteps around it, clamped to [0, T − 1]."""
+def sigma_to_t(sigmas: Tensor, train: Tensor, float32: bool = False) -> Tensor:
+    """(Fractional) timestep of each sigma: linear interpolation in log sigma between the two training timesteps
+    around it, clamped to [0, T − 1]. Computed in float64, or with float32=True wholly in float32 (diffusers' KDPM2
+    maps its float32 midpoint sigmas so); the dtype of the result says which."""
     log_train = np.log(train.numpy())  # float32
-    log_s = np.log(np.maximum(sigmas.double().numpy(), 1e-10))
+    s = sigmas.float().numpy() if float32 else sigmas.double().numpy()
+    log_s = np.log(np.maximum(s, s.dtype.type(1e-10)))
     # index of the last training sigma <= sigma (0 if none), at most T − 2; "last", not "how many − 1": with zero
     # terminal SNR the training sigmas can fall again at t = T − 1 (alpha_bar floored to 2**-24 there)
     below = log_s[:, None] - log_train[None, :] >= 0
@@ -71,6 +73,7 @@ def sigma_to_t(sigmas: Tensor, train: Tensor) -> Tensor:
     low = np.clip(np.where(below.any(1), last, 0), 0, len(train) - 2)
     lo, hi = log_train[low], log_train[low + 1]
     w = np.clip((lo - log_s) / (lo - hi), 0, 1)  # parity: lo − hi in float32, as diffusers
+    low = low.astype(w.dtype)
     return torch.from_numpy((1 - w) * low + w * (low + 1))
 
 
