@@ -692,3 +692,16 @@ def test_configs_saved_from_other_samplers(name, stated, check):
     ref = reference_run(cls.from_config(cfg, **override), x, 9, **kw())
     check(relative_diff(our_run(sampler_from_config(name, cfg), x, 9, **kw()), ref), 1e-6)
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_half_precision_trajectories(name, dtype, check):
+    """x in float16 or bfloat16 (the model's dtype on a GPU): each sampler keeps diffusers' mix of float32 schedule
+    scalars and half-precision arithmetic, so the trajectories are equal to the last bit."""
+    x = start_noise().to(dtype)
+
+    def kw():
+        return {"generator": gens(True)} if name in STOCHASTIC else {}
+    ours, ref = our_run(sampler_from_config(name, VD), x, 10, **kw()), reference_run(reference(name, VD), x, 10, **kw())
+    assert ours[1][-1].dtype == ref[1][-1].dtype
+    check(relative_diff(ours, ref), 0.0)
