@@ -1,7 +1,8 @@
 """Our sampler names and the diffusers 0.42.1 class (and the one from_config override) each one equals."""
 
-from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+from diffusers import (DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                       KDPM2AncestralDiscreteScheduler,
                        KDPM2DiscreteScheduler, LMSDiscreteScheduler, UniPCMultistepScheduler)
 
 KARRAS = {"use_karras_sigmas": True}
@@ -25,6 +26,8 @@ REF = {
     "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {**SDE, **KARRAS}),
     "unipc": (UniPCMultistepScheduler, {}),
     "unipc_karras": (UniPCMultistepScheduler, KARRAS),
+    "deis": (DEISMultistepScheduler, {}),
+    "deis_karras": (DEISMultistepScheduler, KARRAS),
 }
 NEW = sorted(REF)
 STOCHASTIC = {"ddpm", "euler_a", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}

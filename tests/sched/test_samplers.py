@@ -184,14 +184,14 @@ def test_trajectory(name, cfg_name, n, check):
     if (ts == ts[0]).sum() > 1:
         # cosine betas end at huge sigmas: the first rounded Karras timesteps are equal. diffusers then starts at
         # the second timestep equal to the first (its image-to-image rule) and steps past its sigmas (DPM-Solver++:
-        # IndexError; UniPC: its order check fails; DPM2: it skips the first interval). We run all of them.
+        # and DEIS: IndexError; UniPC: its order check fails; DPM2: it skips the first interval). We run all of them.
         assert name.endswith("karras") and cfg_name == "cosine"
         if name.startswith("dpm2"):
             ref = reference(name, cfg)
             ref.set_timesteps(n)
             assert ref.index_for_timestep(ts[0]) > 0
         else:
-            with pytest.raises(IndexError if name.startswith("dpmpp") else AssertionError):
+            with pytest.raises(IndexError if name.startswith(("dpmpp", "deis")) else AssertionError):
                 reference_run(reference(name, cfg), x, n, **kw)
         calls, xs = our_run(sampler_from_config(name, cfg), x, n, **kw)
         assert len(calls) == len(xs) == len(ts) and torch.isfinite(xs[-1]).all()
@@ -263,20 +263,25 @@ def test_sigma_range_from_the_config(name, check):
 
 
 @pytest.mark.parametrize("name,solver_type", [("dpmpp_2m", "logrho"), ("dpmpp_2m", "bh2"), ("unipc", "midpoint"),
-                                              ("unipc", "heun")])
+                                              ("unipc", "heun"), ("deis", "midpoint"), ("deis", "bh2")])
 def test_other_solvers_names_run_as_diffusers_runs_them(name, solver_type, check):
-    """A solver_type of the other multistep solver (one config shared by both) is DPM-Solver++'s midpoint or
-    UniPC's bh2, as diffusers maps it."""
+    """A solver_type of another multistep solver (one config shared by all) is DPM-Solver++'s midpoint, UniPC's
+    bh2 or DEIS's logrho, as diffusers maps it."""
     cfg, x = {**VD, "solver_type": solver_type}, start_noise()
     ref = reference_run(reference(name, cfg), x, 9)
     check(relative_diff(our_run(sampler_from_config(name, cfg), x, 9), ref), 1e-6)
     assert sampler_from_config(name, cfg) == sampler_from_config(name, VD)
 
 
-def test_unipc_third_order(check):
+@pytest.mark.parametrize("name,n", [("unipc", 12), ("deis", 12), ("deis", 20), ("deis_karras", 20)])
+def test_third_order(name, n, check):
+    """solver_order 3: UniPC, and DEIS's quadratic in log rho (from the third step; with fewer than 15 steps the
+    second-to-last is second order)."""
     cfg, x = {**VD, "solver_order": 3}, start_noise()
-    ref = reference_run(reference("unipc", cfg), x, 12)
-    check(relative_diff(our_run(sampler_from_config("unipc", cfg), x, 12), ref), 1e-6)
+    ref = reference_run(reference(name, cfg), x, n)
+    check(relative_diff(our_run(sampler_from_config(name, cfg), x, n), ref), 1e-6)
+    second_order = relative_diff(our_run(sampler_from_config(name, {**cfg, "solver_order": 2}), x, n), ref)
+    assert second_order > 1e-4
 
 
 @pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"])
@@ -367,7 +372,7 @@ def test_euler_log_linear_sigmas(extra, check):
 @pytest.mark.parametrize("key", ["use_exponential_sigmas", "use_beta_sigmas"])
 @pytest.mark.parametrize("cfg_name", sorted(EXPONENTIAL))
 @pytest.mark.parametrize("name", ["euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde",
-                                  "unipc"])
+                                  "unipc", "deis"])
 def test_exponential_and_beta_sigmas(name, cfg_name, key, check):
     """use_exponential_sigmas: N sigmas evenly spaced in log sigma between the schedule's ends (or the config's
     sigma_min/sigma_max); use_beta_sigmas: N sigmas at the quantiles 1 − k/(N − 1) of Beta(0.6, 0.6) between them.
@@ -456,14 +461,14 @@ def test_ddpm_variance_types(variance_type, check):
 
 ZERO_SNR = {**VD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
 IGNORE_ZERO_SNR = {"pndm", "lms", "lms_karras", "heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a",
-                   "dpm2_a_karras"}  # their diffusers classes lack the key
+                   "dpm2_a_karras", "deis", "deis_karras"}  # their diffusers classes lack the key
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_zero_terminal_snr(name, check):
     """rescale_betas_zero_snr (Lin et al. 2023), with the trailing spacing and v-prediction it is meant for:
     alpha_bar ends at 0, raised to 2**-24 by the samplers that take a sigma from it, as diffusers; PNDM, LMS,
-    Heun and DPM2 ignore the key, as their diffusers classes do."""
+    Heun, DPM2 and DEIS ignore the key, as their diffusers classes do."""
     x = start_noise()
 
     def kw():
@@ -508,7 +513,7 @@ THRESHOLDS = [(0.995, 1.0), (0.9, 1.5), (0.6, 20.0), (0.995, 0.5)]
 
 
 @pytest.mark.parametrize("ratio,max_value", THRESHOLDS)
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde_karras", "unipc", "unipc_karras"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde_karras", "unipc", "unipc_karras", "deis"])
 def test_dynamic_thresholding(name, ratio, max_value, check):
     """thresholding=True: each predicted x0 is clipped to [-s, s] and divided by s, s its `ratio` quantile of |x0|
     kept within [1, sample_max_value] (sample_max_value < 1 wins over 1, as torch.clamp). DDIM and DDPM threshold
@@ -593,8 +598,9 @@ def test_leading_counts_that_start_past_the_schedule(name):
     Solver++ and UniPC place one more point: 499) would start at 1001 although 997 fit. Refused by name, as the
     facade refuses it before any model runs (diffusers' DDIM fails with an IndexError)."""
     sampler = sampler_from_config(name, {**VD, "timestep_spacing": "leading", "steps_offset": 3})
-    bad = 499 if name.startswith(("dpmpp", "unipc")) and "karras" not in name else 500
-    if name.startswith(("dpmpp", "unipc")) and "karras" in name:  # Karras sigmas span the training range, unspaced
+    multistep = name.startswith(("dpmpp", "unipc", "deis"))
+    bad = 499 if multistep and "karras" not in name else 500
+    if multistep and "karras" in name:  # Karras sigmas span the training range, unspaced
         assert len(sampler.timesteps(bad)) == bad
         return
     with pytest.raises(ValueError, match=rf"num_inference_steps={bad} .* starts at timestep 1001"):
@@ -669,6 +675,10 @@ def test_bad_num_steps(name, n):
     ("heun", "beta_schedule", "exp"),
     ("euler", "interpolation_type", "cubic"),
     ("euler_a", "prediction_type", "sample"),
+    ("dpm2", "prediction_type", "sample"),
+    ("deis", "algorithm_type", "sde-dpmsolver++"),
+    ("deis", "solver_type", "bh3"),
+    ("deis", "solver_order", 4),
 ])
 def test_unsupported_config(name, key, value):
     with pytest.raises(ValueError, match=key) as err:
@@ -680,15 +690,18 @@ def test_unsupported_config(name, key, value):
     ("euler", {"use_karras_sigmas": True}), ("heun", {"use_karras_sigmas": True}), ("lms", {"use_karras_sigmas": True}),
     ("dpmpp_2m", {"use_karras_sigmas": True}), ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}),
     ("dpmpp_2m_karras", {"algorithm_type": "sde-dpmsolver++"}), ("dpmpp_2m_sde", {"use_karras_sigmas": True}),
-    ("unipc", {"use_karras_sigmas": True}),
+    ("unipc", {"use_karras_sigmas": True}), ("deis", {"use_karras_sigmas": True}),
+    ("deis", {"algorithm_type": "dpmsolver++", "final_sigmas_type": "zero", "rescale_betas_zero_snr": True}),
     ("ddpm", {"variance_type": None}), ("dpmpp_2m", {"variance_type": "fixed_small"}),
 ])
 def test_configs_saved_from_other_samplers(name, stated, check):
     """A config saved from a Karras or SDE pipeline gives a name the form diffusers' class reads from it (euler on
-    it runs as euler_karras); DPM-Solver's variance_type null and DDPM's fixed_small run as in diffusers."""
+    it runs as euler_karras); DPM-Solver's variance_type null and DDPM's fixed_small run as in diffusers; DEIS reads
+    a DPM-Solver++ config's algorithm_type as its own, and ignores the keys its class lacks."""
     cls, override = REF.get(name, (LMSDiscreteScheduler, {}))  # (lms is not one of the new names)
     cfg, x = {**VD, **stated}, start_noise()
-    kw = lambda: {"generator": gens(False)} if "sde" in name or "algorithm_type" in stated or name == "ddpm" else {}  # noqa: E731
+    stochastic = "sde" in name or stated.get("algorithm_type") == "sde-dpmsolver++" or name == "ddpm"
+    kw = lambda: {"generator": gens(False)} if stochastic else {}  # noqa: E731
     ref = reference_run(cls.from_config(cfg, **override), x, 9, **kw())
     check(relative_diff(our_run(sampler_from_config(name, cfg), x, 9, **kw()), ref), 1e-6)
 

@@ -1,5 +1,5 @@
 """Samplers for VD, each a frozen config with `sample()`: DDIM (the shipped default), PNDM/PLMS, LMS, DDPM, Euler,
-Euler ancestral, Heun, DPM-Solver-2 (also ancestral), DPM-Solver++(2M) (also SDE), UniPC; the "_karras" ones use Karras et al.'s sigmas.
+Euler ancestral, Heun, DPM-Solver-2 (also ancestral), DPM-Solver++(2M) (also SDE), UniPC, DEIS; the "_karras" ones use Karras et al.'s sigmas.
 
 Words: a *sampler* is one of these classes, a loop over a noise schedule (`Schedule`, the fields they share with
 scheduler_config.json). The user picks one by name with `scheduler=` / `--scheduler` (diffusers' word for the same
@@ -11,6 +11,7 @@ from typing import Any
 from .common import stated
 from .ddim import DDIM
 from .ddpm import DDPM
+from .deis import DEIS, DEISKarras
 from .dpm2 import DPM2, DPM2Ancestral, DPM2AncestralKarras, DPM2Karras
 from .dpmpp import DPMSolverPP, DPMSolverPPKarras, DPMSolverPPSDE, DPMSolverPPSDEKarras
 from .euler import Euler, EulerAncestral, EulerKarras
@@ -20,7 +21,7 @@ from .noise import randn
 from .pndm import PNDM
 from .unipc import UniPC, UniPCKarras
 
-Sampler = DDIM | PNDM | LMS | DDPM | Euler | EulerAncestral | Heun | DPM2 | DPMSolverPP | UniPC
+Sampler = DDIM | PNDM | LMS | DDPM | Euler | EulerAncestral | Heun | DPM2 | DPMSolverPP | UniPC | DEIS
 
 # every scheduler name -> its sampler class; diffusers' equivalent in the README's sampler table
 SCHEDULERS: dict[str, type[Sampler]] = {
@@ -44,6 +45,8 @@ SCHEDULERS: dict[str, type[Sampler]] = {
     "dpmpp_2m_sde_karras": DPMSolverPPSDEKarras,
     "unipc": UniPC,
     "unipc_karras": UniPCKarras,
+    "deis": DEIS,
+    "deis_karras": DEISKarras,
 }
 
 
@@ -51,7 +54,7 @@ SCHEDULERS: dict[str, type[Sampler]] = {
 # class reads those keys (a config saved from a Karras or SDE pipeline)
 KARRAS_FORM = {"euler": "euler_karras", "heun": "heun_karras", "lms": "lms_karras", "dpm2": "dpm2_karras",
                "dpm2_a": "dpm2_a_karras", "dpmpp_2m": "dpmpp_2m_karras",
-               "dpmpp_2m_sde": "dpmpp_2m_sde_karras", "unipc": "unipc_karras"}
+               "dpmpp_2m_sde": "dpmpp_2m_sde_karras", "unipc": "unipc_karras", "deis": "deis_karras"}
 SDE_FORM = {"dpmpp_2m": "dpmpp_2m_sde", "dpmpp_2m_karras": "dpmpp_2m_sde_karras"}
 
 
@@ -69,5 +72,5 @@ def sampler_from_config(name: str, config: Mapping[str, Any]) -> Sampler:
     return SCHEDULERS[name].from_config(config)
 
 
-__all__ = ["DDIM", "DDPM", "DPM2", "DPMSolverPP", "Euler", "EulerAncestral", "Heun", "LMS", "PNDM", "SCHEDULERS",
+__all__ = ["DDIM", "DDPM", "DEIS", "DPM2", "DPMSolverPP", "Euler", "EulerAncestral", "Heun", "LMS", "PNDM", "SCHEDULERS",
            "Sampler", "UniPC", "randn", "sampler_from_config"]

@@ -102,17 +102,6 @@ class DPMSolverPP(MultistepSchedule):
                 callback(i, ts_dev[i], x)
         return x
 
-    def step_order(self, i: int, num_steps: int) -> int:
-        """The order of step i: it ramps up from 1 with the x0s at hand; the last step is first order when it
-        goes into sigma 0 (or `euler_at_final`), and with `lower_order_final` and fewer than 15 steps the last
-        is first order and the one before it at most second."""
-        short = self.lower_order_final and num_steps < 15
-        if i == num_steps - 1 and (self.final_sigmas_type == "zero" or self.euler_at_final or short):
-            return 1
-        if i == num_steps - 2 and short:
-            return min(self.solver_order, i + 1, 2)
-        return min(self.solver_order, i + 1)
-
 
 @dataclass(frozen=True, kw_only=True)
 class DPMSolverPPKarras(DPMSolverPP):

@@ -37,6 +37,7 @@ class MultistepSchedule(Thresholding, Schedule):
     use_lu_lambdas: ClassVar[bool] = False  # N log sigmas evenly over the training range, timesteps rounded
     lambda_min_clipped: ClassVar[float] = -math.inf  # the spacings end where lambda_t falls below it
     round_cosine: ClassVar[bool] = False  # Karras timesteps of cosine betas rounded (UniPC), not truncated (DPM)
+    euler_at_final: ClassVar[bool] = False  # (a field of DPM-Solver++: see step_order)
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
@@ -102,6 +103,17 @@ class MultistepSchedule(Thresholding, Schedule):
         if spread or self.timestep_spacing != "leading":
             return self.num_train_timesteps
         return most_steps("leading", self.num_train_timesteps, self.steps_offset) - 1
+
+    def step_order(self, i: int, num_steps: int) -> int:
+        """The order of step i of DPM-Solver++ or DEIS: it ramps up from 1 with the outputs at hand; the last step
+        is first order when it goes into sigma 0 (or `euler_at_final`), and with `lower_order_final` (their field)
+        and fewer than 15 steps the last is first order and the one before it at most second."""
+        short = self.lower_order_final and num_steps < 15
+        if i == num_steps - 1 and (self.final_sigmas_type == "zero" or self.euler_at_final or short):
+            return 1
+        if i == num_steps - 2 and short:
+            return min(self.solver_order, i + 1, 2)
+        return min(self.solver_order, i + 1)
 
     def timesteps(self, num_steps: int) -> Tensor:
         """Descending int64 timesteps of the model evaluations."""
