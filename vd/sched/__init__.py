@@ -1,5 +1,6 @@
 """Samplers for VD, each a frozen config with `sample()`: DDIM (the shipped default), PNDM/PLMS, LMS, DDPM, Euler,
-Euler ancestral, Heun, DPM-Solver-2 (also ancestral), DPM-Solver++(2M) (also SDE), UniPC, DEIS; the "_karras" ones use Karras et al.'s sigmas.
+Euler ancestral, Heun, DPM-Solver-2 (also ancestral), DPM-Solver++(2M) (also SDE), UniPC, DEIS; the "_karras" ones
+use Karras et al.'s sigmas.
 
 Words: a *sampler* is one of these classes, a loop over a noise schedule (`Schedule`, the fields they share with
 scheduler_config.json). The user picks one by name with `scheduler=` / `--scheduler` (diffusers' word for the same
@@ -72,5 +73,5 @@ def sampler_from_config(name: str, config: Mapping[str, Any]) -> Sampler:
     return SCHEDULERS[name].from_config(config)
 
 
-__all__ = ["DDIM", "DDPM", "DEIS", "DPM2", "DPMSolverPP", "Euler", "EulerAncestral", "Heun", "LMS", "PNDM", "SCHEDULERS",
-           "Sampler", "UniPC", "randn", "sampler_from_config"]
+__all__ = ["DDIM", "DDPM", "DEIS", "DPM2", "DPMSolverPP", "Euler", "EulerAncestral", "Heun", "LMS", "PNDM",
+           "SCHEDULERS", "Sampler", "UniPC", "randn", "sampler_from_config"]
