@@ -62,7 +62,7 @@ def test_dual_guided(name, ours, folder, patched_dual, check):
     check(max_abs_diff(got, want), TOL)
 
 
-@pytest.mark.parametrize("name", ["euler_karras", "dpmpp_2m_sde", "heun"])
+@pytest.mark.parametrize("name", ["euler_karras", "dpmpp_2m_sde", "heun", "dpm2_a", "deis"])
 def test_given_latents_no_guidance(name, ours, folder, check):
     """Given latents (scaled by the sampler's own start-noise std), guidance off."""
     latents = torch.randn(1, 4, 8, 8, generator=seeded(5))
@@ -73,14 +73,15 @@ def test_given_latents_no_guidance(name, ours, folder, check):
     check(max_abs_diff(got, want), TOL)
 
 
-def test_callback_heun_counts_evaluations(ours, folder):
-    """Heun's callback follows the reference's: every callback_steps-th of its 2N − 1 evaluations, reporting the
-    step (evaluation // 2) and the evaluation's timestep."""
+@pytest.mark.parametrize("name", ["heun", "dpm2", "dpm2_a_karras"])
+def test_callback_counts_evaluations(name, ours, folder):
+    """The callback of Heun and DPM2 follows the reference's: every callback_steps-th of their 2N − 1 evaluations,
+    reporting the step (evaluation // 2) and the evaluation's timestep (DPM2: the midpoints' own)."""
     seen_ref, seen_ours = [], []
     kw = dict(num_inference_steps=3, callback_steps=2, output_type="latent")
-    ref = reference("text_to_image", folder, "heun")
+    ref = reference("text_to_image", folder, name)
     ref("the cat", generator=seeded(), callback=lambda i, t, x: seen_ref.append((i, float(t), x.clone())), **kw)
-    ours.text_to_image("the cat", generator=seeded(), scheduler="heun", progress=False,
+    ours.text_to_image("the cat", generator=seeded(), scheduler=name, progress=False,
                        callback=lambda i, t, x: seen_ours.append((i, float(t), x.clone())), **kw)
     assert [(i, t) for i, t, _ in seen_ours] == [(i, t) for i, t, _ in seen_ref]
     assert [i for i, _, _ in seen_ours] == [0, 1, 2]
