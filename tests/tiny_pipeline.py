@@ -140,14 +140,20 @@ def load_reference_components(folder: Path) -> dict:
     )
 
 
-def reference(task: str, folder: Path, scheduler: str = "ddim"):
+def reference(task: str, folder: Path, scheduler: str | None = "ddim"):
     """A fresh reference pipeline for one task over components loaded from the saved folder (the reference
-    mutates its UNets, so every test gets its own), with the scheduler chosen as diffusers users do."""
+    mutates its UNets, so every test gets its own), with the scheduler chosen as diffusers users do; None: the
+    class the folder's model_index.json names, from its scheduler folder, as diffusers' pipeline loader does."""
+    import diffusers
     from diffusers import (DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler, VersatileDiffusionDualGuidedPipeline,
                            VersatileDiffusionImageVariationPipeline, VersatileDiffusionTextToImagePipeline)
     c = load_reference_components(folder)
-    c["scheduler"] = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "lms": LMSDiscreteScheduler}[scheduler].from_config(
-        c["scheduler"].config)
+    if scheduler is None:
+        _, name = json.loads((folder / "model_index.json").read_text())["scheduler"]
+        c["scheduler"] = getattr(diffusers, name).from_pretrained(folder / "scheduler")
+    else:
+        c["scheduler"] = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "lms": LMSDiscreteScheduler}[scheduler].from_config(
+            c["scheduler"].config)
     if task == "text_to_image":
         keys = ("tokenizer", "text_encoder", "image_unet", "text_unet", "vae", "scheduler")
         pipe = VersatileDiffusionTextToImagePipeline(**{k: c[k] for k in keys})

@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
         s.add_argument("--seed", type=int, default=None, help="random seed, 0 to 2**64 - 1; image k gets seed + k "
                        "(default: random)")
-        s.add_argument("--scheduler", default="ddim", help=f"sampler: {', '.join(SCHEDULERS)} (default ddim)")
+        s.add_argument("--scheduler", default=None, help=f"sampler: {', '.join(SCHEDULERS)} (default: the model's, "
+                       "ddim for VD)")
         s.add_argument("--scheduler-set", action="append", default=[], metavar="KEY=VALUE",
                        help="a scheduler_config.json setting over the model's, VALUE as JSON or else a string "
                             "(e.g. timestep_spacing=trailing, use_karras_sigmas=true); repeatable")

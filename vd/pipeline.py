@@ -33,7 +33,7 @@ from vd.conditions import Conditions
 from vd.fast import NoisePredictor, fast_path, speed_up_, use_triton_kernels_
 from vd.loading import Components, load_components, resolve
 from vd.optimus_tokenizers import remove_duplicate_word
-from vd.sched import DDIM, SCHEDULERS, randn, sampler_from_config
+from vd.sched import DDIM, SCHEDULERS, randn, sampler_from_config, scheduler_of
 from vd.tasks import TASK_PARTS, TASKS
 
 DEFAULT_REPO = "shi-labs/versatile-diffusion"
@@ -60,10 +60,12 @@ class TextOutput:
 
 class VersatileDiffusion:
     def __init__(self, components: Components, *, tasks: tuple[str, ...], device: torch.device, dtype: torch.dtype,
-                 scheduler: str = "ddim", uncond_image: str = "grey", compile: bool = False,
+                 scheduler: str | None = None, uncond_image: str = "grey", compile: bool = False,
                  cuda_graphs: bool | None = None, triton_kernels: bool | None = None):
         self.components, self.tasks, self.device, self.dtype = components, tuple(tasks), device, dtype
         self.conditions = Conditions(components, device, dtype)
+        if scheduler is None:
+            scheduler = scheduler_of(components.scheduler_config)
         self.scheduler = checks.choice("scheduler", scheduler, list(SCHEDULERS))
         self.uncond_image = checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         cuda_graphs, triton_kernels = fast_path(device, compile, cuda_graphs, triton_kernels)
@@ -82,7 +84,7 @@ class VersatileDiffusion:
     @classmethod
     def from_pretrained(cls, src: str | Path = DEFAULT_REPO, *, tasks: list[str] | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                        scheduler: str = "ddim", uncond_image: str = "grey", revision: str | None = None,
+                        scheduler: str | None = None, uncond_image: str = "grey", revision: str | None = None,
                         kl_f8: str | Path | None = None, clip: str | Path | None = None,
                         optimus: str | Path | None = None, optimus_tokenizer: str | Path | None = None,
                         compile: bool = False, cuda_graphs: bool | None = None,
@@ -95,7 +97,9 @@ class VersatileDiffusion:
         device: default CUDA if available, else CPU.
         dtype: default float16 on CUDA (UNets, VAE and Optimus run in it, as the reference does; CLIP under
           autocast), float32 on CPU.
-        scheduler: a sampler name of vd.sched.SCHEDULERS (default "ddim", as shipped); overridable per call.
+        scheduler: a sampler name of vd.sched.SCHEDULERS, overridable per call. Default: the checkpoint's, as
+          diffusers loads it: its scheduler_config.json's diffusers class ("ddim" for VD as shipped), with that
+          config's Karras or SDE form.
         uncond_image: "no image" for classifier-free guidance: "grey" (what the reference means to do), "zeros"
           (the original app's all-zero embedding) or "diffusers" (what diffusers 0.42.1 computes).
         revision: the hub revision.
@@ -113,7 +117,8 @@ class VersatileDiffusion:
         tasks = tuple(DEFAULT_TASKS if tasks is None else [checks.choice("tasks", t, TASKS) for t in tasks])
         if not tasks:
             checks.fail("tasks", tasks, f"some of {list(TASKS)}")
-        checks.choice("scheduler", scheduler, list(SCHEDULERS))
+        if scheduler is not None:
+            checks.choice("scheduler", scheduler, list(SCHEDULERS))
         checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         device = checks.device(device)
         cuda_graphs, triton_kernels = fast_path(device, compile, cuda_graphs, triton_kernels)  # checked before loading
@@ -121,6 +126,9 @@ class VersatileDiffusion:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         ckpt = resolve(src, tasks, revision=revision, kl_f8=kl_f8, clip=clip, optimus=optimus,
                        optimus_tokenizer=optimus_tokenizer)
+        if scheduler is None:  # (checked with the checkpoint's settings before any weight is read)
+            scheduler = scheduler_of(ckpt.scheduler or {})
+            sampler_from_config(scheduler, ckpt.scheduler or {})
         components = load_components(ckpt, tasks, device, dtype)
         return cls(components, tasks=tasks, device=device, dtype=dtype, scheduler=scheduler, uncond_image=uncond_image,
                    compile=compile, cuda_graphs=cuda_graphs, triton_kernels=triton_kernels)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tiny_pipeline as tp
+import vd.pipeline
 from vd import VersatileDiffusion
 from flows import max_abs_diff
 from helpers import random_image, seeded
@@ -147,3 +148,37 @@ def test_scheduler_config_refused_at_assignment(folder):
     copy = unipc.scheduler_config
     copy["timestep_spacing"] = "trailing"
     assert unipc.scheduler_config == before
+
+
+@pytest.mark.parametrize("cls_name,override,name", [
+    ("EulerDiscreteScheduler", {}, "euler"),
+    ("KDPM2AncestralDiscreteScheduler", {}, "dpm2_a"),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m"),
+    ("DEISMultistepScheduler", {"solver_order": 3}, "deis"),
+])
+def test_a_folder_saved_with_another_scheduler_runs_it(cls_name, override, name, tmp_path, check):
+    """A diffusers folder saved after swapping the pipeline's scheduler: diffusers' loader builds the class its
+    model_index.json names, and our default is that sampler (from the config's class name), with the config's
+    settings (Karras sigmas, the SDE form, the order)."""
+    components = tp.build_components(seed=0)
+    components["scheduler"] = getattr(diffusers, cls_name).from_config(components["scheduler"].config, **override)
+    folder = tp.save(components, tmp_path / "vd")
+    ours = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"])
+    assert ours.scheduler == name
+    kw = dict(prompt=["the cat", "a dog"], num_inference_steps=4, output_type="np", height=32, width=40)
+    want = tp.reference("text_to_image", folder, scheduler=None)(**kw, generator=_gens([5, 6])).images
+    got = ours.text_to_image(**kw, generator=_gens([5, 6]), progress=False).images
+    check(max_abs_diff(got, want), TOL)
+
+
+def test_a_scheduler_vd_lacks_is_named(tmp_path, monkeypatch):
+    """A folder saved with a scheduler we do not have fails at loading, before any weight is read, naming it; an
+    explicit scheduler= loads it."""
+    components = tp.build_components(seed=0)
+    components["scheduler"] = diffusers.DPMSolverSinglestepScheduler.from_config(components["scheduler"].config)
+    folder = tp.save(components, tmp_path / "vd")
+    with monkeypatch.context() as m:
+        m.setattr(vd.pipeline, "load_components", lambda *a, **k: pytest.fail("weights read"))
+        with pytest.raises(ValueError, match="'DPMSolverSinglestepScheduler', which vd does not have; pass scheduler="):
+            VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"])
+    assert VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], scheduler="unipc").scheduler == "unipc"

@@ -58,6 +58,26 @@ KARRAS_FORM = {"euler": "euler_karras", "heun": "heun_karras", "lms": "lms_karra
                "dpmpp_2m_sde": "dpmpp_2m_sde_karras", "unipc": "unipc_karras", "deis": "deis_karras"}
 SDE_FORM = {"dpmpp_2m": "dpmpp_2m_sde", "dpmpp_2m_karras": "dpmpp_2m_sde_karras"}
 
+# diffusers' scheduler classes -> our names (a Karras or SDE form comes from the config's own keys, as above)
+DIFFUSERS_CLASSES = {
+    "DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "LMSDiscreteScheduler": "lms", "DDPMScheduler": "ddpm",
+    "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
+    "KDPM2DiscreteScheduler": "dpm2", "KDPM2AncestralDiscreteScheduler": "dpm2_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m", "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis",
+}
+
+
+def scheduler_of(config: Mapping[str, Any]) -> str:
+    """The sampler a scheduler_config.json names by its diffusers `_class_name` ("ddim" if it names none: VD's), so
+    that a folder saved from a pipeline with another scheduler runs that one, as diffusers loads it."""
+    name = config.get("_class_name")
+    if name is None:
+        return "ddim"
+    if name not in DIFFUSERS_CLASSES:
+        raise ValueError(f"the checkpoint's scheduler is {name!r}, which vd does not have; pass scheduler= one of "
+                         f"{sorted(SCHEDULERS)}")
+    return DIFFUSERS_CLASSES[name]
+
 
 def sampler_from_config(name: str, config: Mapping[str, Any]) -> Sampler:
     """The sampler `name` built from a raw scheduler_config.json dict (any sampler from VD's DDIM config), as
@@ -74,4 +94,4 @@ def sampler_from_config(name: str, config: Mapping[str, Any]) -> Sampler:
 
 
 __all__ = ["DDIM", "DDPM", "DEIS", "DPM2", "DPMSolverPP", "Euler", "EulerAncestral", "Heun", "LMS", "PNDM",
-           "SCHEDULERS", "Sampler", "UniPC", "randn", "sampler_from_config"]
+           "SCHEDULERS", "Sampler", "UniPC", "randn", "sampler_from_config", "scheduler_of"]
