@@ -1,6 +1,6 @@
 """Our sampler names and the diffusers 0.42.1 class (and the one from_config override) each one equals."""
 
-from diffusers import (DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+from diffusers import (DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
                        KDPM2AncestralDiscreteScheduler,
                        KDPM2DiscreteScheduler, LMSDiscreteScheduler, UniPCMultistepScheduler)
@@ -24,6 +24,8 @@ REF = {
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, KARRAS),
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, SDE),
     "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {**SDE, **KARRAS}),
+    "dpmpp_2s": (DPMSolverSinglestepScheduler, {}),
+    "dpmpp_2s_karras": (DPMSolverSinglestepScheduler, KARRAS),
     "unipc": (UniPCMultistepScheduler, {}),
     "unipc_karras": (UniPCMultistepScheduler, KARRAS),
     "deis": (DEISMultistepScheduler, {}),

@@ -175,10 +175,10 @@ def test_a_scheduler_vd_lacks_is_named(tmp_path, monkeypatch):
     """A folder saved with a scheduler we do not have fails at loading, before any weight is read, naming it; an
     explicit scheduler= loads it."""
     components = tp.build_components(seed=0)
-    components["scheduler"] = diffusers.DPMSolverSinglestepScheduler.from_config(components["scheduler"].config)
+    components["scheduler"] = diffusers.LCMScheduler.from_config(components["scheduler"].config)
     folder = tp.save(components, tmp_path / "vd")
     with monkeypatch.context() as m:
         m.setattr(vd.pipeline, "load_components", lambda *a, **k: pytest.fail("weights read"))
-        with pytest.raises(ValueError, match="'DPMSolverSinglestepScheduler', which vd does not have; pass scheduler="):
+        with pytest.raises(ValueError, match="'LCMScheduler', which vd does not have; pass scheduler="):
             VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"])
     assert VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], scheduler="unipc").scheduler == "unipc"

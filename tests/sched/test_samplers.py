@@ -263,7 +263,8 @@ def test_sigma_range_from_the_config(name, check):
 
 
 @pytest.mark.parametrize("name,solver_type", [("dpmpp_2m", "logrho"), ("dpmpp_2m", "bh2"), ("unipc", "midpoint"),
-                                              ("unipc", "heun"), ("deis", "midpoint"), ("deis", "bh2")])
+                                              ("unipc", "heun"), ("deis", "midpoint"), ("deis", "bh2"),
+                                              ("dpmpp_2s", "logrho")])
 def test_other_solvers_names_run_as_diffusers_runs_them(name, solver_type, check):
     """A solver_type of another multistep solver (one config shared by all) is DPM-Solver++'s midpoint, UniPC's
     bh2 or DEIS's logrho, as diffusers maps it."""
@@ -299,19 +300,32 @@ def test_dpmpp_third_order(name, n, lower_order_final, check):
     assert second_order == 0 if n == 3 else second_order > 1e-4  # 3 steps run orders 1, 2, 1
 
 
+@pytest.mark.parametrize("name", ["dpmpp_2s", "dpmpp_2s_karras"])
+@pytest.mark.parametrize("order,solver_type", [(1, "midpoint"), (2, "heun"), (3, "midpoint"), (3, "heun")])
+@pytest.mark.parametrize("final,lower_order_final", [("zero", False), ("sigma_min", False), ("sigma_min", True)])
+def test_dpmpp_singlestep_groups(name, order, solver_type, final, lower_order_final, check):
+    """DPM-Solver++(2S): steps in groups of orders 1, 2(, 3), each group from its anchor; 1 to 9 steps, so that the
+    groups fill the steps or not (diffusers then switches lower_order_final on), into sigma 0 or not."""
+    cfg, x = {**VD, "solver_order": order, "solver_type": solver_type, "final_sigmas_type": final,
+              "lower_order_final": lower_order_final}, start_noise()
+    for n in range(1, 10):
+        ref = reference_run(reference(name, cfg), x, n)
+        check(relative_diff(our_run(sampler_from_config(name, cfg), x, n), ref), 1e-6, f"{n} steps")
+
+
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_trailing_counts_with_one_more_timestep(name, check):
     """"trailing" spacing places its points with numpy's arange, which for some counts (61, 103, 121, ... of
     1000) rounds to one point more, t = -1: diffusers then evaluates the model N + 1 times, and so do we. (The
     sigma samplers' extra step is what brings them to sigma 0; DDIM, DDPM and PNDM read the schedule's last
-    entry at t = -1, as diffusers does.)"""
+    entry at t = -1, as diffusers does. DPM-Solver++(2S) has no spacing key: it stays on "linspace".)"""
     cfg, x, n = {**VD, "timestep_spacing": "trailing"}, start_noise(), 61
 
     def kw():
         return {"generator": gens(False)} if name in STOCHASTIC else {}
     ref = reference_run(reference(name, cfg), x, n, **kw())
     ours = our_run(sampler_from_config(name, cfg), x, n, **kw())
-    if "karras" not in name:  # (Karras sigmas are placed without arange)
+    if "karras" not in name and name != "dpmpp_2s":  # (Karras sigmas are placed without arange)
         assert ours[0][-1][0].item() == -1  # the last evaluation; relative_diff asserts the counts equal
     check(relative_diff(ours, ref), 1e-6)
 
@@ -372,7 +386,7 @@ def test_euler_log_linear_sigmas(extra, check):
 @pytest.mark.parametrize("key", ["use_exponential_sigmas", "use_beta_sigmas"])
 @pytest.mark.parametrize("cfg_name", sorted(EXPONENTIAL))
 @pytest.mark.parametrize("name", ["euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde",
-                                  "unipc", "deis"])
+                                  "unipc", "deis", "dpmpp_2s"])
 def test_exponential_and_beta_sigmas(name, cfg_name, key, check):
     """use_exponential_sigmas: N sigmas evenly spaced in log sigma between the schedule's ends (or the config's
     sigma_min/sigma_max); use_beta_sigmas: N sigmas at the quantiles 1 − k/(N − 1) of Beta(0.6, 0.6) between them.
@@ -461,14 +475,14 @@ def test_ddpm_variance_types(variance_type, check):
 
 ZERO_SNR = {**VD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
 IGNORE_ZERO_SNR = {"pndm", "lms", "lms_karras", "heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a",
-                   "dpm2_a_karras", "deis", "deis_karras"}  # their diffusers classes lack the key
+                   "dpm2_a_karras", "deis", "deis_karras", "dpmpp_2s", "dpmpp_2s_karras"}  # their classes lack it
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_zero_terminal_snr(name, check):
     """rescale_betas_zero_snr (Lin et al. 2023), with the trailing spacing and v-prediction it is meant for:
     alpha_bar ends at 0, raised to 2**-24 by the samplers that take a sigma from it, as diffusers; PNDM, LMS,
-    Heun, DPM2 and DEIS ignore the key, as their diffusers classes do."""
+    Heun, DPM2, DEIS and DPM-Solver++(2S) ignore the key, as their diffusers classes do."""
     x = start_noise()
 
     def kw():
@@ -513,7 +527,8 @@ THRESHOLDS = [(0.995, 1.0), (0.9, 1.5), (0.6, 20.0), (0.995, 0.5)]
 
 
 @pytest.mark.parametrize("ratio,max_value", THRESHOLDS)
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde_karras", "unipc", "unipc_karras", "deis"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde_karras", "unipc", "unipc_karras", "deis",
+                                  "dpmpp_2s"])
 def test_dynamic_thresholding(name, ratio, max_value, check):
     """thresholding=True: each predicted x0 is clipped to [-s, s] and divided by s, s its `ratio` quantile of |x0|
     kept within [1, sample_max_value] (sample_max_value < 1 wins over 1, as torch.clamp). DDIM and DDPM threshold
@@ -595,12 +610,13 @@ def test_config_defaults_follow_diffusers_from_config():
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_leading_counts_that_start_past_the_schedule(name):
     """With "leading" spacing and steps_offset 3 the first timestep does not grow with the count: 500 steps (DPM-
-    Solver++ and UniPC place one more point: 499) would start at 1001 although 997 fit. Refused by name, as the
-    facade refuses it before any model runs (diffusers' DDIM fails with an IndexError)."""
+    Solver++, UniPC and DEIS place one more point: 499) would start at 1001 although 997 fit. Refused by name, as the
+    facade refuses it before any model runs (diffusers' DDIM fails with an IndexError). DPM-Solver++(2S) has no
+    spacing key and runs them."""
     sampler = sampler_from_config(name, {**VD, "timestep_spacing": "leading", "steps_offset": 3})
     multistep = name.startswith(("dpmpp", "unipc", "deis"))
     bad = 499 if multistep and "karras" not in name else 500
-    if multistep and "karras" in name:  # Karras sigmas span the training range, unspaced
+    if multistep and "karras" in name or name == "dpmpp_2s":  # Karras sigmas span the training range, unspaced
         assert len(sampler.timesteps(bad)) == bad
         return
     with pytest.raises(ValueError, match=rf"num_inference_steps={bad} .* starts at timestep 1001"):
@@ -679,6 +695,8 @@ def test_bad_num_steps(name, n):
     ("deis", "algorithm_type", "sde-dpmsolver++"),
     ("deis", "solver_type", "bh3"),
     ("deis", "solver_order", 4),
+    ("dpmpp_2s", "algorithm_type", "sde-dpmsolver++"),
+    ("dpmpp_2s", "solver_order", 4),
 ])
 def test_unsupported_config(name, key, value):
     with pytest.raises(ValueError, match=key) as err:

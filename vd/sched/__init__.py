@@ -1,6 +1,6 @@
 """Samplers for VD, each a frozen config with `sample()`: DDIM (the shipped default), PNDM/PLMS, LMS, DDPM, Euler,
-Euler ancestral, Heun, DPM-Solver-2 (also ancestral), DPM-Solver++(2M) (also SDE), UniPC, DEIS; the "_karras" ones
-use Karras et al.'s sigmas.
+Euler ancestral, Heun, DPM-Solver-2 (also ancestral), DPM-Solver++(2M) (also SDE) and (2S), UniPC, DEIS; the
+"_karras" ones use Karras et al.'s sigmas.
 
 Words: a *sampler* is one of these classes, a loop over a noise schedule (`Schedule`, the fields they share with
 scheduler_config.json). The user picks one by name with `scheduler=` / `--scheduler` (diffusers' word for the same
@@ -15,6 +15,7 @@ from .ddpm import DDPM
 from .deis import DEIS, DEISKarras
 from .dpm2 import DPM2, DPM2Ancestral, DPM2AncestralKarras, DPM2Karras
 from .dpmpp import DPMSolverPP, DPMSolverPPKarras, DPMSolverPPSDE, DPMSolverPPSDEKarras
+from .dpmpp_singlestep import DPMSolverPPSinglestep, DPMSolverPPSinglestepKarras
 from .euler import Euler, EulerAncestral, EulerKarras
 from .heun import Heun, HeunKarras
 from .lms import LMS, LMSKarras
@@ -22,7 +23,7 @@ from .noise import randn
 from .pndm import PNDM
 from .unipc import UniPC, UniPCKarras
 
-Sampler = DDIM | PNDM | LMS | DDPM | Euler | EulerAncestral | Heun | DPM2 | DPMSolverPP | UniPC | DEIS
+Sampler = DDIM | PNDM | LMS | DDPM | Euler | EulerAncestral | Heun | DPM2 | DPMSolverPP | DPMSolverPPSinglestep | UniPC | DEIS
 
 # every scheduler name -> its sampler class; diffusers' equivalent in the README's sampler table
 SCHEDULERS: dict[str, type[Sampler]] = {
@@ -44,6 +45,8 @@ SCHEDULERS: dict[str, type[Sampler]] = {
     "dpmpp_2m_karras": DPMSolverPPKarras,
     "dpmpp_2m_sde": DPMSolverPPSDE,
     "dpmpp_2m_sde_karras": DPMSolverPPSDEKarras,
+    "dpmpp_2s": DPMSolverPPSinglestep,
+    "dpmpp_2s_karras": DPMSolverPPSinglestepKarras,
     "unipc": UniPC,
     "unipc_karras": UniPCKarras,
     "deis": DEIS,
@@ -55,7 +58,8 @@ SCHEDULERS: dict[str, type[Sampler]] = {
 # class reads those keys (a config saved from a Karras or SDE pipeline)
 KARRAS_FORM = {"euler": "euler_karras", "heun": "heun_karras", "lms": "lms_karras", "dpm2": "dpm2_karras",
                "dpm2_a": "dpm2_a_karras", "dpmpp_2m": "dpmpp_2m_karras",
-               "dpmpp_2m_sde": "dpmpp_2m_sde_karras", "unipc": "unipc_karras", "deis": "deis_karras"}
+               "dpmpp_2m_sde": "dpmpp_2m_sde_karras", "dpmpp_2s": "dpmpp_2s_karras", "unipc": "unipc_karras",
+               "deis": "deis_karras"}
 SDE_FORM = {"dpmpp_2m": "dpmpp_2m_sde", "dpmpp_2m_karras": "dpmpp_2m_sde_karras"}
 
 # diffusers' scheduler classes -> our names (a Karras or SDE form comes from the config's own keys, as above)
@@ -63,7 +67,8 @@ DIFFUSERS_CLASSES = {
     "DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "LMSDiscreteScheduler": "lms", "DDPMScheduler": "ddpm",
     "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
     "KDPM2DiscreteScheduler": "dpm2", "KDPM2AncestralDiscreteScheduler": "dpm2_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m", "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis",
+    "DPMSolverMultistepScheduler": "dpmpp_2m", "DPMSolverSinglestepScheduler": "dpmpp_2s",
+    "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis",
 }
 
 
