@@ -23,7 +23,8 @@ from .noise import randn
 from .pndm import PNDM
 from .unipc import UniPC, UniPCKarras
 
-Sampler = DDIM | PNDM | LMS | DDPM | Euler | EulerAncestral | Heun | DPM2 | DPMSolverPP | DPMSolverPPSinglestep | UniPC | DEIS
+Sampler = (DDIM | PNDM | LMS | DDPM | Euler | EulerAncestral | Heun | DPM2 | DPMSolverPP | DPMSolverPPSinglestep | UniPC
+           | DEIS)
 
 # every scheduler name -> its sampler class; diffusers' equivalent in the README's sampler table
 SCHEDULERS: dict[str, type[Sampler]] = {
@@ -98,5 +99,5 @@ def sampler_from_config(name: str, config: Mapping[str, Any]) -> Sampler:
     return SCHEDULERS[name].from_config(config)
 
 
-__all__ = ["DDIM", "DDPM", "DEIS", "DPM2", "DPMSolverPP", "Euler", "EulerAncestral", "Heun", "LMS", "PNDM",
-           "SCHEDULERS", "Sampler", "UniPC", "randn", "sampler_from_config", "scheduler_of"]
+__all__ = ["DDIM", "DDPM", "DEIS", "DPM2", "DPMSolverPP", "DPMSolverPPSinglestep", "Euler", "EulerAncestral", "Heun",
+           "LMS", "PNDM", "SCHEDULERS", "Sampler", "UniPC", "randn", "sampler_from_config", "scheduler_of"]
