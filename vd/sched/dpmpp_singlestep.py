@@ -29,7 +29,8 @@ class DPMSolverPPSinglestep(MultistepSchedule):
     lower_order_final: bool = False
     lambda_min_clipped: float = float("-inf")
     timestep_spacing: ClassVar[str] = "linspace"  # (diffusers' class has no such key: a config's is ignored)
-    rescale_betas_zero_snr: ClassVar[bool] = False  # (nor this one)
+    steps_offset: ClassVar[int] = 0  # (nor these)
+    rescale_betas_zero_snr: ClassVar[bool] = False
     round_cosine: ClassVar[bool] = True
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2, 3)
