@@ -696,6 +696,7 @@ def test_bad_num_steps(name, n):
     ("deis", "solver_type", "bh3"),
     ("deis", "solver_order", 4),
     ("dpmpp_2s", "algorithm_type", "sde-dpmsolver++"),
+    ("dpmpp_2m", "algorithm_type", "deis"),  # (with final_sigmas_type "zero", as diffusers)
     ("dpmpp_2s", "solver_order", 4),
 ])
 def test_unsupported_config(name, key, value):
@@ -710,12 +711,15 @@ def test_unsupported_config(name, key, value):
     ("dpmpp_2m_karras", {"algorithm_type": "sde-dpmsolver++"}), ("dpmpp_2m_sde", {"use_karras_sigmas": True}),
     ("unipc", {"use_karras_sigmas": True}), ("deis", {"use_karras_sigmas": True}),
     ("deis", {"algorithm_type": "dpmsolver++", "final_sigmas_type": "zero", "rescale_betas_zero_snr": True}),
+    ("dpmpp_2m", {"algorithm_type": "deis", "solver_type": "logrho", "final_sigmas_type": "sigma_min"}),
+    ("dpmpp_2s", {"algorithm_type": "deis", "final_sigmas_type": "sigma_min", "timestep_spacing": "leading"}),
     ("ddpm", {"variance_type": None}), ("dpmpp_2m", {"variance_type": "fixed_small"}),
 ])
 def test_configs_saved_from_other_samplers(name, stated, check):
     """A config saved from a Karras or SDE pipeline gives a name the form diffusers' class reads from it (euler on
-    it runs as euler_karras); DPM-Solver's variance_type null and DDPM's fixed_small run as in diffusers; DEIS reads
-    a DPM-Solver++ config's algorithm_type as its own, and ignores the keys its class lacks."""
+    it runs as euler_karras); DPM-Solver's variance_type null and DDPM's fixed_small run as in diffusers; DEIS and
+    DPM-Solver++ read each other's algorithm_type and solver_type as their own, and ignore the keys their class
+    lacks."""
     cls, override = REF.get(name, (LMSDiscreteScheduler, {}))  # (lms is not one of the new names)
     cfg, x = {**VD, **stated}, start_noise()
     stochastic = "sde" in name or stated.get("algorithm_type") == "sde-dpmsolver++" or name == "ddpm"

@@ -31,6 +31,7 @@ class DPMSolverPP(MultistepSchedule):
     """DPM-Solver++(2M) with diffusers' DPMSolverMultistepScheduler defaults."""
 
     solver_type: str = "midpoint"
+    algorithm_type: str = "dpmsolver++"  # (its noise-prediction forms, "dpmsolver" and "sde-dpmsolver", not built)
     lower_order_final: bool = True
     euler_at_final: bool = False
     use_lu_lambdas: bool = False
@@ -39,7 +40,7 @@ class DPMSolverPP(MultistepSchedule):
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2, 3)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        **MultistepSchedule.UNSUPPORTED, "algorithm_type": "dpmsolver++",
+        **MultistepSchedule.UNSUPPORTED,
         "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),  # not learned
     }
 
@@ -47,9 +48,13 @@ class DPMSolverPP(MultistepSchedule):
         super().__post_init__()
         if self.solver_type in ("logrho", "bh1", "bh2"):  # other solvers' names: diffusers runs midpoint
             object.__setattr__(self, "solver_type", "midpoint")
-        if self.solver_type not in ("midpoint", "heun"):
-            raise ValueError(f"solver_type must be one of ('midpoint', 'heun') for DPMSolverPP, "
-                             f"got {self.solver_type!r}")
+        self.check_choice("solver_type", ("midpoint", "heun"))
+        self.check_choice("algorithm_type", ("sde-dpmsolver++",) if self.sde else ("dpmsolver++", "deis"))
+        if self.algorithm_type == "deis":  # DEIS's name, read as "dpmsolver++" (diffusers), but not into sigma 0
+            if self.final_sigmas_type == "zero":
+                raise ValueError(f"algorithm_type='deis' needs final_sigmas_type 'sigma_min' for {type(self).__name__}"
+                                 " (diffusers refuses 'zero' with it)")
+            object.__setattr__(self, "algorithm_type", "dpmsolver++")
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
@@ -115,6 +120,7 @@ class DPMSolverPPKarras(DPMSolverPP):
 class DPMSolverPPSDE(DPMSolverPP):
     """SDE-DPM-Solver++(2M) (diffusers: algorithm_type="sde-dpmsolver++")."""
 
+    algorithm_type: str = "sde-dpmsolver++"
     sde: ClassVar[bool] = True
     OVERRIDES: ClassVar[dict[str, Any]] = {"algorithm_type": "sde-dpmsolver++"}
 

@@ -17,34 +17,22 @@ import torch
 from torch import Tensor
 
 from .common import Callback, EpsFn
-from .multistep import MultistepSchedule
+from .dpmpp import DPMSolverPP
 from .sigmas import log_snr, vp, vp_x0
 
 
 @dataclass(frozen=True, kw_only=True)
-class DPMSolverPPSinglestep(MultistepSchedule):
-    """DPM-Solver++(2S) with diffusers' DPMSolverSinglestepScheduler defaults (note: lower_order_final false)."""
+class DPMSolverPPSinglestep(DPMSolverPP):
+    """DPM-Solver++(2S) with diffusers' DPMSolverSinglestepScheduler defaults (note: lower_order_final false). Its
+    keys are DPM-Solver++(2M)'s but for these (the class lacks them, and ignores a config's):"""
 
-    solver_type: str = "midpoint"
     lower_order_final: bool = False
-    lambda_min_clipped: float = float("-inf")
-    timestep_spacing: ClassVar[str] = "linspace"  # (diffusers' class has no such key: a config's is ignored)
-    steps_offset: ClassVar[int] = 0  # (nor these)
+    timestep_spacing: ClassVar[str] = "linspace"
+    steps_offset: ClassVar[int] = 0
     rescale_betas_zero_snr: ClassVar[bool] = False
-    round_cosine: ClassVar[bool] = True
-
-    ORDERS: ClassVar[tuple[int, ...]] = (1, 2, 3)
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        # diffusers reads DEIS's name as "dpmsolver++"; the noise-prediction and SDE forms are not built here
-        **MultistepSchedule.UNSUPPORTED, "algorithm_type": ("dpmsolver++", "deis"),
-        "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),  # not learned
-    }
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.solver_type in ("logrho", "bh1", "bh2"):  # other solvers' names: diffusers runs midpoint
-            object.__setattr__(self, "solver_type", "midpoint")
-        self.check_choice("solver_type", ("midpoint", "heun"))
+    euler_at_final: ClassVar[bool] = False
+    use_lu_lambdas: ClassVar[bool] = False
+    round_cosine: ClassVar[bool] = True  # (Karras timesteps of cosine betas rounded, as UniPC's)
 
     def orders(self, num_steps: int) -> list[int]:
         """The order of each step, in groups 1, 2(, 3); the last step into sigma 0 is first order. Without
