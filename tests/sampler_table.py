@@ -26,10 +26,13 @@ REF = {
     "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {**SDE, **KARRAS}),
     "dpmpp_2s": (DPMSolverSinglestepScheduler, {}),
     "dpmpp_2s_karras": (DPMSolverSinglestepScheduler, KARRAS),
+    "dpmpp_2s_sde": (DPMSolverSinglestepScheduler, SDE),
+    "dpmpp_2s_sde_karras": (DPMSolverSinglestepScheduler, {**SDE, **KARRAS}),
     "unipc": (UniPCMultistepScheduler, {}),
     "unipc_karras": (UniPCMultistepScheduler, KARRAS),
     "deis": (DEISMultistepScheduler, {}),
     "deis_karras": (DEISMultistepScheduler, KARRAS),
 }
 NEW = sorted(REF)
-STOCHASTIC = {"ddpm", "euler_a", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}
+STOCHASTIC = {"ddpm", "euler_a", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2s_sde",
+              "dpmpp_2s_sde_karras"}

@@ -300,17 +300,21 @@ def test_dpmpp_third_order(name, n, lower_order_final, check):
     assert second_order == 0 if n == 3 else second_order > 1e-4  # 3 steps run orders 1, 2, 1
 
 
-@pytest.mark.parametrize("name", ["dpmpp_2s", "dpmpp_2s_karras"])
+@pytest.mark.parametrize("name", ["dpmpp_2s", "dpmpp_2s_karras", "dpmpp_2s_sde", "dpmpp_2s_sde_karras"])
 @pytest.mark.parametrize("order,solver_type", [(1, "midpoint"), (2, "heun"), (3, "midpoint"), (3, "heun")])
 @pytest.mark.parametrize("final,lower_order_final", [("zero", False), ("sigma_min", False), ("sigma_min", True)])
 def test_dpmpp_singlestep_groups(name, order, solver_type, final, lower_order_final, check):
     """DPM-Solver++(2S): steps in groups of orders 1, 2(, 3), each group from its anchor; 1 to 9 steps, so that the
-    groups fill the steps or not (diffusers then switches lower_order_final on), into sigma 0 or not."""
+    groups fill the steps or not (diffusers then switches lower_order_final on), into sigma 0 or not; the SDE form
+    with one fresh noise per step."""
     cfg, x = {**VD, "solver_order": order, "solver_type": solver_type, "final_sigmas_type": final,
               "lower_order_final": lower_order_final}, start_noise()
+
+    def kw():
+        return {"generator": gens(True)} if name in STOCHASTIC else {}
     for n in range(1, 10):
-        ref = reference_run(reference(name, cfg), x, n)
-        check(relative_diff(our_run(sampler_from_config(name, cfg), x, n), ref), 1e-6, f"{n} steps")
+        ref = reference_run(reference(name, cfg), x, n, **kw())
+        check(relative_diff(our_run(sampler_from_config(name, cfg), x, n, **kw()), ref), 1e-6, f"{n} steps")
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
@@ -325,7 +329,7 @@ def test_trailing_counts_with_one_more_timestep(name, check):
         return {"generator": gens(False)} if name in STOCHASTIC else {}
     ref = reference_run(reference(name, cfg), x, n, **kw())
     ours = our_run(sampler_from_config(name, cfg), x, n, **kw())
-    if "karras" not in name and name != "dpmpp_2s":  # (Karras sigmas are placed without arange)
+    if "karras" not in name and not name.startswith("dpmpp_2s"):  # (Karras sigmas are placed without arange)
         assert ours[0][-1][0].item() == -1  # the last evaluation; relative_diff asserts the counts equal
     check(relative_diff(ours, ref), 1e-6)
 
@@ -475,7 +479,8 @@ def test_ddpm_variance_types(variance_type, check):
 
 ZERO_SNR = {**VD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
 IGNORE_ZERO_SNR = {"pndm", "lms", "lms_karras", "heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a",
-                   "dpm2_a_karras", "deis", "deis_karras", "dpmpp_2s", "dpmpp_2s_karras"}  # their classes lack it
+                   "dpm2_a_karras", "deis", "deis_karras", "dpmpp_2s", "dpmpp_2s_karras", "dpmpp_2s_sde",
+                   "dpmpp_2s_sde_karras"}  # their diffusers classes lack the key
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
@@ -616,7 +621,7 @@ def test_leading_counts_that_start_past_the_schedule(name):
     sampler = sampler_from_config(name, {**VD, "timestep_spacing": "leading", "steps_offset": 3})
     multistep = name.startswith(("dpmpp", "unipc", "deis"))
     bad = 499 if multistep and "karras" not in name else 500
-    if multistep and "karras" in name or name == "dpmpp_2s":  # Karras sigmas span the training range, unspaced
+    if multistep and "karras" in name or name.startswith("dpmpp_2s"):  # Karras sigmas span the training range, unspaced
         assert len(sampler.timesteps(bad)) == bad
         return
     with pytest.raises(ValueError, match=rf"num_inference_steps={bad} .* starts at timestep 1001"):
@@ -695,7 +700,7 @@ def test_bad_num_steps(name, n):
     ("deis", "algorithm_type", "sde-dpmsolver++"),
     ("deis", "solver_type", "bh3"),
     ("deis", "solver_order", 4),
-    ("dpmpp_2s", "algorithm_type", "sde-dpmsolver++"),
+    ("dpmpp_2s", "algorithm_type", "dpmsolver"),
     ("dpmpp_2m", "algorithm_type", "deis"),  # (with final_sigmas_type "zero", as diffusers)
     ("dpmpp_2s", "solver_order", 4),
 ])
@@ -708,6 +713,7 @@ def test_unsupported_config(name, key, value):
 @pytest.mark.parametrize("name,stated", [
     ("euler", {"use_karras_sigmas": True}), ("heun", {"use_karras_sigmas": True}), ("lms", {"use_karras_sigmas": True}),
     ("dpmpp_2m", {"use_karras_sigmas": True}), ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}),
+    ("dpmpp_2s_karras", {"algorithm_type": "sde-dpmsolver++"}),
     ("dpmpp_2m_karras", {"algorithm_type": "sde-dpmsolver++"}), ("dpmpp_2m_sde", {"use_karras_sigmas": True}),
     ("unipc", {"use_karras_sigmas": True}), ("deis", {"use_karras_sigmas": True}),
     ("deis", {"algorithm_type": "dpmsolver++", "final_sigmas_type": "zero", "rescale_betas_zero_snr": True}),

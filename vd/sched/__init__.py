@@ -15,7 +15,8 @@ from .ddpm import DDPM
 from .deis import DEIS, DEISKarras
 from .dpm2 import DPM2, DPM2Ancestral, DPM2AncestralKarras, DPM2Karras
 from .dpmpp import DPMSolverPP, DPMSolverPPKarras, DPMSolverPPSDE, DPMSolverPPSDEKarras
-from .dpmpp_singlestep import DPMSolverPPSinglestep, DPMSolverPPSinglestepKarras
+from .dpmpp_singlestep import (DPMSolverPPSinglestep, DPMSolverPPSinglestepKarras, DPMSolverPPSinglestepSDE,
+                               DPMSolverPPSinglestepSDEKarras)
 from .euler import Euler, EulerAncestral, EulerKarras
 from .heun import Heun, HeunKarras
 from .lms import LMS, LMSKarras
@@ -48,6 +49,8 @@ SCHEDULERS: dict[str, type[Sampler]] = {
     "dpmpp_2m_sde_karras": DPMSolverPPSDEKarras,
     "dpmpp_2s": DPMSolverPPSinglestep,
     "dpmpp_2s_karras": DPMSolverPPSinglestepKarras,
+    "dpmpp_2s_sde": DPMSolverPPSinglestepSDE,
+    "dpmpp_2s_sde_karras": DPMSolverPPSinglestepSDEKarras,
     "unipc": UniPC,
     "unipc_karras": UniPCKarras,
     "deis": DEIS,
@@ -59,9 +62,10 @@ SCHEDULERS: dict[str, type[Sampler]] = {
 # class reads those keys (a config saved from a Karras or SDE pipeline)
 KARRAS_FORM = {"euler": "euler_karras", "heun": "heun_karras", "lms": "lms_karras", "dpm2": "dpm2_karras",
                "dpm2_a": "dpm2_a_karras", "dpmpp_2m": "dpmpp_2m_karras",
-               "dpmpp_2m_sde": "dpmpp_2m_sde_karras", "dpmpp_2s": "dpmpp_2s_karras", "unipc": "unipc_karras",
-               "deis": "deis_karras"}
-SDE_FORM = {"dpmpp_2m": "dpmpp_2m_sde", "dpmpp_2m_karras": "dpmpp_2m_sde_karras"}
+               "dpmpp_2m_sde": "dpmpp_2m_sde_karras", "dpmpp_2s": "dpmpp_2s_karras",
+               "dpmpp_2s_sde": "dpmpp_2s_sde_karras", "unipc": "unipc_karras", "deis": "deis_karras"}
+SDE_FORM = {"dpmpp_2m": "dpmpp_2m_sde", "dpmpp_2m_karras": "dpmpp_2m_sde_karras", "dpmpp_2s": "dpmpp_2s_sde",
+            "dpmpp_2s_karras": "dpmpp_2s_sde_karras"}
 
 # diffusers' scheduler classes -> our names (a Karras or SDE form comes from the config's own keys, as above)
 DIFFUSERS_CLASSES = {

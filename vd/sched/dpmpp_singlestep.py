@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .common import Callback, EpsFn
 from .dpmpp import DPMSolverPP
+from .noise import step_noises
 from .sigmas import log_snr, vp, vp_x0
 
 
@@ -54,11 +55,14 @@ class DPMSolverPPSinglestep(DPMSolverPP):
         return orders
 
     def sample(
-        self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
+        self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None, eta: float = 0.0,
         noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
     ) -> Tensor:
-        """Run the loop from unit-variance noise `x`. Deterministic: eta, generator, noise are ignored."""
+        """Run the loop from unit-variance noise `x`. SDE form: the fresh noise of step i is `noise[i]` or drawn
+        from `generator` (one draw per step, as diffusers). eta is ignored (as diffusers)."""
         ts, sig = self.schedule(num_steps)
+        z = step_noises(noise, generator, len(ts)) if self.sde else None
         lam = [log_snr(s) for s in sig]  # lambda at each sigma (inf at a final 0)
         ts_dev = ts.to(x.device).unbind()
         x = x * self.init_noise_sigma(num_steps)
@@ -69,35 +73,42 @@ class DPMSolverPPSinglestep(DPMSolverPP):
             ms = (ms + [self.threshold(vp_x0(out, x, *vp(sig[i]), self.prediction_type))])[-3:]
             if order == 1:
                 anchor = x
-            x = self.update(anchor, ms, sig, lam, i, order)
+            x = self.update(anchor, ms, sig, lam, i, order, None if z is None else z(i, out, out.dtype))
             if callback is not None:
                 callback(i, ts_dev[i], x)
         return x
 
-    def update(self, anchor: Tensor, ms: list[Tensor], sig: Tensor, lam: list[Tensor], i: int, order: int) -> Tensor:
-        """x at step i + 1 from the group's anchor (at step i + 1 − order) and the group's x0s ms[-order:]."""
+    def update(self, anchor: Tensor, ms: list[Tensor], sig: Tensor, lam: list[Tensor], i: int, order: int,
+               z: Tensor | None = None) -> Tensor:
+        """x at step i + 1 from the group's anchor (at step i + 1 − order) and the group's x0s ms[-order:] (and
+        the SDE form's fresh noise z): x = c·anchor + w0·D0 + w1·D1 + w2·D2 (+ noise)."""
         alpha_t, sigma_t = vp(sig[i + 1])
         s = i + 1 - order  # the anchor's step
         sigma_s = vp(sig[s])[1]
         h = lam[i + 1] - lam[s]
-        phi = alpha_t * (torch.exp(-h) - 1.0)  # (alpha_t·(e^−h − 1): the first-order weight, negated)
-        x = (sigma_t / sigma_s) * anchor - phi * ms[-order]
+        if not self.sde:
+            e = torch.exp(-h) - 1.0
+            c, w0 = sigma_t / sigma_s, -(alpha_t * e)
+            w1, w2 = alpha_t * (e / h + 1.0), -(alpha_t * ((e + h) / h**2 - 0.5))
+        else:  # e^−h damping, 2h in the weights
+            e = 1.0 - torch.exp(-2.0 * h)
+            c, w0 = sigma_t / sigma_s * torch.exp(-h), alpha_t * e
+            w1, w2 = alpha_t * (e / (-2.0 * h) + 1.0), alpha_t * ((e + (-2.0 * h)) / (-2.0 * h) ** 2 - 0.5)
+        x = c * anchor + w0 * ms[-order]
         if order == 2:  # D1 = (m0 − m1)/r0, r0 = (lambda_s0 − lambda_s1)/h
             r0 = (lam[i] - lam[s]) / h
             D1 = (1.0 / r0) * (ms[-1] - ms[-2])
-            if self.solver_type == "midpoint":
-                return x - 0.5 * phi * D1
-            return x + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
-        if order == 3:  # D1 and D2 of the quadratic through the group's three x0s
+            x = x + (0.5 * w0 if self.solver_type == "midpoint" else w1) * D1
+        elif order == 3:  # D1 and D2 of the quadratic through the group's three x0s
             r0, r1 = (lam[i] - lam[s]) / h, (lam[i - 1] - lam[s]) / h
             D1_0, D1_1 = (1.0 / r1) * (ms[-2] - ms[-3]), (1.0 / r0) * (ms[-1] - ms[-3])
             if self.solver_type == "midpoint":  # (diffusers' midpoint form keeps only D1_1's term)
-                return x + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1_1
-            D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1)
-            D2 = 2.0 * (D1_1 - D1_0) / (r0 - r1)
-            x = x + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
-            return x - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * D2
-        return x
+                x = x + w1 * D1_1
+            else:
+                D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1)
+                D2 = 2.0 * (D1_1 - D1_0) / (r0 - r1)
+                x = x + w1 * D1 + w2 * D2
+        return x if z is None else x + sigma_t * torch.sqrt(e) * z
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,3 +117,20 @@ class DPMSolverPPSinglestepKarras(DPMSolverPPSinglestep):
 
     karras: ClassVar[bool] = True
     OVERRIDES: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPMSolverPPSinglestepSDE(DPMSolverPPSinglestep):
+    """SDE-DPM-Solver++(2S) (diffusers: algorithm_type="sde-dpmsolver++")."""
+
+    algorithm_type: str = "sde-dpmsolver++"
+    sde: ClassVar[bool] = True
+    OVERRIDES: ClassVar[dict[str, Any]] = {"algorithm_type": "sde-dpmsolver++"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPMSolverPPSinglestepSDEKarras(DPMSolverPPSinglestepSDE):
+    """SDE-DPM-Solver++(2S) on Karras et al.'s sigmas."""
+
+    karras: ClassVar[bool] = True
+    OVERRIDES: ClassVar[dict[str, Any]] = {**DPMSolverPPSinglestepSDE.OVERRIDES, "use_karras_sigmas": True}
