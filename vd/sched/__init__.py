@@ -1,5 +1,5 @@
 """Samplers for VD, each a frozen config with `sample()`: DDIM (the shipped default), PNDM/PLMS, LMS, DDPM, Euler,
-Euler ancestral, Heun, DPM-Solver-2 (also ancestral), DPM-Solver++(2M) (also SDE) and (2S), UniPC, DEIS; the
+Euler ancestral, Heun, DPM-Solver-2 (also ancestral), DPM-Solver++ (2M and 2S, each also SDE), UniPC, DEIS; the
 "_karras" ones use Karras et al.'s sigmas.
 
 Words: a *sampler* is one of these classes, a loop over a noise schedule (`Schedule`, the fields they share with
