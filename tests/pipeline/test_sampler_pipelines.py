@@ -139,12 +139,12 @@ def test_scheduler_config_refused_at_assignment(folder):
     with pytest.raises(TypeError, match=r"^scheduler_config: expected a dict of scheduler_config.json keys"):
         pipe.scheduler_config = [("timestep_spacing", "trailing")]
     assert pipe.scheduler_config == before
-    pipe.scheduler_config = {**before, "disable_corrector": [0]}  # DDIM has no such key; UniPC refuses it per call
-    with pytest.raises(ValueError, match=r"disable_corrector=\[0\] is not supported by UniPC"):
+    pipe.scheduler_config = {**before, "use_flow_sigmas": True}  # DDIM has no such key; UniPC refuses it per call
+    with pytest.raises(ValueError, match=r"use_flow_sigmas=True is not supported by UniPC"):
         pipe.text_to_image("the cat", num_inference_steps=2, scheduler="unipc", progress=False)
     unipc = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], scheduler="unipc")
-    with pytest.raises(ValueError, match=r"disable_corrector=\[0\] is not supported by UniPC"):
-        unipc.scheduler_config = {**before, "disable_corrector": [0]}
+    with pytest.raises(ValueError, match=r"use_flow_sigmas=True is not supported by UniPC"):
+        unipc.scheduler_config = {**before, "use_flow_sigmas": True}
     copy = unipc.scheduler_config
     copy["timestep_spacing"] = "trailing"
     assert unipc.scheduler_config == before

@@ -99,6 +99,11 @@ def assert_timesteps_equal(ts: torch.Tensor, ref: torch.Tensor, beta_sigmas: boo
     assert torch.equal(ts, ref)
 
 
+def as_field(value):
+    """A diffusers config value as our frozen samplers hold it (a list as a tuple)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def relative_diff(ours, ref, beta_sigmas: bool = False) -> float:
     """Max over the run of max|a − b| / max|b| (model inputs and x after each step); timesteps equal
     (assert_timesteps_equal)."""
@@ -470,6 +475,17 @@ def test_unipc_noise_prediction(name, extra, check):
     assert not torch.allclose(ours[1][-1], data_form[1][-1], rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("name,disabled", [("unipc", [0, 3, 4]), ("unipc_karras", [1]), ("unipc", list(range(12)))])
+def test_unipc_disable_corrector(name, disabled, check):
+    """disable_corrector: the steps i whose UniC correction (made when step i + 1 evaluates the model) is skipped,
+    as diffusers' UniPC; all of them leaves the predictor alone."""
+    cfg, x = {**VD, "disable_corrector": disabled}, start_noise()
+    ours = our_run(sampler_from_config(name, cfg), x, 12)
+    check(relative_diff(ours, reference_run(reference(name, cfg), x, 12)), 1e-6)
+    corrected = our_run(sampler_from_config(name, VD), x, 12)
+    assert not torch.allclose(ours[1][-1], corrected[1][-1], rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large"])
 def test_ddpm_variance_types(variance_type, check):
     cfg, x = {**VD, "variance_type": variance_type, "timestep_spacing": "linspace"}, start_noise()
@@ -586,6 +602,8 @@ def test_trained_betas(name, train, check):
     ("ddpm", "beta_start", "0.1", "a number"),
     ("euler_karras", "sigma_max", False, "a number or null"),
     ("heun", "prediction_type", 1, "a string"),
+    ("unipc", "disable_corrector", [1.0], "a list of integers"),
+    ("unipc_karras", "disable_corrector", 3, "a list of integers"),
 ])
 def test_config_value_types(name, key, value, expected):
     """A config value of the wrong type is refused by name, before any sampling (a JSON "false" string would be
@@ -609,7 +627,7 @@ def test_config_defaults_follow_diffusers_from_config():
         for cfg in CONFIGS.values():
             ours, ref = sampler_from_config(name, cfg), reference(name, cfg).config
             for f in dataclasses.fields(ours):  # (a key the class lacks reads as None, as diffusers' hasattr)
-                assert getattr(ours, f.name) == ref.get(f.name), (name, f.name)
+                assert getattr(ours, f.name) == as_field(ref.get(f.name)), (name, f.name)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
@@ -650,7 +668,7 @@ def test_the_names_override_wins_over_the_config(name):
         cfg = {**VD, **stated}
         ours, ref = sampler_from_config(name, cfg), reference(name, cfg)
         assert ours == sampler_from_config(name, VD)
-        assert all(getattr(ours, f.name) == ref.config.get(f.name) for f in dataclasses.fields(ours))
+        assert all(getattr(ours, f.name) == as_field(ref.config.get(f.name)) for f in dataclasses.fields(ours))
         ref.set_timesteps(20)
         assert torch.equal(ours.timesteps(20), ref.timesteps)
 
@@ -689,7 +707,7 @@ def test_bad_num_steps(name, n):
     ("dpmpp_2m", "solver_type", "bh3"),
     ("dpmpp_2m", "variance_type", "learned_range"),  # other DDPM variance types are accepted (no effect)
     ("unipc", "predict_x0", False),  # with the final sigma 0 (the default) diffusers' last step is NaN
-    ("unipc", "disable_corrector", [0]),
+    ("unipc", "solver_p", {"_class_name": "DDIMScheduler"}),
     ("unipc", "solver_type", "bh3"),
     ("unipc", "solver_order", 4),
     ("ddpm", "variance_type", "learned_range"),

@@ -205,6 +205,10 @@ class Schedule:
                 ok, want = isinstance(value, str), "a string"
             elif f.type == float | None:
                 ok, want = value is None or is_real, "a number or null"
+            elif f.type == tuple[int, ...]:  # (UniPC's disable_corrector)
+                ok = isinstance(value, Sequence) and not isinstance(value, str) and all(
+                    isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in value)
+                want = "a list of integers"
             else:  # trained_betas
                 ok = value is None or (isinstance(value, Sequence) and not isinstance(value, str) and all(
                     isinstance(b, numbers.Real) and not isinstance(b, bool) for b in value))

@@ -30,10 +30,11 @@ class UniPC(MultistepSchedule):
     solver_type: str = "bh2"
     lower_order_final: bool = True
     predict_x0: bool = True  # False: the noise prediction form (eps in place of x0, h in place of −h)
+    disable_corrector: tuple[int, ...] = ()  # steps i whose UniC correction (made at step i + 1) is skipped
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2, 3)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        **MultistepSchedule.UNSUPPORTED, "disable_corrector": [], "solver_p": None,
+        **MultistepSchedule.UNSUPPORTED, "solver_p": None,
         "shift_terminal": None,
     }
 
@@ -49,6 +50,8 @@ class UniPC(MultistepSchedule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # (a list, as JSON gives it, kept as a tuple: the dataclass stays immutable)
+        object.__setattr__(self, "disable_corrector", tuple(self.disable_corrector))
         if self.solver_type in ("midpoint", "heun", "logrho"):  # DPM-Solver's names: diffusers runs bh2
             object.__setattr__(self, "solver_type", "bh2")
         if self.solver_type not in ("bh1", "bh2"):
@@ -74,7 +77,7 @@ class UniPC(MultistepSchedule):
                 m = self.threshold(vp_x0(out, x, *vp(sig[i]), self.prediction_type))
             else:  # (diffusers thresholds only in the x0 form)
                 m = vp_eps(out, x, *vp(sig[i]), self.prediction_type)
-            if i > 0:  # UniC: redo the last step s0 = i − 1 -> i with the new m as an extra point
+            if i > 0 and i - 1 not in self.disable_corrector:  # UniC: redo step i − 1 -> i with m as an extra point
                 x = self.update(x_last, ms, lam, sig, i - 1, order, m_t=m)
             ms = (ms + [m])[-self.solver_order:]
             left = len(ts) - i if self.lower_order_final else self.solver_order
