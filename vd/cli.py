@@ -245,7 +245,8 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 def _scheduler_settings(pairs: list[str], scheduler: str) -> dict:
     """--scheduler-set KEY=VALUE pairs as a dict, VALUE read as JSON (true, 3, 0.5, [...]) or else kept as the
-    string it is; checked against the sampler before the model loads."""
+    string it is; checked against --scheduler before the model loads (without one, against the model's own
+    sampler once it has loaded)."""
     settings = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")

@@ -321,7 +321,9 @@ def _check_together(task: str, obj: dict) -> None:
     for key in ("weights", "focus", "masks"):
         if task == "blend" and isinstance(obj.get(key), list) and len(obj[key]) != len(obj["images"]):
             raise ValueError(f"{key}: expected one entry per image ({len(obj['images'])}), got {len(obj[key])}")
-    if SCHEDULER_SETTINGS in obj:  # alone (the model's own settings are checked with them when the job runs)
+    # alone, against the job's scheduler or else VD's DDIM (with the model's own settings, and its own sampler
+    # where it names another, they are checked when the job runs)
+    if SCHEDULER_SETTINGS in obj:
         try:
             sampler_from_config(obj.get("scheduler", "ddim"), obj[SCHEDULER_SETTINGS])
         except (ValueError, TypeError) as e:

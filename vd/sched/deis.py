@@ -53,6 +53,7 @@ class DEIS(MultistepSchedule):
     final_sigmas_type: ClassVar[str] = "sigma_min"
     rescale_betas_zero_snr: ClassVar[bool] = False
     round_cosine: ClassVar[bool] = True
+    spread_ends_at_own_last: ClassVar[bool] = True
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2, 3)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
@@ -65,10 +66,6 @@ class DEIS(MultistepSchedule):
         if self.solver_type in ("midpoint", "heun", "bh1", "bh2"):  # other solvers' names: diffusers runs logrho
             object.__setattr__(self, "solver_type", "logrho")
         self.check_choice("solver_type", ("logrho",))
-
-    def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
-        spread = self.karras or self.use_exponential_sigmas or self.use_beta_sigmas
-        return sig[-1] if spread else train[0]
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,

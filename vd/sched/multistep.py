@@ -38,6 +38,9 @@ class MultistepSchedule(Thresholding, Schedule):
     lambda_min_clipped: ClassVar[float] = -math.inf  # the spacings end where lambda_t falls below it
     round_cosine: ClassVar[bool] = False  # Karras timesteps of cosine betas rounded (UniPC), not truncated (DPM)
     euler_at_final: ClassVar[bool] = False  # (a field of DPM-Solver++: see step_order)
+    # "sigma_min" on Karras, exponential or beta sigmas ends at their own last one (UniPC, DEIS), not the first
+    # training sigma (DPM-Solver++)
+    spread_ends_at_own_last: ClassVar[bool] = False
 
     ORDERS: ClassVar[tuple[int, ...]] = (1, 2)
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
@@ -94,8 +97,12 @@ class MultistepSchedule(Thresholding, Schedule):
         return self.num_train_timesteps - int(torch.searchsorted(lam.flip(0), self.lambda_min_clipped))
 
     def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
-        """Where the last step ends: 0, or with final_sigmas_type "sigma_min" the first training sigma."""
-        return train[0] if self.final_sigmas_type == "sigma_min" else train.new_zeros(())
+        """Where the last step ends: 0, or with final_sigmas_type "sigma_min" the first training sigma (or the
+        spread sigmas' own last, see spread_ends_at_own_last)."""
+        if self.final_sigmas_type != "sigma_min":
+            return train.new_zeros(())
+        spread = self.karras or self.use_exponential_sigmas or self.use_beta_sigmas
+        return sig[-1] if spread and self.spread_ends_at_own_last else train[0]
 
     def max_steps(self) -> int:
         """T, but with "leading" spacing the N + 1 points placed must fit (VD: 998 steps)."""

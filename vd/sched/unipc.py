@@ -39,14 +39,7 @@ class UniPC(MultistepSchedule):
     }
 
     round_cosine: ClassVar[bool] = True
-
-    def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
-        """As DPM-Solver++, but "sigma_min" on Karras, exponential or beta sigmas ends at their own last one
-        (diffusers' UniPC)."""
-        spread = self.karras or self.use_exponential_sigmas or self.use_beta_sigmas
-        if self.final_sigmas_type == "sigma_min" and spread:
-            return sig[-1]
-        return super().last_sigma(train, sig)
+    spread_ends_at_own_last: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
