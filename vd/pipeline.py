@@ -49,6 +49,10 @@ class GenerationOutput:
 
     images: list[PIL.Image.Image] | np.ndarray | Tensor
 
+    def to_tuple(self) -> tuple:
+        """`(images,)`: what diffusers' pipelines return with return_dict=False."""
+        return (self.images,)
+
 
 @dataclass
 class TextOutput:
@@ -56,6 +60,10 @@ class TextOutput:
 
     texts: list[str]
     latents: Tensor
+
+    def to_tuple(self) -> tuple:
+        """`(texts, latents)`: what a flow returns with return_dict=False."""
+        return (self.texts, self.latents)
 
 
 class VersatileDiffusion:
@@ -203,8 +211,8 @@ class VersatileDiffusion:
                       callback: Callback | None = None, callback_steps: int = 1, *,
                       prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None,
                       init_image: Images | None = None, init_latents: Tensor | None = None,
-                      strength: float | None = None, scheduler: str | None = None,
-                      progress: bool = True) -> GenerationOutput:
+                      strength: float | None = None, scheduler: str | None = None, return_dict: bool = True,
+                      progress: bool = True) -> GenerationOutput | tuple:
         """Images from text (or its tokens, `prompt_embeds` [B, 77, D]), optionally from an init image."""
         self._need("text_to_image")
         text = self.conditions.text_arg("prompt", prompt, prompt_embeds)
@@ -212,7 +220,8 @@ class VersatileDiffusion:
         run = self._prepare(len(text), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
-                            scheduler=scheduler, init_image=init_image, init_latents=init_latents, strength=strength)
+                            scheduler=scheduler, return_dict=return_dict, init_image=init_image,
+                            init_latents=init_latents, strength=strength)
         with torch.no_grad(), self._autocast():
             tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
             x = self._sample(run, lambda s, x: core.text_to_image(self._nets, text=tokens, x=x, s=s), progress)
@@ -227,7 +236,7 @@ class VersatileDiffusion:
                         negative_image_embeds: Tensor | None = None, init_image: Images | None = None,
                         init_latents: Tensor | None = None, strength: float | None = None,
                         scheduler: str | None = None, uncond_image: str | None = None,
-                        progress: bool = True) -> GenerationOutput:
+                        return_dict: bool = True, progress: bool = True) -> GenerationOutput | tuple:
         """Variations of images (or of their tokens, `image_embeds` [B, 257, D]); negative_prompt is an image.
 
         focus: 0.5 = plain variation; towards 0 keeps the semantics and lets the style go, towards 1 keeps the
@@ -256,7 +265,8 @@ class VersatileDiffusion:
         run = self._prepare(len(cond), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
-                            scheduler=scheduler, init_image=init_image, init_latents=init_latents, strength=strength,
+                            scheduler=scheduler, return_dict=return_dict, init_image=init_image,
+                            init_latents=init_latents, strength=strength,
                             init_name="image" if fidelity > 0 else "init_image")
         reference = run.init_images  # the input at the output size: the init image (fidelity's is the image)
         if color_adjust and reference is None:  # else the image itself gives the colours
@@ -264,8 +274,9 @@ class VersatileDiffusion:
         if fidelity == 1:  # parity: the original returns the input itself
             if output_type == "latent":
                 with torch.no_grad():
-                    return GenerationOutput(self._init_latents(run))
-            return GenerationOutput(to_output(reference.repeat_interleave(run.per_prompt, dim=0).float(), output_type))
+                    return _returned(GenerationOutput(self._init_latents(run)), run)
+            images = reference.repeat_interleave(run.per_prompt, dim=0).float()
+            return _returned(GenerationOutput(to_output(images, output_type)), run)
         with torch.no_grad(), self._autocast():
             tokens = self.conditions.image_tokens(cond, negative, mode, run.per_prompt, run.sampling, focus=focus)
             x = self._sample(run, lambda s, x: core.image_variation(self._nets, image=tokens, x=x, s=s), progress)
@@ -281,7 +292,8 @@ class VersatileDiffusion:
                     negative_prompt_embeds: Tensor | None = None, image_embeds: Tensor | None = None,
                     negative_image_embeds: Tensor | None = None, init_image: Images | None = None,
                     init_latents: Tensor | None = None, strength: float | None = None, scheduler: str | None = None,
-                    uncond_image: str | None = None, progress: bool = True) -> GenerationOutput:
+                    uncond_image: str | None = None, return_dict: bool = True,
+                    progress: bool = True) -> GenerationOutput | tuple:
         """Images from a text and an image (or their tokens). At every context layer the text stream weighs
         text_to_image_strength and the image stream the rest (1: pure text-to-image, 0: pure variation)."""
         self._need("dual_guided")
@@ -297,7 +309,8 @@ class VersatileDiffusion:
         run = self._prepare(len(text), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
-                            scheduler=scheduler, init_image=init_image, init_latents=init_latents, strength=strength)
+                            scheduler=scheduler, return_dict=return_dict, init_image=init_image,
+                            init_latents=init_latents, strength=strength)
         with torch.no_grad(), self._autocast():
             text_tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
             image_tokens = self.conditions.image_tokens(cond, negative_image, mode, run.per_prompt, run.sampling)
@@ -315,7 +328,7 @@ class VersatileDiffusion:
               callback_steps: int = 1, *, negative_prompt: str | None = None, prompt_embeds: Tensor | None = None,
               negative_prompt_embeds: Tensor | None = None, init_image: Images | None = None,
               init_latents: Tensor | None = None, strength: float | None = None, scheduler: str | None = None,
-              progress: bool = True) -> GenerationOutput:
+              return_dict: bool = True, progress: bool = True) -> GenerationOutput | tuple:
         """One image from up to four images (and optionally a text), as the original's multi-context app.
 
         Each image's 257 CLIP tokens are focus-adjusted (see image_variation), scaled by its weight and placed
@@ -347,7 +360,8 @@ class VersatileDiffusion:
         run = self._prepare(1, height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
-                            scheduler=scheduler, init_image=init_image, init_latents=init_latents, strength=strength)
+                            scheduler=scheduler, return_dict=return_dict, init_image=init_image,
+                            init_latents=init_latents, strength=strength)
         with torch.no_grad(), self._autocast():  # ignores an empty text or a zero strength
             image_tokens = self.conditions.blend_tokens(imgs, keep, focus, weights, run.per_prompt, run.sampling)
             if use_text:
@@ -367,7 +381,7 @@ class VersatileDiffusion:
                       image_embeds: Tensor | None = None, negative_image_embeds: Tensor | None = None,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                       max_length: int = 30, dedupe: bool = True, scheduler: str | None = None,
-                      progress: bool = True) -> TextOutput:
+                      return_dict: bool = True, progress: bool = True) -> TextOutput | tuple:
         """Describe images (or their tokens): text UNet data layers + image UNet context layers, latents [N, 768]
         decoded by Optimus. "No image" for guidance is CLIP of an all-black image, as the original. Decoding samples
         with `temperature`, `top_k`, `top_p` (or `greedy`) up to `max_length` tokens; `dedupe` collapses repeated
@@ -377,14 +391,15 @@ class VersatileDiffusion:
         negative = self.conditions.negative_image(None, negative_image_embeds, len(cond))
         run = self._prepare_text(len(cond), steps=num_inference_steps, guidance=guidance_scale,
                                  per_prompt=num_texts_per_prompt, eta=eta, generator=generator, latents=latents,
-                                 callback=callback, callback_steps=callback_steps, scheduler=scheduler)
+                                 callback=callback, callback_steps=callback_steps, scheduler=scheduler,
+                                 return_dict=return_dict)
         decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
         with torch.no_grad(), self._autocast():
             tokens = self.conditions.image_tokens(cond, negative, "black", run.per_prompt, run.sampling, squash=True)
             x = self._sample(run, lambda s, x: core.image_to_text(self._nets, image=tokens, x=x, s=s), progress)
         self._draw_unused_step_noise(run)
         x = x.flatten(1)  # [N, 768]
-        return TextOutput(self._decode_text(x, run.generator, decoding), x)
+        return _returned(TextOutput(self._decode_text(x, run.generator, decoding), x), run)
 
     def text_variation(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                        num_inference_steps: int = 50, guidance_scale: float = 7.5, num_texts_per_prompt: int = 1,
@@ -393,7 +408,7 @@ class VersatileDiffusion:
                        prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                        max_length: int = 30, dedupe: bool = True, scheduler: str | None = None,
-                       progress: bool = True) -> TextOutput:
+                       return_dict: bool = True, progress: bool = True) -> TextOutput | tuple:
         """Rephrase texts (or their tokens): text UNet data + context layers, decoded by Optimus (see
         image_to_text)."""
         self._need("text_variation")
@@ -401,14 +416,15 @@ class VersatileDiffusion:
         negative = self.conditions.negative_text(negative_prompt, negative_prompt_embeds, len(text))
         run = self._prepare_text(len(text), steps=num_inference_steps, guidance=guidance_scale,
                                  per_prompt=num_texts_per_prompt, eta=eta, generator=generator, latents=latents,
-                                 callback=callback, callback_steps=callback_steps, scheduler=scheduler)
+                                 callback=callback, callback_steps=callback_steps, scheduler=scheduler,
+                                 return_dict=return_dict)
         decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
         with torch.no_grad(), self._autocast():
             tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
             x = self._sample(run, lambda s, x: core.text_variation(self._nets, text=tokens, x=x, s=s), progress)
         self._draw_unused_step_noise(run)
         x = x.flatten(1)  # [N, 768]
-        return TextOutput(self._decode_text(x, run.generator, decoding), x)
+        return _returned(TextOutput(self._decode_text(x, run.generator, decoding), x), run)
 
     # ---- checks
 
@@ -447,8 +463,8 @@ class VersatileDiffusion:
         return nullcontext()
 
     def _prepare(self, batch: int, *, height, width, steps, guidance, per_prompt, eta, generator, latents, output_type,
-                 callback, callback_steps, scheduler, init_image=None, init_latents=None, strength=None,
-                 init_name="init_image") -> "_Call":
+                 callback, callback_steps, scheduler, return_dict, init_image=None, init_latents=None,
+                 strength=None, init_name="init_image") -> "_Call":
         """Check every argument of an image flow before any model runs."""
         unet, factor = self.components.image_unet.config, self._factor
         init_images = None
@@ -472,7 +488,7 @@ class VersatileDiffusion:
         run = self._call(batch, (unet.in_channels, height // factor, width // factor), steps=steps, guidance=guidance,
                          per_prompt=per_prompt, per_prompt_name="num_images_per_prompt", eta=eta, generator=generator,
                          latents=latents, output_type=output_type, callback=callback, callback_steps=callback_steps,
-                         scheduler=scheduler)
+                         scheduler=scheduler, return_dict=return_dict)
         checks.pixel_budget(run.shape[0], height, width)
         starts = init_images is not None or init_latents is not None
         if strength is not None and not starts:
@@ -506,16 +522,17 @@ class VersatileDiffusion:
                                    sampling=dataclasses.replace(run.sampling, t_enc=t_enc))
 
     def _prepare_text(self, batch: int, *, steps, guidance, per_prompt, eta, generator, latents, callback,
-                      callback_steps, scheduler) -> "_Call":
+                      callback_steps, scheduler, return_dict) -> "_Call":
         features = tuple(self.components.text_unet.config.in_channels)  # (768, 1, 1): a text latent in the text UNet
         if isinstance(latents, Tensor) and latents.dim() == 2:
             latents = latents.reshape(latents.shape[0], -1, *([1] * (len(features) - 1)))  # from [N, 768]
         return self._call(batch, features, steps=steps, guidance=guidance, per_prompt=per_prompt,
                           per_prompt_name="num_texts_per_prompt", eta=eta, generator=generator, latents=latents,
-                          output_type="text", callback=callback, callback_steps=callback_steps, scheduler=scheduler)
+                          output_type="text", callback=callback, callback_steps=callback_steps, scheduler=scheduler,
+                          return_dict=return_dict)
 
     def _call(self, batch: int, sample_shape: tuple[int, ...], *, steps, guidance, per_prompt, per_prompt_name, eta,
-              generator, latents, output_type, callback, callback_steps, scheduler) -> "_Call":
+              generator, latents, output_type, callback, callback_steps, scheduler, return_dict) -> "_Call":
         """The arguments every flow shares, checked, as a `_Call`."""
         name = checks.choice("scheduler", self.scheduler if scheduler is None else scheduler, list(SCHEDULERS))
         sampler = sampler_from_config(name, self.components.scheduler_config)
@@ -529,7 +546,8 @@ class VersatileDiffusion:
                                  generator=checks.generator(generator, total))
         return _Call(sampling=sampling, scheduler=name, per_prompt=per_prompt, shape=shape,
                      latents=checks.latents(latents, shape, self.device), output_type=output_type,
-                     callback=callback, callback_steps=checks.callback(callback, callback_steps))
+                     callback=callback, callback_steps=checks.callback(callback, callback_steps),
+                     return_dict=checks.boolean("return_dict", return_dict))
 
     # ---- sampling and outputs
 
@@ -571,13 +589,13 @@ class VersatileDiffusion:
             raise FloatingPointError(f"denoising produced NaN or inf latents{hint}")
         return x
 
-    def _images(self, x: Tensor, run: "_Call", match_to: Tensor | None = None) -> GenerationOutput:
+    def _images(self, x: Tensor, run: "_Call", match_to: Tensor | None = None) -> GenerationOutput | tuple:
         if run.output_type == "latent":
-            return GenerationOutput(x)
+            return _returned(GenerationOutput(x), run)
         images = self._decode(x)
         if match_to is not None:
             images = match_colors(images, match_to)
-        return GenerationOutput(to_output(images, run.output_type))
+        return _returned(GenerationOutput(to_output(images, run.output_type)), run)
 
     @torch.no_grad()
     def _decode(self, latents: Tensor) -> Tensor:
@@ -629,12 +647,17 @@ class _Call:
     output_type: str
     callback: Callback | None
     callback_steps: int
+    return_dict: bool
     init_images: Tensor | None = None   # [B, 3, H, W] in [0, 1], at the output size
     init_latents: Tensor | None = None  # [B or N, C, h, w]
 
     @property
     def generator(self) -> Generator:
         return self.sampling.generator
+
+
+def _returned(output: GenerationOutput | TextOutput, run: _Call) -> GenerationOutput | TextOutput | tuple:
+    return output if run.return_dict else output.to_tuple()
 
 
 def to_output(images: Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray | Tensor:

@@ -135,6 +135,24 @@ def test_output_types_and_callback(ours, folder):
     assert a.shape == b.shape and (a - b).abs().max() <= TOL
 
 
+RETURN_DICT_CASES = {
+    "text_to_image": dict(prompt="the cat", output_type="np"),
+    "image_variation": dict(image=random_image(14), output_type="pt"),
+    "dual_guided": dict(prompt="the cat", image=random_image(15), output_type="np"),
+}
+
+
+@pytest.mark.parametrize("task", list(RETURN_DICT_CASES))
+def test_return_dict_false_gives_the_references_tuple(task, ours, folder, patched_dual, check):
+    """diffusers' `return_dict=False` returns `(images,)`: the same tuple, holding the same images."""
+    kw = dict(RETURN_DICT_CASES[task], num_inference_steps=STEPS, return_dict=False)
+    want = tp.reference(task, folder)(**kw, generator=seeded(3))
+    got = getattr(ours, task)(**kw, generator=seeded(3), progress=False)
+    assert type(got) is type(want) is tuple and len(got) == len(want) == 1
+    assert type(got[0]) is type(want[0])
+    check(max_abs_diff(np.asarray(got[0]), np.asarray(want[0])), TOL)
+
+
 # ---- deliberate divergences
 
 def _grey_fixed(processor):

@@ -147,3 +147,21 @@ def test_text_variation_negative_prompt_counts(pipe):
     a = pipe.text_variation("the cat", generator=seeded(0), **FAST)
     b = pipe.text_variation("the cat", negative_prompt="rain", generator=seeded(0), **FAST)
     assert not torch.equal(a.latents, b.latents)
+
+
+def test_return_dict_false_gives_the_fields_as_a_tuple(pipe):
+    """Every flow takes diffusers' return_dict: False gives the output's fields in order, the same values."""
+    img = random_image(60)
+    calls = {
+        "image_to_text": lambda **kw: pipe.image_to_text(img, **kw),
+        "text_variation": lambda **kw: pipe.text_variation("the cat", **kw),
+        "blend": lambda **kw: pipe.blend([img, random_image(61)], output_type="pt", **kw),
+        "fidelity 1": lambda **kw: pipe.image_variation(img, fidelity=1.0, output_type="pt", **kw),
+    }
+    for name, call in calls.items():
+        out = call(generator=seeded(4), **FAST)
+        got = call(generator=seeded(4), return_dict=False, **FAST)
+        fields = (out.texts, out.latents) if hasattr(out, "texts") else (out.images,)
+        assert type(got) is tuple and len(got) == len(fields), name
+        for a, b in zip(got, fields):
+            assert a == b if isinstance(a, list) else torch.equal(a, b), name

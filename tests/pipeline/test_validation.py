@@ -209,6 +209,11 @@ CASES = [
     ("text_to_image", dict(prompt=["a", "b"], init_image=[random_image(1, (40, 40)), random_image(2, (48, 40))]),
      ValueError, ["init_image", "one size"]),
     ("text_to_image", dict(prompt="a", init_image=TWO), ValueError, ["init_image", "one image or 1"]),
+    # diffusers' return_dict
+    ("text_to_image", dict(prompt="a", return_dict="no"), TypeError, ["return_dict", "'no'", "True or False"]),
+    ("image_variation", dict(image=IMG, fidelity=1.0, return_dict=0), TypeError, ["return_dict", "0"]),
+    ("blend", dict(images=TWO, return_dict=None), TypeError, ["return_dict", "None"]),
+    ("text_variation", dict(prompt="a", return_dict=1), TypeError, ["return_dict", "1"]),
 ]
 
 
