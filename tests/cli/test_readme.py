@@ -169,3 +169,24 @@ def test_research_example(model, tmp_path, monkeypatch):
     for i in range(2):  # the batch file gives the Python example's images
         want = np.asarray(PIL.Image.open(f"recon-{i}.png"))
         assert np.array_equal(np.asarray(PIL.Image.open(f"recon/recon-{i}-0.png")), want), i
+
+
+
+def test_documented_signatures_are_the_methods():
+    """README's `text_to_image(...)` line names every parameter, and its `from_pretrained(...)` line some, in the
+    methods' order and with their defaults (a bare name: one that has no default or must be given)."""
+    import inspect
+
+    from vd import VersatileDiffusion
+    text = README.replace("\n", " ")
+    for name, every in (("text_to_image", True), ("from_pretrained", False)):
+        (line,) = re.findall(rf"`{name}\((.*?)\)`", text)
+        documented = [re.sub(r"\s+", "", p) for p in line.split(",") if p.strip() != "*"]
+        params = inspect.signature(getattr(VersatileDiffusion, name)).parameters
+        real = [n for n in params if n not in ("self", "cls")]
+        names = [d.split("=")[0] for d in documented]
+        assert names == (real if every else [n for n in real if n in names]), name
+        for d in documented:
+            if "=" in d:
+                key, default = d.split("=", 1)
+                assert default == repr(params[key].default).replace("'", '"'), d
