@@ -202,6 +202,36 @@ class VersatileDiffusion:
         decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
         return self._decode_text(latents, generator, decoding)
 
+    def encode_latents(self, images: Images, generator: Generator = None, *, height: int | None = None,
+                       width: int | None = None, sample: bool = True) -> Tensor:
+        """Scaled VAE latents [B, C, height / 8, width / 8] of images, as the image flows encode an init_image: resized
+        to height x width (default: the images' own size, rounded down to a multiple of 8), one posterior draw per
+        image from `generator` (one, or one per image), or the posterior mean with `sample=False`. What
+        `init_latents=` takes; passing on the same generator object to the flow gives init_image's result."""
+        self._need_parts("encode_latents", "vae.encoder")
+        imgs = checks.images("images", images)
+        generator = checks.generator(generator, len(imgs))
+        if height is None or width is None:
+            own_h, own_w = checks.common_size("images", imgs, self._factor)
+            height, width = own_h if height is None else height, own_w if width is None else width
+        height, width = checks.size("height", height, self._factor), checks.size("width", width, self._factor)
+        checks.boolean("sample", sample)
+        checks.pixel_budget(len(imgs), height, width)
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):  # in the VAE's dtype, as the flows
+            x = resized(imgs, height, width).to(self.device)
+            return core.encode_latents(self.components.vae, x, generator, sample=sample)
+
+    def decode_latents(self, latents: Tensor, output_type: str = "pil") -> list[PIL.Image.Image] | np.ndarray | Tensor:
+        """Images from scaled VAE latents [N, C, h, w] (a flow's output_type="latent", or your own), decoded as the
+        image flows decode them: "pil", "np" (float [N, H, W, 3] in [0, 1]) or "pt" ([N, 3, H, W])."""
+        self._need_parts("decode_latents", "vae.decoder")
+        checks.tensor("latents", latents, dims=4)
+        channels = self.components.vae.config.latent_channels
+        checks.latents(latents, (latents.shape[0], channels, *latents.shape[2:]), self.device)
+        checks.choice("output_type", output_type, [t for t in checks.OUTPUT_TYPES if t != "latent"])
+        checks.pixel_budget(len(latents), latents.shape[2] * self._factor, latents.shape[3] * self._factor)
+        return to_output(self._decode(latents.to(self.device, self.dtype)), output_type)
+
     # ---- image flows
 
     def text_to_image(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,

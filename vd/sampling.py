@@ -162,9 +162,12 @@ def noised_start(sampler, x0: Tensor, num_steps: int, t_enc: int, generator: Gen
 
 # ---- the VAE
 
-def encode_latents(vae: AutoencoderKL, images: Tensor, generator: Generator = None) -> Tensor:
-    """Images [B, 3, H, W] in [0, 1] -> scaled latents, in the VAE's dtype: one posterior sample per image."""
+def encode_latents(vae: AutoencoderKL, images: Tensor, generator: Generator = None, sample: bool = True) -> Tensor:
+    """Images [B, 3, H, W] in [0, 1] -> scaled latents, in the VAE's dtype: one posterior sample per image (drawn
+    from `generator`), or with `sample=False` the posterior mean."""
     post = vae.encode((2 * images - 1).to(_dtype(vae)))
+    if not sample:
+        return vae.config.scaling_factor * post.mean
     z = randn(post.mean.shape, generator, post.mean.device, post.mean.dtype)
     return vae.config.scaling_factor * (post.mean + post.std * z)
 

@@ -171,7 +171,6 @@ def test_research_example(model, tmp_path, monkeypatch):
         assert np.array_equal(np.asarray(PIL.Image.open(f"recon/recon-{i}-0.png")), want), i
 
 
-
 def test_documented_signatures_are_the_methods():
     """README's `text_to_image(...)` line names every parameter, and its `from_pretrained(...)` line some, in the
     methods' order and with their defaults (a bare name: one that has no default or must be given)."""

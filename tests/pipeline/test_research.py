@@ -163,6 +163,78 @@ def test_fidelity_one_returns_the_input_at_its_size(pipe):
         1, 32, 32, 3)
 
 
+# ---- image latents in and out
+
+def test_encode_latents_is_what_init_image_encodes(pipe):
+    """encode_latents draws what an init image draws: passing the same generator on to the flow gives init_image's
+    result bit for bit (at the image's own size and at a given one)."""
+    img = random_image(32, (52, 41))  # rounds down to 48 x 40, as an init image does
+    kw = dict(num_images_per_prompt=2, strength=0.5, output_type="latent", **FAST)
+    for size in ({}, dict(height=32, width=56)):
+        want = pipe.text_to_image("the cat", init_image=img, generator=seeded(33), **size, **kw).images
+        g = seeded(33)
+        x0 = pipe.encode_latents(img, generator=g, **size)
+        got = pipe.text_to_image("the cat", init_latents=x0, generator=g, **kw).images
+        assert x0.shape == (1, 4, size.get("height", 48) // 8, size.get("width", 40) // 8)
+        assert torch.equal(got, want)
+
+
+def test_encode_latents_against_the_reference_vae(pipe, folder, check):
+    """The posterior mean, and one draw per image from a generator list, as diffusers' AutoencoderKL gives them
+    (scaled by the VAE's scaling factor): within 1e-5 of the output scale, fp32."""
+    from diffusers import AutoencoderKL
+    ref = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    images = [random_image(34, (40, 48)), random_image(35, (40, 48))]
+    x = 2 * resized(images, 40, 48) - 1
+    with torch.no_grad():
+        dist = ref.encode(x).latent_dist
+        mean = ref.config.scaling_factor * dist.mean
+        drawn = torch.cat([ref.config.scaling_factor * dist.mean[i:i + 1] + ref.config.scaling_factor *
+                           dist.std[i:i + 1] * torch.randn(dist.mean[i:i + 1].shape, generator=seeded(36 + i))
+                           for i in range(2)])
+    got_mean = pipe.encode_latents(images, sample=False)
+    got_drawn = pipe.encode_latents(images, generator=[seeded(36), seeded(37)])
+    check(((got_mean - mean).abs().max() / mean.abs().max()).item(), 1e-5, "mean")
+    check(((got_drawn - drawn).abs().max() / drawn.abs().max()).item(), 1e-5, "drawn")
+
+
+def test_decode_latents_is_the_flows_decode(pipe, folder, check):
+    """A flow's latent output decoded by decode_latents is the flow's own image output, bit for bit; and it is
+    the reference pipeline's decode_latents of the same latents within 1e-5 (fp32)."""
+    kw = dict(generator=None, **FAST)
+    latents = pipe.text_to_image("the cat", output_type="latent", **{**kw, "generator": seeded(38)}).images
+    for output_type in ("np", "pt"):
+        want = pipe.text_to_image("the cat", output_type=output_type, **{**kw, "generator": seeded(38)}).images
+        got = pipe.decode_latents(latents, output_type=output_type)
+        assert type(got) is type(want) and got.shape == want.shape and (got == want).all()
+    pil = pipe.decode_latents(latents)
+    assert [np.asarray(p).tolist() for p in pil] == [
+        np.asarray(p).tolist() for p in pipe.text_to_image("the cat", **{**kw, "generator": seeded(38)}).images]
+    import tiny_pipeline as tp
+    ref = tp.reference("text_to_image", folder)
+    with pytest.warns(FutureWarning), torch.no_grad():  # deprecated in diffusers, still the reference's decode
+        want = ref.decode_latents(latents.clone())
+    check(float(np.abs(pipe.decode_latents(latents, output_type="np") - want).max()), 1e-5)
+
+
+@pytest.mark.parametrize("call,error,words", [
+    (lambda p: p.decode_latents(torch.zeros(1, 3, 4, 4)), ValueError, ["latents", "(1, 3, 4, 4)", "(1, 4, 4, 4)"]),
+    (lambda p: p.decode_latents(torch.zeros(4, 4, 4)), ValueError, ["latents", "4 dimensions"]),
+    (lambda p: p.decode_latents(torch.zeros(1, 4, 4, 4), output_type="latent"), ValueError,
+     ["output_type", "'latent'"]),
+    (lambda p: p.decode_latents(torch.full((1, 4, 4, 4), float("nan"))), ValueError, ["latents", "finite"]),
+    (lambda p: p.encode_latents(random_image(1), sample="yes"), TypeError, ["sample", "'yes'"]),
+    (lambda p: p.encode_latents(random_image(1), height=30), ValueError, ["height", "30", "multiple of 8"]),
+    (lambda p: p.encode_latents([random_image(1), random_image(2)], generator=[seeded()]), ValueError,
+     ["generator", "1 generator"]),
+    (lambda p: p.encode_latents("cat.png"), TypeError, ["images", "'cat.png'"]),
+])
+def test_image_latents_bad_arguments(pipe, call, error, words):
+    with pytest.raises(error) as e:
+        call(pipe)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
 # ---- text latents in and out
 
 def test_text_latents_in_and_out(pipe):
@@ -196,6 +268,11 @@ def test_text_latent_parts_are_asked_for(folder):
         images_only.decode_text(torch.zeros(1, LATENT))
     with pytest.raises(ValueError, match=r"tasks=\[\.\.\., 'image_variation'\]"):
         images_only.encode_image(random_image(1))
+    text_only = VersatileDiffusion.from_pretrained(folder, tasks=["text_variation"], device="cpu")
+    with pytest.raises(ValueError, match=r"tasks=\[\.\.\., 'text_to_image'\] to run encode_latents"):
+        text_only.encode_latents(random_image(1))
+    with pytest.raises(ValueError, match=r"tasks=\[\.\.\., 'text_to_image'\] to run decode_latents"):
+        text_only.decode_latents(torch.zeros(1, 4, 4, 4))
 
 
 # ---- gradients flow through the core
