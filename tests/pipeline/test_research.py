@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import tiny_pipeline as tp
 from flows import LATENT
 from helpers import random_image, seeded
 from vd import VersatileDiffusion
@@ -182,7 +183,7 @@ def test_encode_latents_is_what_init_image_encodes(pipe):
 def test_encode_latents_against_the_reference_vae(pipe, folder, check):
     """The posterior mean, and one draw per image from a generator list, as diffusers' AutoencoderKL gives them
     (scaled by the VAE's scaling factor): within 1e-5 of the output scale, fp32."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # (the oracle; test-only)
     ref = AutoencoderKL.from_pretrained(folder / "vae").eval()
     images = [random_image(34, (40, 48)), random_image(35, (40, 48))]
     x = 2 * resized(images, 40, 48) - 1
@@ -210,7 +211,6 @@ def test_decode_latents_is_the_flows_decode(pipe, folder, check):
     pil = pipe.decode_latents(latents)
     assert [np.asarray(p).tolist() for p in pil] == [
         np.asarray(p).tolist() for p in pipe.text_to_image("the cat", **{**kw, "generator": seeded(38)}).images]
-    import tiny_pipeline as tp
     ref = tp.reference("text_to_image", folder)
     with pytest.warns(FutureWarning), torch.no_grad():  # deprecated in diffusers, still the reference's decode
         want = ref.decode_latents(latents.clone())
