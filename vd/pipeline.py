@@ -212,8 +212,7 @@ class VersatileDiffusion:
         imgs = checks.images("images", images)
         generator = checks.generator(generator, len(imgs))
         if height is None or width is None:
-            own_h, own_w = checks.common_size("images", imgs, self._factor)
-            height, width = own_h if height is None else height, own_w if width is None else width
+            height, width = _given_or(height, width, checks.common_size("images", imgs, self._factor))
         height, width = checks.size("height", height, self._factor), checks.size("width", width, self._factor)
         checks.boolean("sample", sample)
         checks.pixel_budget(len(imgs), height, width)
@@ -505,13 +504,11 @@ class VersatileDiffusion:
             if len(init_images) not in (1, batch):
                 checks.fail(init_name, f"{len(init_images)} images", f"one image or {batch} (one per prompt)")
             if height is None or width is None:  # the init image's own size where not given, as img2img
-                own_h, own_w = checks.common_size(init_name, init_images, factor)
-                height, width = own_h if height is None else height, own_w if width is None else width
+                height, width = _given_or(height, width, checks.common_size(init_name, init_images, factor))
         default = (unet.sample_size or 64) * factor
         if init_latents is not None:
             checks.tensor("init_latents", init_latents, dims=4)
-            default_h, default_w = (init_latents.shape[2] * factor, init_latents.shape[3] * factor)
-            height, width = default_h if height is None else height, default_w if width is None else width
+            height, width = _given_or(height, width, (init_latents.shape[2] * factor, init_latents.shape[3] * factor))
         height = checks.size("height", default if height is None else height, factor)
         width = checks.size("width", default if width is None else width, factor)
         checks.choice("output_type", output_type, checks.OUTPUT_TYPES)
@@ -684,6 +681,11 @@ class _Call:
     @property
     def generator(self) -> Generator:
         return self.sampling.generator
+
+
+def _given_or(height: int | None, width: int | None, size: tuple[int, int]) -> tuple[int | None, int | None]:
+    """height and width, each taken from `size` (height, width) where it is not given."""
+    return size[0] if height is None else height, size[1] if width is None else width
 
 
 def _returned(output: GenerationOutput | TextOutput, run: _Call) -> GenerationOutput | TextOutput | tuple:

@@ -51,9 +51,7 @@ class MultistepSchedule(Thresholding, Schedule):
         super().__post_init__()
         self.check_choice("final_sigmas_type", ("zero", "sigma_min"))
         check_one_spacing(self)
-        if self.solver_order not in self.ORDERS:
-            name = type(self).__name__
-            raise ValueError(f"solver_order must be one of {self.ORDERS} for {name}, got {self.solver_order!r}")
+        self.check_choice("solver_order", self.ORDERS)
 
     def schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
         """(timesteps int64 (N,), sigmas float32 (N+1,) ending in 0), as `set_timesteps(num_steps)`."""

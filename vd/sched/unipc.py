@@ -47,8 +47,7 @@ class UniPC(MultistepSchedule):
         object.__setattr__(self, "disable_corrector", tuple(self.disable_corrector))
         if self.solver_type in ("midpoint", "heun", "logrho"):  # DPM-Solver's names: diffusers runs bh2
             object.__setattr__(self, "solver_type", "bh2")
-        if self.solver_type not in ("bh1", "bh2"):
-            raise ValueError(f"solver_type must be one of ('bh1', 'bh2') for UniPC, got {self.solver_type!r}")
+        self.check_choice("solver_type", ("bh1", "bh2"))
         if not self.predict_x0 and self.final_sigmas_type == "zero":
             raise ValueError("predict_x0=False needs final_sigmas_type 'sigma_min' for UniPC: ending at sigma 0, its "
                              "last step multiplies 0 by an infinite h and gives NaN (as in diffusers)")
