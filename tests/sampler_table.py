@@ -1,6 +1,6 @@
 """Our sampler names and the diffusers 0.42.1 class (and the one from_config override) each one equals."""
 
-from diffusers import (DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
+from diffusers import (DDIMInverseScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
                        KDPM2AncestralDiscreteScheduler,
                        KDPM2DiscreteScheduler, LMSDiscreteScheduler, UniPCMultistepScheduler)
@@ -32,6 +32,7 @@ REF = {
     "unipc_karras": (UniPCMultistepScheduler, KARRAS),
     "deis": (DEISMultistepScheduler, {}),
     "deis_karras": (DEISMultistepScheduler, KARRAS),
+    "ddim_inverse": (DDIMInverseScheduler, {}),
 }
 NEW = sorted(REF)
 STOCHASTIC = {"ddpm", "euler_a", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2s_sde",

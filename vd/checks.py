@@ -14,6 +14,7 @@ from torch import Tensor
 
 from vd.conditioning import APP_SIDE
 from vd.images import to_rgb
+from vd.sched import GENERATING, SCHEDULERS
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the applications' names
@@ -181,6 +182,15 @@ def choice(name: str, value: object, allowed: Sequence[str]) -> str:
     if value not in allowed:
         fail(name, value, f"one of {list(allowed)}")
     return value
+
+
+def generating_scheduler(name: str, value: object) -> str:
+    """A sampler name for the command line and batch jobs, which write pictures and texts: one of the samplers
+    that generate, not ddim_inverse (its noise is only returned by the Python API, with output_type="latent")."""
+    if value in SCHEDULERS and value not in GENERATING:
+        raise ValueError(f"{name}: {value!r} turns image latents into noise, which only the Python API returns "
+                         "(output_type=\"latent\"); the command line and batch jobs take the other samplers")
+    return choice(name, value, GENERATING)
 
 
 def negative(name: str, value: object, batch: int, kind: str) -> list | None:

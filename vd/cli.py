@@ -16,7 +16,7 @@ from vd.fast import EAGER
 from vd.files import OutputError, check_writable
 from vd.images import open_image
 from vd.jobs import TEXT_TASKS
-from vd.sched import SCHEDULERS, sampler_from_config
+from vd.sched import GENERATING, sampler_from_config
 
 CHUNK = 8  # images per facade call (fewer when the pixel budget, vd.checks.MAX_PIXELS, says so)
 WRITABLE = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
         s.add_argument("--seed", type=int, default=None, help="random seed, 0 to 2**64 - 1; image k gets seed + k "
                        "(default: random)")
-        s.add_argument("--scheduler", default=None, help=f"sampler: {', '.join(SCHEDULERS)} (default: the model's, "
+        s.add_argument("--scheduler", default=None, help=f"sampler: {', '.join(GENERATING)} (default: the model's, "
                        "ddim for VD)")
         s.add_argument("--scheduler-set", action="append", default=[], metavar="KEY=VALUE",
                        help="a scheduler_config.json setting over the model's, VALUE as JSON or else a string "
@@ -181,6 +181,11 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise UserError(f"--init-strength: expected it with --init-image only, got {args.init_strength}")
         if not 0 <= args.init_strength <= 1:
             raise UserError(f"--init-strength: expected a number in [0, 1], got {args.init_strength}")
+    if args.scheduler is not None:
+        try:
+            checks.generating_scheduler("--scheduler", args.scheduler)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     settings = _scheduler_settings(args.scheduler_set, args.scheduler)
     negative = getattr(args, "negative", None)
     if task == "image_variation" and negative is not None:
@@ -257,7 +262,7 @@ def _scheduler_settings(pairs: list[str], scheduler: str) -> dict:
         except json.JSONDecodeError:
             settings[key] = value
     try:
-        if scheduler in SCHEDULERS:  # (an unknown name is reported by the loading, with the names)
+        if scheduler is not None:  # (a name already checked)
             sampler_from_config(scheduler, settings)
     except (ValueError, TypeError) as e:
         raise UserError(f"--scheduler-set: {e}") from None

@@ -20,7 +20,7 @@ from pathlib import Path
 from vd import checks
 from vd.arrays import ArrayFiles
 from vd.images import open_image
-from vd.sched import SCHEDULERS, sampler_from_config
+from vd.sched import sampler_from_config
 
 IMAGE_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")
 TEXT_TASKS = ("image_to_text", "text_variation")
@@ -140,7 +140,7 @@ KEYS = {
     "num_images_per_prompt": Key(int, lambda n, v: checks.integer(n, v, 1)),
     "num_texts_per_prompt": Key(int, lambda n, v: checks.integer(n, v, 1)),
     "eta": Key(float, lambda n, v: checks.eta(v)),
-    "scheduler": Key(str, lambda n, v: checks.choice(n, v, list(SCHEDULERS))),
+    "scheduler": Key(str, checks.generating_scheduler),
     SCHEDULER_SETTINGS: Key(dict),  # checked with the job's scheduler, in _check_together
     # image_variation: a number; blend: a number or one per image
     "focus": Key((float, list), _numbers(0.0, 1.0)),

@@ -278,12 +278,15 @@ def test_scheduler_settings_per_job(model, tmp_path):
 def test_scheduler_settings_checked_with_the_line(tmp_path):
     plain = dict(task="text_to_image", prompt="a cat", seed=3)
     lines = [dict(plain, scheduler_config={"clip_sample": "no"}), dict(plain, scheduler_config=["trailing"]),
-             dict(plain, scheduler="unipc", scheduler_config={"predict_x0": False}), dict(plain, scheduler_config=None)]
+             dict(plain, scheduler="unipc", scheduler_config={"predict_x0": False}), dict(plain, scheduler_config=None),
+             dict(plain, scheduler="ddim_inverse")]
     jobs, bad = read_jobs(_write_jobs(tmp_path, lines))
     assert bad == [(1, "scheduler_config: clip_sample: expected true or false for DDIM, got 'no'"),
                    (2, "scheduler_config: expected an object, got ['trailing']"),
                    (3, "scheduler_config: predict_x0=False needs final_sigmas_type 'sigma_min' for UniPC: ending at "
-                       "sigma 0, its last step multiplies 0 by an infinite h and gives NaN (as in diffusers)")]
+                       "sigma 0, its last step multiplies 0 by an infinite h and gives NaN (as in diffusers)"),
+                   (5, "scheduler: 'ddim_inverse' turns image latents into noise, which only the Python API returns "
+                       "(output_type=\"latent\"); the command line and batch jobs take the other samplers")]
     (nulled,) = jobs  # null: as without the key
     (without,), _ = read_jobs(_write_jobs(tmp_path, [plain]))
     assert (nulled.id, nulled.args, nulled.digest) == (without.id, without.args, without.digest)

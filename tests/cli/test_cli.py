@@ -90,6 +90,8 @@ def test_dual_guided_as_python_module(model, picture, tmp_path):
     (["text-to-image", "a", "-o", "{tmp}/x.png", "--guidance", "nan"], ["error: --guidance (guidance_scale):"]),
     (["text-to-image", "a", "-o", "{tmp}/x.png", "--height", "100"], ["--height", "100", "multiple of 8"]),
     (["text-to-image", "a", "-o", "{tmp}/x.png", "--scheduler", "k_heun"], ["scheduler", "k_heun"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--scheduler", "ddim_inverse"],
+     ["--scheduler: 'ddim_inverse' turns image latents into noise, which only the Python API returns"]),
     (["text-to-image", "a", "-o", "{tmp}/x.png", "--num-images", "0"], ["--num-images", "0"]),
     (["image-variation", "{tmp}/nope.png", "-o", "{tmp}/x.png"], ["image", "nope.png"]),
     (["dual-guided", "a", "{tmp}/x.txt", "-o", "{tmp}/x.png"], ["image", "x.txt"]),

@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,13 @@ HUB = "shi-labs/versatile-diffusion"
 
 def blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def python_block(word: str) -> str:
+    """The Python block that mentions `word` (the main example: "captions"; the research one: "pred_text.npy"; the
+    inversion one: "ddim_inverse")."""
+    (block,) = [b for b in blocks("python") if word in b]
+    return block
 
 
 def jsonl_block(word: str) -> str:
@@ -121,7 +129,7 @@ def test_every_shell_command(model, tmp_path, monkeypatch):
 
 
 def test_python_example(model, monkeypatch):
-    code, _research = blocks("python")
+    code = python_block("captions")
     assert HUB in code
     from vd import VersatileDiffusion
     for task in ("text_to_image", "image_variation", "dual_guided", "blend", "image_to_text",
@@ -143,7 +151,7 @@ def test_research_example(model, tmp_path, monkeypatch):
     """The research example on the tiny model: predicted features from .npy files (16-wide here, 768 at full
     size), low-level reconstructions as init images, 4 steps; then its batch file and command, which give the
     same images."""
-    _main, code = blocks("python")
+    code = python_block("pred_text.npy")
     assert HUB in code
     from vd import VersatileDiffusion
     monkeypatch.chdir(tmp_path)
@@ -169,6 +177,22 @@ def test_research_example(model, tmp_path, monkeypatch):
     for i in range(2):  # the batch file gives the Python example's images
         want = np.asarray(PIL.Image.open(f"recon-{i}.png"))
         assert np.array_equal(np.asarray(PIL.Image.open(f"recon/recon-{i}-0.png")), want), i
+
+
+def test_inversion_example(model, monkeypatch):
+    """The DDIM inversion example on the tiny model (64 x 64 pictures, 2 steps): noise of the image latents' shape,
+    and a picture from it."""
+    from vd import VersatileDiffusion
+    method = VersatileDiffusion.text_to_image
+    monkeypatch.setattr(VersatileDiffusion, "text_to_image",
+                        lambda self, *a, **k: method(self, *a, **{**k, "num_inference_steps": 2, "progress": False}))
+    pipe = VersatileDiffusion.from_pretrained(model, tasks=["text_to_image"])
+    image = PIL.Image.fromarray((np.random.RandomState(1).rand(64, 64, 3) * 255).astype(np.uint8))
+    namespace = {"pipe": pipe, "image": image}
+    exec(textwrap.dedent(python_block("ddim_inverse")), namespace)  # (the block is indented in a list item)
+    x0, noise = namespace["x0"], namespace["noise"]
+    assert x0.shape == noise.shape == (1, 4, 8, 8) and (noise - x0).abs().max() > 0.1
+    assert isinstance(namespace["again"], PIL.Image.Image) and namespace["again"].size == (64, 64)
 
 
 def test_documented_signatures_are_the_methods():

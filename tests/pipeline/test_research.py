@@ -235,6 +235,28 @@ def test_image_latents_bad_arguments(pipe, call, error, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+# ---- DDIM inversion: image latents to the noise that regenerates them
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_ddim_inversion_against_the_reference(pipe, folder, guidance, check):
+    """An image's latents (the posterior mean) inverted by a flow with scheduler="ddim_inverse", given as `latents=`
+    with output_type="latent", as diffusers users invert (the reference pipeline with DDIMInverseScheduler swapped
+    in), without and with guidance; then DDIM from that noise. Both within 1e-5 of the latents' scale (fp32)."""
+    from diffusers import DDIMInverseScheduler  # (the oracle; test-only)
+    x0 = pipe.encode_latents(random_image(40, (40, 56)), sample=False)
+    kw = dict(prompt="the cat", num_inference_steps=6, guidance_scale=guidance, height=40, width=56,
+              output_type="latent")
+    ref = tp.reference("text_to_image", folder)
+    ref.scheduler = DDIMInverseScheduler.from_config(ref.scheduler.config)
+    want = ref(**kw, latents=x0.clone(), generator=seeded(41)).images
+    noise = pipe.text_to_image(**kw, latents=x0, scheduler="ddim_inverse", generator=seeded(41),
+                               progress=False).images
+    check(((noise - want).abs().max() / want.abs().max()).item(), 1e-5, "inverted")
+    want_back = tp.reference("text_to_image", folder)(**kw, latents=want.clone(), generator=seeded(42)).images
+    back = pipe.text_to_image(**kw, latents=noise, generator=seeded(42), progress=False).images
+    check(((back - want_back).abs().max() / want_back.abs().max()).item(), 1e-5, "regenerated")
+
+
 # ---- text latents in and out
 
 def test_text_latents_in_and_out(pipe):

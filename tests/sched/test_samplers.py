@@ -326,8 +326,8 @@ def test_dpmpp_singlestep_groups(name, order, solver_type, final, lower_order_fi
 def test_trailing_counts_with_one_more_timestep(name, check):
     """"trailing" spacing places its points with numpy's arange, which for some counts (61, 103, 121, ... of
     1000) rounds to one point more, t = -1: diffusers then evaluates the model N + 1 times, and so do we. (The
-    sigma samplers' extra step is what brings them to sigma 0; DDIM, DDPM and PNDM read the schedule's last
-    entry at t = -1, as diffusers does. DPM-Solver++(2S) has no spacing key: it stays on "linspace".)"""
+    sigma samplers' extra step is what brings them to sigma 0; DDIM, DDPM, PNDM and DDIM inversion read the
+    schedule's last entry at t = -1, as diffusers does. DPM-Solver++(2S) has no spacing key: it stays on "linspace".)"""
     cfg, x, n = {**VD, "timestep_spacing": "trailing"}, start_noise(), 61
 
     def kw():
@@ -335,7 +335,9 @@ def test_trailing_counts_with_one_more_timestep(name, check):
     ref = reference_run(reference(name, cfg), x, n, **kw())
     ours = our_run(sampler_from_config(name, cfg), x, n, **kw())
     if "karras" not in name and not name.startswith("dpmpp_2s"):  # (Karras sigmas are placed without arange)
-        assert ours[0][-1][0].item() == -1  # the last evaluation; relative_diff asserts the counts equal
+        # the last evaluation (the inversion's first: it runs the timesteps ascending); relative_diff asserts the
+        # counts equal
+        assert ours[0][0 if name == "ddim_inverse" else -1][0].item() == -1
     check(relative_diff(ours, ref), 1e-6)
 
 
@@ -502,8 +504,8 @@ IGNORE_ZERO_SNR = {"pndm", "lms", "lms_karras", "heun", "heun_karras", "dpm2", "
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_zero_terminal_snr(name, check):
     """rescale_betas_zero_snr (Lin et al. 2023), with the trailing spacing and v-prediction it is meant for:
-    alpha_bar ends at 0, raised to 2**-24 by the samplers that take a sigma from it, as diffusers; PNDM, LMS,
-    Heun, DPM2, DEIS and DPM-Solver++(2S) ignore the key, as their diffusers classes do."""
+    alpha_bar ends at 0 (DDIM, DDPM, DDIM inversion), raised to 2**-24 by the samplers that take a sigma from it,
+    as diffusers; PNDM, LMS, Heun, DPM2, DEIS and DPM-Solver++(2S) ignore the key, as their diffusers classes do."""
     x = start_noise()
 
     def kw():
@@ -516,7 +518,7 @@ def test_zero_terminal_snr(name, check):
     if name in IGNORE_ZERO_SNR:
         assert last == sampler_from_config(name, VD).alpha_bars()[-1].item()
     else:
-        assert last == (0.0 if name in ("ddim", "ddpm") else 2.0**-24)
+        assert last == (0.0 if name in ("ddim", "ddpm", "ddim_inverse") else 2.0**-24)
 
 
 @pytest.mark.parametrize("tail,spacing", [(1, "trailing"), (12, "leading")])

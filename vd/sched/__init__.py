@@ -1,6 +1,6 @@
 """Samplers for VD, each a frozen config with `sample()`: DDIM (the shipped default), PNDM/PLMS, LMS, DDPM, Euler,
 Euler ancestral, Heun, DPM-Solver-2 (also ancestral), DPM-Solver++ (2M and 2S, each also SDE), UniPC, DEIS; the
-"_karras" ones use Karras et al.'s sigmas.
+"_karras" ones use Karras et al.'s sigmas; and DDIM inversion (image latents to noise).
 
 Words: a *sampler* is one of these classes, a loop over a noise schedule (`Schedule`, the fields they share with
 scheduler_config.json). The user picks one by name with `scheduler=` / `--scheduler` (diffusers' word for the same
@@ -11,6 +11,7 @@ from typing import Any
 
 from .common import stated
 from .ddim import DDIM
+from .ddim_inverse import DDIMInverse
 from .ddpm import DDPM
 from .deis import DEIS, DEISKarras
 from .dpm2 import DPM2, DPM2Ancestral, DPM2AncestralKarras, DPM2Karras
@@ -25,7 +26,7 @@ from .pndm import PNDM
 from .unipc import UniPC, UniPCKarras
 
 Sampler = (DDIM | PNDM | LMS | DDPM | Euler | EulerAncestral | Heun | DPM2 | DPMSolverPP | DPMSolverPPSinglestep | UniPC
-           | DEIS)
+           | DEIS | DDIMInverse)
 
 # every scheduler name -> its sampler class; diffusers' equivalent in the README's sampler table
 SCHEDULERS: dict[str, type[Sampler]] = {
@@ -55,8 +56,12 @@ SCHEDULERS: dict[str, type[Sampler]] = {
     "unipc_karras": UniPCKarras,
     "deis": DEIS,
     "deis_karras": DEISKarras,
+    "ddim_inverse": DDIMInverse,
 }
 
+# the names that run from noise to a picture or a text; "ddim_inverse" runs the other way, and what it makes (noise)
+# is returned only by the Python API's output_type="latent": the command line and batch jobs refuse it
+GENERATING = [name for name in SCHEDULERS if name != "ddim_inverse"]
 
 # the form a config's own use_karras_sigmas=True or algorithm_type="sde-dpmsolver++" gives a name, as diffusers'
 # class reads those keys (a config saved from a Karras or SDE pipeline)
@@ -73,7 +78,7 @@ DIFFUSERS_CLASSES = {
     "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
     "KDPM2DiscreteScheduler": "dpm2", "KDPM2AncestralDiscreteScheduler": "dpm2_a",
     "DPMSolverMultistepScheduler": "dpmpp_2m", "DPMSolverSinglestepScheduler": "dpmpp_2s",
-    "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis",
+    "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis", "DDIMInverseScheduler": "ddim_inverse",
 }
 
 
@@ -103,5 +108,6 @@ def sampler_from_config(name: str, config: Mapping[str, Any]) -> Sampler:
     return SCHEDULERS[name].from_config(config)
 
 
-__all__ = ["DDIM", "DDPM", "DEIS", "DPM2", "DPMSolverPP", "DPMSolverPPSinglestep", "Euler", "EulerAncestral", "Heun",
-           "LMS", "PNDM", "SCHEDULERS", "Sampler", "UniPC", "randn", "sampler_from_config", "scheduler_of"]
+__all__ = ["DDIM", "DDIMInverse", "DDPM", "DEIS", "DPM2", "DPMSolverPP", "DPMSolverPPSinglestep", "Euler",
+           "EulerAncestral", "GENERATING", "Heun", "LMS", "PNDM", "SCHEDULERS", "Sampler", "UniPC", "randn",
+           "sampler_from_config", "scheduler_of"]

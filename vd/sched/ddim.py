@@ -25,19 +25,25 @@ from .common import Callback, ClippedX0, EpsFn, Schedule
 from .noise import step_noises
 
 
+def x0_and_eps(out: Tensor, x: Tensor, a: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """The predicted x_0 and eps of x at level `a` from the model output (v = sqrt(a)·eps − sqrt(b)·x0, Salimans &
+    Ho 2022), in diffusers' order of operations."""
+    b = 1 - a
+    if prediction_type == "epsilon":
+        return (x - b**0.5 * out) / a**0.5, out
+    if prediction_type == "v_prediction":
+        return a**0.5 * x - b**0.5 * out, a**0.5 * out + b**0.5 * x
+    return out, (x - a**0.5 * out) / b**0.5  # "sample"
+
+
 def ddim_step(
     out: Tensor, x: Tensor, a: Tensor, a_prev: Tensor, eta: float, z: Tensor | None,
     prediction_type: str = "epsilon", limit: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """One DDIM update x_t -> x_{t-1} (eq. 12). `a`, `a_prev` are 0-d float32 tensors."""
     b = 1 - a
-    # 1. predicted x_0 and eps from the model output (v = sqrt(a)·eps − sqrt(b)·x0, Salimans & Ho 2022)
-    if prediction_type == "epsilon":
-        x0, eps = (x - b**0.5 * out) / a**0.5, out
-    elif prediction_type == "v_prediction":
-        x0, eps = a**0.5 * x - b**0.5 * out, a**0.5 * out + b**0.5 * x
-    else:  # "sample"
-        x0, eps = out, (x - a**0.5 * out) / b**0.5
+    # 1. predicted x_0 and eps from the model output
+    x0, eps = x0_and_eps(out, x, a, prediction_type)
     # 2. optional clipping or thresholding of x_0; eps stays the unclipped one (parity: diffusers' default)
     if limit is not None:
         x0 = limit(x0)
