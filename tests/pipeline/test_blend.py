@@ -173,7 +173,7 @@ def test_mask_modes_mean_the_same_picture():
 
 def test_a_tensor_picture_blends_as_the_same_pil_picture(pipe):
     img = random_image(40, (40, 56))
-    tensor = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 255
+    tensor = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
     a = pipe.blend([img], generator=seeded(1), output_type="latent", **FAST).images
     b = pipe.blend(tensor, generator=seeded(1), output_type="latent", **FAST).images
     assert torch.equal(a, b)
