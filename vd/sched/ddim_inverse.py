@@ -1,5 +1,6 @@
 """DDIM inversion: the DDIM loop run backwards, from image latents to the noise that DDIM turns back into them
-(Song et al. 2020, sec. 4.3 "the ODE can be reversed"; used by image-editing work such as Null-text inversion).
+(Song, Meng & Ermon 2020, sec. 5.4 "Reconstruction from latent space"; the start of image-editing methods such as
+Null-text inversion, Mokady et al. 2022).
 
 Matches diffusers' `DDIMInverseScheduler` (v0.42.1) step for step, so a user swaps it in as diffusers users do:
 https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_ddim_inverse.py
