@@ -195,6 +195,14 @@ def test_inversion_example(model, monkeypatch):
     assert isinstance(namespace["again"], PIL.Image.Image) and namespace["again"].size == (64, 64)
 
 
+def test_the_sampler_table_names_every_sampler():
+    """README's sampler table has one row per name `scheduler=` takes, in the order of vd.sched.SCHEDULERS."""
+    from vd.sched import SCHEDULERS
+    section = README.split("\n## Samplers\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
+    assert rows == list(SCHEDULERS)
+
+
 def test_documented_signatures_are_the_methods():
     """README's `text_to_image(...)` line names every parameter, and its `from_pretrained(...)` line some, in the
     methods' order and with their defaults (a bare name: one that has no default or must be given)."""
