@@ -1,9 +1,9 @@
 """Our sampler names and the diffusers 0.42.1 class (and the one from_config override) each one equals."""
 
-from diffusers import (DDIMInverseScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       KDPM2AncestralDiscreteScheduler,
-                       KDPM2DiscreteScheduler, LMSDiscreteScheduler, UniPCMultistepScheduler)
+from diffusers import (DDIMInverseScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                       DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
+                       LMSDiscreteScheduler, UniPCMultistepScheduler)
 
 KARRAS = {"use_karras_sigmas": True}
 SDE = {"algorithm_type": "sde-dpmsolver++"}
