@@ -202,7 +202,7 @@ def test_uncond_image_zeros_is_a_zero_embedding(ours):
 def test_tensor_image_equals_the_same_pil_image(ours, check):
     """A [B, 3, H, W] tensor in [0, 1] is the image it depicts (the reference would rescale it by 1/255 again)."""
     pil = random_image(16)
-    tensor = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1)[None].float() / 255
+    tensor = torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255
     kw = dict(num_inference_steps=STEPS, output_type="np", progress=False)
     a = ours.image_variation(pil, generator=seeded(), **kw).images
     b = ours.image_variation(tensor, generator=seeded(), **kw).images
