@@ -155,6 +155,7 @@ def test_scheduler_config_refused_at_assignment(folder):
     ("KDPM2AncestralDiscreteScheduler", {}, "dpm2_a"),
     ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m"),
     ("DEISMultistepScheduler", {"solver_order": 3}, "deis"),
+    ("DDIMInverseScheduler", {}, "ddim_inverse"),
 ])
 def test_a_folder_saved_with_another_scheduler_runs_it(cls_name, override, name, tmp_path, check):
     """A diffusers folder saved after swapping the pipeline's scheduler: diffusers' loader builds the class its
