@@ -63,8 +63,9 @@ class DDIMInverse(Schedule):
         x = x * self.init_noise_sigma(num_steps)
         for i, t in enumerate(ts.tolist()):
             out = eps_fn(x, ts_dev[i])
-            s = min(t - stride, self.num_train_timesteps - 1)  # the source level; t = −1 (a "trailing" extra
-            a, a_next = (a_bar[s] if s >= 0 else a_first), a_bar[t]  # point) reads the last entry, as diffusers
+            # from the level of s to that of t (t = −1, a "trailing" extra point, reads the last entry, as diffusers)
+            s = min(t - stride, self.num_train_timesteps - 1)
+            a, a_next = (a_bar[s] if s >= 0 else a_first), a_bar[t]
             x0, eps = x0_and_eps(out, x, a, self.prediction_type)
             if self.clip_sample:
                 x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
