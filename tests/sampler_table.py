@@ -1,4 +1,7 @@
-"""Our sampler names and the diffusers 0.42.1 class (and the one from_config override) each one equals."""
+"""Our sampler names and the diffusers 0.42.1 class (and the one from_config override) each one equals; the stand-in
+model the sampler tests run them on, and diffusers' loop over it."""
+
+import torch
 
 from diffusers import (DDIMInverseScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                        DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
@@ -37,3 +40,22 @@ REF = {
 NEW = sorted(REF)
 STOCHASTIC = {"ddpm", "euler_a", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2s_sde",
               "dpmpp_2s_sde_karras"}
+
+
+def fake_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A cheap smooth nonlinear stand-in for the UNet, depending on both x and t."""
+    return 0.1 * x * torch.cos(t.to(x.dtype) / 100) + 0.05 * torch.sin(x)
+
+
+def reference_run(sched, x, n, generator=None):
+    """diffusers' pipeline loop over `fake_eps`: every (t, model input) and every x after a step."""
+    sched.set_timesteps(n)
+    x = x * sched.init_noise_sigma
+    calls, xs = [], []
+    kw = {"generator": generator} if generator is not None else {}
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(x, t)
+        calls.append((t, inp))
+        x = sched.step(fake_eps(inp, t), t, x, **kw).prev_sample
+        xs.append(x)
+    return calls, xs

@@ -20,7 +20,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, HeunDiscreteS
                        KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
                        LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
-from sampler_table import NEW, REF, STOCHASTIC  # noqa: E402
+from sampler_table import NEW, REF, STOCHASTIC, fake_eps, reference_run  # noqa: E402
 from vd.sched import SCHEDULERS, sampler_from_config  # noqa: E402
 from vd.sched.beta_quantile import beta_quantiles  # noqa: E402
 from vd.sched.common import dynamic_threshold  # noqa: E402
@@ -44,31 +44,12 @@ def reference(name: str, cfg) -> object:
     return cls.from_config(cfg, **override)
 
 
-def fake_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A cheap smooth nonlinear stand-in for the UNet, depending on both x and t."""
-    return 0.1 * x * torch.cos(t.to(x.dtype) / 100) + 0.05 * torch.sin(x)
-
-
 def start_noise(batch: int = 2) -> torch.Tensor:
     return torch.randn((batch, 4, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
 
 
 def gens(per_item: bool, batch: int = 2):
     return [torch.Generator().manual_seed(7 + b) for b in range(batch)] if per_item else torch.Generator().manual_seed(7)
-
-
-def reference_run(sched, x, n, generator=None):
-    """diffusers' pipeline loop: every (t, model input) and every x after a step."""
-    sched.set_timesteps(n)
-    x = x * sched.init_noise_sigma
-    calls, xs = [], []
-    kw = {"generator": generator} if generator is not None else {}
-    for t in sched.timesteps:
-        inp = sched.scale_model_input(x, t)
-        calls.append((t, inp))
-        x = sched.step(fake_eps(inp, t), t, x, **kw).prev_sample
-        xs.append(x)
-    return calls, xs
 
 
 def our_run(sampler, x, n, **kw):

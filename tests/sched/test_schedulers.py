@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from vd.sched import DDIM, LMS, PNDM, randn, sampler_from_config  # noqa: E402
 from vd.sched.lms import lms_coefficients  # noqa: E402
 from helpers import DATA
+from sampler_table import fake_eps  # noqa: E402
 
 FIRST_THREE = {"ddim": DDIM, "pndm": PNDM, "lms": LMS}  # checked here; tests/sched/test_samplers.py checks the rest
 
@@ -41,11 +42,6 @@ CONFIGS = {
     # VD with an explicit "leading" (LMS then uses leading and sqrt(sigma_max^2 + 1) as init sigma)
     "vd_leading": {**VD, "timestep_spacing": "leading"},
 }
-
-
-def fake_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A cheap smooth nonlinear stand-in for the UNet, depending on both x and t."""
-    return 0.1 * x * torch.cos(t.to(x.dtype) / 100) + 0.05 * torch.sin(x)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
