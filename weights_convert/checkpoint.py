@@ -176,6 +176,8 @@ class _SkipInit(TorchFunctionMode):
 def build_meta(component: str, config: object, subs: Iterable[str]) -> nn.Module:
     """Our module for some parts of a component (sub-part names, "" for a CLIP tower) on the meta device: no
     memory, no values; `load_state_dict(assign=True)` fills it."""
+    if component in ("text_encoder", "image_encoder", "optimus"):
+        _transformers_models()  # imported first, not under the meta device (see there)
     with torch.device("meta"), _SkipInit():
         if component in ("image_unet", "text_unet"):
             return UNet(config, parts=frozenset(subs))
@@ -184,6 +186,15 @@ def build_meta(component: str, config: object, subs: Iterable[str]) -> nn.Module
         if component == "optimus":
             return OptimusVAE(config, parts=frozenset(subs))
         return build_clip(component, config)
+
+
+def _transformers_models() -> tuple[type, ...]:
+    """The transformers models our components are built from (the CLIP towers, Optimus' BERT), imported. Called
+    before the meta device becomes the default: a module first imported under it runs its import-time code there,
+    and on torch 2.6 the import of torch._dynamo that these pull in fails ("Tensor.item() cannot be called on
+    meta tensors"). Here, not at import: transformers is slow to import."""
+    from transformers import BertModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+    return BertModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
 
 def build_clip(component: str, config: dict):

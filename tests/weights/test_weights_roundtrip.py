@@ -11,6 +11,8 @@ Also here: lean per-task loading and the hub download (snapshot_download faked f
 import copy
 import fnmatch
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_pipeline as tp
-from helpers import random_image, seeded
+from helpers import REPO, random_image, seeded
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -391,3 +393,37 @@ def test_meta_builds_skip_initialisers_only_while_building():
     after = torch.nn.Linear(64, 64)
     for layer in (other[0], after):
         assert not layer.weight.is_meta and layer.weight.std() > 0.01 and layer.bias.abs().max() > 0
+
+
+META_IMPORTS = """
+import sys, torch
+import torch.utils._device  # what get_default_device imports, imported before the spy asks it
+from vd.nn.optimus import OptimusConfig
+from weights_convert.checkpoint import build_meta
+
+first_imported_on_meta = []
+
+class Spy:  # asked only for modules not imported yet
+    def find_spec(self, name, path=None, target=None):
+        if torch.get_default_device().type == "meta":
+            first_imported_on_meta.append(name)
+
+sys.meta_path.insert(0, Spy())
+tiny = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, projection_dim=8)
+build_meta("text_encoder", dict(tiny, vocab_size=10, max_position_embeddings=8), {""})
+build_meta("image_encoder", dict(tiny, image_size=8, patch_size=4), {""})
+build_meta("optimus", OptimusConfig(latent_dim=8, enc_vocab=10, enc_dim=8, enc_layers=1, enc_heads=2, enc_mlp_dim=16,
+                                    enc_positions=8, dec_vocab=10, dec_dim=8, dec_layers=1, dec_heads=2,
+                                    dec_positions=8), {"encoder", "decoder"})
+assert "transformers" in sys.modules
+print(first_imported_on_meta)
+"""
+
+
+def test_meta_builds_import_nothing_on_the_meta_device():
+    """transformers' CLIP and BERT modules are imported before the meta device becomes the default: a module first
+    imported under it runs its import-time code there, which fails on torch 2.6 (the import of torch._dynamo
+    that transformers' models pull in). Checked in a fresh interpreter, where nothing is imported yet."""
+    run = subprocess.run([sys.executable, "-c", META_IMPORTS], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
