@@ -88,3 +88,10 @@ def random_image(seed: int, size: tuple[int, int] = (40, 56)) -> PIL.Image.Image
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file, decoded whole (so a truncated file fails) and closed again."""
+    with PIL.Image.open(path) as image:
+        image.load()
+        return image.size

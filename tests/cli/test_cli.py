@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 
+from helpers import image_size
 from vd import VersatileDiffusion
 from vd.cli import main
 
@@ -139,6 +140,6 @@ def test_eager_turns_the_cuda_fast_path_off(eager, model, tmp_path, monkeypatch)
     monkeypatch.setattr(VersatileDiffusion, "from_pretrained", classmethod(spy))
     out = tmp_path / "a.png"
     assert main(["text-to-image", "x", "-o", str(out), "--model", model, *FAST, *(["--eager"] if eager else [])]) == 0
-    assert PIL.Image.open(out).size[0] > 0
+    assert image_size(out)[0] > 0
     want = {"cuda_graphs": False, "triton_kernels": False} if eager else {}
     assert {k: seen[k] for k in ("cuda_graphs", "triton_kernels") if k in seen} == want

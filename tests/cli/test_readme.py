@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import tiny_pipeline as tp
-from helpers import REPO
+from helpers import REPO, image_size
 from vd.cli import main as vd_main
 from weights_convert.__main__ import main as convert_main
 
@@ -115,9 +115,9 @@ def test_every_shell_command(model, tmp_path, monkeypatch):
         ran.append(argv[0] if argv[0] == "vd" else argv[2])
     for name in ("astronaut.png", "variation.png", "dual.png", "squirrel-0.png", "squirrel-1.png", "lighthouse.png",
                  "closer.png", "blend.png"):
-        assert PIL.Image.open(name).size[0] > 0
+        assert image_size(name)[0] > 0
     assert len(Path("sentences.txt").read_text().splitlines()) == 1
-    assert PIL.Image.open("lighthouse.png").size == (640, 384)
+    assert image_size("lighthouse.png") == (640, 384)
     records = [json.loads(line) for line in Path("results/records.jsonl").read_text().splitlines()]
     assert len(records) == 4  # 2 + 1 + 1 images
     for folder in ("vd-t2i", "vd-full"):
@@ -166,7 +166,7 @@ def test_research_example(model, tmp_path, monkeypatch):
                         lambda self, *a, **k: method(self, *a, **{**k, "num_inference_steps": 4}))
     exec(code.replace(f'"{HUB}"', repr(model)), {})
     for i in range(2):
-        assert PIL.Image.open(f"recon-{i}.png").size == (48, 40)
+        assert image_size(f"recon-{i}.png") == (48, 40)
     jobs = [{**json.loads(line), "num_inference_steps": 4} for line in jsonl_block("pred_text.npy").splitlines()]
     Path("recon.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
     (cmd,) = [c for c in shell_commands() if research_command(c)]
