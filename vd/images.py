@@ -37,7 +37,7 @@ def to_rgb(img: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
         return PIL.Image.fromarray(np.repeat(grey[..., None], 3, axis=2), mode="RGB")
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         # transparent pixels (RGBA, LA, PA, a transparent colour) over white, as the reference's CLIP preprocessing
-        # (transformers' convert_to_rgb) shows them
+        # (transformers' convert_to_rgb, from 5.21 on; earlier releases drop the alpha channel) shows them
         white = PIL.Image.new("RGBA", img.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(white, _converted(img, "RGBA", name)).convert("RGB")
     return _converted(img, "RGB", name)
