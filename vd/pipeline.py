@@ -494,7 +494,8 @@ class VersatileDiffusion:
     def _prepare(self, batch: int, *, height, width, steps, guidance, per_prompt, eta, generator, latents, output_type,
                  callback, callback_steps, scheduler, return_dict, init_image=None, init_latents=None,
                  strength=None, init_name="init_image") -> "_Call":
-        """Check every argument of an image flow before any model runs."""
+        """Check every argument of an image flow before any model runs. A height or width left open comes from
+        the init image, else init_latents, else latents, else the UNet's sample size."""
         unet, factor = self.components.image_unet.config, self._factor
         init_images = None
         if init_image is not None and init_latents is not None:
@@ -509,6 +510,8 @@ class VersatileDiffusion:
         if init_latents is not None:
             checks.tensor("init_latents", init_latents, dims=4)
             height, width = _given_or(height, width, (init_latents.shape[2] * factor, init_latents.shape[3] * factor))
+        if isinstance(latents, Tensor) and latents.dim() == 4 and 0 not in latents.shape:  # (checked in _call)
+            height, width = _given_or(height, width, (latents.shape[2] * factor, latents.shape[3] * factor))
         height = checks.size("height", default if height is None else height, factor)
         width = checks.size("width", default if width is None else width, factor)
         checks.choice("output_type", output_type, checks.OUTPUT_TYPES)

@@ -139,6 +139,21 @@ def test_init_image_sizes_each_dimension_not_given(pipe):
         1, 4, 4, 5)
 
 
+def test_latents_size_each_dimension_not_given(pipe):
+    """Start latents [N, 4, h, w] give each output dimension (8 h x 8 w) that height or width leaves open: the
+    images of the same call with the size given. A size given that disagrees with them is refused."""
+    x = torch.randn(1, 4, 6, 5, generator=seeded(32))
+    kw = dict(output_type="np", **FAST)
+    sized = pipe.text_to_image("the cat", height=48, width=40, latents=x, **kw).images
+    assert sized.shape == (1, 48, 40, 3)
+    assert np.array_equal(pipe.text_to_image("the cat", latents=x, **kw).images, sized)
+    assert np.array_equal(pipe.text_to_image("the cat", width=40, latents=x, **kw).images, sized)
+    variation = pipe.image_variation(random_image(33), latents=x.expand(2, -1, -1, -1), num_images_per_prompt=2, **kw)
+    assert variation.images.shape == (2, 48, 40, 3)
+    with pytest.raises(ValueError, match=r"latents: expected shape \(1, 4, 4, 5\), got 'tensor of shape \(1, 4, 6, 5"):
+        pipe.text_to_image("the cat", height=32, latents=x, **kw)
+
+
 def test_fidelity_is_init_image_at_one_minus_strength(pipe):
     img = random_image(24)
     kw = dict(output_type="latent", generator=None, **FAST)
