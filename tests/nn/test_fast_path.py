@@ -1,5 +1,7 @@
 """The GPU fast path's pieces that also run on the CPU give the plain path's results."""
 
+import copy
+
 import pytest
 import torch
 
@@ -34,6 +36,28 @@ def test_channels_last_and_fused_projections_keep_the_math(check):
     check(rel_err(got, want), 1e-5)  # fp32: other kernels, other rounding
     # the stacked copies are not part of the checkpoint
     assert image.state_dict().keys() == state.keys()
+
+
+@torch.no_grad()
+def test_fused_projections_stay_stacked_through_a_cast(check):
+    """A cast or a move (nn.Module's same path) of a sped-up UNet keeps q, k, v views into one stacked weight,
+    and the math of the same UNet cast without the fast path."""
+    x, ctx = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 77, 16, dtype=torch.float64)
+
+    def run(image, text):
+        streams = [Context(text.context_layers(), ctx, 0.3), Context(image.context_layers(), ctx[:, :5], 0.7)]
+        return image(x, 500, streams)
+    image, text = _unets()
+    want = run(*(copy.deepcopy(m).double() for m in (image, text)))
+    speed_up_(image, text)
+    image.double(), text.double()
+    attn1 = image.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    attn2 = text.context_layers()[0].transformer_blocks[0].attn2
+    assert attn1.qkv_weight.dtype == torch.float64 and attn2.kv_weight.dtype == torch.float64
+    for a, stacked in ((attn1, attn1.qkv_weight), (attn2, attn2.kv_weight)):
+        for p in (a.to_k, a.to_v) if a is attn2 else (a.to_q, a.to_k, a.to_v):
+            assert p.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+    check(rel_err(run(image, text), want), 1e-12)  # float64: only the summation order differs
 
 
 @torch.no_grad()

@@ -168,6 +168,16 @@ class Attention(nn.Module):
             self.qkv_weight = stacked
         self.kv_weight = stacked[-2 * self.to_k.out_features:]
 
+    def _apply(self, fn, recurse=True):
+        """A move or cast (`.to`, `.half`, ...) makes a new tensor of each weight, so the projections would no
+        longer be views into the stacked one (their memory held twice): stack them again."""
+        fused = self.kv_weight is not None
+        super()._apply(fn, recurse)
+        if fused:
+            self.qkv_weight = self.kv_weight = None
+            self.fuse_projections()
+        return self
+
     def keys_values(self, context: Tensor) -> KeysValues:
         """The keys and values [B, heads, L, head_dim] of a context: fixed while sampling, so computed once."""
         if self.kv_weight is not None:
