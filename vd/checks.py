@@ -169,6 +169,17 @@ def device(value: object) -> torch.device:
     return dev
 
 
+def dtype(value: object) -> torch.dtype:
+    """A floating-point dtype the models can run in."""
+    allowed = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    names = "torch.float16, torch.bfloat16, torch.float32 or torch.float64"
+    if not isinstance(value, torch.dtype):
+        fail("dtype", value, f"a torch.dtype: {names}", TypeError)
+    if value not in allowed:
+        fail("dtype", value, names)
+    return value
+
+
 def size(name: str, value: object, factor: int) -> int:
     """A positive multiple of the VAE's downscale factor (pixels)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -70,13 +70,39 @@ class VersatileDiffusion:
     def __init__(self, components: Components, *, tasks: tuple[str, ...], device: torch.device, dtype: torch.dtype,
                  scheduler: str | None = None, uncond_image: str = "grey", compile: bool = False,
                  cuda_graphs: bool | None = None, triton_kernels: bool | None = None):
-        self.components, self.tasks, self.device, self.dtype = components, tuple(tasks), device, dtype
-        self.conditions = Conditions(components, device, dtype)
+        self.components, self.tasks = components, tuple(tasks)
         if scheduler is None:
             scheduler = scheduler_of(components.scheduler_config)
         self.scheduler = checks.choice("scheduler", scheduler, list(SCHEDULERS))
         self.uncond_image = checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
-        cuda_graphs, triton_kernels = fast_path(device, compile, cuda_graphs, triton_kernels)
+        self._fast_options = dict(compile=compile, cuda_graphs=cuda_graphs, triton_kernels=triton_kernels)
+        self._place(device, dtype)
+
+    def to(self, device: str | torch.device | torch.dtype | None = None,
+           dtype: torch.dtype | None = None) -> "VersatileDiffusion":
+        """Move every model to `device` (and cast it to `dtype`), and return the pipeline, as diffusers'
+        `pipe.to` does: `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cuda", torch.float16)`. The
+        fast path is chosen again for the new device, under the options the pipeline was loaded with; captured
+        CUDA graphs are dropped. The dtype stays as it is unless given (CPU loads default to float32)."""
+        if isinstance(device, torch.dtype) and dtype is None:
+            device, dtype = None, device
+        device = self.device if device is None else checks.device(device)
+        dtype = self.dtype if dtype is None else checks.dtype(dtype)
+        c = self.components
+        for module in (c.image_unet, c.text_unet, c.vae, c.text_encoder, c.image_encoder, c.optimus):
+            if module is not None:
+                module.to(device, dtype)
+        self._place(device, dtype)
+        return self
+
+    def _place(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Set up for the device and dtype the models are in: the conditions' encoders, the fast path's layouts
+        and kernels on CUDA, and the noise predictors."""
+        self.device, self.dtype = device, dtype
+        components = self.components
+        self.conditions = Conditions(components, device, dtype)
+        cuda_graphs, triton_kernels = fast_path(device, **self._fast_options)
+        compile = self._fast_options["compile"]
         image_unet, text_unet = components.image_unet, components.text_unet
         if device.type == "cuda":  # the fast path: same math, GPU-friendly layouts (not for the VAE: vd/fast.py)
             speed_up_(image_unet, text_unet)
@@ -129,9 +155,10 @@ class VersatileDiffusion:
             checks.choice("scheduler", scheduler, list(SCHEDULERS))
         checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         device = checks.device(device)
-        cuda_graphs, triton_kernels = fast_path(device, compile, cuda_graphs, triton_kernels)  # checked before loading
-        if dtype is None:
-            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        with warnings.catch_warnings():  # bad options fail before loading; a warning comes when the pipeline is built
+            warnings.simplefilter("ignore")
+            fast_path(device, compile, cuda_graphs, triton_kernels)
+        dtype = (torch.float16 if device.type == "cuda" else torch.float32) if dtype is None else checks.dtype(dtype)
         ckpt = resolve(src, tasks, revision=revision, kl_f8=kl_f8, clip=clip, optimus=optimus,
                        optimus_tokenizer=optimus_tokenizer)
         if scheduler is None:  # (checked with the checkpoint's settings before any weight is read)

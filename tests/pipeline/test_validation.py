@@ -252,6 +252,10 @@ def test_unknown_task_and_scheduler_at_load(tmp_path):
         VersatileDiffusion.from_pretrained(tmp_path, cuda_graphs="yes")
     with pytest.raises(TypeError, match=r"triton_kernels: expected True, False or None, got 1"):
         VersatileDiffusion.from_pretrained(tmp_path, triton_kernels=1)
+    with pytest.raises(TypeError, match=r"dtype: expected a torch.dtype: torch.float16, .*got 'float16'"):
+        VersatileDiffusion.from_pretrained(tmp_path, dtype="float16")
+    with pytest.raises(ValueError, match=r"dtype: expected torch.float16, .* or torch.float64, got torch.int64"):
+        VersatileDiffusion.from_pretrained(tmp_path, dtype=torch.int64)
 
 
 def test_task_not_loaded(tmp_path_factory):

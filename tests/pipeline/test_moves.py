@@ -1,0 +1,53 @@
+"""`pipe.to`: a pipeline cast (or moved) gives what a pipeline loaded that way gives, and a bad argument fails
+before anything moves. Only the CPU is here, so the casts stand for the moves: both go through the same code."""
+
+import numpy as np
+import pytest
+import torch
+
+from flows import ALL_TASKS
+from helpers import random_image, seeded
+from vd import VersatileDiffusion
+
+KW = dict(num_inference_steps=3, progress=False)
+IMG = random_image(0)
+
+
+def _outputs(pipe: VersatileDiffusion) -> tuple:
+    """One image flow and one text flow: every model but the Optimus encoder, which encode_text_latents runs."""
+    images = pipe.dual_guided("the cat", IMG, generator=seeded(1), output_type="np", **KW).images
+    texts = pipe.image_to_text(IMG, generator=seeded(2), **KW)
+    return images, texts.latents, pipe.encode_text_latents("the cat")
+
+
+def _equal(a: tuple, b: tuple) -> bool:
+    return np.array_equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+
+
+def test_cast_gives_what_loading_in_that_dtype_gives(folder):
+    pipe = VersatileDiffusion.from_pretrained(folder, tasks=ALL_TASKS, device="cpu")
+    before = _outputs(pipe)
+    assert pipe.to(torch.float64) is pipe and pipe.dtype == torch.float64
+    cast = _outputs(pipe)
+    loaded = VersatileDiffusion.from_pretrained(folder, tasks=ALL_TASKS, device="cpu", dtype=torch.float64)
+    assert _equal(cast, _outputs(loaded))
+    assert not np.array_equal(cast[0], before[0])  # float64 draws other noise: the cast took effect
+    # float32 -> float64 -> float32 loses nothing, so the pipeline is what it was
+    assert pipe.to("cpu", torch.float32) is pipe and pipe.dtype == torch.float32
+    assert _equal(_outputs(pipe), before)
+
+
+def test_bad_arguments_move_nothing(pipe):
+    want = pipe.text_to_image("the cat", generator=seeded(3), output_type="np", **KW).images
+    with pytest.raises(TypeError, match=r"dtype: expected a torch.dtype: torch.float16, .* got 'float16'"):
+        pipe.to("cpu", "float16")
+    with pytest.raises(ValueError, match=r"dtype: expected torch.float16, torch.bfloat16, torch.float32 or "
+                                         r"torch.float64, got torch.int64"):
+        pipe.to(torch.int64)
+    with pytest.raises(ValueError, match=r"device: expected a device name .*got 'gpu'"):
+        pipe.to("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device: expected a device this machine has \(CUDA is not available"):
+            pipe.to("cuda", torch.float16)
+    assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
+    assert np.array_equal(pipe.text_to_image("the cat", generator=seeded(3), output_type="np", **KW).images, want)
