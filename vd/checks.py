@@ -2,6 +2,7 @@
 and all run before any model does."""
 
 import math
+import os
 import numbers
 from collections.abc import Sequence
 from typing import NoReturn
@@ -321,6 +322,13 @@ def decoding(temperature, top_k, top_p, greedy, max_length, dedupe, *, max_posit
     return dict(temperature=temperature, top_k=integer("top_k", top_k, 0),
                 top_p=number("top_p", top_p, 0.0, 1.0), greedy=greedy,
                 max_length=integer("max_length", max_length, 2, max_positions), dedupe=dedupe)
+
+
+def path(name: str, value: object, expected: str) -> str | os.PathLike:
+    """A str or os.PathLike, not yet looked up (what it names is checked where it is opened)."""
+    if not isinstance(value, (str, os.PathLike)) or value == "":
+        fail(name, value, expected, TypeError if not isinstance(value, str) else ValueError)
+    return value
 
 
 def boolean(name: str, value: object) -> bool:

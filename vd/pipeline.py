@@ -116,7 +116,7 @@ class VersatileDiffusion:
                                            cuda_graphs=cuda_graphs)
 
     @classmethod
-    def from_pretrained(cls, src: str | Path = DEFAULT_REPO, *, tasks: list[str] | None = None,
+    def from_pretrained(cls, src: str | Path = DEFAULT_REPO, *, tasks: str | list[str] | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         scheduler: str | None = None, uncond_image: str = "grey", revision: str | None = None,
                         kl_f8: str | Path | None = None, clip: str | Path | None = None,
@@ -125,7 +125,7 @@ class VersatileDiffusion:
                         triton_kernels: bool | None = None) -> "VersatileDiffusion":
         """Load from a hub repo id, a diffusers-layout folder, an original .pth or a converted folder.
 
-        tasks: the flows (method names) to load weights for; only their parts are read. Default: the four image
+        tasks: the flows (method names; one, or a list) to load weights for; only their parts are read. Default: the four image
           flows; image_to_text and text_variation (the text UNet's 1.44 B data parameters, the Optimus decoder)
           and encode_text_latents (the Optimus encoder) must be asked for.
         device: default CUDA if available, else CPU.
@@ -148,9 +148,15 @@ class VersatileDiffusion:
           LayerNorms of the UNets and the VAE decoder as fused Triton kernels (CUDA only). Default: on for CUDA
           when triton is installed and `compile` is off (torch.compile fuses by itself).
         """
-        tasks = tuple(DEFAULT_TASKS if tasks is None else [checks.choice("tasks", t, TASKS) for t in tasks])
-        if not tasks:
-            checks.fail("tasks", tasks, f"some of {list(TASKS)}")
+        tasks = _task_names(tasks)
+        checks.path("src", src, "a hub repo id, a diffusers-layout or converted folder, or an original .pth")
+        for name, value in (("kl_f8", kl_f8), ("clip", clip), ("optimus", optimus),
+                            ("optimus_tokenizer", optimus_tokenizer)):
+            if value is not None:
+                checks.path(name, value, "a file or folder path, or None")
+        if revision is not None and not isinstance(revision, str):
+            checks.fail("revision", revision, "a branch, tag or commit hash of the hub repo, or None", TypeError)
+        checks.boolean("compile", compile)
         if scheduler is not None:
             checks.choice("scheduler", scheduler, list(SCHEDULERS))
         checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
@@ -711,6 +717,19 @@ class _Call:
     @property
     def generator(self) -> Generator:
         return self.sampling.generator
+
+
+def _task_names(value: object) -> tuple[str, ...]:
+    """from_pretrained's tasks: the default image flows, or the names given (one, or a list), once each."""
+    if value is None:
+        return DEFAULT_TASKS
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        checks.fail("tasks", value, f"a list of task names, some of {list(TASKS)}", TypeError)
+    if not value:
+        checks.fail("tasks", value, f"some of {list(TASKS)}")
+    return tuple(dict.fromkeys(checks.choice("tasks", t, TASKS) for t in value))
 
 
 def _given_or(height: int | None, width: int | None, size: tuple[int, int]) -> tuple[int | None, int | None]:

@@ -254,13 +254,27 @@ def test_unknown_task_and_scheduler_at_load(tmp_path):
         VersatileDiffusion.from_pretrained(tmp_path, triton_kernels=1)
     with pytest.raises(TypeError, match=r"dtype: expected a torch.dtype: torch.float16, .*got 'float16'"):
         VersatileDiffusion.from_pretrained(tmp_path, dtype="float16")
+    with pytest.raises(TypeError, match=r"compile: expected True or False, got 'yes'"):
+        VersatileDiffusion.from_pretrained(tmp_path, compile="yes")
+    with pytest.raises(TypeError, match=r"tasks: expected a list of task names, some of \['text_to_image', .*got 5"):
+        VersatileDiffusion.from_pretrained(tmp_path, tasks=5)
+    with pytest.raises(TypeError, match=r"src: expected a hub repo id, a diffusers-layout or converted folder, or an "
+                                        r"original .pth, got None"):
+        VersatileDiffusion.from_pretrained(None)
+    for name in ("kl_f8", "clip", "optimus", "optimus_tokenizer"):
+        with pytest.raises(TypeError, match=rf"{name}: expected a file or folder path, or None, got 3"):
+            VersatileDiffusion.from_pretrained(tmp_path, **{name: 3})
+    with pytest.raises(TypeError, match=r"revision: expected a branch, tag or commit hash .*got 5"):
+        VersatileDiffusion.from_pretrained(tmp_path, revision=5)
     with pytest.raises(ValueError, match=r"dtype: expected torch.float16, .* or torch.float64, got torch.int64"):
         VersatileDiffusion.from_pretrained(tmp_path, dtype=torch.int64)
 
 
 def test_task_not_loaded(tmp_path_factory):
     folder = tp.save(tp.build_components(seed=1), tmp_path_factory.mktemp("tiny") / "vd")
-    only = VersatileDiffusion.from_pretrained(folder, tasks=["image_variation"])
+    assert VersatileDiffusion.from_pretrained(folder, tasks="text_to_image").tasks == ("text_to_image",)
+    only = VersatileDiffusion.from_pretrained(folder, tasks=["image_variation", "image_variation"])
+    assert only.tasks == ("image_variation",)
     with pytest.raises(ValueError, match=r"loaded for tasks \['image_variation'\].*text_to_image"):
         only.text_to_image("a", **OK)
 
