@@ -316,9 +316,9 @@ def decoding(temperature, top_k, top_p, greedy, max_length, dedupe, *, max_posit
         fail("greedy", greedy, "True or False", TypeError)
     if not isinstance(dedupe, bool):
         fail("dedupe", dedupe, "True or False", TypeError)
-    temperature = number("temperature", temperature, 0.0)
-    if temperature == 0:
+    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and temperature <= 0:
         fail("temperature", temperature, "a number > 0 (use greedy=True for argmax decoding)")
+    temperature = number("temperature", temperature, 0.0)
     return dict(temperature=temperature, top_k=integer("top_k", top_k, 0),
                 top_p=number("top_p", top_p, 0.0, 1.0), greedy=greedy,
                 max_length=integer("max_length", max_length, 2, max_positions), dedupe=dedupe)

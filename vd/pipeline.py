@@ -125,9 +125,9 @@ class VersatileDiffusion:
                         triton_kernels: bool | None = None) -> "VersatileDiffusion":
         """Load from a hub repo id, a diffusers-layout folder, an original .pth or a converted folder.
 
-        tasks: the flows (method names; one, or a list) to load weights for; only their parts are read. Default: the four image
-          flows; image_to_text and text_variation (the text UNet's 1.44 B data parameters, the Optimus decoder)
-          and encode_text_latents (the Optimus encoder) must be asked for.
+        tasks: the flows (method names; one, or a list) to load weights for; only their parts are read. Default:
+          the four image flows; image_to_text and text_variation (the text UNet's 1.44 B data parameters, the
+          Optimus decoder) and encode_text_latents (the Optimus encoder) must be asked for.
         device: default CUDA if available, else CPU.
         dtype: default float16 on CUDA (UNets, VAE and Optimus run in it, as the reference does; CLIP under
           autocast), float32 on CPU.
@@ -282,11 +282,11 @@ class VersatileDiffusion:
         run = self._prepare(len(text), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
-                            scheduler=scheduler, return_dict=return_dict, init_image=init_image,
+                            scheduler=scheduler, return_dict=return_dict, progress=progress, init_image=init_image,
                             init_latents=init_latents, strength=strength)
         with torch.no_grad(), self._autocast():
             tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
-            x = self._sample(run, lambda s, x: core.text_to_image(self._nets, text=tokens, x=x, s=s), progress)
+            x = self._sample(run, lambda s, x: core.text_to_image(self._nets, text=tokens, x=x, s=s))
         return self._images(x, run)
 
     def image_variation(self, image: Images | None = None, negative_prompt: Images | None = None,
@@ -327,7 +327,7 @@ class VersatileDiffusion:
         run = self._prepare(len(cond), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
-                            scheduler=scheduler, return_dict=return_dict, init_image=init_image,
+                            scheduler=scheduler, return_dict=return_dict, progress=progress, init_image=init_image,
                             init_latents=init_latents, strength=strength,
                             init_name="image" if fidelity > 0 else "init_image")
         reference = run.init_images  # the input at the output size: the init image (fidelity's is the image)
@@ -341,7 +341,7 @@ class VersatileDiffusion:
             return _returned(GenerationOutput(to_output(images, output_type)), run)
         with torch.no_grad(), self._autocast():
             tokens = self.conditions.image_tokens(cond, negative, mode, run.per_prompt, run.sampling, focus=focus)
-            x = self._sample(run, lambda s, x: core.image_variation(self._nets, image=tokens, x=x, s=s), progress)
+            x = self._sample(run, lambda s, x: core.image_variation(self._nets, image=tokens, x=x, s=s))
         match = reference.repeat_interleave(run.per_prompt, dim=0).float() if color_adjust else None
         return self._images(x, run, match_to=match)
 
@@ -371,14 +371,13 @@ class VersatileDiffusion:
         run = self._prepare(len(text), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
-                            scheduler=scheduler, return_dict=return_dict, init_image=init_image,
+                            scheduler=scheduler, return_dict=return_dict, progress=progress, init_image=init_image,
                             init_latents=init_latents, strength=strength)
         with torch.no_grad(), self._autocast():
             text_tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
             image_tokens = self.conditions.image_tokens(cond, negative_image, mode, run.per_prompt, run.sampling)
             x = self._sample(run, lambda s, x: core.dual_guided(
-                self._nets, text=text_tokens, image=image_tokens, text_weight=mixing, x=x, s=s),
-                             progress)
+                self._nets, text=text_tokens, image=image_tokens, text_weight=mixing, x=x, s=s))
         return self._images(x, run)
 
     def blend(self, images: list[PIL.Image.Image] | Tensor, weights: list[float] | None = None,
@@ -422,7 +421,7 @@ class VersatileDiffusion:
         run = self._prepare(1, height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
-                            scheduler=scheduler, return_dict=return_dict, init_image=init_image,
+                            scheduler=scheduler, return_dict=return_dict, progress=progress, init_image=init_image,
                             init_latents=init_latents, strength=strength)
         with torch.no_grad(), self._autocast():  # ignores an empty text or a zero strength
             image_tokens = self.conditions.blend_tokens(imgs, keep, focus, weights, run.per_prompt, run.sampling)
@@ -432,7 +431,7 @@ class VersatileDiffusion:
                     self._nets, text=text_tokens, image=image_tokens, text_weight=s, x=x, s=st)  # noqa: E731
             else:
                 flow = lambda st, x: core.image_variation(self._nets, image=image_tokens, x=x, s=st)  # noqa: E731
-            x = self._sample(run, flow, progress)
+            x = self._sample(run, flow)
         return self._images(x, run)
 
     # ---- text flows
@@ -454,11 +453,11 @@ class VersatileDiffusion:
         run = self._prepare_text(len(cond), steps=num_inference_steps, guidance=guidance_scale,
                                  per_prompt=num_texts_per_prompt, eta=eta, generator=generator, latents=latents,
                                  callback=callback, callback_steps=callback_steps, scheduler=scheduler,
-                                 return_dict=return_dict)
+                                 return_dict=return_dict, progress=progress)
         decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
         with torch.no_grad(), self._autocast():
             tokens = self.conditions.image_tokens(cond, negative, "black", run.per_prompt, run.sampling, squash=True)
-            x = self._sample(run, lambda s, x: core.image_to_text(self._nets, image=tokens, x=x, s=s), progress)
+            x = self._sample(run, lambda s, x: core.image_to_text(self._nets, image=tokens, x=x, s=s))
         self._draw_unused_step_noise(run)
         x = x.flatten(1)  # [N, 768]
         return _returned(TextOutput(self._decode_text(x, run.generator, decoding), x), run)
@@ -479,11 +478,11 @@ class VersatileDiffusion:
         run = self._prepare_text(len(text), steps=num_inference_steps, guidance=guidance_scale,
                                  per_prompt=num_texts_per_prompt, eta=eta, generator=generator, latents=latents,
                                  callback=callback, callback_steps=callback_steps, scheduler=scheduler,
-                                 return_dict=return_dict)
+                                 return_dict=return_dict, progress=progress)
         decoding = self._decoding(temperature, top_k, top_p, greedy, max_length, dedupe)
         with torch.no_grad(), self._autocast():
             tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
-            x = self._sample(run, lambda s, x: core.text_variation(self._nets, text=tokens, x=x, s=s), progress)
+            x = self._sample(run, lambda s, x: core.text_variation(self._nets, text=tokens, x=x, s=s))
         self._draw_unused_step_noise(run)
         x = x.flatten(1)  # [N, 768]
         return _returned(TextOutput(self._decode_text(x, run.generator, decoding), x), run)
@@ -525,7 +524,7 @@ class VersatileDiffusion:
         return nullcontext()
 
     def _prepare(self, batch: int, *, height, width, steps, guidance, per_prompt, eta, generator, latents, output_type,
-                 callback, callback_steps, scheduler, return_dict, init_image=None, init_latents=None,
+                 callback, callback_steps, scheduler, return_dict, progress, init_image=None, init_latents=None,
                  strength=None, init_name="init_image") -> "_Call":
         """Check every argument of an image flow before any model runs. A height or width left open comes from
         the init image, else init_latents, else latents, else the UNet's sample size."""
@@ -551,7 +550,7 @@ class VersatileDiffusion:
         run = self._call(batch, (unet.in_channels, height // factor, width // factor), steps=steps, guidance=guidance,
                          per_prompt=per_prompt, per_prompt_name="num_images_per_prompt", eta=eta, generator=generator,
                          latents=latents, output_type=output_type, callback=callback, callback_steps=callback_steps,
-                         scheduler=scheduler, return_dict=return_dict)
+                         scheduler=scheduler, return_dict=return_dict, progress=progress)
         checks.pixel_budget(run.shape[0], height, width)
         starts = init_images is not None or init_latents is not None
         if strength is not None and not starts:
@@ -585,17 +584,17 @@ class VersatileDiffusion:
                                    sampling=dataclasses.replace(run.sampling, t_enc=t_enc))
 
     def _prepare_text(self, batch: int, *, steps, guidance, per_prompt, eta, generator, latents, callback,
-                      callback_steps, scheduler, return_dict) -> "_Call":
+                      callback_steps, scheduler, return_dict, progress) -> "_Call":
         features = tuple(self.components.text_unet.config.in_channels)  # (768, 1, 1): a text latent in the text UNet
         if isinstance(latents, Tensor) and latents.dim() == 2:
             latents = latents.reshape(latents.shape[0], -1, *([1] * (len(features) - 1)))  # from [N, 768]
         return self._call(batch, features, steps=steps, guidance=guidance, per_prompt=per_prompt,
                           per_prompt_name="num_texts_per_prompt", eta=eta, generator=generator, latents=latents,
                           output_type="text", callback=callback, callback_steps=callback_steps, scheduler=scheduler,
-                          return_dict=return_dict)
+                          return_dict=return_dict, progress=progress)
 
     def _call(self, batch: int, sample_shape: tuple[int, ...], *, steps, guidance, per_prompt, per_prompt_name, eta,
-              generator, latents, output_type, callback, callback_steps, scheduler, return_dict) -> "_Call":
+              generator, latents, output_type, callback, callback_steps, scheduler, return_dict, progress) -> "_Call":
         """The arguments every flow shares, checked, as a `_Call`."""
         name = checks.choice("scheduler", self.scheduler if scheduler is None else scheduler, list(SCHEDULERS))
         sampler = sampler_from_config(name, self.components.scheduler_config)
@@ -610,7 +609,8 @@ class VersatileDiffusion:
         return _Call(sampling=sampling, scheduler=name, per_prompt=per_prompt, shape=shape,
                      latents=checks.latents(latents, shape, self.device), output_type=output_type,
                      callback=callback, callback_steps=checks.callback(callback, callback_steps),
-                     return_dict=checks.boolean("return_dict", return_dict))
+                     return_dict=checks.boolean("return_dict", return_dict),
+                     progress=checks.boolean("progress", progress))
 
     # ---- sampling and outputs
 
@@ -625,7 +625,7 @@ class VersatileDiffusion:
         x0 = x0.to(self.device, self.dtype)
         return x0 if len(x0) == run.shape[0] else x0.repeat_interleave(run.per_prompt, dim=0)
 
-    def _sample(self, run: "_Call", flow: Callable[[core.Sampling, Tensor], Tensor], progress: bool) -> Tensor:
+    def _sample(self, run: "_Call", flow: Callable[[core.Sampling, Tensor], Tensor]) -> Tensor:
         """Start latents (noise in the model's dtype as the reference draws it, given latents, or noised init
         latents), then `flow(sampling, x)` with a progress bar and the user's callback."""
         s = run.sampling
@@ -636,7 +636,7 @@ class VersatileDiffusion:
         else:
             x = randn(run.shape, s.generator, self.device, self.dtype)
         total = len(s.sampler.timesteps(s.num_steps)) if s.t_enc is None else s.t_enc  # model calls
-        bar = tqdm(total=total, disable=not progress, desc="denoising")
+        bar = tqdm(total=total, disable=not run.progress, desc="denoising")
 
         def on_step(i: int, t: Tensor, latents: Tensor) -> None:
             bar.update()
@@ -711,6 +711,7 @@ class _Call:
     callback: Callback | None
     callback_steps: int
     return_dict: bool
+    progress: bool
     init_images: Tensor | None = None   # [B, 3, H, W] in [0, 1], at the output size
     init_latents: Tensor | None = None  # [B or N, C, h, w]
 

@@ -154,7 +154,7 @@ CASES = [
     ("image_variation", dict(image=IMG, color_adjust="yes"), TypeError, ["color_adjust", "'yes'"]),
     ("image_variation", dict(image=IMG, fidelity=0.5, scheduler="pndm"), ValueError, ["fidelity", "ddim"]),
     ("image_to_text", dict(image=IMG, temperature=0), ValueError, ["temperature", "0"]),
-    ("image_to_text", dict(image=IMG, temperature=-1.0), ValueError, ["temperature", "-1.0"]),
+    ("image_to_text", dict(image=IMG, temperature=-1.0), ValueError, ["temperature", "-1.0", "> 0", "greedy=True"]),
     ("image_to_text", dict(image=IMG, top_p=2), ValueError, ["top_p", "2"]),
     ("image_to_text", dict(image=IMG, top_k=-1), ValueError, ["top_k", "-1"]),
     ("image_to_text", dict(image=IMG, max_length=1), ValueError, ["max_length", "1"]),
@@ -218,6 +218,9 @@ CASES = [
     ("image_variation", dict(image=IMG, fidelity=1.0, return_dict=0), TypeError, ["return_dict", "0"]),
     ("blend", dict(images=TWO, return_dict=None), TypeError, ["return_dict", "None"]),
     ("text_variation", dict(prompt="a", return_dict=1), TypeError, ["return_dict", "1"]),
+    ("text_to_image", dict(prompt="a", progress="no"), TypeError, ["progress", "'no'", "True or False"]),
+    ("blend", dict(images=TWO, progress=None), TypeError, ["progress", "None", "True or False"]),
+    ("image_to_text", dict(image=IMG, progress=1), TypeError, ["progress", "1", "True or False"]),
 ]
 
 
