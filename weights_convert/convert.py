@@ -31,7 +31,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, parts
             optimus_tokenizer: str | Path | None = None, configs: dict[str, object] | None = None) -> Path:
     """Convert `src` (hub id, diffusers folder, original .pth, or a converted folder) into `out`.
 
-    dtype: "fp16", "fp32" or "bf16" (default: keep the stored dtype). parts: write only these parts (e.g.
+    dtype: "fp16", "fp32" or "bf16" (default: keep the stored dtype). parts: write only these parts (one, or e.g.
     vd.tasks.parts_for(tasks)), opening only their files; default: every part the source has.
     The output location is checked first: `out` must not exist and its folder must be writable (OutputError
     otherwise, as for a full disk later); nothing is half-written.
@@ -41,7 +41,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None, parts
     out = Path(out)
     if out.exists() or out.is_symlink():
         raise CheckpointError(f"{out}: already exists; choose a new output folder")
-    wanted = None if parts is None else tuple(parts)
+    wanted = None if parts is None else (parts,) if isinstance(parts, str) else tuple(parts)
     if wanted == ():
         raise ValueError("parts: expected at least one part, got none")
     unknown = [p for p in wanted or () if p not in ALL_PARTS]

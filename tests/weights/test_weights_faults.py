@@ -452,3 +452,12 @@ def test_converted_config_with_a_bad_value(pristine, tmp_path):
     (out / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"config\.json: configs\.vae: scaling_factor: expected a positive"):
         open_checkpoint(out)
+
+
+def test_convert_takes_one_part_by_name(pristine, tmp_path):
+    """parts="vae.decoder" is that one part (not its letters, refused as unknown parts)."""
+    from weights_convert.convert import convert
+    out = convert(pristine, tmp_path / "conv", parts="vae.decoder")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["vae.decoder.safetensors"]
+    with pytest.raises(ValueError, match=r"parts: unknown \['vae'\]; expected some of"):
+        convert(pristine, tmp_path / "other", parts="vae")
