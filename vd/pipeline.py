@@ -78,6 +78,10 @@ class VersatileDiffusion:
         self._fast_options = dict(compile=compile, cuda_graphs=cuda_graphs, triton_kernels=triton_kernels)
         self._place(device, dtype)
 
+    def __repr__(self) -> str:
+        return (f"VersatileDiffusion(tasks={list(self.tasks)}, device={str(self.device)!r}, dtype={self.dtype}, "
+                f"scheduler={self.scheduler!r}, uncond_image={self.uncond_image!r})")
+
     def to(self, device: str | torch.device | torch.dtype | None = None,
            dtype: torch.dtype | None = None) -> "VersatileDiffusion":
         """Move every model to `device` (and cast it to `dtype`), and return the pipeline, as diffusers'

@@ -28,6 +28,8 @@ def test_cast_gives_what_loading_in_that_dtype_gives(folder):
     pipe = VersatileDiffusion.from_pretrained(folder, tasks=ALL_TASKS, device="cpu")
     before = _outputs(pipe)
     assert pipe.to(torch.float64) is pipe and pipe.dtype == torch.float64
+    assert repr(pipe) == (f"VersatileDiffusion(tasks={ALL_TASKS}, device='cpu', dtype=torch.float64, "
+                          "scheduler='ddim', uncond_image='grey')")
     cast = _outputs(pipe)
     loaded = VersatileDiffusion.from_pretrained(folder, tasks=ALL_TASKS, device="cpu", dtype=torch.float64)
     assert _equal(cast, _outputs(loaded))
