@@ -2,8 +2,8 @@
 and all run before any model does."""
 
 import math
-import os
 import numbers
+import os
 from collections.abc import Sequence
 from typing import NoReturn
 
