@@ -244,33 +244,29 @@ def test_device_that_is_not_there(tmp_path):
         VersatileDiffusion.from_pretrained(tmp_path, device="cuda:99")
 
 
-def test_unknown_task_and_scheduler_at_load(tmp_path):
-    with pytest.raises(ValueError, match=r"tasks: expected one of .*got 'upscale'"):
-        VersatileDiffusion.from_pretrained(tmp_path, tasks=["upscale"])
-    with pytest.raises(ValueError, match=r"scheduler: expected one of .*got 'k_heun'"):
-        VersatileDiffusion.from_pretrained(tmp_path, scheduler="k_heun")
-    with pytest.raises(ValueError, match=r"uncond_image"):
-        VersatileDiffusion.from_pretrained(tmp_path, uncond_image="white")
-    with pytest.raises(TypeError, match=r"cuda_graphs: expected True, False or None, got 'yes'"):
-        VersatileDiffusion.from_pretrained(tmp_path, cuda_graphs="yes")
-    with pytest.raises(TypeError, match=r"triton_kernels: expected True, False or None, got 1"):
-        VersatileDiffusion.from_pretrained(tmp_path, triton_kernels=1)
-    with pytest.raises(TypeError, match=r"dtype: expected a torch.dtype: torch.float16, .*got 'float16'"):
-        VersatileDiffusion.from_pretrained(tmp_path, dtype="float16")
-    with pytest.raises(TypeError, match=r"compile: expected True or False, got 'yes'"):
-        VersatileDiffusion.from_pretrained(tmp_path, compile="yes")
-    with pytest.raises(TypeError, match=r"tasks: expected a list of task names, some of \['text_to_image', .*got 5"):
-        VersatileDiffusion.from_pretrained(tmp_path, tasks=5)
-    with pytest.raises(TypeError, match=r"src: expected a hub repo id, a diffusers-layout or converted folder, or an "
-                                        r"original .pth, got None"):
-        VersatileDiffusion.from_pretrained(None)
-    for name in ("kl_f8", "clip", "optimus", "optimus_tokenizer"):
-        with pytest.raises(TypeError, match=rf"{name}: expected a file or folder path, or None, got 3"):
-            VersatileDiffusion.from_pretrained(tmp_path, **{name: 3})
-    with pytest.raises(TypeError, match=r"revision: expected a branch, tag or commit hash .*got 5"):
-        VersatileDiffusion.from_pretrained(tmp_path, revision=5)
-    with pytest.raises(ValueError, match=r"dtype: expected torch.float16, .* or torch.float64, got torch.int64"):
-        VersatileDiffusion.from_pretrained(tmp_path, dtype=torch.int64)
+LOAD_CASES = [
+    (dict(tasks=["upscale"]), ValueError, r"tasks: expected one of .*got 'upscale'"),
+    (dict(tasks=5), TypeError, r"tasks: expected a list of task names, some of \['text_to_image', .*got 5"),
+    (dict(scheduler="k_heun"), ValueError, r"scheduler: expected one of .*got 'k_heun'"),
+    (dict(uncond_image="white"), ValueError, r"uncond_image"),
+    (dict(cuda_graphs="yes"), TypeError, r"cuda_graphs: expected True, False or None, got 'yes'"),
+    (dict(triton_kernels=1), TypeError, r"triton_kernels: expected True, False or None, got 1"),
+    (dict(compile="yes"), TypeError, r"compile: expected True or False, got 'yes'"),
+    (dict(dtype="float16"), TypeError, r"dtype: expected a torch.dtype: torch.float16, .*got 'float16'"),
+    (dict(dtype=torch.int64), ValueError, r"dtype: expected torch.float16, .* or torch.float64, got torch.int64"),
+    (dict(src=None), TypeError,
+     r"src: expected a hub repo id, a diffusers-layout or converted folder, or an original .pth, got None"),
+    *[(dict(**{name: 3}), TypeError, rf"{name}: expected a file or folder path, or None, got 3")
+      for name in ("kl_f8", "clip", "optimus", "optimus_tokenizer")],
+    (dict(revision=5), TypeError, r"revision: expected a branch, tag or commit hash .*got 5"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,pattern", LOAD_CASES, ids=[next(iter(c[0])) for c in LOAD_CASES])
+def test_bad_argument_at_load(tmp_path, kwargs, error, pattern):
+    """Refused before anything is read (the folder is empty)."""
+    with pytest.raises(error, match=pattern):
+        VersatileDiffusion.from_pretrained(**{"src": tmp_path, **kwargs})
 
 
 def test_task_not_loaded(tmp_path_factory):
