@@ -41,7 +41,7 @@ def test_channels_last_and_fused_projections_keep_the_math(check):
 @torch.no_grad()
 def test_fused_projections_stay_stacked_through_a_cast(check):
     """A cast or a move (nn.Module's same path) of a sped-up UNet keeps q, k, v views into one stacked weight,
-    and the math of the same UNet cast without the fast path."""
+    and the math of the same UNet cast without the fast path; share_memory keeps them in shared memory."""
     x, ctx = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 77, 16, dtype=torch.float64)
 
     def run(image, text):
@@ -50,9 +50,11 @@ def test_fused_projections_stay_stacked_through_a_cast(check):
     image, text = _unets()
     want = run(*(copy.deepcopy(m).double() for m in (image, text)))
     speed_up_(image, text)
-    image.double(), text.double()
     attn1 = image.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     attn2 = text.context_layers()[0].transformer_blocks[0].attn2
+    image.share_memory()  # in place: the stacked weight itself is shared, and stays the projections' storage
+    assert attn1.qkv_weight.is_shared() and attn1.to_q.weight.is_shared()
+    image.double(), text.double()
     assert attn1.qkv_weight.dtype == torch.float64 and attn2.kv_weight.dtype == torch.float64
     for a, stacked in ((attn1, attn1.qkv_weight), (attn2, attn2.kv_weight)):
         for p in (a.to_k, a.to_v) if a is attn2 else (a.to_q, a.to_k, a.to_v):

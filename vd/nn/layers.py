@@ -170,10 +170,11 @@ class Attention(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """A move or cast (`.to`, `.half`, ...) makes a new tensor of each weight, so the projections would no
-        longer be views into the stacked one (their memory held twice): stack them again."""
-        fused = self.kv_weight is not None
+        longer be views into the stacked one (their memory held twice): stack them again. (An in-place change
+        such as `share_memory` keeps the views, and them.)"""
         super()._apply(fn, recurse)
-        if fused:
+        stacked, k = self.kv_weight, self.to_k.weight
+        if stacked is not None and k.untyped_storage().data_ptr() != stacked.untyped_storage().data_ptr():
             self.qkv_weight = self.kv_weight = None
             self.fuse_projections()
         return self
