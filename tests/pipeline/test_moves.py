@@ -53,3 +53,14 @@ def test_bad_arguments_move_nothing(pipe):
             pipe.to("cuda", torch.float16)
     assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
     assert np.array_equal(pipe.text_to_image("the cat", generator=seeded(3), output_type="np", **KW).images, want)
+
+
+def test_a_move_chooses_the_fast_path_from_the_load_options(folder, monkeypatch):
+    """The options from_pretrained was given reach the new device's choice unresolved: a CPU load leaves
+    cuda_graphs and triton_kernels at None (on for CUDA, tests/nn/test_fast_path.py), so a move to CUDA runs fast."""
+    import vd.pipeline
+    pipe = VersatileDiffusion.from_pretrained(folder, tasks="text_to_image", device="cpu")
+    seen = []
+    monkeypatch.setattr(vd.pipeline, "fast_path", lambda device, **kw: seen.append((device, kw)) or (False, False))
+    pipe.to(torch.float64)
+    assert seen == [(torch.device("cpu"), dict(compile=False, cuda_graphs=None, triton_kernels=None))]
