@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import vd.pipeline
 from flows import ALL_TASKS
 from helpers import random_image, seeded
 from vd import VersatileDiffusion
@@ -58,7 +59,6 @@ def test_bad_arguments_move_nothing(pipe):
 def test_a_move_chooses_the_fast_path_from_the_load_options(folder, monkeypatch):
     """The options from_pretrained was given reach the new device's choice unresolved: a CPU load leaves
     cuda_graphs and triton_kernels at None (on for CUDA, tests/nn/test_fast_path.py), so a move to CUDA runs fast."""
-    import vd.pipeline
     pipe = VersatileDiffusion.from_pretrained(folder, tasks="text_to_image", device="cpu")
     seen = []
     monkeypatch.setattr(vd.pipeline, "fast_path", lambda device, **kw: seen.append((device, kw)) or (False, False))

@@ -256,7 +256,7 @@ LOAD_CASES = [
     (dict(dtype=torch.int64), ValueError, r"dtype: expected torch.float16, .* or torch.float64, got torch.int64"),
     (dict(src=None), TypeError,
      r"src: expected a hub repo id, a diffusers-layout or converted folder, or an original .pth, got None"),
-    *[(dict(**{name: 3}), TypeError, rf"{name}: expected a file or folder path, or None, got 3")
+    *[({name: 3}, TypeError, rf"{name}: expected a file or folder path, or None, got 3")
       for name in ("kl_f8", "clip", "optimus", "optimus_tokenizer")],
     (dict(revision=5), TypeError, r"revision: expected a branch, tag or commit hash .*got 5"),
 ]
