@@ -15,7 +15,7 @@ IMG = random_image(0)
 
 
 def _outputs(pipe: VersatileDiffusion) -> tuple:
-    """One image flow and one text flow: every model but the Optimus encoder, which encode_text_latents runs."""
+    """One image flow, one text flow and encode_text_latents: between them, every model."""
     images = pipe.dual_guided("the cat", IMG, generator=seeded(1), output_type="np", **KW).images
     texts = pipe.image_to_text(IMG, generator=seeded(2), **KW)
     return images, texts.latents, pipe.encode_text_latents("the cat")
