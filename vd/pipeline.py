@@ -328,6 +328,9 @@ class VersatileDiffusion:
             init_image, strength = cond, 1.0 - fidelity
         if color_adjust and image is None and init_image is None:
             checks.fail("color_adjust", color_adjust, "False when no image or init_image gives the colours")
+        if color_adjust and output_type == "latent":
+            checks.fail("color_adjust", color_adjust, 'False with output_type="latent" (colours are matched on the '
+                        "decoded pictures)")
         run = self._prepare(len(cond), height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,

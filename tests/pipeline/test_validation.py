@@ -188,6 +188,8 @@ CASES = [
     ("image_variation", dict(image_embeds=V(), fidelity=0.5), ValueError, ["fidelity", "image_embeds"]),
     ("image_variation", dict(image=IMG, fidelity=0.5, strength=0.3), ValueError, ["fidelity", "strength"]),
     ("image_variation", dict(image_embeds=V(), color_adjust=True), ValueError, ["color_adjust", "colours"]),
+    ("image_variation", dict(image=IMG, color_adjust=True, output_type="latent"), ValueError,
+     ["color_adjust", 'output_type="latent"', "decoded pictures"]),
     ("dual_guided", dict(prompt_embeds=T(2), image_embeds=V()), ValueError, ["image_embeds", "one image per"]),
     ("image_to_text", dict(image_embeds=V(), negative_image_embeds=V(2)), ValueError,
      ["negative_image_embeds", "1"]),
