@@ -2,9 +2,11 @@
 array, kept as a batch of one ([1, 77, D], what the facade takes); without "index", the whole array. A `.npy`
 holds one array; a `.pt` a tensor or a dict of tensors (then "key" names one); a `.safetensors` file always
 needs "key". Files are opened lazily (memory-mapped) and once per `ArrayFiles`; only the rows used are read.
-Nothing pickled is executed (`np.load(allow_pickle=False)`, `torch.load(weights_only=True)`).
+Nothing pickled is executed (`np.load(allow_pickle=False)`, `torch.load(weights_only=True)`). `npy_bytes` writes
+the outputs of `"output_type": "latent"` in the form a job reads back.
 """
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,14 @@ import torch
 from torch import Tensor
 
 SUFFIXES = (".npy", ".pt", ".safetensors")
+
+
+def npy_bytes(latents: Tensor) -> bytes:
+    """One output's latents [C, h, w] as a float32 .npy file of one row, [1, C, h, w]: the batch of one that the
+    flows' `latents=`/`init_latents=` take (and `{"file": ...}` reads back)."""
+    buf = io.BytesIO()
+    np.save(buf, latents[None].detach().float().cpu().numpy())
+    return buf.getvalue()
 
 
 class _Array:

@@ -16,15 +16,15 @@ count: a one-output facade call with `generator=torch.Generator().manual_seed(se
 summation order). Jobs of the three first flows using only their plain keys (vd.jobs.BATCH_KEYS) with the same
 task and shared arguments go `--batch-size` to a facade call; every other job runs alone, one facade call per
 output, which is then exactly that one-output call. The batches are made from the whole file, so any number of
-ranks and any restart run the same calls. Under torchrun
-(WORLD_SIZE > 1) the batches are dealt round-robin to the ranks, one device each (cuda:LOCAL_RANK, else the
-CPU); torch.distributed only gathers the final counts. Outputs: DIR/ID-K.png (a text flow's: DIR/ID-K.txt, one
-sentence) and its record DIR/ID-K.json, each written atomically (temporary file, fsync, rename; SIGTERM/SIGINT
-wait for the pair being written). The record carries the SHA-256 of the job's task, seed and arguments (and of
-its array files' sizes and mtimes): an output is finished when its file exists and its record reads and matches
-the job, so a damaged record, an edited job or a rewritten array file is made again on a rerun. At the end
-rank 0 merges the records, in job order, into DIR/records.jsonl. Runs sharing DIR (concurrent, or the ranks of
-other nodes) leave each other's temporary files alone.
+ranks and any restart run the same calls. Under torchrun (WORLD_SIZE > 1) the batches are dealt round-robin to
+the ranks, one device each (cuda:LOCAL_RANK, else the CPU); torch.distributed only gathers the final counts.
+Outputs: DIR/ID-K.png (a text flow's: DIR/ID-K.txt, one sentence; with "output_type": "latent", DIR/ID-K.npy,
+the latents [1, 4, h, w]) and its record DIR/ID-K.json, each written atomically (temporary file, fsync, rename;
+SIGTERM/SIGINT wait for the pair being written). The record carries the SHA-256 of the job's task, seed and
+arguments (and of its array files' sizes and mtimes): an output is finished when its file exists and its record
+reads and matches the job, so a damaged record, an edited job or a rewritten array file is made again on a rerun.
+At the end rank 0 merges the records, in job order, into DIR/records.jsonl. Runs sharing DIR (concurrent, or the
+ranks of other nodes) leave each other's temporary files alone.
 """
 
 import argparse
@@ -46,6 +46,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from vd import checks, files
+from vd.arrays import npy_bytes
 from vd.fast import EAGER
 from vd.files import OutputError
 from vd.jobs import PER_JOB, SCHEDULER_SETTINGS, Job, read_jobs
@@ -90,7 +91,7 @@ def _call(pipe: VersatileDiffusion, jobs: list[tuple[Job, dict]]) -> list[list]:
     return [images[i * n:(i + 1) * n] for i in range(len(jobs))]
 
 
-def _alone(pipe: VersatileDiffusion, job: Job, loaded: dict) -> list[PIL.Image.Image | str]:
+def _alone(pipe: VersatileDiffusion, job: Job, loaded: dict) -> list[PIL.Image.Image | str | torch.Tensor]:
     """A job that runs on its own: one facade call per output k, seeded seed + k, with row k of its `latents`
     (and of its `init_latents` when it has one row per output), under its scheduler settings if it has some."""
     kwargs, n, outputs = {**job.args, **loaded, job.count_key: 1}, job.args[job.count_key], []
@@ -380,11 +381,15 @@ def _run(args, jobs: list[Job], malformed: list[tuple[int, str]], rank: int, wor
     return 1 if failed or malformed else 0
 
 
-def _save(out: Path, name: str, output: PIL.Image.Image | str, job: Job, k: int, info: dict) -> None:
-    """The output (a PNG, or a text file of one line), then its record."""
+def _save(out: Path, name: str, output: PIL.Image.Image | str | torch.Tensor, job: Job, k: int, info: dict) -> None:
+    """The output (a PNG, a text file of one line, or latents [4, h, w] as a float32 .npy file of one row, which a
+    job can name again as its `latents` or `init_latents`), then its record."""
     if isinstance(output, str):
         files.write_bytes(out / f"{name}.txt", (output + "\n").encode())
         what = dict(text=f"{name}.txt", sentence=output)
+    elif isinstance(output, torch.Tensor):
+        files.write_bytes(out / f"{name}.npy", npy_bytes(output))
+        what = dict(latents=f"{name}.npy")
     else:
         buf = io.BytesIO()
         output.save(buf, format="PNG")

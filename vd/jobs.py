@@ -20,11 +20,12 @@ from pathlib import Path
 from vd import checks
 from vd.arrays import ArrayFiles
 from vd.images import open_image
-from vd.sched import sampler_from_config
+from vd.sched import SCHEDULERS, sampler_from_config
 
 IMAGE_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")
 TEXT_TASKS = ("image_to_text", "text_variation")
-SIZE = ("height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "eta", "scheduler")
+SIZE = ("height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "eta", "scheduler",
+        "output_type")
 COMMON = ("negative_prompt", *SIZE)
 START = ("latents", "init_image", "init_latents", "strength")  # where an image flow starts
 TEXT = ("num_inference_steps", "guidance_scale", "num_texts_per_prompt", "eta", "scheduler", "latents",
@@ -53,7 +54,8 @@ BATCHED = {"text_to_image", "image_variation", "dual_guided"}
 BATCH_KEYS = {"task", "seed", "id", "prompt", "image", "text_to_image_strength", *COMMON}
 # the arguments whose defaults a job's `args` (and so its digest) carries; the others only when given, so the jobs
 # of the first three flows keep the digests that earlier versions wrote into their records
-FILLED = {*BATCH_KEYS, "num_texts_per_prompt"}
+FILLED = {*BATCH_KEYS - {"output_type"}, "num_texts_per_prompt"}
+OUTPUT_TYPES = ("pil", "latent")  # a PNG, or the final latents as a .npy file (float32 [1, 4, h, w])
 PER_JOB = {"prompt", "image", "negative_prompt"}  # the arguments that may differ inside one batch
 # array references: the rank of the array (a row keeps its leading batch dim of 1)
 RANKS = {"prompt_embeds": 3, "negative_prompt_embeds": 3, "image_embeds": 3, "negative_image_embeds": 3,
@@ -140,7 +142,8 @@ KEYS = {
     "num_images_per_prompt": Key(int, lambda n, v: checks.integer(n, v, 1)),
     "num_texts_per_prompt": Key(int, lambda n, v: checks.integer(n, v, 1)),
     "eta": Key(float, lambda n, v: checks.eta(v)),
-    "scheduler": Key(str, checks.generating_scheduler),
+    "scheduler": Key(str, lambda n, v: checks.choice(n, v, list(SCHEDULERS))),  # ddim_inverse: _check_together
+    "output_type": Key(str, lambda n, v: checks.choice(n, v, list(OUTPUT_TYPES))),
     SCHEDULER_SETTINGS: Key(dict),  # checked with the job's scheduler, in _check_together
     # image_variation: a number; blend: a number or one per image
     "focus": Key((float, list), _numbers(0.0, 1.0)),
@@ -181,7 +184,9 @@ class Job:
 
     @property
     def suffix(self) -> str:
-        return ".txt" if self.task in TEXT_TASKS else ".png"
+        if self.task in TEXT_TASKS:
+            return ".txt"
+        return ".npy" if self.args.get("output_type") == "latent" else ".png"
 
     @property
     def pixels(self) -> int:
@@ -313,7 +318,15 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
 
 
 def _check_together(task: str, obj: dict) -> None:
-    """What single keys cannot tell: a strength needs a start; blend's lists have one entry per image."""
+    """What single keys cannot tell: a strength needs a start; blend's lists have one entry per image; DDIM
+    inversion and colour matching need the output they make sense for."""
+    latent = obj.get("output_type") == "latent"
+    if obj.get("scheduler") == "ddim_inverse" and not latent:
+        checks.fail("scheduler", "ddim_inverse", 'a sampler that makes pictures or texts, or "output_type": "latent" '
+                    "with it (DDIM inversion turns image latents into noise)")
+    if latent and obj.get("color_adjust"):
+        checks.fail("color_adjust", True, 'false with "output_type": "latent" (colours are matched on the decoded '
+                    "pictures)")
     if "strength" in obj and not {"init_image", "init_latents"} & set(obj):
         raise ValueError("strength: expected only with init_image or init_latents")
     if task != "blend" and isinstance(obj.get("focus"), list):

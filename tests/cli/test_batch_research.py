@@ -217,3 +217,64 @@ def test_plain_jobs_keep_their_digests(tmp_path):
                               guidance_scale=7.5, num_images_per_prompt=1, eta=0.0, scheduler=None)
     assert plain.digest.startswith("54435ca9ccea")  # as written by the version before the research keys
     assert research.args == dict(plain.args, init_image="low.png") and research.alone and not plain.alone
+
+
+def test_latent_outputs_and_inversion(model, pipe, tmp_path, capsys):
+    """"output_type": "latent" writes each output's latents as a float32 .npy of one row, batched plain jobs too,
+    exactly as the facade returns them; DDIM inversion runs with it, and its noise, named as a later job's
+    `latents`, gives what the facade gives from it. Finished .npy outputs are skipped on a rerun."""
+    latent = dict(output_type="latent", **SMALL)
+    lines = [dict(task="text_to_image", id="a", seed=1, prompt="the cat", num_images_per_prompt=2, **latent),
+             dict(task="text_to_image", id="b", seed=2, prompt="a dog", num_images_per_prompt=2, **latent),
+             dict(task="image_variation", id="keep", seed=3, image="in.png", fidelity=1.0, **latent),
+             dict(task="dual_guided", id="inv", seed=4, prompt="the cat", image="in.png", latents=_ref("x0.npy"),
+                  scheduler="ddim_inverse", guidance_scale=1.0, **latent)]
+    jobs = _write(tmp_path, lines)
+    np.save(tmp_path / "x0.npy", np.random.RandomState(1).randn(1, 4, 4, 4).astype(np.float32))
+    out = tmp_path / "out"
+    assert _run(jobs, out, model, "--batch-size", 4) == 0, capsys.readouterr()
+    parsed, _ = read_jobs(jobs)
+    assert [[j.id for j in b] for b in make_batches(parsed, 4)] == [["a", "b"], ["keep"], ["inv"]]
+
+    def saved(name: str) -> np.ndarray:
+        a = np.load(out / f"{name}.npy")
+        assert a.dtype == np.float32 and a.shape == (1, 4, 4, 4), name
+        record = json.loads((out / f"{name}.json").read_text())
+        assert record["latents"] == f"{name}.npy" and "image" not in record
+        return a[0]
+
+    seeds = [torch.Generator().manual_seed(s) for s in (1, 2, 2, 3)]  # the batched call: a-0, a-1, b-0, b-1
+    together = pipe.text_to_image(["the cat", "a dog"], num_images_per_prompt=2, generator=seeds, progress=False,
+                                  **latent).images
+    for i, name in enumerate(["a-0", "a-1", "b-0", "b-1"]):
+        assert np.array_equal(saved(name), together[i].numpy()), name
+    for line in lines[2:]:
+        assert np.array_equal(saved(f"{line['id']}-0"), _facade_call(pipe, tmp_path, line, 0).numpy()), line["id"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".json") == [
+        "a-0.npy", "a-1.npy", "b-0.npy", "b-1.npy", "inv-0.npy", "keep-0.npy", "records.jsonl"]
+    capsys.readouterr()
+    assert _run(jobs, out, model, "--batch-size", 4) == 0
+    assert "4 jobs: 0 done, 4 skipped" in capsys.readouterr().out
+
+    back = dict(task="dual_guided", id="back", seed=5, prompt="the cat", image="in.png", guidance_scale=1.0,
+                latents=_ref("out/inv-0.npy"), **SMALL)
+    (tmp_path / "back.jsonl").write_text(json.dumps(back) + "\n")
+    assert _run(tmp_path / "back.jsonl", tmp_path / "back", model) == 0
+    want = _facade_call(pipe, tmp_path, back, 0)
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "back" / "back-0.png")), np.asarray(want))
+
+
+def test_latent_output_lines_checked(tmp_path):
+    plain = dict(task="image_variation", image="in.png", seed=1)
+    lines = [dict(plain, output_type="np"), dict(plain, output_type="latent", color_adjust=True),
+             dict(task="image_to_text", image="in.png", seed=1, output_type="latent"),
+             dict(task="image_to_text", image="in.png", seed=1, scheduler="ddim_inverse"),
+             dict(plain, output_type="latent", scheduler="ddim_inverse")]
+    jobs, bad = read_jobs(_write(tmp_path, lines))
+    assert bad == [(1, "output_type: expected one of ['pil', 'latent'], got 'np'"),
+                   (2, "color_adjust: expected false with \"output_type\": \"latent\" (colours are matched on the "
+                       "decoded pictures), got True"),
+                   (3, "unknown key(s) for image_to_text: output_type"),
+                   (4, "scheduler: expected a sampler that makes pictures or texts, or \"output_type\": \"latent\" "
+                       "with it (DDIM inversion turns image latents into noise), got 'ddim_inverse'")]
+    assert [j.suffix for j in jobs] == [".npy"]
