@@ -197,11 +197,11 @@ def choice(name: str, value: object, allowed: Sequence[str]) -> str:
 
 
 def generating_scheduler(name: str, value: object) -> str:
-    """A sampler name for the command line and batch jobs, which write pictures and texts: one of the samplers
-    that generate, not ddim_inverse (its noise is only returned by the Python API, with output_type="latent")."""
+    """A sampler name for the command line, which starts from noise and writes pictures: one of the samplers that
+    generate, not ddim_inverse (it turns given image latents into noise)."""
     if value in SCHEDULERS and value not in GENERATING:
-        raise ValueError(f"{name}: {value!r} turns image latents into noise, which only the Python API returns "
-                         "(output_type=\"latent\"); the command line and batch jobs take the other samplers")
+        raise ValueError(f"{name}: {value!r} turns given image latents into noise, and the command line takes no "
+                         'latents: use the Python API, or a batch job with "latents" and "output_type": "latent"')
     return choice(name, value, GENERATING)
 
 

@@ -12,6 +12,7 @@ import PIL.Image
 import torch
 
 from vd import checks, files
+from vd.arrays import npy_bytes
 from vd.fast import EAGER
 from vd.files import OutputError, check_writable
 from vd.images import open_image
@@ -20,6 +21,7 @@ from vd.sched import GENERATING, sampler_from_config
 
 CHUNK = 8  # images per facade call (fewer when the pixel budget, vd.checks.MAX_PIXELS, says so)
 WRITABLE = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+LATENTS = ".npy"  # -o NAME.npy: the latents, not decoded (float32 [1, 4, h, w], what latents= takes back)
 TASK_OF = {"text-to-image": "text_to_image", "image-variation": "image_variation", "dual-guided": "dual_guided",
            "blend": "blend", "image-to-text": "image_to_text", "text-variation": "text_variation"}
 
@@ -44,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--greedy", action="store_true", help="decode by argmax instead of sampling")
             s.add_argument("--optimus", default=None, help="optimus-vae.pth (default: in the model's pretrained_pth/)")
         else:
-            s.add_argument("-o", "--output", required=True, help="image file to write (PNG, JPEG, WebP...); with "
-                           "--num-images > 1, NAME-0.png, NAME-1.png, ...")
+            s.add_argument("-o", "--output", required=True, help="image file to write (PNG, JPEG, WebP...), or .npy "
+                           "for the latents, not decoded; with --num-images > 1, NAME-0.png, NAME-1.png, ...")
             s.add_argument("--height", type=int, default=None, help="image height in pixels (default 512)")
             s.add_argument("--width", type=int, default=None, help="image width in pixels (default 512)")
             s.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
@@ -118,8 +120,9 @@ def _open_image(path: str, what: str, as_is: bool = False) -> PIL.Image.Image:
 
 def _outputs(output: str, n: int) -> list[Path]:
     out = Path(output)
-    if out.suffix.lower() not in WRITABLE:
-        raise UserError(f"--output: expected an image file name ending in one of {sorted(WRITABLE)}, got {output!r}")
+    if out.suffix.lower() not in WRITABLE | {LATENTS}:
+        raise UserError(f"--output: expected an image file name ending in one of {sorted(WRITABLE)}, or {LATENTS} "
+                        f"for the latents, got {output!r}")
     paths = [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
     for path in paths:
         if path.is_dir():
@@ -174,6 +177,10 @@ def run(args: argparse.Namespace) -> list[Path]:
         if _draws_per_call(task, args):  # one image per call, so that each depends on its own seed alone
             chunks = [range(k, k + 1) for k in range(args.num_images)]
         paths = _outputs(args.output, args.num_images)
+    latents = task not in TEXT_TASKS and paths[0].suffix.lower() == LATENTS
+    if latents and getattr(args, "color_adjust", False):
+        raise UserError(f"--color-adjust: expected it with an image output (colours are matched on the decoded "
+                        f"pictures), not with {LATENTS} latents")
     image = _open_image(args.image, "image") if task in ("image_variation", "dual_guided", "image_to_text") else None
     init = _open_image(args.init_image, "--init-image") if getattr(args, "init_image", None) else None
     if getattr(args, "init_strength", None) is not None:
@@ -224,7 +231,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             texts += out.texts
             continue
         kwargs.update(height=args.height, width=args.width, num_images_per_prompt=len(chunk), init_image=init,
-                      strength=args.init_strength)
+                      strength=args.init_strength, output_type="latent" if latents else "pil")
         if task == "text_to_image":
             out = pipe.text_to_image(args.prompt, negative_prompt=negative, **kwargs)
         elif task == "image_variation":
@@ -236,8 +243,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         else:
             out = pipe.blend(**extra, **kwargs)
         for img, k in zip(out.images, chunk):
-            fmt = PIL.Image.registered_extensions()[paths[k].suffix.lower()]
-            files.save(paths[k], lambda tmp: img.save(tmp, format=fmt))
+            if latents:
+                files.write_bytes(paths[k], npy_bytes(img))
+            else:
+                fmt = PIL.Image.registered_extensions()[paths[k].suffix.lower()]
+                files.save(paths[k], lambda tmp: img.save(tmp, format=fmt))
             print(paths[k], flush=True)  # listed as soon as it is complete (an interrupt keeps what is listed)
     if task in TEXT_TASKS:
         if paths:

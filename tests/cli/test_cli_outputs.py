@@ -174,3 +174,22 @@ def test_init_image_one_image_per_call(model, tmp_path, monkeypatch):
 def test_init_strength_needs_an_init_image(no_model, tmp_path, capsys):
     assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), "--init-strength", "0.5"]) == 2
     _one_line(capsys, "--init-strength", "--init-image")
+
+
+def test_npy_output_is_the_latents(model, tmp_path):
+    """-o NAME.npy writes each output's latents, not decoded: float32 [1, 4, h, w], what the facade returns with
+    output_type="latent"; decoded, they give the picture the same command writes as a PNG."""
+    argv = ["text-to-image", "the cat", "--model", model, "--num-images", "2", *FAST]
+    assert main([*argv, "-o", str(tmp_path / "a.npy")]) == 0
+    assert main([*argv, "-o", str(tmp_path / "a.png")]) == 0
+    pipe = VersatileDiffusion.from_pretrained(model, tasks=["text_to_image"])
+    seeds = [torch.Generator().manual_seed(7 + k) for k in range(2)]
+    want = pipe.text_to_image("the cat", num_inference_steps=2, height=16, width=24, num_images_per_prompt=2,
+                              generator=seeds, output_type="latent", progress=False).images
+    for k in range(2):
+        got = np.load(tmp_path / f"a-{k}.npy")
+        assert got.dtype == np.float32 and got.shape == (1, 4, 2, 3)
+        assert np.array_equal(got, want[k:k + 1].numpy()), k
+        picture = np.asarray(pipe.decode_latents(torch.from_numpy(got))[0], dtype=np.int16)
+        # decoded alone against in a call of two: float summation order may move a pixel one 8-bit step
+        assert np.abs(picture - np.asarray(PIL.Image.open(tmp_path / f"a-{k}.png"), dtype=np.int16)).max() <= 1, k
