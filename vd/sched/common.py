@@ -126,6 +126,16 @@ def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset:
     return timestep_points(spacing, num_steps, num_train, steps_offset)
 
 
+def first_step(skip: int | None, num: int) -> int:
+    """Where a loop of `num` steps starts: 0 from noise (skip None), else `skip`, in [0, num]: the sample given is
+    then noised to that step's level (`Schedule.noised_to_step`) and is not scaled by the start noise's std."""
+    if skip is None:
+        return 0
+    if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= num:
+        raise ValueError(f"skip: expected an int in [0, {num}], got {skip!r}")
+    return skip
+
+
 def check_one_spacing(schedule: "Schedule") -> None:
     """Karras, exponential and beta sigmas exclude each other (diffusers refuses two at once too)."""
     chosen = [name for name, on in [("Karras sigmas", schedule.karras),
@@ -166,7 +176,8 @@ class Schedule:
     UNSUPPORTED: ClassVar[dict[str, Any]] = {}
     # what this sampler's name sets whatever the config says (diffusers: `from_config(config, **overrides)`)
     OVERRIDES: ClassVar[dict[str, Any]] = {}
-    # whether sample(..., skip=k) starts from a sample noised part-way (init image, fidelity)
+    # whether sample(..., skip=k) starts from a sample noised part-way (init images, fidelity), made by
+    # `noised_to_step` (diffusers' img2img rule) or, for DDIM, by vd.sampling.noised_start (the original's)
     starts_part_way: ClassVar[bool] = False
     # model evaluations per step (diffusers' `scheduler.order`): the callback's index i counts evaluations; the
     # reference pipelines report step i // evals_per_step to the user (after filtering i by callback_steps)
@@ -272,6 +283,14 @@ class Schedule:
     def init_noise_sigma(self, num_steps: int) -> float:
         """Std of the start noise: 1 for the variance-preserving samplers (the sigma-space ones override it)."""
         return 1.0
+
+    def noised_to_step(self, x0: Tensor, noise: Tensor, num_steps: int, step: int) -> Tensor:
+        """x0 noised to the level of step `step` of `num_steps`, where `sample(..., skip=step)` starts: diffusers'
+        `add_noise` at the first timestep its img2img pipelines run, sqrt(alpha_t)·x0 + sqrt(1 − alpha_t)·noise at
+        t = timesteps[step] (the sigma-space and multistep samplers override it). In x0's dtype, as diffusers."""
+        t = int(self.timesteps(num_steps)[step])
+        a = self.alpha_bars()[t].to(x0.device, x0.dtype)
+        return a**0.5 * x0 + (1 - a) ** 0.5 * noise.to(x0.dtype)
 
     def sigma_range(self, low: float, high: float) -> tuple[float, float]:
         """(sigma_min, sigma_max) of Karras, exponential or beta sigmas: the config's where given, else the schedule's

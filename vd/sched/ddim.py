@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, ClippedX0, EpsFn, Schedule
+from .common import Callback, ClippedX0, EpsFn, Schedule, first_step
 from .noise import step_noises
 
 
@@ -63,25 +63,25 @@ class DDIM(ClippedX0, Schedule):
     set_alpha_to_one: bool = True
     rescale_betas_zero_snr: bool = False
 
-    starts_part_way: ClassVar[bool] = True  # `sample(skip=...)`: init images and fidelity
+    starts_part_way: ClassVar[bool] = True
     ZERO_SNR_FLOOR: ClassVar[float | None] = None
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
         generator: torch.Generator | Sequence[torch.Generator] | None = None, eta: float = 0.0,
-        noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int = 0,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
     ) -> Tensor:
         """Run the DDIM loop from unit-variance noise `x` (B, ...). For eta > 0 the fresh noise z of each
         step comes from `noise` (one tensor per step) or is drawn from `generator` in diffusers' order.
 
-        skip: leave out the first `skip` timesteps; x is then a noised sample at timesteps(num_steps)[skip]
-        (img2img / fidelity; see `noised`), or x0 itself when skip = num_steps (nothing left to denoise).
-        `noise` and callback indices still count every step."""
+        skip: leave out the first `skip` timesteps; x is then a sample noised for timesteps(num_steps)[skip]
+        (init images and fidelity: `noised` at the original's level, or `noised_to_step` at diffusers'), or x0
+        itself when skip = num_steps (nothing left to denoise). `noise` and callback indices still count every
+        step."""
         if noise is not None and generator is not None:
             raise ValueError("pass either noise or generator, not both")
         ts = self.timesteps(num_steps)
-        if not 0 <= skip <= len(ts):
-            raise ValueError(f"skip: expected an int in [0, {len(ts)}], got {skip!r}")
+        begin = first_step(skip, len(ts))
         a_bar = self.alpha_bars()  # (T,) float32
         a_last = torch.tensor(1.0, dtype=torch.float32) if self.set_alpha_to_one else a_bar[0]  # "alpha_{-1}"
         # parity: diffusers steps back by T // N even for "linspace"/"trailing" (diffusers issue #12633)
@@ -89,8 +89,9 @@ class DDIM(ClippedX0, Schedule):
         ts_dev = ts.to(x.device).unbind()  # 0-d timesteps passed to eps_fn and callback
         # fresh noise only when eta > 0, so the generator advances exactly as in diffusers
         draw = step_noises(noise, generator, len(ts)) if eta > 0 else None
-        x = x * self.init_noise_sigma(num_steps)  # 1: DDIM starts from unit-variance noise
-        for i, t in enumerate(ts.tolist()[skip:], start=skip):
+        if skip is None:
+            x = x * self.init_noise_sigma(num_steps)  # 1: DDIM starts from unit-variance noise
+        for i, t in enumerate(ts.tolist()[begin:], start=begin):
             out = eps_fn(x, ts_dev[i])
             z = draw(i, out, out.dtype) if draw is not None else None
             a_prev = a_bar[t - stride] if t - stride >= 0 else a_last

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, ClippedX0, EpsFn, Schedule
+from .common import Callback, ClippedX0, EpsFn, Schedule, first_step
 from .noise import step_noises
 from .sigmas import vp_x0
 
@@ -33,6 +33,7 @@ class DDPM(ClippedX0, Schedule):
     rescale_betas_zero_snr: bool = False
 
     ZERO_SNR_FLOOR: ClassVar[float | None] = None
+    starts_part_way: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.variance_type is None:  # as a DPM-Solver config saves it; diffusers' DDPM runs it as fixed_small
@@ -45,16 +46,19 @@ class DDPM(ClippedX0, Schedule):
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
         generator: torch.Generator | Sequence[torch.Generator] | None = None, eta: float = 0.0,
-        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
     ) -> Tensor:
         """Run the loop from unit-variance noise `x`. The fresh noise of step i is `noise[i]` or drawn from
-        `generator` as diffusers does. eta is ignored (DDPM is DDIM's eta = 1 up to the variance choice)."""
+        `generator` as diffusers does. eta is ignored (DDPM is DDIM's eta = 1 up to the variance choice).
+        skip: start at step `skip` from x noised to that step's level (`noised_to_step`: diffusers' img2img)."""
         ts = self.timesteps(num_steps)
         z = step_noises(noise, generator, len(ts))
         a_bar, one = self.alpha_bars(), torch.tensor(1.0)
         t_list, ts_dev = ts.tolist(), ts.to(x.device).unbind()
-        x = x * self.init_noise_sigma(num_steps)
-        for i, t in enumerate(t_list):
+        begin = first_step(skip, len(t_list))
+        if skip is None:
+            x = x * self.init_noise_sigma(num_steps)
+        for i, t in enumerate(t_list[begin:], start=begin):
             out = eps_fn(x, ts_dev[i])
             a = a_bar[t]
             t_prev = t_list[i + 1] if i + 1 < len(t_list) else -1

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn
+from .common import Callback, EpsFn, first_step
 from .multistep import MultistepSchedule
 from .noise import step_noises
 from .sigmas import log_snr, vp, vp_x0
@@ -56,26 +56,31 @@ class DPMSolverPP(MultistepSchedule):
                                  " (diffusers refuses 'zero' with it)")
             object.__setattr__(self, "algorithm_type", "dpmsolver++")
 
+    starts_part_way: ClassVar[bool] = True
+
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
         generator: torch.Generator | Sequence[torch.Generator] | None = None, eta: float = 0.0,
-        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
     ) -> Tensor:
         """Run the loop from unit-variance noise `x`. SDE form: the fresh noise of step i is `noise[i]` or drawn
-        from `generator` as diffusers does. eta is ignored (as diffusers)."""
+        from `generator` as diffusers does. eta is ignored (as diffusers).
+        skip: start at step `skip` from x noised to that step's level (`noised_to_step`: diffusers' img2img)."""
         ts, sig = self.schedule(num_steps)
         z = step_noises(noise, generator, len(ts)) if self.sde else None
         lam = [log_snr(s) for s in sig]  # lambda at each sigma (inf at the final 0)
         ts_dev = ts.to(x.device).unbind()
-        x = x * self.init_noise_sigma(num_steps)
+        begin = first_step(skip, len(ts))
+        if skip is None:
+            x = x * self.init_noise_sigma(num_steps)
         ms: list[Tensor] = []  # the model's x0 at past steps, newest last
-        for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
+        for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             out = eps_fn(x, ts_dev[i])
             alpha_s, sigma_s = vp(sig[i])
             ms = (ms + [self.threshold(vp_x0(out, x, alpha_s, sigma_s, self.prediction_type))])[-3:]
             alpha_t, sigma_t = vp(sig[i + 1])
             h = lam[i + 1] - lam[i]
-            order = self.step_order(i, len(ts))
+            order = self.step_order(i, len(ts), begin)
             D0, D1, D2, x = ms[-1], None, None, x.float()
             if order >= 2:  # D1 = (m0 − m1)/r0
                 D1 = 1.0 / ((lam[i] - lam[i - 1]) / h) * (ms[-1] - ms[-2])

@@ -34,6 +34,7 @@ class DPMSolverPPSinglestep(DPMSolverPP):
     euler_at_final: ClassVar[bool] = False
     use_lu_lambdas: ClassVar[bool] = False
     round_cosine: ClassVar[bool] = True  # (Karras timesteps of cosine betas rounded, as UniPC's)
+    starts_part_way: ClassVar[bool] = False  # (its groups of steps start at fixed places)
 
     def orders(self, num_steps: int) -> list[int]:
         """The order of each step, in groups 1, 2(, 3); the last step into sigma 0 is first order. Without

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn
+from .common import Callback, EpsFn, first_step
 from .sigma_space import SigmaSchedule
 from .sigmas import denoised
 
@@ -81,17 +81,22 @@ class LMS(SigmaSchedule):
         """The schedule's own ends: diffusers' LMS ignores a config's sigma_min and sigma_max."""
         return low, high
 
+    starts_part_way: ClassVar[bool] = True
+
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
-        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
     ) -> Tensor:
         """Run the LMS loop from unit-variance noise `x` (B, ...). Deterministic: eta, generator, noise
-        are accepted for a uniform call and ignored."""
+        are accepted for a uniform call and ignored.
+        skip: start at step `skip` from x noised to that step's level (`noised_to_step`: diffusers' img2img)."""
         ts, sig = self.schedule(num_steps)  # (N,), (N+1,) float32
         ts_dev = ts.to(x.device).unbind()  # 0-d timesteps passed to eps_fn and callback
-        x = x * self.init_noise_sigma(num_steps)
+        begin = first_step(skip, len(ts))
+        if skip is None:
+            x = x * self.init_noise_sigma(num_steps)
         ds: list[Tensor] = []  # last ORDER derivatives d = dx/dsigma, oldest first
-        for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
+        for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             s = sig[i]  # 0-d float32
             # the model sees x = x0 + sigma·eps scaled back to the variance-preserving x_t
             out = eps_fn(x / (s**2 + 1) ** 0.5, ts_dev[i])

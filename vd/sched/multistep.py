@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .common import Schedule, Thresholding, check_leading, check_one_spacing, most_steps, timestep_points
-from .sigmas import beta_spaced, exponential, interp, karras, sigma_to_t, train_sigmas
+from .sigmas import beta_spaced, exponential, interp, karras, sigma_to_t, train_sigmas, vp
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,16 +109,24 @@ class MultistepSchedule(Thresholding, Schedule):
             return self.num_train_timesteps
         return most_steps("leading", self.num_train_timesteps, self.steps_offset) - 1
 
-    def step_order(self, i: int, num_steps: int) -> int:
-        """The order of step i of DPM-Solver++ or DEIS: it ramps up from 1 with the outputs at hand; the last step
-        is first order when it goes into sigma 0 (or `euler_at_final`), and with `lower_order_final` (their field)
-        and fewer than 15 steps the last is first order and the one before it at most second."""
+    def step_order(self, i: int, num_steps: int, begin: int = 0) -> int:
+        """The order of step i of DPM-Solver++ or DEIS: it ramps up from 1 with the outputs at hand (those of the
+        steps run since `begin`); the last step is first order when it goes into sigma 0 (or `euler_at_final`),
+        and with `lower_order_final` (their field) and fewer than 15 steps the last is first order and the one
+        before it at most second."""
         short = self.lower_order_final and num_steps < 15
+        at_hand = i - begin + 1
         if i == num_steps - 1 and (self.final_sigmas_type == "zero" or self.euler_at_final or short):
             return 1
         if i == num_steps - 2 and short:
-            return min(self.solver_order, i + 1, 2)
-        return min(self.solver_order, i + 1)
+            return min(self.solver_order, at_hand, 2)
+        return min(self.solver_order, at_hand)
+
+    def noised_to_step(self, x0: Tensor, noise: Tensor, num_steps: int, step: int) -> Tensor:
+        """alpha·x0 + sigma·noise at step `step`'s sigma: diffusers' `add_noise` for these samplers, in x0's
+        dtype."""
+        alpha, sigma = vp(self.schedule(num_steps)[1][step].to(x0.device, x0.dtype))
+        return alpha * x0 + sigma * noise.to(x0.dtype)
 
     def timesteps(self, num_steps: int) -> Tensor:
         """Descending int64 timesteps of the model evaluations."""

@@ -77,3 +77,7 @@ class SigmaSchedule(Schedule):
         """Std of the initial x: sigma_max, or sqrt(sigma_max² + 1) for "leading" (parity: diffusers)."""
         s_max = self.sigmas(num_steps).max()
         return float(s_max if self.timestep_spacing in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5)
+
+    def noised_to_step(self, x0: Tensor, noise: Tensor, num_steps: int, step: int) -> Tensor:
+        """x0 + sigma_step·noise: diffusers' `add_noise` for the sigma-space samplers, in x0's dtype."""
+        return x0 + noise.to(x0.dtype) * self.sigmas(num_steps)[step].to(x0.device, x0.dtype)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn
+from .common import Callback, EpsFn, first_step
 from .multistep import MultistepSchedule
 from .sigmas import log_snr, vp, vp_eps, vp_x0
 
@@ -52,28 +52,34 @@ class UniPC(MultistepSchedule):
             raise ValueError("predict_x0=False needs final_sigmas_type 'sigma_min' for UniPC: ending at sigma 0, its "
                              "last step multiplies 0 by an infinite h and gives NaN (as in diffusers)")
 
+    starts_part_way: ClassVar[bool] = True
+
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
-        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
     ) -> Tensor:
-        """Run the loop from unit-variance noise `x`. Deterministic: eta, generator, noise are ignored."""
+        """Run the loop from unit-variance noise `x`. Deterministic: eta, generator, noise are ignored.
+        skip: start at step `skip` from x noised to that step's level (`noised_to_step`: diffusers' img2img)."""
         ts, sig = self.schedule(num_steps)
         lam = [log_snr(s) for s in sig]  # lambda at each sigma (inf at the final 0)
         ts_dev = ts.to(x.device).unbind()
-        x = x * self.init_noise_sigma(num_steps)
+        begin = first_step(skip, len(ts))
+        if skip is None:
+            x = x * self.init_noise_sigma(num_steps)
         ms: list[Tensor] = []  # past x0 predictions, newest last
         x_last, order = x, 1  # x and the predictor's order of the previous step
-        for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
+        for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             out = eps_fn(x, ts_dev[i])
             if self.predict_x0:
                 m = self.threshold(vp_x0(out, x, *vp(sig[i]), self.prediction_type))
             else:  # (diffusers thresholds only in the x0 form)
                 m = vp_eps(out, x, *vp(sig[i]), self.prediction_type)
-            if i > 0 and i - 1 not in self.disable_corrector:  # UniC: redo step i − 1 -> i with m as an extra point
+            # UniC: redo step i − 1 -> i with m as an extra point (not at the first step run: no step to redo)
+            if i > begin and i - 1 not in self.disable_corrector:
                 x = self.update(x_last, ms, lam, sig, i - 1, order, m_t=m)
             ms = (ms + [m])[-self.solver_order:]
             left = len(ts) - i if self.lower_order_final else self.solver_order
-            order = min(self.solver_order, left, i + 1)
+            order = min(self.solver_order, left, i - begin + 1)
             x_last = x
             x = self.update(x, ms, lam, sig, i, order)  # UniP: i -> i + 1
             if callback is not None:
