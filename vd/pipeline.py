@@ -277,8 +277,8 @@ class VersatileDiffusion:
                       callback: Callback | None = None, callback_steps: int = 1, *,
                       prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None,
                       init_image: Images | None = None, init_latents: Tensor | None = None,
-                      strength: float | None = None, scheduler: str | None = None, return_dict: bool = True,
-                      progress: bool = True) -> GenerationOutput | tuple:
+                      strength: float | None = None, strength_rule: str | None = None, scheduler: str | None = None,
+                      return_dict: bool = True, progress: bool = True) -> GenerationOutput | tuple:
         """Images from text (or its tokens, `prompt_embeds` [B, 77, D]), optionally from an init image."""
         self._need("text_to_image")
         text = self.conditions.text_arg("prompt", prompt, prompt_embeds)
@@ -287,7 +287,7 @@ class VersatileDiffusion:
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
                             scheduler=scheduler, return_dict=return_dict, progress=progress, init_image=init_image,
-                            init_latents=init_latents, strength=strength)
+                            init_latents=init_latents, strength=strength, strength_rule=strength_rule)
         with torch.no_grad(), self._autocast():
             tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
             x = self._sample(run, lambda s, x: core.text_to_image(self._nets, text=tokens, x=x, s=s))
@@ -301,7 +301,7 @@ class VersatileDiffusion:
                         fidelity: float = 0.0, color_adjust: bool = False, image_embeds: Tensor | None = None,
                         negative_image_embeds: Tensor | None = None, init_image: Images | None = None,
                         init_latents: Tensor | None = None, strength: float | None = None,
-                        scheduler: str | None = None, uncond_image: str | None = None,
+                        strength_rule: str | None = None, scheduler: str | None = None, uncond_image: str | None = None,
                         return_dict: bool = True, progress: bool = True) -> GenerationOutput | tuple:
         """Variations of images (or of their tokens, `image_embeds` [B, 257, D]); negative_prompt is an image.
 
@@ -335,7 +335,7 @@ class VersatileDiffusion:
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
                             scheduler=scheduler, return_dict=return_dict, progress=progress, init_image=init_image,
-                            init_latents=init_latents, strength=strength,
+                            init_latents=init_latents, strength=strength, strength_rule=strength_rule,
                             init_name="image" if fidelity > 0 else "init_image")
         reference = run.init_images  # the input at the output size: the init image (fidelity's is the image)
         if color_adjust and reference is None:  # else the image itself gives the colours
@@ -360,7 +360,8 @@ class VersatileDiffusion:
                     negative_prompt: str | list[str] | None = None, prompt_embeds: Tensor | None = None,
                     negative_prompt_embeds: Tensor | None = None, image_embeds: Tensor | None = None,
                     negative_image_embeds: Tensor | None = None, init_image: Images | None = None,
-                    init_latents: Tensor | None = None, strength: float | None = None, scheduler: str | None = None,
+                    init_latents: Tensor | None = None, strength: float | None = None,
+                    strength_rule: str | None = None, scheduler: str | None = None,
                     uncond_image: str | None = None, return_dict: bool = True,
                     progress: bool = True) -> GenerationOutput | tuple:
         """Images from a text and an image (or their tokens). At every context layer the text stream weighs
@@ -379,7 +380,7 @@ class VersatileDiffusion:
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
                             scheduler=scheduler, return_dict=return_dict, progress=progress, init_image=init_image,
-                            init_latents=init_latents, strength=strength)
+                            init_latents=init_latents, strength=strength, strength_rule=strength_rule)
         with torch.no_grad(), self._autocast():
             text_tokens = self.conditions.text_tokens(text, negative, run.per_prompt, run.sampling)
             image_tokens = self.conditions.image_tokens(cond, negative_image, mode, run.per_prompt, run.sampling)
@@ -395,8 +396,9 @@ class VersatileDiffusion:
               latents: Tensor | None = None, output_type: str = "pil", callback: Callback | None = None,
               callback_steps: int = 1, *, negative_prompt: str | None = None, prompt_embeds: Tensor | None = None,
               negative_prompt_embeds: Tensor | None = None, init_image: Images | None = None,
-              init_latents: Tensor | None = None, strength: float | None = None, scheduler: str | None = None,
-              return_dict: bool = True, progress: bool = True) -> GenerationOutput | tuple:
+              init_latents: Tensor | None = None, strength: float | None = None, strength_rule: str | None = None,
+              scheduler: str | None = None, return_dict: bool = True,
+              progress: bool = True) -> GenerationOutput | tuple:
         """One image from up to four images (and optionally a text), as the original's multi-context app.
 
         Each image's 257 CLIP tokens are focus-adjusted (see image_variation), scaled by its weight and placed
@@ -429,7 +431,7 @@ class VersatileDiffusion:
                             per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
                             output_type=output_type, callback=callback, callback_steps=callback_steps,
                             scheduler=scheduler, return_dict=return_dict, progress=progress, init_image=init_image,
-                            init_latents=init_latents, strength=strength)
+                            init_latents=init_latents, strength=strength, strength_rule=strength_rule)
         with torch.no_grad(), self._autocast():  # ignores an empty text or a zero strength
             image_tokens = self.conditions.blend_tokens(imgs, keep, focus, weights, run.per_prompt, run.sampling)
             if use_text:
@@ -532,9 +534,11 @@ class VersatileDiffusion:
 
     def _prepare(self, batch: int, *, height, width, steps, guidance, per_prompt, eta, generator, latents, output_type,
                  callback, callback_steps, scheduler, return_dict, progress, init_image=None, init_latents=None,
-                 strength=None, init_name="init_image") -> "_Call":
+                 strength=None, strength_rule=None, init_name="init_image") -> "_Call":
         """Check every argument of an image flow before any model runs. A height or width left open comes from
-        the init image, else init_latents, else latents, else the UNet's sample size."""
+        the init image, else init_latents, else latents, else the UNet's sample size. An init image (or fidelity,
+        init_name "image") starts under `strength_rule`: "original" (DDIM only, and always for fidelity) or
+        "diffusers" (any sampler that starts part-way); by default the first for DDIM, else the second."""
         unet, factor = self.components.image_unet.config, self._factor
         init_images = None
         if init_image is not None and init_latents is not None:
@@ -560,16 +564,17 @@ class VersatileDiffusion:
                          scheduler=scheduler, return_dict=return_dict, progress=progress)
         checks.pixel_budget(run.shape[0], height, width)
         starts = init_images is not None or init_latents is not None
-        if strength is not None and not starts:
-            checks.fail("strength", strength, "None unless init_image or init_latents is given")
+        if strength_rule is not None:
+            checks.choice("strength_rule", strength_rule, core.STRENGTH_RULES)
+        for key, value in (("strength", strength), ("strength_rule", strength_rule)):
+            if value is not None and not starts:
+                checks.fail(key, value, "None unless init_image or init_latents is given")
         if not starts:
             return run
         name = init_name if init_latents is None else "init_latents"
         if latents is not None:
             checks.fail("latents", "a tensor", f"None when {name} is given (the start comes from it)")
-        if not getattr(run.sampling.sampler, "starts_part_way", False):
-            checks.fail(name if init_name == "init_image" else "fidelity", "given",
-                        f"a scheduler that starts part-way (ddim), not {run.scheduler!r}")
+        rule = self._strength_rule(run, strength_rule, fidelity=init_name != "init_image", name=name)
         strength = checks.number("strength", DEFAULT_STRENGTH if strength is None else strength, 0.0, 1.0)
         if init_latents is not None:
             init_latents = checks.latents(init_latents, (init_latents.shape[0], *run.shape[1:]), self.device,
@@ -587,8 +592,32 @@ class VersatileDiffusion:
             if len(init_images) == 1 and batch > 1:
                 init_images = init_images.expand(batch, -1, -1, -1)
         t_enc = core.start_step(strength, run.sampling.num_steps)
+        if rule == "diffusers" and t_enc == 0:  # (diffusers refuses a run of no step)
+            checks.fail("strength", strength, f"at least 1 / num_inference_steps = {1 / run.sampling.num_steps:g} "
+                        "with strength_rule 'diffusers' (it runs the last int(strength * num_inference_steps) steps)")
         return dataclasses.replace(run, init_images=init_images, init_latents=init_latents,
-                                   sampling=dataclasses.replace(run.sampling, t_enc=t_enc))
+                                   sampling=dataclasses.replace(run.sampling, t_enc=t_enc, strength_rule=rule))
+
+    @staticmethod
+    def _strength_rule(run: "_Call", given: str | None, *, fidelity: bool, name: str) -> str:
+        """The rule an init image starts under (see `_prepare`), refused where the run's sampler lacks it."""
+        sampler = run.sampling.sampler
+        if fidelity:  # the original app's option, with its rule
+            if given == "diffusers":
+                checks.fail("strength_rule", given, "None or 'original' with fidelity (the original app's rule)")
+            if not isinstance(sampler, DDIM):
+                raise ValueError(f"fidelity: expected the scheduler the original starts part-way (ddim), got "
+                                 f"{run.scheduler!r}")
+            return "original"
+        rule = given or ("original" if isinstance(sampler, DDIM) else "diffusers")
+        if rule == "original" and not isinstance(sampler, DDIM):
+            checks.fail("strength_rule", rule, f"'diffusers' with scheduler {run.scheduler!r} (the original's rule "
+                        "is DDIM's)")
+        if not sampler.starts_part_way:
+            part_way = [n for n, cls in SCHEDULERS.items() if cls.starts_part_way]
+            raise ValueError(f"{name}: expected a scheduler that starts part-way ({', '.join(part_way)}), got "
+                             f"{run.scheduler!r}")
+        return rule
 
     def _prepare_text(self, batch: int, *, steps, guidance, per_prompt, eta, generator, latents, callback,
                       callback_steps, scheduler, return_dict, progress) -> "_Call":
@@ -637,7 +666,8 @@ class VersatileDiffusion:
         latents), then `flow(sampling, x)` with a progress bar and the user's callback."""
         s = run.sampling
         if s.t_enc is not None:
-            x = core.noised_start(s.sampler, self._init_latents(run), s.num_steps, s.t_enc, s.generator)
+            x = core.noised_start(s.sampler, self._init_latents(run), s.num_steps, s.t_enc, s.generator,
+                                  s.strength_rule)
         elif run.latents is not None:
             x = run.latents.to(self.device)
         else:

@@ -45,11 +45,15 @@ class Nets:
     text_context: Sequence[nn.Module] | None
 
 
+STRENGTH_RULES = ("original", "diffusers")  # where init latents are noised to: see `noised_start`
+
+
 @dataclass(frozen=True, kw_only=True)
 class Sampling:
     """One sampler loop: `sampler` (a vd.sched sampler) run for `num_steps`, classifier-free guidance above a
     `guidance_scale` of 1, DDIM's `eta`, the noise `generator` (one, or one per sample), and `t_enc`: None to
-    start from noise, or the number of steps left when starting from noised init latents (`noised_start`)."""
+    start from noise, or the number of steps left when starting from init latents noised by `noised_start` under
+    `strength_rule`."""
 
     sampler: object
     num_steps: int
@@ -57,6 +61,7 @@ class Sampling:
     eta: float = 0.0
     generator: Generator = None
     t_enc: int | None = None
+    strength_rule: str = "original"
     callback: Callback | None = None
 
     @property
@@ -133,9 +138,9 @@ def guided_tokens(cond: Tensor, uncond: Tensor | None, guidance_scale: float) ->
 def sample(sampler, eps_fn: EpsFn, x: Tensor, num_steps: int, *, t_enc: int | None = None,
            generator: Generator = None, eta: float = 0.0, callback: Callback | None = None) -> Tensor:
     """The sampler's loop from x. With `t_enc`, x is init latents noised by `noised_start(..., t_enc, ...)` and
-    only the t_enc least noisy steps run (none for t_enc = 0): the original's `decode_dc(t_start=t_enc)`."""
-    skip = 0 if t_enc is None else max(num_steps - t_enc, 0)
-    extra = {"skip": skip} if skip else {}
+    only the t_enc least noisy steps run (none for t_enc = 0): the original's `decode_dc(t_start=t_enc)`, or the
+    last t_enc steps of diffusers' img2img pipelines."""
+    extra = {} if t_enc is None else {"skip": max(num_steps - t_enc, 0)}
     return sampler.sample(eps_fn, x, num_steps, generator=generator, eta=eta, callback=callback, **extra)
 
 
@@ -145,18 +150,27 @@ def start_step(strength: float, num_steps: int) -> int:
     return int(strength * num_steps)
 
 
-def noised_start(sampler, x0: Tensor, num_steps: int, t_enc: int, generator: Generator = None) -> Tensor:
-    """Init latents x0 noised for `sample(..., t_enc=t_enc)`: sqrt(a) x0 + sqrt(1 - a) z, with one draw z for the
-    batch and a = alpha_bar at the ascending timestep grid's entry t_enc (the original's `stochastic_encode`).
+def noised_start(sampler, x0: Tensor, num_steps: int, t_enc: int, generator: Generator = None,
+                 rule: str = "original") -> Tensor:
+    """Init latents x0 noised for `sample(..., t_enc=t_enc)`, with one draw z from `generator` (one per sample
+    with a list).
 
-    That level is one grid step noisier than the first step then denoised, as in the original. For t_enc =
-    num_steps (strength 1) it is the grid's next entry, num_steps * (T // num_steps) + offset for VD's "leading"
-    grid, which the original's grid has when T (1000) is not a multiple of num_steps; where that is not below T
-    (the original fails there), the last trained timestep T - 1."""
+    rule "original" (DDIM only): sqrt(a) x0 + sqrt(1 - a) z with a = alpha_bar at the ascending timestep grid's
+    entry t_enc (the original's `stochastic_encode`). That level is one grid step noisier than the first step
+    then denoised, as in the original. For t_enc = num_steps (strength 1) it is the grid's next entry,
+    num_steps * (T // num_steps) + offset for VD's "leading" grid, which the original's grid has when T (1000) is
+    not a multiple of num_steps; where that is not below T (the original fails there), the last trained timestep
+    T - 1.
+
+    rule "diffusers" (every sampler that starts part-way): the level of the first step then run, by the sampler's
+    own `noised_to_step` (diffusers' `add_noise`), as diffusers' img2img pipelines and loops built on them (e.g.
+    MindEye's) start."""
+    z = randn(x0.shape, generator, x0.device, x0.dtype)
+    if rule == "diffusers":
+        return sampler.noised_to_step(x0, z, num_steps, max(num_steps - t_enc, 0))
     grid = sampler.timesteps(num_steps).flip(0).tolist()  # ascending
     t_max = sampler.num_train_timesteps - 1
     t = grid[t_enc] if t_enc < len(grid) else min(grid[-1] + sampler.num_train_timesteps // num_steps, t_max)
-    z = randn(x0.shape, generator, x0.device, x0.dtype)
     return sampler.noised(x0, int(t), z)
 
 

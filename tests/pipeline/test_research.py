@@ -1,6 +1,8 @@
 """Research use on the tiny model, fp32 on CPU: conditions as tensors in and out, init images and latents at a
 strength, text latents in and out, and gradients through the functional core (vd.sampling)."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +106,64 @@ def test_text_to_image_from_init_latents(pipe, captured, steps, strength, check)
     assert got.shape == (2, 4, 6, 5)
     if t_enc == 0:
         assert torch.equal(got, start)
+
+
+def diffusers_img2img(folder, name: str, image, x0: torch.Tensor, steps: int, strength: float, guidance: float,
+                      seed: int) -> torch.Tensor:
+    """Image variation from init latents as diffusers' img2img pipelines start it, written out with the reference
+    pipeline's own parts as MindEye's reconstruction loop does (its recipe: UniPC, 20 steps, strength 0.85): the
+    last int(strength * steps) timesteps run, from x0 noised by the scheduler's add_noise to the first of them."""
+    from diffusers import DDIMScheduler, LMSDiscreteScheduler  # (the oracle; test-only)
+    from diffusers.utils.torch_utils import randn_tensor
+    from sampler_table import REF
+
+    ref = tp.reference("image_variation", folder)
+    cls, override = {**REF, "ddim": (DDIMScheduler, {}), "lms": (LMSDiscreteScheduler, {})}[name]
+    sched = cls.from_config(ref.scheduler.config, **override)
+    gen = seeded(seed)
+    step_kw = {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
+    with torch.no_grad():
+        tokens = ref._encode_prompt(image, "cpu", 1, True, None)  # [uncond; cond]
+        sched.set_timesteps(steps)
+        t_start = steps - min(int(steps * strength), steps)
+        timesteps = sched.timesteps[t_start * sched.order:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(t_start * sched.order)
+        x = sched.add_noise(x0, randn_tensor(x0.shape, generator=gen), timesteps[:1].repeat(len(x0)))
+        for t in timesteps:
+            inp = sched.scale_model_input(torch.cat([x, x]), t)
+            uncond, cond = ref.image_unet(inp, t, encoder_hidden_states=tokens).sample.chunk(2)
+            x = sched.step(uncond + guidance * (cond - uncond), t, x, **step_kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("name,steps,strength,rule", [
+    ("unipc", 20, 0.85, None), ("dpmpp_2m_karras", 8, 0.5, None), ("euler_a", 6, 0.75, None),
+    ("lms", 6, 1.0, None), ("deis", 5, 0.2, None), ("ddim", 6, 0.5, "diffusers")])
+def test_init_latents_under_diffusers_rule(ours, folder, name, steps, strength, rule, check):
+    """Any sampler that starts part-way takes init latents as diffusers' img2img pipelines do (strength_rule
+    "diffusers", the default for all but DDIM, which takes it when asked): the latents equal the reference's
+    parts run that way, within 1e-5 of their scale (fp32)."""
+    image, x0 = random_image(50, (40, 56)), torch.randn(1, 4, 8, 8, generator=seeded(51))
+    want = diffusers_img2img(folder, name, image, x0, steps, strength, 5.0, seed=52)
+    got = ours.image_variation(image, init_latents=x0, strength=strength, strength_rule=rule, scheduler=name,
+                               num_inference_steps=steps, guidance_scale=5.0, generator=seeded(52),
+                               output_type="latent", progress=False).images
+    check(((got - want).abs().max() / want.abs().max()).item(), 1e-5, name)
+
+
+def test_strength_rules_differ_by_one_step_of_noise(pipe, captured):
+    """With DDIM both rules run the same timesteps; the original's starts one grid step noisier."""
+    x0 = torch.randn(1, 4, 6, 5, generator=seeded(53))
+    kw = dict(init_latents=x0, strength=0.5, num_inference_steps=6, output_type="latent", progress=False)
+    pipe.text_to_image("the cat", generator=seeded(54), **kw)
+    pipe.text_to_image("the cat", generator=seeded(54), strength_rule="diffusers", **kw)
+    original, diffusers = captured
+    sampler = sampler_from_config("ddim", pipe.components.scheduler_config)
+    ts, z = sampler.timesteps(6).tolist(), randn(x0.shape, seeded(54))
+    assert original.sampling.t_enc == diffusers.sampling.t_enc == 3
+    assert torch.equal(original.start, sampler.noised(x0, ts[2], z))  # (ts[2] = ts[3] + 1000 // 6)
+    assert torch.equal(diffusers.start, sampler.noised(x0, ts[3], z))
 
 
 def test_init_image_is_its_encoded_latents(pipe):
