@@ -17,6 +17,7 @@ from vd.fast import EAGER
 from vd.files import OutputError, check_writable
 from vd.images import open_image
 from vd.jobs import TEXT_TASKS
+from vd.sampling import STRENGTH_RULES
 from vd.sched import GENERATING, sampler_from_config
 
 CHUNK = 8  # images per facade call (fewer when the pixel budget, vd.checks.MAX_PIXELS, says so)
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--init-image", default=None, help="start from this image, noised part-way (DDIM)")
             s.add_argument("--init-strength", type=float, default=None, help="with --init-image: 0 keeps it, 1 "
                            "starts from noise (default 0.75)")
+            s.add_argument("--strength-rule", choices=STRENGTH_RULES, default=None,
+                           help="with --init-image: 'original' (VD's; DDIM only, its default) or 'diffusers' "
+                           "(diffusers' img2img; the other samplers' default)")
         s.add_argument("--model", default="shi-labs/versatile-diffusion",
                        help="hub repo id, diffusers-layout folder, original .pth, or converted folder")
         s.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
@@ -183,6 +187,8 @@ def run(args: argparse.Namespace) -> list[Path]:
                         f"pictures), not with {LATENTS} latents")
     image = _open_image(args.image, "image") if task in ("image_variation", "dual_guided", "image_to_text") else None
     init = _open_image(args.init_image, "--init-image") if getattr(args, "init_image", None) else None
+    if getattr(args, "strength_rule", None) is not None and init is None:
+        raise UserError(f"--strength-rule: expected it with --init-image only, got {args.strength_rule!r}")
     if getattr(args, "init_strength", None) is not None:
         if init is None:
             raise UserError(f"--init-strength: expected it with --init-image only, got {args.init_strength}")
@@ -231,7 +237,8 @@ def run(args: argparse.Namespace) -> list[Path]:
             texts += out.texts
             continue
         kwargs.update(height=args.height, width=args.width, num_images_per_prompt=len(chunk), init_image=init,
-                      strength=args.init_strength, output_type="latent" if latents else "pil")
+                      strength=args.init_strength, strength_rule=args.strength_rule,
+                      output_type="latent" if latents else "pil")
         if task == "text_to_image":
             out = pipe.text_to_image(args.prompt, negative_prompt=negative, **kwargs)
         elif task == "image_variation":
@@ -306,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # the Python API's argument names the facade's errors start with -> the options a user of the command typed
 OPTION_OF = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "text_to_image_strength": "--strength",
-             "strength": "--init-strength", "init_image": "--init-image", "negative_prompt": "--negative",
+             "strength": "--init-strength", "strength_rule": "--strength-rule", "init_image": "--init-image",
+             "negative_prompt": "--negative",
              "num_images_per_prompt": "--num-images", "num_texts_per_prompt": "--num-texts",
              "text_strength": "--text-strength", "fidelity": "--fidelity", "focus": "--focus", "weights": "--weights",
              "masks": "--masks", "height": "--height", "width": "--width", "scheduler": "--scheduler",

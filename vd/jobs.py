@@ -20,6 +20,7 @@ from pathlib import Path
 from vd import checks
 from vd.arrays import ArrayFiles
 from vd.images import open_image
+from vd.sampling import STRENGTH_RULES
 from vd.sched import SCHEDULERS, sampler_from_config
 
 IMAGE_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")
@@ -27,7 +28,7 @@ TEXT_TASKS = ("image_to_text", "text_variation")
 SIZE = ("height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "eta", "scheduler",
         "output_type")
 COMMON = ("negative_prompt", *SIZE)
-START = ("latents", "init_image", "init_latents", "strength")  # where an image flow starts
+START = ("latents", "init_image", "init_latents", "strength", "strength_rule")  # where an image flow starts
 TEXT = ("num_inference_steps", "guidance_scale", "num_texts_per_prompt", "eta", "scheduler", "latents",
         "temperature", "top_k", "top_p", "greedy", "max_length", "dedupe")
 # each entry of REQUIRED is a group of alternatives: exactly one of them is given
@@ -151,6 +152,7 @@ KEYS = {
     "color_adjust": Key(bool),
     "init_image": Key(str),        # an image file, as `image`
     "strength": Key(float, _UNIT),
+    "strength_rule": Key(str, lambda n, v: checks.choice(n, v, list(STRENGTH_RULES))),
     "images": Key(list, _paths(nullable=False)),  # blend: image files
     "weights": Key((float, list), _numbers(0.0, None)),
     "masks": Key(list, _paths(nullable=True)),    # blend: one image file or null per image
@@ -327,8 +329,9 @@ def _check_together(task: str, obj: dict) -> None:
     if latent and obj.get("color_adjust"):
         checks.fail("color_adjust", True, 'false with "output_type": "latent" (colours are matched on the decoded '
                     "pictures)")
-    if "strength" in obj and not {"init_image", "init_latents"} & set(obj):
-        raise ValueError("strength: expected only with init_image or init_latents")
+    for key in ("strength", "strength_rule"):
+        if key in obj and not {"init_image", "init_latents"} & set(obj):
+            raise ValueError(f"{key}: expected only with init_image or init_latents")
     if task != "blend" and isinstance(obj.get("focus"), list):
         checks.fail("focus", obj["focus"], f"a number for {task}")
     for key in ("weights", "focus", "masks"):

@@ -45,6 +45,10 @@ JOBS = [
          text_to_image_strength=0.4, **SMALL),
     dict(task="blend", id="blend", seed=6, num_images_per_prompt=2, images=["in.png", "in2.png"], weights=[1, 0.5],
          masks=["mask.png", None], focus=[0.3, 0.6], prompt="the cat", text_strength=0.3, **SMALL),
+    dict(task="image_variation", id="mindeye", seed=10, image_embeds=_ref("pred_vision.npy", 1), init_image="low.png",
+         strength=0.85, scheduler="unipc", guidance_scale=3.5, **SMALL),
+    dict(task="text_to_image", id="img2img", seed=11, prompt="the cat", init_image="low.png", strength=0.5,
+         strength_rule="diffusers", **SMALL),
     dict(task="image_to_text", id="caption", seed=7, num_texts_per_prompt=2, image="in.png", temperature=0.7,
          top_k=5, **TEXT),
     dict(task="image_to_text", id="caption-embeds", seed=8, num_texts_per_prompt=2,
@@ -264,17 +268,20 @@ def test_latent_outputs_and_inversion(model, pipe, tmp_path, capsys):
     assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "back" / "back-0.png")), np.asarray(want))
 
 
-def test_latent_output_lines_checked(tmp_path):
+def test_start_and_output_lines_checked(tmp_path):
     plain = dict(task="image_variation", image="in.png", seed=1)
     lines = [dict(plain, output_type="np"), dict(plain, output_type="latent", color_adjust=True),
              dict(task="image_to_text", image="in.png", seed=1, output_type="latent"),
              dict(task="image_to_text", image="in.png", seed=1, scheduler="ddim_inverse"),
-             dict(plain, output_type="latent", scheduler="ddim_inverse")]
+             dict(plain, output_type="latent", scheduler="ddim_inverse"),
+             dict(plain, strength_rule="diffusers"), dict(plain, init_image="in.png", strength_rule="img2img")]
     jobs, bad = read_jobs(_write(tmp_path, lines))
     assert bad == [(1, "output_type: expected one of ['pil', 'latent'], got 'np'"),
                    (2, "color_adjust: expected false with \"output_type\": \"latent\" (colours are matched on the "
                        "decoded pictures), got True"),
                    (3, "unknown key(s) for image_to_text: output_type"),
                    (4, "scheduler: expected a sampler that makes pictures or texts, or \"output_type\": \"latent\" "
-                       "with it (DDIM inversion turns image latents into noise), got 'ddim_inverse'")]
+                       "with it (DDIM inversion turns image latents into noise), got 'ddim_inverse'"),
+                   (6, "strength_rule: expected only with init_image or init_latents"),
+                   (7, "strength_rule: expected one of ['original', 'diffusers'], got 'img2img'")]
     assert [j.suffix for j in jobs] == [".npy"]

@@ -171,9 +171,27 @@ def test_init_image_one_image_per_call(model, tmp_path, monkeypatch):
         assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / f"b-{k}.png")), np.asarray(want)), k
 
 
-def test_init_strength_needs_an_init_image(no_model, tmp_path, capsys):
-    assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), "--init-strength", "0.5"]) == 2
-    _one_line(capsys, "--init-strength", "--init-image")
+@pytest.mark.parametrize("option,value", [("--init-strength", "0.5"), ("--strength-rule", "diffusers")])
+def test_init_options_need_an_init_image(no_model, tmp_path, capsys, option, value):
+    assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), option, value]) == 2
+    _one_line(capsys, option, "--init-image")
+
+
+def test_init_image_with_any_sampler_that_starts_part_way(model, tmp_path, monkeypatch):
+    """--init-image with --scheduler unipc runs diffusers' img2img rule (its default there); --strength-rule
+    reaches the flow."""
+    seen = []
+    real = VersatileDiffusion.text_to_image
+
+    def spy(self, *a, **k):
+        seen.append((k["scheduler"] if "scheduler" in k else self.scheduler, k["strength_rule"]))
+        return real(self, *a, **k)
+    monkeypatch.setattr(VersatileDiffusion, "text_to_image", spy)
+    PIL.Image.fromarray(np.full((16, 24, 3), 90, np.uint8)).save(tmp_path / "in.png")
+    for extra in (["--scheduler", "unipc"], ["--strength-rule", "diffusers"]):
+        assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), "--model", model, *FAST,
+                     "--init-image", str(tmp_path / "in.png"), *extra]) == 0
+    assert seen == [("unipc", None), ("ddim", "diffusers")]
 
 
 def test_npy_output_is_the_latents(model, tmp_path):

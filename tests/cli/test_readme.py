@@ -37,8 +37,8 @@ def blocks(lang: str) -> list[str]:
 
 
 def python_block(word: str) -> str:
-    """The Python block that mentions `word` (the main example: "captions"; the research one: "pred_text.npy"; the
-    inversion one: "ddim_inverse")."""
+    """The Python block that mentions `word` (the main example: "captions"; the research ones: "pred_text.npy" and
+    "pred_clip_tokens.npy"; the inversion one: "ddim_inverse")."""
     (block,) = [b for b in blocks("python") if word in b]
     return block
 
@@ -177,6 +177,32 @@ def test_research_example(model, tmp_path, monkeypatch):
     for i in range(2):  # the batch file gives the Python example's images
         want = np.asarray(PIL.Image.open(f"recon-{i}.png"))
         assert np.array_equal(np.asarray(PIL.Image.open(f"recon/recon-{i}-0.png")), want), i
+
+
+def test_mindeye_example(model, tmp_path, monkeypatch):
+    """The MindEye example on the tiny model (4 steps): predicted tokens from a .npy file, blurry pictures as init
+    images; each output is the call with strength_rule="diffusers" (unipc's default) and has the init image's size."""
+    code = python_block("pred_clip_tokens.npy")
+    assert HUB in code
+    from vd import VersatileDiffusion
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.RandomState(2)
+    np.save("pred_clip_tokens.npy", rng.randn(2, 257, 16).astype(np.float32) * 0.1)
+    Path("blurry").mkdir()
+    for i in range(2):
+        PIL.Image.fromarray((rng.rand(40, 48, 3) * 255).astype(np.uint8)).save(f"blurry/{i}.png")
+    method = VersatileDiffusion.image_variation
+    monkeypatch.setattr(VersatileDiffusion, "image_variation",
+                        lambda self, *a, **k: method(self, *a, **{**k, "num_inference_steps": 4, "progress": False}))
+    exec(code.replace(f'"{HUB}"', repr(model)), {})
+    pipe = VersatileDiffusion.from_pretrained(model, tasks=["image_variation"], uncond_image="zeros")
+    tokens = torch.from_numpy(np.load("pred_clip_tokens.npy"))
+    for i in range(2):
+        want = method(pipe, image_embeds=tokens[i:i + 1], init_image=PIL.Image.open(f"blurry/{i}.png"), strength=0.85,
+                      strength_rule="diffusers", scheduler="unipc", num_inference_steps=4, guidance_scale=3.5,
+                      generator=torch.Generator().manual_seed(i), progress=False).images[0]
+        assert image_size(f"mindeye-{i}.png") == (48, 40)
+        assert np.array_equal(np.asarray(PIL.Image.open(f"mindeye-{i}.png")), np.asarray(want)), i
 
 
 def test_inversion_example(model, monkeypatch):
