@@ -137,6 +137,7 @@ def diffusers_img2img(folder, name: str, image, x0: torch.Tensor, steps: int, st
     return x
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (the oracle's schedulers, under numpy 2)
 @pytest.mark.parametrize("name,steps,strength,rule", [
     ("unipc", 20, 0.85, None), ("dpmpp_2m_karras", 8, 0.5, None), ("euler_a", 6, 0.75, None),
     ("lms", 6, 1.0, None), ("deis", 5, 0.2, None), ("ddim", 6, 0.5, "diffusers")])

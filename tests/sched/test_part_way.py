@@ -25,6 +25,9 @@ PART_WAY = sorted(name for name, cls in SCHEDULERS.items() if cls.starts_part_wa
 # (steps, strength): MindEye's 20 steps at 0.85, Brain-Diffuser's 50 at 0.75, strength 1 (every step, from init
 # latents noised to the first), the last step alone, and a short run where the multistep orders ramp up again
 RUNS = [(20, 0.85), (50, 0.75), (7, 1.0), (5, 0.2), (12, 0.5)]
+CFGS = {name: CONFIGS[name] for name in ("vd", "vd_leading", "linear_trailing")}
+CFGS["v_prediction"] = {**CONFIGS["vd"], "prediction_type": "v_prediction"}
+CFGS["third_order"] = {**CONFIGS["vd"], "solver_order": 3}  # (a key of the multistep samplers; the others ignore it)
 
 
 def reference(name: str, cfg: dict, x0: torch.Tensor, noise: torch.Tensor, n: int, strength: float, generator):
@@ -73,10 +76,10 @@ def test_which_samplers_start_part_way():
 
 
 @pytest.mark.parametrize("n,strength", RUNS)
-@pytest.mark.parametrize("cfg_name", ["vd", "vd_leading"])
+@pytest.mark.parametrize("cfg_name", sorted(CFGS))
 @pytest.mark.parametrize("name", PART_WAY)
 def test_trajectory_from_part_way(name, cfg_name, n, strength, check):
-    cfg = CONFIGS[cfg_name]
+    cfg = CFGS[cfg_name]
     x0 = start_noise() * 0.5 + 0.3  # init latents
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     gen = (lambda: torch.Generator().manual_seed(7)) if name in STOCHASTIC else (lambda: None)
