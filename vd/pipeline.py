@@ -672,7 +672,8 @@ class VersatileDiffusion:
             x = run.latents.to(self.device)
         else:
             x = randn(run.shape, s.generator, self.device, self.dtype)
-        total = len(s.sampler.timesteps(s.num_steps)) if s.t_enc is None else s.t_enc  # model calls
+        skipped = 0 if s.t_enc is None else max(s.num_steps - s.t_enc, 0) * s.sampler.evals_per_step
+        total = len(s.sampler.timesteps(s.num_steps)) - skipped  # model calls
         bar = tqdm(total=total, disable=not run.progress, desc="denoising")
 
         def on_step(i: int, t: Tensor, latents: Tensor) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tiny_pipeline as tp
+import vd.pipeline
 from flows import LATENT
 from helpers import random_image, seeded
 from vd import VersatileDiffusion
@@ -140,7 +141,8 @@ def diffusers_img2img(folder, name: str, image, x0: torch.Tensor, steps: int, st
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (the oracle's schedulers, under numpy 2)
 @pytest.mark.parametrize("name,steps,strength,rule", [
     ("unipc", 20, 0.85, None), ("dpmpp_2m_karras", 8, 0.5, None), ("euler_a", 6, 0.75, None),
-    ("lms", 6, 1.0, None), ("deis", 5, 0.2, None), ("ddim", 6, 0.5, "diffusers")])
+    ("lms", 6, 1.0, None), ("deis", 5, 0.2, None), ("heun_karras", 6, 0.5, None), ("dpm2_a", 6, 0.75, None),
+    ("ddim", 6, 0.5, "diffusers")])
 def test_init_latents_under_diffusers_rule(ours, folder, name, steps, strength, rule, check):
     """Any sampler that starts part-way takes init latents as diffusers' img2img pipelines do (strength_rule
     "diffusers", the default for all but DDIM, which takes it when asked): the latents equal the reference's
@@ -151,6 +153,28 @@ def test_init_latents_under_diffusers_rule(ours, folder, name, steps, strength, 
                                num_inference_steps=steps, guidance_scale=5.0, generator=seeded(52),
                                output_type="latent", progress=False).images
     check(((got - want).abs().max() / want.abs().max()).item(), 1e-5, name)
+
+
+@pytest.mark.parametrize("scheduler,start", [("ddim", False), ("ddim", True), ("heun", True), ("dpm2_a", False),
+                                             ("unipc", True)])
+def test_the_progress_bar_counts_every_model_call(pipe, monkeypatch, scheduler, start):
+    bars = []
+
+    class Bar:
+        def __init__(self, total, disable, desc):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, k=1):
+            self.n += k
+
+        def close(self):
+            pass
+    monkeypatch.setattr(vd.pipeline, "tqdm", Bar)
+    kw = dict(init_latents=torch.zeros(1, 4, 6, 5), strength=0.5) if start else {}
+    pipe.text_to_image("a", num_inference_steps=6, scheduler=scheduler, output_type="latent", **kw)
+    (bar,) = bars
+    assert bar.n == bar.total == {"ddim": 3 if start else 6, "heun": 5, "dpm2_a": 11, "unipc": 3}[scheduler]
 
 
 def test_strength_rules_differ_by_one_step_of_noise(pipe, captured):

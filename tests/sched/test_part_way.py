@@ -6,7 +6,7 @@ int(s·N) timesteps run, from init latents noised by the scheduler's `add_noise`
 Ours: `noised_to_step(x0, noise, N, k)` then `sample(..., skip=k)`, k = N − int(s·N). Whole trajectories on the
 stand-in model in float32, each against the diffusers class the name equals: the start, every model input and
 every x after a step within 1e-6 of the reference's largest value. The samplers that do not start part-way
-(multi-evaluation steps, PNDM's warm-up, DPM-Solver++'s single-step groups) say so.
+(PNDM's warm-up, DPM-Solver++'s single-step groups, DDIM inversion) say so.
 """
 
 import pytest
@@ -60,8 +60,8 @@ def ours(name: str, cfg: dict, x0: torch.Tensor, noise: torch.Tensor, n: int, st
         calls.append((t, inp))
         return fake_eps(inp, t)
 
-    def callback(i, t, x):
-        assert i == skip + len(xs) and t is calls[-1][0]  # the step's index in the whole schedule
+    def callback(i, t, x):  # i: the evaluation's index in the whole schedule
+        assert i == sampler.evals_per_step * skip + len(xs) and t is calls[-1][0]
         xs.append(x)
 
     out = sampler.sample(eps, start, n, generator=generator, callback=callback, skip=skip)
@@ -70,9 +70,9 @@ def ours(name: str, cfg: dict, x0: torch.Tensor, noise: torch.Tensor, n: int, st
 
 
 def test_which_samplers_start_part_way():
-    assert PART_WAY == ["ddim", "ddpm", "deis", "deis_karras", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
-                        "dpmpp_2m_sde_karras", "euler", "euler_a", "euler_karras", "lms", "lms_karras", "unipc",
-                        "unipc_karras"]
+    assert PART_WAY == ["ddim", "ddpm", "deis", "deis_karras", "dpm2", "dpm2_a", "dpm2_a_karras", "dpm2_karras",
+                        "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "euler", "euler_a",
+                        "euler_karras", "heun", "heun_karras", "lms", "lms_karras", "unipc", "unipc_karras"]
 
 
 @pytest.mark.parametrize("n,strength", RUNS)

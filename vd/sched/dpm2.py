@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn
+from .common import Callback, EpsFn, first_step
 from .noise import step_noises
 from .sigma_space import SigmaSchedule
 from .sigmas import denoised, sigma_to_t, train_sigmas
@@ -42,6 +42,7 @@ class DPM2(SigmaSchedule):
 
     PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")  # diffusers: "sample" not implemented
     evals_per_step: ClassVar[int] = 2
+    starts_part_way: ClassVar[bool] = True
     ancestral: ClassVar[bool] = False
 
     def spread_timesteps(self, sig: Tensor, train: Tensor) -> Tensor:
@@ -74,10 +75,11 @@ class DPM2(SigmaSchedule):
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
         generator: torch.Generator | Sequence[torch.Generator] | None = None, eta: float = 0.0,
-        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
     ) -> Tensor:
         """Run the loop from unit-variance noise `x`. Ancestral: the fresh noise of step i is `noise[i]` or drawn
-        from `generator` (one draw per step but the last, as diffusers). eta is ignored (as diffusers)."""
+        from `generator` (one draw per step but the last, as diffusers). eta is ignored (as diffusers).
+        skip: start at step `skip` from x noised to that step's level (`noised_to_step`: diffusers' img2img)."""
         ts, sig, mid, t_mid, end, up = self.intervals(num_steps)
         z = step_noises(noise, generator, len(ts) - 1) if self.ancestral else None
         ts_dev, t_mid_dev = ts.to(x.device).unbind(), t_mid.to(x.device).unbind()
@@ -87,9 +89,11 @@ class DPM2(SigmaSchedule):
             out = eps_fn(x_s / (s**2 + 1) ** 0.5, t)
             return (x_s - denoised(out, x_s, s, self.prediction_type)) / s, out
 
-        x = x * self.init_noise_sigma(num_steps)
-        k = 0  # evaluation counter, as the callback's index
-        for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
+        begin = first_step(skip, len(ts))
+        if skip is None:
+            x = x * self.init_noise_sigma(num_steps)
+        k = 2 * begin  # evaluation counter, as the callback's index (step i starts at evaluation 2i)
+        for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             d, _ = slope(x, sig[i], ts_dev[i])
             x_mid = x + d * (mid[i] - sig[i])
             if callback is not None:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn
+from .common import Callback, EpsFn, first_step
 from .sigma_space import SigmaSchedule
 from .sigmas import denoised
 
@@ -33,6 +33,7 @@ class Heun(SigmaSchedule):
     use_beta_sigmas: bool = False
 
     evals_per_step: ClassVar[int] = 2
+    starts_part_way: ClassVar[bool] = True
 
     def timesteps(self, num_steps: int) -> Tensor:
         """float32 timesteps of the 2N − 1 evaluations: t_0, then t_i twice for i >= 1."""
@@ -41,9 +42,10 @@ class Heun(SigmaSchedule):
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
-        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
     ) -> Tensor:
-        """Run the loop from unit-variance noise `x`. Deterministic: eta, generator, noise are ignored."""
+        """Run the loop from unit-variance noise `x`. Deterministic: eta, generator, noise are ignored.
+        skip: start at step `skip` from x noised to that step's level (`noised_to_step`: diffusers' img2img)."""
         ts, sig = self.schedule(num_steps)
         ts_dev = ts.to(x.device).unbind()
         clip = self.clip_sample_range if self.clip_sample else None
@@ -53,9 +55,11 @@ class Heun(SigmaSchedule):
             x0 = denoised(eps_fn(x_s / (s**2 + 1) ** 0.5, t), x_s, s, self.prediction_type)
             return (x_s - (x0 if clip is None else x0.clamp(-clip, clip))) / s
 
-        x = x * self.init_noise_sigma(num_steps)
-        k = 0  # evaluation counter, as the callback's index
-        for i in range(len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
+        begin = first_step(skip, len(ts))
+        if skip is None:
+            x = x * self.init_noise_sigma(num_steps)
+        k = 2 * begin  # evaluation counter, as the callback's index (step i starts at evaluation 2i)
+        for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             s, s_next = sig[i], sig[i + 1]
             dt = s_next - s
             d = slope(x, s, ts_dev[i])
