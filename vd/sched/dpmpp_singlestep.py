@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn
+from .common import Callback, EpsFn, first_step
 from .dpmpp import DPMSolverPP
 from .noise import step_noises
 from .sigmas import log_snr, vp, vp_x0
@@ -34,7 +34,6 @@ class DPMSolverPPSinglestep(DPMSolverPP):
     euler_at_final: ClassVar[bool] = False
     use_lu_lambdas: ClassVar[bool] = False
     round_cosine: ClassVar[bool] = True  # (Karras timesteps of cosine betas rounded, as UniPC's)
-    starts_part_way: ClassVar[bool] = False  # (its groups of steps start at fixed places)
 
     def orders(self, num_steps: int) -> list[int]:
         """The order of each step, in groups 1, 2(, 3); the last step into sigma 0 is first order. Without
@@ -58,18 +57,24 @@ class DPMSolverPPSinglestep(DPMSolverPP):
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
         generator: torch.Generator | Sequence[torch.Generator] | None = None, eta: float = 0.0,
-        noise: Sequence[Tensor] | None = None, callback: Callback | None = None,
+        noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
     ) -> Tensor:
         """Run the loop from unit-variance noise `x`. SDE form: the fresh noise of step i is `noise[i]` or drawn
-        from `generator` (one draw per step, as diffusers). eta is ignored (as diffusers)."""
+        from `generator` (one draw per step, as diffusers). eta is ignored (as diffusers).
+        skip: start at step `skip` from x noised to that step's level (`noised_to_step`: diffusers' img2img); a
+        group cut by the start runs at the order its steps run so far allow (as diffusers)."""
         ts, sig = self.schedule(num_steps)
         z = step_noises(noise, generator, len(ts)) if self.sde else None
         lam = [log_snr(s) for s in sig]  # lambda at each sigma (inf at a final 0)
         ts_dev = ts.to(x.device).unbind()
-        x = x * self.init_noise_sigma(num_steps)
+        orders = self.orders(num_steps)
+        begin = first_step(skip, len(orders))
+        if skip is None:
+            x = x * self.init_noise_sigma(num_steps)
         ms: list[Tensor] = []  # the model's x0 at past steps, newest last
         anchor = x  # x where the current group started
-        for i, order in enumerate(self.orders(num_steps)):
+        for i in range(begin, len(orders)):
+            order = min(orders[i], i - begin + 1)
             out = eps_fn(x, ts_dev[i])
             ms = (ms + [self.threshold(vp_x0(out, x, *vp(sig[i]), self.prediction_type))])[-3:]
             if order == 1:
