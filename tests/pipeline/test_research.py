@@ -142,7 +142,7 @@ def diffusers_img2img(folder, name: str, image, x0: torch.Tensor, steps: int, st
 @pytest.mark.parametrize("name,steps,strength,rule", [
     ("unipc", 20, 0.85, None), ("dpmpp_2m_karras", 8, 0.5, None), ("euler_a", 6, 0.75, None),
     ("lms", 6, 1.0, None), ("deis", 5, 0.2, None), ("heun_karras", 6, 0.5, None), ("dpm2_a", 6, 0.75, None),
-    ("ddim", 6, 0.5, "diffusers")])
+    ("dpmpp_2s_sde", 8, 0.625, None), ("ddim", 6, 0.5, "diffusers")])
 def test_init_latents_under_diffusers_rule(ours, folder, name, steps, strength, rule, check):
     """Any sampler that starts part-way takes init latents as diffusers' img2img pipelines do (strength_rule
     "diffusers", the default for all but DDIM, which takes it when asked): the latents equal the reference's
