@@ -147,6 +147,17 @@ def test_python_example(model, monkeypatch):
     assert isinstance(namespace["g"], torch.Generator)
 
 
+def _research_inputs(seed: int, arrays: dict[str, tuple[int, ...]], pictures: str) -> None:
+    """Random float32 arrays of the given shapes (tokens 16 wide, as the tiny model's; 768 at full size) and two
+    40 x 48 pictures, `pictures`/0.png and 1.png, in the current folder."""
+    rng = np.random.RandomState(seed)
+    for name, shape in arrays.items():
+        np.save(name, rng.randn(*shape).astype(np.float32) * 0.1)
+    Path(pictures).mkdir()
+    for i in range(2):
+        PIL.Image.fromarray((rng.rand(40, 48, 3) * 255).astype(np.uint8)).save(f"{pictures}/{i}.png")
+
+
 def test_research_example(model, tmp_path, monkeypatch):
     """The research example on the tiny model: predicted features from .npy files (16-wide here, 768 at full
     size), low-level reconstructions as init images, 4 steps; then its batch file and command, which give the
@@ -155,12 +166,7 @@ def test_research_example(model, tmp_path, monkeypatch):
     assert HUB in code
     from vd import VersatileDiffusion
     monkeypatch.chdir(tmp_path)
-    rng = np.random.RandomState(0)
-    np.save("pred_text.npy", rng.randn(2, 77, 16).astype(np.float32) * 0.1)
-    np.save("pred_vision.npy", rng.randn(2, 257, 16).astype(np.float32) * 0.1)
-    Path("lowlevel").mkdir()
-    for i in range(2):
-        PIL.Image.fromarray((rng.rand(40, 48, 3) * 255).astype(np.uint8)).save(f"lowlevel/{i}.png")
+    _research_inputs(0, {"pred_text.npy": (2, 77, 16), "pred_vision.npy": (2, 257, 16)}, "lowlevel")
     method = VersatileDiffusion.dual_guided
     monkeypatch.setattr(VersatileDiffusion, "dual_guided",
                         lambda self, *a, **k: method(self, *a, **{**k, "num_inference_steps": 4}))
@@ -186,11 +192,7 @@ def test_mindeye_example(model, tmp_path, monkeypatch):
     assert HUB in code
     from vd import VersatileDiffusion
     monkeypatch.chdir(tmp_path)
-    rng = np.random.RandomState(2)
-    np.save("pred_clip_tokens.npy", rng.randn(2, 257, 16).astype(np.float32) * 0.1)
-    Path("blurry").mkdir()
-    for i in range(2):
-        PIL.Image.fromarray((rng.rand(40, 48, 3) * 255).astype(np.uint8)).save(f"blurry/{i}.png")
+    _research_inputs(2, {"pred_clip_tokens.npy": (2, 257, 16)}, "blurry")
     method = VersatileDiffusion.image_variation
     monkeypatch.setattr(VersatileDiffusion, "image_variation",
                         lambda self, *a, **k: method(self, *a, **{**k, "num_inference_steps": 4, "progress": False}))
