@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--height", type=int, default=None, help="image height in pixels (default 512)")
             s.add_argument("--width", type=int, default=None, help="image width in pixels (default 512)")
             s.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
-            s.add_argument("--init-image", default=None, help="start from this image, noised part-way (DDIM)")
+            s.add_argument("--init-image", default=None, help="start from this image, noised part-way (any "
+                           "sampler but pndm)")
             s.add_argument("--init-strength", type=float, default=None, help="with --init-image: 0 keeps it, 1 "
                            "starts from noise (default 0.75)")
             s.add_argument("--strength-rule", choices=STRENGTH_RULES, default=None,
