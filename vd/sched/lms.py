@@ -102,6 +102,8 @@ class LMS(SigmaSchedule):
             out = eps_fn(x / (s**2 + 1) ** 0.5, ts_dev[i])
             x0 = denoised(out, x, s, self.prediction_type)
             ds = (ds + [(x - x0) / s])[-ORDER:]
+            # parity: the order counts from the schedule's start even after a part-way start, where fewer
+            # derivatives are at hand: the sum below then uses the first weights only (as diffusers)
             coeffs = lms_coefficients(sig, i, min(i + 1, ORDER), dtype=torch.float32)
             # x_{i+1} = x_i + sum_j c_j·d_{i−j} (newest d first), in diffusers' summation order
             x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
