@@ -165,6 +165,9 @@ def noised_start(sampler, x0: Tensor, num_steps: int, t_enc: int, generator: Gen
     rule "diffusers" (every sampler that starts part-way): the level of the first step then run, by the sampler's
     own `noised_to_step` (diffusers' `add_noise`), as diffusers' img2img pipelines and loops built on them (e.g.
     MindEye's) start."""
+    if rule not in STRENGTH_RULES or (rule == "original" and not hasattr(sampler, "noised")):
+        raise ValueError(f"rule: expected one of {STRENGTH_RULES} ('original' with DDIM only), got {rule!r} for "
+                         f"{type(sampler).__name__}")
     z = randn(x0.shape, generator, x0.device, x0.dtype)
     if rule == "diffusers":
         return sampler.noised_to_step(x0, z, num_steps, max(num_steps - t_enc, 0))

@@ -191,6 +191,16 @@ def test_strength_rules_differ_by_one_step_of_noise(pipe, captured):
     assert torch.equal(diffusers.start, sampler.noised(x0, ts[3], z))
 
 
+def test_core_noised_start_names_a_rule_its_sampler_lacks():
+    """The functional core checks little, but a misspelt rule or the original's with another sampler is an error,
+    not a silent fallback."""
+    x0 = torch.zeros(1, 4, 2, 2)
+    for name, rule in (("ddim", "diffuser"), ("euler", "original")):
+        sampler = sampler_from_config(name, {})
+        with pytest.raises(ValueError, match=f"rule: expected one of .*got '{rule}' for {type(sampler).__name__}"):
+            core.noised_start(sampler, x0, 4, 2, seeded(0), rule)
+
+
 def test_init_image_is_its_encoded_latents(pipe):
     """An init image is VAE-encoded (one posterior draw per image from the generator, repeated for its samples),
     resized to the output size, then noised as init latents: the same draws in the same order."""
