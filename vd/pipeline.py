@@ -614,9 +614,9 @@ class VersatileDiffusion:
             checks.fail("strength_rule", rule, f"'diffusers' with scheduler {run.scheduler!r} (the original's rule "
                         "is DDIM's)")
         if not sampler.starts_part_way:
-            part_way = [n for n, cls in SCHEDULERS.items() if cls.starts_part_way]
-            raise ValueError(f"{name}: expected a scheduler that starts part-way ({', '.join(part_way)}), got "
-                             f"{run.scheduler!r}")
+            others = [n for n, cls in SCHEDULERS.items() if not cls.starts_part_way]
+            raise ValueError(f"{name}: expected a scheduler that starts part-way (any but {' and '.join(others)}), "
+                             f"got {run.scheduler!r}")
         return rule
 
     def _prepare_text(self, batch: int, *, steps, guidance, per_prompt, eta, generator, latents, callback,
