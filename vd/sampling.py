@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from vd.nn import AutoencoderKL, Context
-from vd.sched import randn
+from vd.sched import DDIM, randn
 
 EpsModel = Callable[[Tensor, Tensor, Sequence[Context]], Tensor]  # (x, t, streams) -> predicted noise
 EpsFn = Callable[[Tensor, Tensor], Tensor]  # (x, t) -> guided model output
@@ -165,7 +165,7 @@ def noised_start(sampler, x0: Tensor, num_steps: int, t_enc: int, generator: Gen
     rule "diffusers" (every sampler that starts part-way): the level of the first step then run, by the sampler's
     own `noised_to_step` (diffusers' `add_noise`), as diffusers' img2img pipelines and loops built on them (e.g.
     MindEye's) start."""
-    if rule not in STRENGTH_RULES or (rule == "original" and not hasattr(sampler, "noised")):
+    if rule not in STRENGTH_RULES or (rule == "original" and not isinstance(sampler, DDIM)):
         raise ValueError(f"rule: expected one of {STRENGTH_RULES} ('original' with DDIM only), got {rule!r} for "
                          f"{type(sampler).__name__}")
     z = randn(x0.shape, generator, x0.device, x0.dtype)

@@ -126,16 +126,6 @@ def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset:
     return timestep_points(spacing, num_steps, num_train, steps_offset)
 
 
-def first_step(skip: int | None, num: int) -> int:
-    """Where a loop of `num` steps starts: 0 from noise (skip None), else `skip`, in [0, num]: the sample given is
-    then noised to that step's level (`Schedule.noised_to_step`) and is not scaled by the start noise's std."""
-    if skip is None:
-        return 0
-    if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= num:
-        raise ValueError(f"skip: expected an int in [0, {num}], got {skip!r}")
-    return skip
-
-
 def check_one_spacing(schedule: "Schedule") -> None:
     """Karras, exponential and beta sigmas exclude each other (diffusers refuses two at once too)."""
     chosen = [name for name, on in [("Karras sigmas", schedule.karras),
@@ -177,8 +167,9 @@ class Schedule:
     # what this sampler's name sets whatever the config says (diffusers: `from_config(config, **overrides)`)
     OVERRIDES: ClassVar[dict[str, Any]] = {}
     # whether sample(..., skip=k) starts from a sample noised part-way (init images, fidelity), made by
-    # `noised_to_step` (diffusers' img2img rule) or, for DDIM, by vd.sampling.noised_start (the original's)
-    starts_part_way: ClassVar[bool] = False
+    # `noised_to_step` (diffusers' img2img rule) or, for DDIM, by vd.sampling.noised_start (the original's); all
+    # but PNDM and DDIM inversion do
+    starts_part_way: ClassVar[bool] = True
     # model evaluations per step (diffusers' `scheduler.order`): the callback's index i counts evaluations; the
     # reference pipelines report step i // evals_per_step to the user (after filtering i by callback_steps)
     evals_per_step: ClassVar[int] = 1
@@ -284,13 +275,28 @@ class Schedule:
         """Std of the start noise: 1 for the variance-preserving samplers (the sigma-space ones override it)."""
         return 1.0
 
+    def start(self, x: Tensor, num_steps: int, skip: int | None, num: int) -> tuple[Tensor, int]:
+        """(x, the first step) of a loop of `num` steps: from unit noise x scaled to the start noise's std (skip
+        None), or at step `skip` in [0, num] from x as given, already noised to that step's level
+        (`noised_to_step`)."""
+        if skip is None:
+            return x * self.init_noise_sigma(num_steps), 0
+        if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= num:
+            raise ValueError(f"skip: expected an int in [0, {num}], got {skip!r}")
+        return x, skip
+
+    def noised(self, x0: Tensor, t: int, noise: Tensor) -> Tensor:
+        """x0 diffused to timestep t: sqrt(alpha_t) x0 + sqrt(1 - alpha_t) noise (the forward process, DDIM eq. 4),
+        in float32 at least (float64 stays float64, as diffusers' add_noise), returned in x0's dtype."""
+        dtype = torch.promote_types(x0.dtype, torch.float32)
+        a = self.alpha_bars()[t].to(x0.device, dtype)
+        return (a**0.5 * x0.to(dtype) + (1 - a) ** 0.5 * noise.to(dtype)).to(x0.dtype)
+
     def noised_to_step(self, x0: Tensor, noise: Tensor, num_steps: int, step: int) -> Tensor:
         """x0 noised to the level of step `step` of `num_steps`, where `sample(..., skip=step)` starts: diffusers'
-        `add_noise` at the first timestep its img2img pipelines run, sqrt(alpha_t)·x0 + sqrt(1 − alpha_t)·noise at
-        t = timesteps[step] (the sigma-space and multistep samplers override it). In x0's dtype, as diffusers."""
-        t = int(self.timesteps(num_steps)[step])
-        a = self.alpha_bars()[t].to(x0.device, x0.dtype)
-        return a**0.5 * x0 + (1 - a) ** 0.5 * noise.to(x0.dtype)
+        `add_noise` at the first timestep its img2img pipelines run, `noised` at t = timesteps[step] (the
+        sigma-space and multistep samplers override it)."""
+        return self.noised(x0, int(self.timesteps(num_steps)[step]), noise)
 
     def sigma_range(self, low: float, high: float) -> tuple[float, float]:
         """(sigma_min, sigma_max) of Karras, exponential or beta sigmas: the config's where given, else the schedule's

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, ClippedX0, EpsFn, Schedule, first_step
+from .common import Callback, ClippedX0, EpsFn, Schedule
 from .noise import step_noises
 
 
@@ -63,7 +63,6 @@ class DDIM(ClippedX0, Schedule):
     set_alpha_to_one: bool = True
     rescale_betas_zero_snr: bool = False
 
-    starts_part_way: ClassVar[bool] = True
     ZERO_SNR_FLOOR: ClassVar[float | None] = None
 
     def sample(
@@ -81,7 +80,7 @@ class DDIM(ClippedX0, Schedule):
         if noise is not None and generator is not None:
             raise ValueError("pass either noise or generator, not both")
         ts = self.timesteps(num_steps)
-        begin = first_step(skip, len(ts))
+        x, begin = self.start(x, num_steps, skip, len(ts))  # (DDIM's start noise has std 1)
         a_bar = self.alpha_bars()  # (T,) float32
         a_last = torch.tensor(1.0, dtype=torch.float32) if self.set_alpha_to_one else a_bar[0]  # "alpha_{-1}"
         # parity: diffusers steps back by T // N even for "linspace"/"trailing" (diffusers issue #12633)
@@ -89,8 +88,6 @@ class DDIM(ClippedX0, Schedule):
         ts_dev = ts.to(x.device).unbind()  # 0-d timesteps passed to eps_fn and callback
         # fresh noise only when eta > 0, so the generator advances exactly as in diffusers
         draw = step_noises(noise, generator, len(ts)) if eta > 0 else None
-        if skip is None:
-            x = x * self.init_noise_sigma(num_steps)  # 1: DDIM starts from unit-variance noise
         for i, t in enumerate(ts.tolist()[begin:], start=begin):
             out = eps_fn(x, ts_dev[i])
             z = draw(i, out, out.dtype) if draw is not None else None
@@ -113,9 +110,3 @@ class DDIM(ClippedX0, Schedule):
             if a < a_prev:  # sigma_t^2 <= 1 - alpha_{t-1}  <=>  eta^2 <= (1 - alpha_t) / (1 - alpha_t / alpha_{t-1})
                 bound = min(bound, ((1 - a) / (1 - a / a_prev)) ** 0.5)
         return bound
-
-    def noised(self, x0: Tensor, t: int, noise: Tensor) -> Tensor:
-        """x0 diffused to timestep t: sqrt(alpha_t) x0 + sqrt(1 - alpha_t) noise (the forward process, eq. 4)."""
-        dtype = torch.promote_types(x0.dtype, torch.float32)  # float64 stays float64, as diffusers' add_noise
-        a = self.alpha_bars()[t].to(x0.device, dtype)
-        return (a**0.5 * x0.to(dtype) + (1 - a) ** 0.5 * noise.to(dtype)).to(x0.dtype)

@@ -33,6 +33,7 @@ class DDIMInverse(Schedule):
     rescale_betas_zero_snr: bool = False
 
     ZERO_SNR_FLOOR: ClassVar[float | None] = None  # (alpha_bar keeps its 0 at t = T − 1, as diffusers')
+    starts_part_way: ClassVar[bool] = False  # (it starts from an image's latents, not part-way)
 
     def __post_init__(self) -> None:
         super().__post_init__()

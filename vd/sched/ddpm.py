@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, ClippedX0, EpsFn, Schedule, first_step
+from .common import Callback, ClippedX0, EpsFn, Schedule
 from .noise import step_noises
 from .sigmas import vp_x0
 
@@ -33,7 +33,6 @@ class DDPM(ClippedX0, Schedule):
     rescale_betas_zero_snr: bool = False
 
     ZERO_SNR_FLOOR: ClassVar[float | None] = None
-    starts_part_way: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.variance_type is None:  # as a DPM-Solver config saves it; diffusers' DDPM runs it as fixed_small
@@ -55,9 +54,7 @@ class DDPM(ClippedX0, Schedule):
         z = step_noises(noise, generator, len(ts))
         a_bar, one = self.alpha_bars(), torch.tensor(1.0)
         t_list, ts_dev = ts.tolist(), ts.to(x.device).unbind()
-        begin = first_step(skip, len(t_list))
-        if skip is None:
-            x = x * self.init_noise_sigma(num_steps)
+        x, begin = self.start(x, num_steps, skip, len(t_list))
         for i, t in enumerate(t_list[begin:], start=begin):
             out = eps_fn(x, ts_dev[i])
             a = a_bar[t]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, first_step
+from .common import Callback, EpsFn
 from .multistep import MultistepSchedule
 from .sigmas import log_snr, vp, vp_x0
 
@@ -67,8 +67,6 @@ class DEIS(MultistepSchedule):
             object.__setattr__(self, "solver_type", "logrho")
         self.check_choice("solver_type", ("logrho",))
 
-    starts_part_way: ClassVar[bool] = True
-
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
         noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
@@ -77,9 +75,7 @@ class DEIS(MultistepSchedule):
         skip: start at step `skip` from x noised to that step's level (`noised_to_step`: diffusers' img2img)."""
         ts, sig = self.schedule(num_steps)
         ts_dev = ts.to(x.device).unbind()
-        begin = first_step(skip, len(ts))
-        if skip is None:
-            x = x * self.init_noise_sigma(num_steps)
+        x, begin = self.start(x, num_steps, skip, len(ts))
         eps: list[Tensor] = []  # the noise at past steps (from the thresholded x0 where thresholding), newest last
         for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             out = eps_fn(x, ts_dev[i])

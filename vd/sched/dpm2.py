@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, first_step
+from .common import Callback, EpsFn
 from .noise import step_noises
 from .sigma_space import SigmaSchedule
 from .sigmas import denoised, sigma_to_t, train_sigmas
@@ -42,7 +42,6 @@ class DPM2(SigmaSchedule):
 
     PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")  # diffusers: "sample" not implemented
     evals_per_step: ClassVar[int] = 2
-    starts_part_way: ClassVar[bool] = True
     ancestral: ClassVar[bool] = False
 
     def spread_timesteps(self, sig: Tensor, train: Tensor) -> Tensor:
@@ -89,9 +88,7 @@ class DPM2(SigmaSchedule):
             out = eps_fn(x_s / (s**2 + 1) ** 0.5, t)
             return (x_s - denoised(out, x_s, s, self.prediction_type)) / s, out
 
-        begin = first_step(skip, len(ts))
-        if skip is None:
-            x = x * self.init_noise_sigma(num_steps)
+        x, begin = self.start(x, num_steps, skip, len(ts))
         k = 2 * begin  # evaluation counter, as the callback's index (step i starts at evaluation 2i)
         for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             d, _ = slope(x, sig[i], ts_dev[i])

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, first_step
+from .common import Callback, EpsFn
 from .multistep import MultistepSchedule
 from .noise import step_noises
 from .sigmas import log_snr, vp, vp_x0
@@ -56,8 +56,6 @@ class DPMSolverPP(MultistepSchedule):
                                  " (diffusers refuses 'zero' with it)")
             object.__setattr__(self, "algorithm_type", "dpmsolver++")
 
-    starts_part_way: ClassVar[bool] = True
-
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
         generator: torch.Generator | Sequence[torch.Generator] | None = None, eta: float = 0.0,
@@ -70,9 +68,7 @@ class DPMSolverPP(MultistepSchedule):
         z = step_noises(noise, generator, len(ts)) if self.sde else None
         lam = [log_snr(s) for s in sig]  # lambda at each sigma (inf at the final 0)
         ts_dev = ts.to(x.device).unbind()
-        begin = first_step(skip, len(ts))
-        if skip is None:
-            x = x * self.init_noise_sigma(num_steps)
+        x, begin = self.start(x, num_steps, skip, len(ts))
         ms: list[Tensor] = []  # the model's x0 at past steps, newest last
         for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             out = eps_fn(x, ts_dev[i])

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, first_step
+from .common import Callback, EpsFn
 from .dpmpp import DPMSolverPP
 from .noise import step_noises
 from .sigmas import log_snr, vp, vp_x0
@@ -68,9 +68,7 @@ class DPMSolverPPSinglestep(DPMSolverPP):
         lam = [log_snr(s) for s in sig]  # lambda at each sigma (inf at a final 0)
         ts_dev = ts.to(x.device).unbind()
         orders = self.orders(num_steps)
-        begin = first_step(skip, len(orders))
-        if skip is None:
-            x = x * self.init_noise_sigma(num_steps)
+        x, begin = self.start(x, num_steps, skip, len(orders))
         ms: list[Tensor] = []  # the model's x0 at past steps, newest last
         anchor = x  # x where the current group started
         for i in range(begin, len(orders)):

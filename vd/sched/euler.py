@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, first_step
+from .common import Callback, EpsFn
 from .noise import step_noises
 from .sigma_space import SigmaSchedule
 from .sigmas import denoised
@@ -57,8 +57,6 @@ class Euler(SigmaSchedule):
     def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
         return train[0] if self.final_sigmas_type == "sigma_min" else train.new_zeros(())
 
-    starts_part_way: ClassVar[bool] = True
-
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
         noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
@@ -67,9 +65,7 @@ class Euler(SigmaSchedule):
         skip: start at step `skip` from x noised to that step's level (`noised_to_step`: diffusers' img2img)."""
         ts, sig = self.schedule(num_steps)
         ts_dev = ts.to(x.device).unbind()
-        begin = first_step(skip, len(ts))
-        if skip is None:
-            x = x * self.init_noise_sigma(num_steps)
+        x, begin = self.start(x, num_steps, skip, len(ts))
         for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             s, s_next = sig[i], sig[i + 1]
             out = eps_fn(x / (s**2 + 1) ** 0.5, ts_dev[i])  # the model sees the variance-preserving x_t
@@ -90,7 +86,6 @@ class EulerAncestral(SigmaSchedule):
 
     PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
     UNSUPPORTED: ClassVar[dict[str, Any]] = {}  # diffusers' class has no use_karras_sigmas: it ignores the key
-    starts_part_way: ClassVar[bool] = True
 
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *,
@@ -103,9 +98,7 @@ class EulerAncestral(SigmaSchedule):
         ts, sig = self.schedule(num_steps)
         z = step_noises(noise, generator, len(ts))
         ts_dev = ts.to(x.device).unbind()
-        begin = first_step(skip, len(ts))
-        if skip is None:
-            x = x * self.init_noise_sigma(num_steps)
+        x, begin = self.start(x, num_steps, skip, len(ts))
         for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             s, s_next = sig[i], sig[i + 1]
             out = eps_fn(x / (s**2 + 1) ** 0.5, ts_dev[i])

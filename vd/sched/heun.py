@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, first_step
+from .common import Callback, EpsFn
 from .sigma_space import SigmaSchedule
 from .sigmas import denoised
 
@@ -33,7 +33,6 @@ class Heun(SigmaSchedule):
     use_beta_sigmas: bool = False
 
     evals_per_step: ClassVar[int] = 2
-    starts_part_way: ClassVar[bool] = True
 
     def timesteps(self, num_steps: int) -> Tensor:
         """float32 timesteps of the 2N − 1 evaluations: t_0, then t_i twice for i >= 1."""
@@ -55,9 +54,7 @@ class Heun(SigmaSchedule):
             x0 = denoised(eps_fn(x_s / (s**2 + 1) ** 0.5, t), x_s, s, self.prediction_type)
             return (x_s - (x0 if clip is None else x0.clamp(-clip, clip))) / s
 
-        begin = first_step(skip, len(ts))
-        if skip is None:
-            x = x * self.init_noise_sigma(num_steps)
+        x, begin = self.start(x, num_steps, skip, len(ts))
         k = 2 * begin  # evaluation counter, as the callback's index (step i starts at evaluation 2i)
         for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             s, s_next = sig[i], sig[i + 1]

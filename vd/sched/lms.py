@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, first_step
+from .common import Callback, EpsFn
 from .sigma_space import SigmaSchedule
 from .sigmas import denoised
 
@@ -81,8 +81,6 @@ class LMS(SigmaSchedule):
         """The schedule's own ends: diffusers' LMS ignores a config's sigma_min and sigma_max."""
         return low, high
 
-    starts_part_way: ClassVar[bool] = True
-
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
         noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
@@ -92,9 +90,7 @@ class LMS(SigmaSchedule):
         skip: start at step `skip` from x noised to that step's level (`noised_to_step`: diffusers' img2img)."""
         ts, sig = self.schedule(num_steps)  # (N,), (N+1,) float32
         ts_dev = ts.to(x.device).unbind()  # 0-d timesteps passed to eps_fn and callback
-        begin = first_step(skip, len(ts))
-        if skip is None:
-            x = x * self.init_noise_sigma(num_steps)
+        x, begin = self.start(x, num_steps, skip, len(ts))
         ds: list[Tensor] = []  # last ORDER derivatives d = dx/dsigma, oldest first
         for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             s = sig[i]  # 0-d float32

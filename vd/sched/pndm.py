@@ -51,6 +51,7 @@ class PNDM(Schedule):
     set_alpha_to_one: bool = False
 
     PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
+    starts_part_way: ClassVar[bool] = False  # diffusers' img2img runs its PLMS warm-up out of step
 
     def timesteps(self, num_steps: int) -> Tensor:
         """int64 timesteps of every model evaluation, as `PNDMScheduler.set_timesteps(num_steps)`."""

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .common import Callback, EpsFn, first_step
+from .common import Callback, EpsFn
 from .multistep import MultistepSchedule
 from .sigmas import log_snr, vp, vp_eps, vp_x0
 
@@ -52,8 +52,6 @@ class UniPC(MultistepSchedule):
             raise ValueError("predict_x0=False needs final_sigmas_type 'sigma_min' for UniPC: ending at sigma 0, its "
                              "last step multiplies 0 by an infinite h and gives NaN (as in diffusers)")
 
-    starts_part_way: ClassVar[bool] = True
-
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
         noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
@@ -63,9 +61,7 @@ class UniPC(MultistepSchedule):
         ts, sig = self.schedule(num_steps)
         lam = [log_snr(s) for s in sig]  # lambda at each sigma (inf at the final 0)
         ts_dev = ts.to(x.device).unbind()
-        begin = first_step(skip, len(ts))
-        if skip is None:
-            x = x * self.init_noise_sigma(num_steps)
+        x, begin = self.start(x, num_steps, skip, len(ts))
         ms: list[Tensor] = []  # past x0 predictions, newest last
         x_last, order = x, 1  # x and the predictor's order of the previous step
         for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
