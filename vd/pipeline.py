@@ -678,6 +678,7 @@ class VersatileDiffusion:
 
         def on_step(i: int, t: Tensor, latents: Tensor) -> None:
             bar.update()
+            i -= skipped  # a partial run counts from its first step, as diffusers' img2img loops do
             if run.callback is not None and i % run.callback_steps == 0:  # parity: i counts model evaluations
                 run.callback(i // s.sampler.evals_per_step, t, latents)
 

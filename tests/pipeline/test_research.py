@@ -110,10 +110,11 @@ def test_text_to_image_from_init_latents(pipe, captured, steps, strength, check)
 
 
 def diffusers_img2img(folder, name: str, image, x0: torch.Tensor, steps: int, strength: float, guidance: float,
-                      seed: int) -> torch.Tensor:
+                      seed: int, callback_steps: int = 1) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Image variation from init latents as diffusers' img2img pipelines start it, written out with the reference
     pipeline's own parts as MindEye's reconstruction loop does (its recipe: UniPC, 20 steps, strength 0.85): the
-    last int(strength * steps) timesteps run, from x0 noised by the scheduler's add_noise to the first of them."""
+    last int(strength * steps) timesteps run, from x0 noised by the scheduler's add_noise to the first of them.
+    Also returns the (step, t) pairs the pipelines' callback would see."""
     from diffusers import DDIMScheduler, LMSDiscreteScheduler  # (the oracle; test-only)
     from diffusers.utils.torch_utils import randn_tensor
     from sampler_table import REF
@@ -131,11 +132,14 @@ def diffusers_img2img(folder, name: str, image, x0: torch.Tensor, steps: int, st
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(t_start * sched.order)
         x = sched.add_noise(x0, randn_tensor(x0.shape, generator=gen), timesteps[:1].repeat(len(x0)))
-        for t in timesteps:
+        seen = []
+        for i, t in enumerate(timesteps):
             inp = sched.scale_model_input(torch.cat([x, x]), t)
             uncond, cond = ref.image_unet(inp, t, encoder_hidden_states=tokens).sample.chunk(2)
             x = sched.step(uncond + guidance * (cond - uncond), t, x, **step_kw).prev_sample
-    return x
+            if i % callback_steps == 0:
+                seen.append((i // sched.order, int(t)))
+    return x, seen
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (the oracle's schedulers, under numpy 2)
@@ -148,11 +152,14 @@ def test_init_latents_under_diffusers_rule(ours, folder, name, steps, strength, 
     "diffusers", the default for all but DDIM, which takes it when asked): the latents equal the reference's
     parts run that way, within 1e-5 of their scale (fp32)."""
     image, x0 = random_image(50, (40, 56)), torch.randn(1, 4, 8, 8, generator=seeded(51))
-    want = diffusers_img2img(folder, name, image, x0, steps, strength, 5.0, seed=52)
+    want, want_seen = diffusers_img2img(folder, name, image, x0, steps, strength, 5.0, seed=52, callback_steps=2)
+    seen = []
     got = ours.image_variation(image, init_latents=x0, strength=strength, strength_rule=rule, scheduler=name,
                                num_inference_steps=steps, guidance_scale=5.0, generator=seeded(52),
-                               output_type="latent", progress=False).images
+                               output_type="latent", progress=False, callback_steps=2,
+                               callback=lambda i, t, x: seen.append((i, int(t)))).images
     check(((got - want).abs().max() / want.abs().max()).item(), 1e-5, name)
+    assert seen == want_seen  # the callback counts the steps run from 0, as diffusers' img2img loops do
 
 
 @pytest.mark.parametrize("scheduler,start", [("ddim", False), ("ddim", True), ("heun", True), ("dpm2_a", False),
