@@ -652,12 +652,17 @@ class VersatileDiffusion:
 
     def _init_latents(self, run: "_Call") -> Tensor:
         """The init latents of a run, one row per sample: given, or one posterior draw per init image from its
-        generator (the first of its samples), repeated for its samples as the original does."""
-        x0 = run.init_latents
+        generator (the first of its samples), repeated for its samples as the original does. Under diffusers' rule
+        a list of generators draws one posterior sample per output, each from its own generator, as diffusers'
+        img2img pipelines do (which then pair images with prompts tiled, not in order, when both are several)."""
+        x0, images, gens = run.init_latents, run.init_images, run.generator
         if x0 is None:
-            gens = run.generator[::run.per_prompt] if isinstance(run.generator, list) else run.generator
+            if isinstance(gens, list) and run.sampling.strength_rule == "diffusers":
+                images = images.repeat_interleave(run.per_prompt, dim=0)
+            elif isinstance(gens, list):
+                gens = gens[::run.per_prompt]
             with torch.autocast(self.device.type, enabled=False):  # in the VAE's dtype, as the decode
-                x0 = core.encode_latents(self.components.vae, run.init_images, gens)
+                x0 = core.encode_latents(self.components.vae, images, gens)
         x0 = x0.to(self.device, self.dtype)
         return x0 if len(x0) == run.shape[0] else x0.repeat_interleave(run.per_prompt, dim=0)
 

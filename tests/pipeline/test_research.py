@@ -221,6 +221,34 @@ def test_init_image_is_its_encoded_latents(pipe):
     assert got.shape == (2, 4, 6, 5) and torch.equal(got, want)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (the oracle's schedulers, under numpy 2)
+@pytest.mark.parametrize("name,strength", [("euler", 0.5), ("unipc", 0.75), ("ddim", 0.5)])
+def test_init_image_with_generator_lists_draws_as_diffusers_img2img(ours, folder, captured, name, strength, check):
+    """Under diffusers' rule a list of generators draws one posterior sample per output, each from its own
+    generator, then that generator's noise, as diffusers' img2img pipelines prepare their latents (the image
+    repeated per output, each row encoded with generator i; the scheduler's add_noise at the first step run)."""
+    from diffusers.utils.torch_utils import randn_tensor  # (the oracle; test-only)
+    from sampler_table import REF
+
+    img, n, steps = random_image(60, (48, 40)), 2, 6
+    ours.text_to_image("the cat", init_image=img, strength=strength, strength_rule="diffusers", scheduler=name,
+                       num_images_per_prompt=n, num_inference_steps=steps, generator=[seeded(61), seeded(62)],
+                       output_type="latent", progress=False)
+    ref = tp.reference("text_to_image", folder)
+    cls, override = {**REF, "ddim": (type(ref.scheduler), {})}[name]
+    sched = cls.from_config(ref.scheduler.config, **override)
+    sched.set_timesteps(steps)
+    t_start = steps - int(steps * strength)
+    gens = [seeded(61), seeded(62)]
+    pixels = (2 * resized([img], 48, 40) - 1).repeat(n, 1, 1, 1)
+    with torch.no_grad():
+        x0 = torch.cat([ref.vae.encode(pixels[i:i + 1]).latent_dist.sample(gens[i]) for i in range(n)])
+    x0 = ref.vae.config.scaling_factor * x0
+    want = sched.add_noise(x0, randn_tensor(x0.shape, generator=gens), sched.timesteps[t_start * sched.order:][:1])
+    (call,) = captured
+    check(((call.start - want).abs().max() / want.abs().max()).item(), 1e-5, name)
+
+
 def test_one_init_latent_serves_every_prompt(pipe):
     """init_latents with one row are every prompt's start, as one init image is."""
     x0 = torch.randn(1, 4, 6, 5, generator=seeded(40))
