@@ -17,10 +17,15 @@ SUFFIXES = (".npy", ".pt", ".safetensors")
 
 
 def npy_bytes(latents: Tensor) -> bytes:
-    """One output's latents [C, h, w] as a float32 .npy file of one row, [1, C, h, w]: the batch of one that the
-    flows' `latents=`/`init_latents=` take (and `{"file": ...}` reads back)."""
+    """One output's latents ([C, h, w], or a text flow's [768]) as a float32 .npy file of one row, [1, ...]: the
+    batch of one that the flows' `latents=`/`init_latents=` take (and `{"file": ...}` reads back)."""
+    return npy_rows(latents[None])
+
+
+def npy_rows(rows: Tensor) -> bytes:
+    """A batch of latents, as it is, as a float32 .npy file."""
     buf = io.BytesIO()
-    np.save(buf, latents[None].detach().float().cpu().numpy())
+    np.save(buf, rows.detach().float().cpu().numpy())
     return buf.getvalue()
 
 

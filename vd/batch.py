@@ -18,13 +18,13 @@ task and shared arguments go `--batch-size` to a facade call; every other job ru
 output, which is then exactly that one-output call. The batches are made from the whole file, so any number of
 ranks and any restart run the same calls. Under torchrun (WORLD_SIZE > 1) the batches are dealt round-robin to
 the ranks, one device each (cuda:LOCAL_RANK, else the CPU); torch.distributed only gathers the final counts.
-Outputs: DIR/ID-K.png (a text flow's: DIR/ID-K.txt, one sentence; with "output_type": "latent", DIR/ID-K.npy,
-the latents [1, 4, h, w]) and its record DIR/ID-K.json, each written atomically (temporary file, fsync, rename;
-SIGTERM/SIGINT wait for the pair being written). The record carries the SHA-256 of the job's task, seed and
-arguments (and of its array files' sizes and mtimes): an output is finished when its file exists and its record
-reads and matches the job, so a damaged record, an edited job or a rewritten array file is made again on a rerun.
-At the end rank 0 merges the records, in job order, into DIR/records.jsonl. Runs sharing DIR (concurrent, or the
-ranks of other nodes) leave each other's temporary files alone.
+Outputs: DIR/ID-K.png (a text flow's: DIR/ID-K.txt, one sentence; with "output_type": "latent", DIR/ID-K.npy, the
+latents [1, 4, h, w], or a text flow's [1, 768]) and its record DIR/ID-K.json, each written atomically (temporary
+file, fsync, rename; SIGTERM/SIGINT wait for the pair being written). The record carries the SHA-256 of the job's
+task, seed and arguments (and of its array files' sizes and mtimes): an output is finished when its file exists and
+its record reads and matches the job, so a damaged record, an edited job or a rewritten array file is made again on
+a rerun. At the end rank 0 merges the records, in job order, into DIR/records.jsonl. Runs sharing DIR (concurrent,
+or the ranks of other nodes) leave each other's temporary files alone.
 """
 
 import argparse
@@ -49,7 +49,7 @@ from vd import checks, files
 from vd.arrays import npy_bytes
 from vd.fast import EAGER
 from vd.files import OutputError
-from vd.jobs import PER_JOB, SCHEDULER_SETTINGS, Job, read_jobs
+from vd.jobs import PER_JOB, SCHEDULER_SETTINGS, TEXT_TASKS, Job, read_jobs
 from vd.pipeline import DEFAULT_REPO, VersatileDiffusion
 
 RECORDS = "records.jsonl"
@@ -96,6 +96,8 @@ def _alone(pipe: VersatileDiffusion, job: Job, loaded: dict) -> list[PIL.Image.I
     (and of its `init_latents` when it has one row per output), under its scheduler settings if it has some."""
     kwargs, n, outputs = {**job.args, **loaded, job.count_key: 1}, job.args[job.count_key], []
     settings, saved = kwargs.pop(SCHEDULER_SETTINGS, None), pipe.scheduler_config
+    if job.task in TEXT_TASKS:
+        kwargs.pop("output_type", None)  # the text flows return both the sentences and their latents
     try:
         if settings is not None:
             pipe.scheduler_config = {**saved, **settings}
@@ -105,7 +107,10 @@ def _alone(pipe: VersatileDiffusion, job: Job, loaded: dict) -> list[PIL.Image.I
                 if kw.get(key) is not None and len(kw[key]) == n:
                     kw[key] = kw[key][k:k + 1]
             out = getattr(pipe, job.task)(**kw)
-            outputs.append(out.texts[0] if job.suffix == ".txt" else out.images[0])
+            if job.task in TEXT_TASKS:
+                outputs.append(out.texts[0] if job.suffix == ".txt" else out.latents[0])
+            else:
+                outputs.append(out.images[0])
     finally:
         if settings is not None:
             pipe.scheduler_config = saved
@@ -382,8 +387,8 @@ def _run(args, jobs: list[Job], malformed: list[tuple[int, str]], rank: int, wor
 
 
 def _save(out: Path, name: str, output: PIL.Image.Image | str | torch.Tensor, job: Job, k: int, info: dict) -> None:
-    """The output (a PNG, a text file of one line, or latents [4, h, w] as a float32 .npy file of one row, which a
-    job can name again as its `latents` or `init_latents`), then its record."""
+    """The output (a PNG, a text file of one line, or latents [4, h, w] or a text flow's [768] as a float32 .npy
+    file of one row, which a job can name again as its `latents` or `init_latents`), then its record."""
     if isinstance(output, str):
         files.write_bytes(out / f"{name}.txt", (output + "\n").encode())
         what = dict(text=f"{name}.txt", sentence=output)

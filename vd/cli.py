@@ -12,7 +12,7 @@ import PIL.Image
 import torch
 
 from vd import checks, files
-from vd.arrays import npy_bytes
+from vd.arrays import npy_bytes, npy_rows
 from vd.fast import EAGER
 from vd.files import OutputError, check_writable
 from vd.images import open_image
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     def common(s: argparse.ArgumentParser, text: bool = False) -> None:
         if text:
             s.add_argument("-o", "--output", default=None, help="text file to write, one sentence per line "
-                           "(default: print them)")
+                           "(default: print them), or .npy for their text latents (float32 [N, 768])")
             s.add_argument("--num-texts", dest="num_images", type=int, default=1, help="sentences to generate "
                            "(default 1)")
             s.add_argument("--temperature", type=float, default=1.0, help="decoding temperature (default 1)")
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         except (ValueError, TypeError) as e:
             raise UserError(f"--scheduler-set: {e}") from None
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, progress=not args.no_progress)
-    texts = []
+    texts, text_latents = [], []
     for chunk in chunks:  # image (text) k is drawn from its own generator seeded with seed + k, whatever the chunks
         kwargs["generator"] = [torch.Generator().manual_seed(seed + k) for k in chunk]
         if task in TEXT_TASKS:
@@ -236,6 +236,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             out = (pipe.image_to_text(image, **kwargs) if task == "image_to_text" else
                    pipe.text_variation(args.prompt, negative_prompt=negative, **kwargs))
             texts += out.texts
+            text_latents.append(out.latents)
             continue
         kwargs.update(height=args.height, width=args.width, num_images_per_prompt=len(chunk), init_image=init,
                       strength=args.init_strength, strength_rule=args.strength_rule,
@@ -258,7 +259,10 @@ def run(args: argparse.Namespace) -> list[Path]:
                 files.save(paths[k], lambda tmp: img.save(tmp, format=fmt))
             print(paths[k], flush=True)  # listed as soon as it is complete (an interrupt keeps what is listed)
     if task in TEXT_TASKS:
-        if paths:
+        if paths and paths[0].suffix.lower() == LATENTS:
+            files.write_bytes(paths[0], npy_rows(torch.cat(text_latents)))
+            print(paths[0])
+        elif paths:
             files.write_bytes(paths[0], ("\n".join(texts) + "\n").encode())
             print(paths[0])
         else:

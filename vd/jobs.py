@@ -30,7 +30,7 @@ SIZE = ("height", "width", "num_inference_steps", "guidance_scale", "num_images_
 COMMON = ("negative_prompt", *SIZE)
 START = ("latents", "init_image", "init_latents", "strength", "strength_rule")  # where an image flow starts
 TEXT = ("num_inference_steps", "guidance_scale", "num_texts_per_prompt", "eta", "scheduler", "latents",
-        "temperature", "top_k", "top_p", "greedy", "max_length", "dedupe")
+        "temperature", "top_k", "top_p", "greedy", "max_length", "dedupe", "output_type")
 # each entry of REQUIRED is a group of alternatives: exactly one of them is given
 REQUIRED = {"text_to_image": (("prompt", "prompt_embeds"),), "image_variation": (("image", "image_embeds"),),
             "dual_guided": (("prompt", "prompt_embeds"), ("image", "image_embeds")), "blend": (("images",),),
@@ -57,6 +57,7 @@ BATCH_KEYS = {"task", "seed", "id", "prompt", "image", "text_to_image_strength",
 # of the first three flows keep the digests that earlier versions wrote into their records
 FILLED = {*BATCH_KEYS - {"output_type"}, "num_texts_per_prompt"}
 OUTPUT_TYPES = ("pil", "latent")  # a PNG, or the final latents as a .npy file (float32 [1, 4, h, w])
+TEXT_OUTPUT_TYPES = ("text", "latent")  # a sentence, or the text latents it decodes as a .npy file (float32 [1, 768])
 PER_JOB = {"prompt", "image", "negative_prompt"}  # the arguments that may differ inside one batch
 # array references: the rank of the array (a row keeps its leading batch dim of 1)
 RANKS = {"prompt_embeds": 3, "negative_prompt_embeds": 3, "image_embeds": 3, "negative_image_embeds": 3,
@@ -144,7 +145,7 @@ KEYS = {
     "num_texts_per_prompt": Key(int, lambda n, v: checks.integer(n, v, 1)),
     "eta": Key(float, lambda n, v: checks.eta(v)),
     "scheduler": Key(str, lambda n, v: checks.choice(n, v, list(SCHEDULERS))),  # ddim_inverse: _check_together
-    "output_type": Key(str, lambda n, v: checks.choice(n, v, list(OUTPUT_TYPES))),
+    "output_type": Key(str),  # its values depend on the task: _check_together
     SCHEDULER_SETTINGS: Key(dict),  # checked with the job's scheduler, in _check_together
     # image_variation: a number; blend: a number or one per image
     "focus": Key((float, list), _numbers(0.0, 1.0)),
@@ -186,9 +187,9 @@ class Job:
 
     @property
     def suffix(self) -> str:
-        if self.task in TEXT_TASKS:
-            return ".txt"
-        return ".npy" if self.args.get("output_type") == "latent" else ".png"
+        if self.args.get("output_type") == "latent":
+            return ".npy"
+        return ".txt" if self.task in TEXT_TASKS else ".png"
 
     @property
     def pixels(self) -> int:
@@ -322,10 +323,13 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
 def _check_together(task: str, obj: dict) -> None:
     """What single keys cannot tell: a strength needs a start; blend's lists have one entry per image; DDIM
     inversion and colour matching need the output they make sense for."""
+    if "output_type" in obj:
+        checks.choice("output_type", obj["output_type"], list(TEXT_OUTPUT_TYPES if task in TEXT_TASKS else
+                                                              OUTPUT_TYPES))
     latent = obj.get("output_type") == "latent"
     if obj.get("scheduler") == "ddim_inverse" and not latent:
         checks.fail("scheduler", "ddim_inverse", 'a sampler that makes pictures or texts, or "output_type": "latent" '
-                    "with it (DDIM inversion turns image latents into noise)")
+                    "with it (DDIM inversion turns latents into noise)")
     if latent and obj.get("color_adjust"):
         checks.fail("color_adjust", True, 'false with "output_type": "latent" (colours are matched on the decoded '
                     "pictures)")

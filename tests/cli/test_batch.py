@@ -286,7 +286,7 @@ def test_scheduler_settings_checked_with_the_line(tmp_path):
                    (3, "scheduler_config: predict_x0=False needs final_sigmas_type 'sigma_min' for UniPC: ending at "
                        "sigma 0, its last step multiplies 0 by an infinite h and gives NaN (as in diffusers)"),
                    (5, "scheduler: expected a sampler that makes pictures or texts, or \"output_type\": \"latent\" "
-                       "with it (DDIM inversion turns image latents into noise), got 'ddim_inverse'")]
+                       "with it (DDIM inversion turns latents into noise), got 'ddim_inverse'")]
     (nulled,) = jobs  # null: as without the key
     (without,), _ = read_jobs(_write_jobs(tmp_path, [plain]))
     assert (nulled.id, nulled.args, nulled.digest) == (without.id, without.args, without.digest)

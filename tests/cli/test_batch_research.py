@@ -107,9 +107,11 @@ def _array(folder: Path, ref: dict) -> torch.Tensor:
 
 
 def _facade_call(pipe, folder: Path, line: dict, k: int):
-    """Output k of a job line as one facade call: its arguments, one output, generator seed + k."""
+    """Output k of a job line as one facade call: its arguments, one output, generator seed + k (a text job's
+    sentence, or its text latents [768] with "output_type": "latent")."""
     kw = {key: v for key, v in line.items() if key not in ("task", "id", "seed")}
     count = "num_texts_per_prompt" if line["task"] in ("image_to_text", "text_variation") else "num_images_per_prompt"
+    text_latents = count == "num_texts_per_prompt" and kw.pop("output_type", None) == "latent"
     n = kw.get(count, 1)
     kw[count] = 1
     for key in ("image", "init_image"):
@@ -124,6 +126,8 @@ def _facade_call(pipe, folder: Path, line: dict, k: int):
             kw[key] = a[k:k + 1] if key in ("latents", "init_latents") and len(a) == n else a
     out = getattr(pipe, line["task"])(**kw, generator=torch.Generator().manual_seed(line["seed"] + k),
                                       progress=False)
+    if text_latents:
+        return out.latents[0]
     return out.texts[0] if count == "num_texts_per_prompt" else out.images[0]
 
 
@@ -268,20 +272,51 @@ def test_latent_outputs_and_inversion(model, pipe, tmp_path, capsys):
     assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "back" / "back-0.png")), np.asarray(want))
 
 
+def test_text_latent_outputs(model, pipe, tmp_path, capsys):
+    """A text job with "output_type": "latent" writes each output's text latents, float32 [1, 768] (the tiny
+    model's width here), exactly as the facade returns them, instead of the sentence; a later job names the file
+    again as its `latents`. Finished ones are skipped on a rerun."""
+    lines = [dict(task="image_to_text", id="cap", seed=1, image="in.png", num_texts_per_prompt=2,
+                  output_type="latent", **TEXT),
+             dict(task="text_variation", id="words", seed=2, prompt="the cat", output_type="latent", **TEXT),
+             dict(task="text_variation", id="said", seed=3, prompt="the cat", output_type="text", **TEXT)]
+    jobs, out = _write(tmp_path, lines), tmp_path / "out"
+    assert _run(jobs, out, model) == 0, capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".json") == [
+        "cap-0.npy", "cap-1.npy", "records.jsonl", "said-0.txt", "words-0.npy"]
+    for line, k in [(lines[0], 0), (lines[0], 1), (lines[1], 0)]:
+        name = f"{line['id']}-{k}"
+        a = np.load(out / f"{name}.npy")
+        assert a.dtype == np.float32 and a.shape == (1, WIDE), name
+        assert json.loads((out / f"{name}.json").read_text())["latents"] == f"{name}.npy"
+        assert np.array_equal(a[0], _facade_call(pipe, tmp_path, line, k).numpy()), name
+    assert (out / "said-0.txt").read_text() == _facade_call(pipe, tmp_path, lines[2], 0) + "\n"
+    capsys.readouterr()
+    assert _run(jobs, out, model) == 0
+    assert "3 jobs: 0 done, 3 skipped" in capsys.readouterr().out
+
+    again = dict(task="image_to_text", id="again", seed=4, image="in.png", latents=_ref("out/cap-1.npy"), **TEXT)
+    (tmp_path / "again.jsonl").write_text(json.dumps(again) + "\n")
+    assert _run(tmp_path / "again.jsonl", tmp_path / "again", model) == 0
+    assert (tmp_path / "again" / "again-0.txt").read_text() == _facade_call(pipe, tmp_path, again, 0) + "\n"
+
+
 def test_start_and_output_lines_checked(tmp_path):
     plain = dict(task="image_variation", image="in.png", seed=1)
     lines = [dict(plain, output_type="np"), dict(plain, output_type="latent", color_adjust=True),
-             dict(task="image_to_text", image="in.png", seed=1, output_type="latent"),
+             dict(task="image_to_text", image="in.png", seed=1, output_type="pil"),
              dict(task="image_to_text", image="in.png", seed=1, scheduler="ddim_inverse"),
              dict(plain, output_type="latent", scheduler="ddim_inverse"),
-             dict(plain, strength_rule="diffusers"), dict(plain, init_image="in.png", strength_rule="img2img")]
+             dict(plain, strength_rule="diffusers"), dict(plain, init_image="in.png", strength_rule="img2img"),
+             dict(plain, output_type="text"), dict(task="text_variation", prompt="a", seed=1, output_type="latent")]
     jobs, bad = read_jobs(_write(tmp_path, lines))
     assert bad == [(1, "output_type: expected one of ['pil', 'latent'], got 'np'"),
                    (2, "color_adjust: expected false with \"output_type\": \"latent\" (colours are matched on the "
                        "decoded pictures), got True"),
-                   (3, "unknown key(s) for image_to_text: output_type"),
+                   (3, "output_type: expected one of ['text', 'latent'], got 'pil'"),
                    (4, "scheduler: expected a sampler that makes pictures or texts, or \"output_type\": \"latent\" "
-                       "with it (DDIM inversion turns image latents into noise), got 'ddim_inverse'"),
+                       "with it (DDIM inversion turns latents into noise), got 'ddim_inverse'"),
                    (6, "strength_rule: expected only with init_image or init_latents"),
-                   (7, "strength_rule: expected one of ['original', 'diffusers'], got 'img2img'")]
-    assert [j.suffix for j in jobs] == [".npy"]
+                   (7, "strength_rule: expected one of ['original', 'diffusers'], got 'img2img'"),
+                   (8, "output_type: expected one of ['pil', 'latent'], got 'text'")]
+    assert [j.suffix for j in jobs] == [".npy", ".npy"]

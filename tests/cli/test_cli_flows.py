@@ -65,6 +65,16 @@ def test_image_to_text_writes_a_file(model, files, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # written through a temporary file, replaced
 
 
+def test_text_flow_npy_output_is_the_text_latents(model, tmp_path, capsys):
+    """-o NAME.npy writes the text latents the sentences are decoded from: float32 [N, 768] (the tiny model's
+    width here), what the Python call returns as `.latents`."""
+    out = tmp_path / "words.npy"
+    assert main(["text-variation", "a cat", "--model", model, "--num-texts", "2", "-o", str(out), *FAST]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    got, want = np.load(out), _api(model, "text_variation", "a cat", num_texts_per_prompt=2).latents
+    assert got.dtype == np.float32 and got.shape == tuple(want.shape) and np.array_equal(got, want.numpy())
+
+
 def test_text_variation_greedy(model, capsys):
     args = ["text-variation", "a cat", "--model", model, "--greedy", "--negative", "rain", "--temperature", "0.5"]
     assert main([*args, *FAST]) == 0
