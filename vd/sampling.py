@@ -182,7 +182,13 @@ def noised_start(sampler, x0: Tensor, num_steps: int, t_enc: int, generator: Gen
 def encode_latents(vae: AutoencoderKL, images: Tensor, generator: Generator = None, sample: bool = True) -> Tensor:
     """Images [B, 3, H, W] in [0, 1] -> scaled latents, in the VAE's dtype: one posterior sample per image (drawn
     from `generator`), or with `sample=False` the posterior mean."""
-    post = vae.encode((2 * images - 1).to(_dtype(vae)))
+    return encode_pixels(vae, 2 * images - 1, generator, sample)
+
+
+def encode_pixels(vae: AutoencoderKL, pixels: Tensor, generator: Generator = None, sample: bool = True) -> Tensor:
+    """`encode_latents` of pixels as the VAE takes them (images mapped to [-1, 1]), for loops that feed it
+    something else: MindEye encodes its blurry pictures normalised with CLIP's mean and std."""
+    post = vae.encode(pixels.to(_dtype(vae)))
     if not sample:
         return vae.config.scaling_factor * post.mean
     z = randn(post.mean.shape, generator, post.mean.device, post.mean.dtype)

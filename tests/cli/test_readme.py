@@ -37,8 +37,8 @@ def blocks(lang: str) -> list[str]:
 
 
 def python_block(word: str) -> str:
-    """The Python block that mentions `word` (the main example: "captions"; the research ones: "pred_text.npy" and
-    "pred_clip_tokens.npy"; the inversion one: "ddim_inverse")."""
+    """The Python block that mentions `word` (the main example: "captions"; the research ones: "pred_text.npy",
+    "pred_clip_tokens.npy" and "CLIP_MEAN"; the inversion one: "ddim_inverse")."""
     (block,) = [b for b in blocks("python") if word in b]
     return block
 
@@ -205,6 +205,32 @@ def test_mindeye_example(model, tmp_path, monkeypatch):
                       generator=torch.Generator().manual_seed(i), progress=False).images[0]
         assert image_size(f"mindeye-{i}.png") == (48, 40)
         assert np.array_equal(np.asarray(PIL.Image.open(f"mindeye-{i}.png")), np.asarray(want)), i
+
+
+def test_mindeye_exact_start_example(model, tmp_path, monkeypatch):
+    """The exact-start MindEye example after the first (it uses its pipe and tokens), 4 steps on the tiny model:
+    each output is the call from init_latents encode_pixels made of the CLIP-normalised picture, drawn with the
+    generator the call then goes on with."""
+    from vd import VersatileDiffusion
+    from vd import sampling
+    monkeypatch.chdir(tmp_path)
+    _research_inputs(2, {"pred_clip_tokens.npy": (2, 257, 16)}, "blurry")
+    method = VersatileDiffusion.image_variation
+    monkeypatch.setattr(VersatileDiffusion, "image_variation",
+                        lambda self, *a, **k: method(self, *a, **{**k, "num_inference_steps": 4, "progress": False}))
+    names = {}
+    exec(python_block("pred_clip_tokens.npy").replace(f'"{HUB}"', repr(model)), names)
+    exec(python_block("CLIP_MEAN"), names)
+    pipe, tokens = names["pipe"], names["tokens"]
+    mean, std = names["CLIP_MEAN"], names["CLIP_STD"]
+    for i in range(2):
+        pixels = torch.from_numpy(np.array(PIL.Image.open(f"blurry/{i}.png"))).permute(2, 0, 1)[None] / 255
+        g = torch.Generator().manual_seed(i)
+        x0 = sampling.encode_pixels(pipe.components.vae, (pixels - mean) / std, g)
+        want = method(pipe, image_embeds=tokens[i:i + 1], init_latents=x0, strength=0.85, num_inference_steps=4,
+                      guidance_scale=3.5, generator=g, progress=False).images[0]
+        assert image_size(f"mindeye-exact-{i}.png") == (48, 40)
+        assert np.array_equal(np.asarray(PIL.Image.open(f"mindeye-exact-{i}.png")), np.asarray(want)), i
 
 
 def test_inversion_example(model, monkeypatch):

@@ -344,6 +344,36 @@ def test_encode_latents_against_the_reference_vae(pipe, folder, check):
     check(((got_drawn - drawn).abs().max() / drawn.abs().max()).item(), 1e-5, "drawn")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (the oracle's schedulers, under numpy 2)
+def test_mindeye_start_from_encode_pixels(ours, folder, captured, check):
+    """MindEye's start, written with the reference's parts as its loop does: the VAE fed CLIP-normalised pixels,
+    `latent_dist.sample(g)` scaled, noise from the same generator, UniPC's add_noise at the first step run. The
+    flow given `encode_pixels` of the same pixels as init_latents, with the same generator, starts there (1e-5 of
+    the scale, fp32), as README's exact MindEye example does."""
+    from diffusers import AutoencoderKL, UniPCMultistepScheduler  # (the oracle; test-only)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    pixels = (resized([random_image(63, (48, 40))], 48, 40) - mean) / std
+    tokens, steps, strength = torch.randn(1, 257, 16, generator=seeded(64)) * 0.1, 5, 0.85
+
+    g = seeded(65)
+    with torch.no_grad():
+        x0 = core.encode_pixels(ours.components.vae, pixels, g)
+    ours.image_variation(image_embeds=tokens, init_latents=x0, strength=strength, scheduler="unipc",
+                         num_inference_steps=steps, generator=g, output_type="latent", progress=False)
+
+    ref_vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    sched = UniPCMultistepScheduler.from_pretrained(folder / "scheduler")
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps[steps - int(steps * strength):]
+    g = seeded(65)
+    with torch.no_grad():
+        want = ref_vae.config.scaling_factor * ref_vae.encode(pixels).latent_dist.sample(g)
+    want = sched.add_noise(want, torch.randn(want.shape, generator=g), timesteps[:1])
+    (call,) = captured
+    check(((call.start - want).abs().max() / want.abs().max()).item(), 1e-5, "start")
+
+
 def test_decode_latents_is_the_flows_decode(pipe, folder, check):
     """A flow's latent output decoded by decode_latents is the flow's own image output, bit for bit; and it is
     the reference pipeline's decode_latents of the same latents within 1e-5 (fp32)."""
