@@ -654,7 +654,7 @@ class VersatileDiffusion:
         """The init latents of a run, one row per sample: given, or one posterior draw per init image from its
         generator (the first of its samples), repeated for its samples as the original does. Under diffusers' rule
         a list of generators draws one posterior sample per output, each from its own generator, as diffusers'
-        img2img pipelines do (which then pair images with prompts tiled, not in order, when both are several)."""
+        img2img pipelines do (they pair several images with several prompts tiled; here each keeps its own)."""
         x0, images, gens = run.init_latents, run.init_images, run.generator
         if x0 is None:
             if isinstance(gens, list) and run.sampling.strength_rule == "diffusers":
