@@ -3,10 +3,10 @@ model the sampler tests run them on, and diffusers' loop over it."""
 
 import torch
 
-from diffusers import (DDIMInverseScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
-                       DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
-                       LMSDiscreteScheduler, UniPCMultistepScheduler)
+from diffusers import (DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DEISMultistepScheduler,
+                       DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                       KDPM2DiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
 KARRAS = {"use_karras_sigmas": True}
 SDE = {"algorithm_type": "sde-dpmsolver++"}
@@ -38,6 +38,8 @@ REF = {
     "ddim_inverse": (DDIMInverseScheduler, {}),
 }
 NEW = sorted(REF)
+# every name: the new ones and the original three, each the class as it is (no override)
+EVERY = {**REF, "ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}), "lms": (LMSDiscreteScheduler, {})}
 STOCHASTIC = {"ddpm", "euler_a", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2s_sde",
               "dpmpp_2s_sde_karras"}
 

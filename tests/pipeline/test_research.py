@@ -115,12 +115,11 @@ def diffusers_img2img(folder, name: str, image, x0: torch.Tensor, steps: int, st
     pipeline's own parts as MindEye's reconstruction loop does (its recipe: UniPC, 20 steps, strength 0.85): the
     last int(strength * steps) timesteps run, from x0 noised by the scheduler's add_noise to the first of them.
     Also returns the (step, t) pairs the pipelines' callback would see."""
-    from diffusers import DDIMScheduler, LMSDiscreteScheduler  # (the oracle; test-only)
-    from diffusers.utils.torch_utils import randn_tensor
-    from sampler_table import REF
+    from diffusers.utils.torch_utils import randn_tensor  # (the oracle; test-only)
+    from sampler_table import EVERY
 
     ref = tp.reference("image_variation", folder)
-    cls, override = {**REF, "ddim": (DDIMScheduler, {}), "lms": (LMSDiscreteScheduler, {})}[name]
+    cls, override = EVERY[name]
     sched = cls.from_config(ref.scheduler.config, **override)
     gen = seeded(seed)
     step_kw = {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
@@ -228,14 +227,14 @@ def test_init_image_with_generator_lists_draws_as_diffusers_img2img(ours, folder
     generator, then that generator's noise, as diffusers' img2img pipelines prepare their latents (the image
     repeated per output, each row encoded with generator i; the scheduler's add_noise at the first step run)."""
     from diffusers.utils.torch_utils import randn_tensor  # (the oracle; test-only)
-    from sampler_table import REF
+    from sampler_table import EVERY
 
     img, n, steps = random_image(60, (48, 40)), 2, 6
     ours.text_to_image("the cat", init_image=img, strength=strength, strength_rule="diffusers", scheduler=name,
                        num_images_per_prompt=n, num_inference_steps=steps, generator=[seeded(61), seeded(62)],
                        output_type="latent", progress=False)
     ref = tp.reference("text_to_image", folder)
-    cls, override = {**REF, "ddim": (type(ref.scheduler), {})}[name]
+    cls, override = EVERY[name]
     sched = cls.from_config(ref.scheduler.config, **override)
     sched.set_timesteps(steps)
     t_start = steps - int(steps * strength)

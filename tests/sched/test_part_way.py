@@ -13,14 +13,11 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, LMSDiscreteScheduler  # noqa: E402
-
-from sampler_table import REF, STOCHASTIC, fake_eps  # noqa: E402
+from sampler_table import EVERY, STOCHASTIC, fake_eps  # noqa: E402
 from test_samplers import CONFIGS, relative_diff, start_noise  # noqa: E402
 from vd.sched import SCHEDULERS, sampler_from_config  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-CLASSES = {**REF, "ddim": (DDIMScheduler, {}), "lms": (LMSDiscreteScheduler, {})}
 PART_WAY = sorted(name for name, cls in SCHEDULERS.items() if cls.starts_part_way)
 # (steps, strength): MindEye's 20 steps at 0.85, Brain-Diffuser's 50 at 0.75, strength 1 (every step, from init
 # latents noised to the first), the last step alone, and short runs where the multistep orders ramp up again (and
@@ -33,7 +30,7 @@ CFGS["third_order"] = {**CONFIGS["vd"], "solver_order": 3}  # (a key of the mult
 
 def reference(name: str, cfg: dict, x0: torch.Tensor, noise: torch.Tensor, n: int, strength: float, generator):
     """diffusers' img2img start and loop over `fake_eps`: the noised start, every (t, model input) and every x."""
-    cls, override = CLASSES[name]
+    cls, override = EVERY[name]
     sched = cls.from_config(cfg, **override)
     sched.set_timesteps(n)
     t_start = n - min(int(n * strength), n)

@@ -17,10 +17,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, HeunDiscreteScheduler,  # noqa: E402
-                       KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
-                       LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+                       KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, UniPCMultistepScheduler)
 
-from sampler_table import NEW, REF, STOCHASTIC, fake_eps, reference_run  # noqa: E402
+from sampler_table import EVERY, NEW, REF, STOCHASTIC, fake_eps, reference_run  # noqa: E402
 from vd.sched import SCHEDULERS, sampler_from_config  # noqa: E402
 from vd.sched.beta_quantile import beta_quantiles  # noqa: E402
 from vd.sched.common import dynamic_threshold  # noqa: E402
@@ -39,8 +38,7 @@ CONFIGS = {
 
 
 def reference(name: str, cfg) -> object:
-    cls, override = {**REF, "ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
-                     "lms": (LMSDiscreteScheduler, {})}[name]
+    cls, override = EVERY[name]
     return cls.from_config(cfg, **override)
 
 
@@ -726,7 +724,7 @@ def test_configs_saved_from_other_samplers(name, stated, check):
     it runs as euler_karras); DPM-Solver's variance_type null and DDPM's fixed_small run as in diffusers; DEIS and
     DPM-Solver++ read each other's algorithm_type and solver_type as their own, and ignore the keys their class
     lacks."""
-    cls, override = REF.get(name, (LMSDiscreteScheduler, {}))  # (lms is not one of the new names)
+    cls, override = EVERY[name]
     cfg, x = {**VD, **stated}, start_noise()
     stochastic = "sde" in name or stated.get("algorithm_type") == "sde-dpmsolver++" or name == "ddpm"
     kw = lambda: {"generator": gens(False)} if stochastic else {}  # noqa: E731
