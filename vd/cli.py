@@ -22,7 +22,7 @@ from vd.sched import GENERATING, sampler_from_config
 
 CHUNK = 8  # images per facade call (fewer when the pixel budget, vd.checks.MAX_PIXELS, says so)
 WRITABLE = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-LATENTS = ".npy"  # -o NAME.npy: the latents, not decoded (float32 [1, 4, h, w], what latents= takes back)
+LATENTS = ".npy"  # -o NAME.npy: the latents, not decoded (what latents= takes back): [1, 4, h, w], or [N, 768] texts
 TASK_OF = {"text-to-image": "text_to_image", "image-variation": "image_variation", "dual-guided": "dual_guided",
            "blend": "blend", "image-to-text": "image_to_text", "text-variation": "text_variation"}
 
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         if _draws_per_call(task, args):  # one image per call, so that each depends on its own seed alone
             chunks = [range(k, k + 1) for k in range(args.num_images)]
         paths = _outputs(args.output, args.num_images)
-    latents = task not in TEXT_TASKS and paths[0].suffix.lower() == LATENTS
+    latents = bool(paths) and paths[0].suffix.lower() == LATENTS
     if latents and getattr(args, "color_adjust", False):
         raise UserError(f"--color-adjust: expected it with an image output (colours are matched on the decoded "
                         f"pictures), not with {LATENTS} latents")
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                 files.save(paths[k], lambda tmp: img.save(tmp, format=fmt))
             print(paths[k], flush=True)  # listed as soon as it is complete (an interrupt keeps what is listed)
     if task in TEXT_TASKS:
-        if paths and paths[0].suffix.lower() == LATENTS:
+        if latents:
             files.write_bytes(paths[0], npy_rows(torch.cat(text_latents)))
             print(paths[0])
         elif paths:
