@@ -22,6 +22,10 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32} 
 # Per facade call: images x height x width. Beyond it a call is refused rather than left to fail in the
 # allocator (64 images of 512 x 512; the CLI and `vd batch` split larger requests into calls within it).
 MAX_PIXELS = 2**24
+# Per call of a text flow: texts. Each holds its context's keys and values at the 16 context sites while sampling
+# (image_to_text: 257 tokens x 24,960 channels, twice with guidance: 26 MB in fp16, 26 GB for 1024 texts). The CLI
+# splits larger requests into calls; a batch job asking for more is refused.
+MAX_TEXTS = 1024
 MAX_GUIDANCE = 1000.0  # far above any useful scale (1 to 20); beyond, guided noise overflows fp16 for sure
 MAX_SEED = 2**64 - 1   # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 MAX_BLEND_IMAGES = 4   # blend's images (the original app's four slots)
@@ -145,6 +149,14 @@ def pixel_budget(images: int, height: int, width: int) -> None:
                          f"{width} = {total}; ask for fewer or smaller images per call")
 
 
+def text_budget(texts: int) -> None:
+    """Refuse a text-flow call of more than MAX_TEXTS texts before anything is allocated (each seeded on its own
+    gives the same texts in smaller calls)."""
+    if texts > MAX_TEXTS:
+        raise ValueError(f"num_texts_per_prompt x prompts: expected at most {MAX_TEXTS} texts per call, got {texts}; "
+                         "ask for fewer texts per call")
+
+
 def device(value: object) -> torch.device:
     """A device this machine has: ValueError for an unknown name ("foo") or an absent one ("cuda" without CUDA,
     "cuda:3" with two GPUs)."""
@@ -191,7 +203,8 @@ def size(name: str, value: object, factor: int) -> int:
 
 
 def choice(name: str, value: object, allowed: Sequence[str]) -> str:
-    if value not in allowed:
+    """One of the names `allowed` (tested as a str first: `in` would compare an array elementwise)."""
+    if not isinstance(value, str) or value not in allowed:
         fail(name, value, f"one of {list(allowed)}")
     return value
 
@@ -199,7 +212,7 @@ def choice(name: str, value: object, allowed: Sequence[str]) -> str:
 def generating_scheduler(name: str, value: object) -> str:
     """A sampler name for the command line, which starts from noise and writes pictures: one of the samplers that
     generate, not ddim_inverse (it turns given image latents into noise)."""
-    if value in SCHEDULERS and value not in GENERATING:
+    if isinstance(value, str) and value in SCHEDULERS and value not in GENERATING:
         raise ValueError(f"{name}: {value!r} turns given image latents into noise, and the command line takes no "
                          'latents: use the Python API, or a batch job with "latents" and "output_type": "latent"')
     return choice(name, value, GENERATING)

@@ -313,6 +313,8 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
         checks.seed("seed", obj["seed"], n)
         if task in IMAGE_TASKS:
             checks.pixel_budget(n, args["height"] or 512, args["width"] or 512)
+        else:
+            checks.text_budget(n)
     except ValueError as e:
         raise ValueError(f"{e} (output k of a job is seeded with seed + k; split larger jobs)") from None
     _check_images(job, folder, anywhere, {} if opened is None else opened)

@@ -624,10 +624,12 @@ class VersatileDiffusion:
         features = tuple(self.components.text_unet.config.in_channels)  # (768, 1, 1): a text latent in the text UNet
         if isinstance(latents, Tensor) and latents.dim() == 2:
             latents = latents.reshape(latents.shape[0], -1, *([1] * (len(features) - 1)))  # from [N, 768]
-        return self._call(batch, features, steps=steps, guidance=guidance, per_prompt=per_prompt,
-                          per_prompt_name="num_texts_per_prompt", eta=eta, generator=generator, latents=latents,
-                          output_type="text", callback=callback, callback_steps=callback_steps, scheduler=scheduler,
-                          return_dict=return_dict, progress=progress)
+        run = self._call(batch, features, steps=steps, guidance=guidance, per_prompt=per_prompt,
+                         per_prompt_name="num_texts_per_prompt", eta=eta, generator=generator, latents=latents,
+                         output_type="text", callback=callback, callback_steps=callback_steps, scheduler=scheduler,
+                         return_dict=return_dict, progress=progress)
+        checks.text_budget(run.shape[0])
+        return run
 
     def _call(self, batch: int, sample_shape: tuple[int, ...], *, steps, guidance, per_prompt, per_prompt_name, eta,
               generator, latents, output_type, callback, callback_steps, scheduler, return_dict, progress) -> "_Call":

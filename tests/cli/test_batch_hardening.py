@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from vd import VersatileDiffusion  # noqa: E402
+from vd import VersatileDiffusion, checks  # noqa: E402
 from vd.batch import main, read_jobs  # noqa: E402
 from vd.jobs import Job  # noqa: E402
 
@@ -79,6 +79,18 @@ def test_one_bad_job_never_stops_the_others(model, tmp_path, capsys, monkeypatch
     # the failed job does not block a rerun either: it is tried again, the finished ones are skipped
     assert _run(jobs, tmp_path / "out", model) == 1
     assert "3 jobs: 0 done, 2 skipped" in capsys.readouterr().out
+
+
+def test_text_jobs_within_the_text_budget(tmp_path):
+    """A text job asks for at most vd.checks.MAX_TEXTS texts (one facade call), as an image job for at most
+    MAX_PIXELS pixels."""
+    lines = [dict(task="text_variation", prompt="a", seed=1, num_texts_per_prompt=checks.MAX_TEXTS),
+             dict(task="image_to_text", image="in.png", seed=1, num_texts_per_prompt=checks.MAX_TEXTS + 1)]
+    jobs, bad = read_jobs(_jobs(tmp_path, lines))
+    assert [j.line for j in jobs] == [1]
+    assert bad == [(2, f"num_texts_per_prompt x prompts: expected at most {checks.MAX_TEXTS} texts per call, got "
+                       f"{checks.MAX_TEXTS + 1}; ask for fewer texts per call (output k of a job is seeded with "
+                       "seed + k; split larger jobs)")]
 
 
 def test_a_failed_batch_runs_again_job_by_job_reading_its_files_once(model, tmp_path, capsys, monkeypatch):

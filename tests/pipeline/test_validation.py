@@ -77,6 +77,15 @@ CASES = [
     ("text_to_image", dict(prompt="a", height=1048576), ValueError,
      ["num_images_per_prompt x height x width", "16777216", "1048576"]),
     ("text_to_image", dict(prompt="a", num_images_per_prompt=10**12), ValueError, ["16777216", "1000000000000"]),
+    # and a per-call text budget: prompts x num_texts_per_prompt
+    ("image_to_text", dict(image=IMG, num_texts_per_prompt=10**12), ValueError,
+     ["num_texts_per_prompt", "1024", "1000000000000"]),
+    ("text_variation", dict(prompt=["a"] * 3, num_texts_per_prompt=342), ValueError,
+     ["num_texts_per_prompt x prompts", "1024", "1026"]),
+    # a name given as something other than a string
+    ("text_to_image", dict(prompt="a", scheduler=np.zeros((2, 2))), ValueError, ["scheduler", "numpy array"]),
+    ("image_variation", dict(image=IMG, uncond_image=np.zeros(3)), ValueError, ["uncond_image", "numpy array"]),
+    ("text_to_image", dict(prompt="a", output_type=np.zeros(2)), ValueError, ["output_type", "numpy array"]),
     ("image_variation", dict(image=torch.rand(1, 3, 0, 5)), ValueError, ["image", "(1, 3, 0, 5)", "1 pixel"]),
     ("image_variation", dict(image=torch.rand(2, 3, 4, 0)), ValueError, ["image", "(2, 3, 4, 0)", "1 pixel"]),
     ("image_variation", dict(image=PIL.Image.new("RGB", (0, 0))), ValueError, ["image", "1 pixel"]),
