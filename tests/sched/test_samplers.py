@@ -8,7 +8,9 @@ the stochastic ones with the same generator (or one per batch item) on both side
 """
 
 import dataclasses
+import math
 import json
+import re
 import reprlib
 
 import numpy as np
@@ -597,6 +599,38 @@ def test_config_value_types(name, key, value, expected):
 def test_trained_betas_count():
     with pytest.raises(ValueError, match=r"trained_betas must hold num_train_timesteps=1000 betas, got 999"):
         sampler_from_config("euler", {**VD, "trained_betas": [0.01] * 999})
+
+
+@pytest.mark.parametrize("name,key,value,expected", [
+    ("ddim", "beta_start", -0.1, "in [0.0, 1.0]"),  # (scaled_linear: the square root of a negative beta)
+    ("euler", "beta_end", 2.0, "in [0.0, 1.0]"),
+    ("dpmpp_2m", "beta_start", math.nan, "in [0.0, 1.0]"),
+    ("unipc", "num_train_timesteps", 0, "in [1, 1000000]"),
+    ("lms", "num_train_timesteps", 10**20, "in [1, 1000000]"),
+    ("euler_karras", "sigma_min", -1.0, ">= 0.0"),
+    ("dpm2_karras", "sigma_max", math.inf, ">= 0.0"),
+])
+def test_config_values_out_of_range(name, key, value, expected):
+    """A config value that makes every schedule NaN (or cannot be laid out) is refused by name, before any
+    sampling; diffusers samples NaN with it or fails inside torch."""
+    with pytest.raises(ValueError, match=rf"^{key} must be a finite number {re.escape(expected)} for \w+, got "):
+        sampler_from_config(name, {**VD, key: value})
+
+
+@pytest.mark.parametrize("bad", [math.nan, -0.01, 1.5])
+def test_trained_betas_out_of_range(bad):
+    betas = [0.01] * 999 + [bad]
+    with pytest.raises(ValueError, match=rf"^trained_betas must lie in \[0, 1\] for Euler, got {bad!r}$"):
+        sampler_from_config("euler", {**VD, "trained_betas": betas})
+    assert sampler_from_config("euler", {**VD, "trained_betas": [0.01] * 999 + [1.0]})  # zero terminal SNR's last
+
+
+@pytest.mark.parametrize("name,key", [("deis", "algorithm_type"), ("unipc", "solver_p"),
+                                      ("dpmpp_2m", "variance_type"), ("euler", "use_karras_sigmas")])
+def test_config_values_that_are_arrays(name, key):
+    """A Python dict may hold anything: an array where a name or flag belongs is refused by name."""
+    with pytest.raises(ValueError, match=rf"^{key}=array\(\[0\., 0\.\]\) is not supported by "):
+        sampler_from_config(name, {**VD, key: np.zeros(2)})
 
 
 # ------------------------------------------------------------------------------------------ config, names, errors

@@ -103,7 +103,7 @@ def sampler_from_config(name: str, config: Mapping[str, Any]) -> Sampler:
     given = stated(config)
     if given.get("use_karras_sigmas") is True:
         name = KARRAS_FORM.get(name, name)
-    if given.get("algorithm_type") == "sde-dpmsolver++":
+    if isinstance(given.get("algorithm_type"), str) and given["algorithm_type"] == "sde-dpmsolver++":
         name = SDE_FORM.get(name, name)
     return SCHEDULERS[name].from_config(config)
 

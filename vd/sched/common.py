@@ -21,6 +21,7 @@ Callback = Callable[[int, Tensor, Tensor], None]  # (i, t, x) after each update
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "linspace", "trailing")
+MAX_TRAIN_TIMESTEPS = 10**6  # VD's is 1000; the bound keeps the per-timestep tables small
 
 S = TypeVar("S", bound="Schedule")
 
@@ -181,13 +182,21 @@ class Schedule:
         if hasattr(self.trained_betas, "tolist"):  # a numpy array or a tensor
             object.__setattr__(self, "trained_betas", self.trained_betas.tolist())
         self.check_types()
+        self.check_range("num_train_timesteps", 1, MAX_TRAIN_TIMESTEPS)
+        for key in ("sigma_min", "sigma_max"):
+            self.check_range(key, 0.0)
         if self.trained_betas is None:  # (trained betas make diffusers skip the schedule's name)
             self.check_choice("beta_schedule", BETA_SCHEDULES)
+            for key in ("beta_start", "beta_end"):  # (a beta outside [0, 1] makes every alpha_bar after it NaN)
+                self.check_range(key, 0.0, 1.0)
         else:
             betas = tuple(float(b) for b in self.trained_betas)  # (a tuple keeps the frozen dataclass hashable)
             if len(betas) != self.num_train_timesteps:
                 raise ValueError(f"trained_betas must hold num_train_timesteps={self.num_train_timesteps} betas, "
                                  f"got {len(betas)}")
+            if not all(0.0 <= b <= 1.0 for b in betas):  # (False for NaN)
+                bad = next(b for b in betas if not 0.0 <= b <= 1.0)
+                raise ValueError(f"trained_betas must lie in [0, 1] for {type(self).__name__}, got {bad!r}")
             object.__setattr__(self, "trained_betas", betas)
         self.check_choice("timestep_spacing", SPACINGS)
         self.check_choice("prediction_type", self.PREDICTION_TYPES)
@@ -218,6 +227,19 @@ class Schedule:
             if not ok:
                 raise TypeError(f"{f.name}: expected {want} for {type(self).__name__}, got {reprlib.repr(value)}")
 
+    def check_range(self, key: str, low: float, high: float | None = None) -> None:
+        """A ValueError naming the field unless its value (if not None) is a finite number in [low, high]."""
+        value = getattr(self, key)
+        if value is None:
+            return
+        try:
+            real = float(value)
+        except OverflowError:  # an integer beyond float's range
+            real = math.inf
+        if not (math.isfinite(real) and low <= real and (high is None or real <= high)):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ValueError(f"{key} must be a finite number {bounds} for {type(self).__name__}, got {value!r}")
+
     def check_choice(self, key: str, allowed: tuple) -> None:
         """A ValueError naming the field unless its value is one of `allowed`."""
         if getattr(self, key) not in allowed:
@@ -235,7 +257,9 @@ class Schedule:
         """
         given = {k: v for k, v in stated(config).items() if k not in cls.OVERRIDES}
         for key, only in cls.UNSUPPORTED.items():
-            if key in given and (given[key] not in only if isinstance(only, tuple) else given[key] != only):
+            options = only if isinstance(only, tuple) else (only,)
+            scalar = isinstance(given.get(key), (str, numbers.Number, type(None)))  # (`in` on an array is ambiguous)
+            if key in given and not (scalar and given[key] in options):
                 value = reprlib.repr(given[key])
                 allowed = f"one of {only!r}" if isinstance(only, tuple) else repr(only)
                 raise ValueError(f"{key}={value} is not supported by {cls.__name__} (only {allowed} is)")

@@ -92,7 +92,7 @@ class MultistepSchedule(Thresholding, Schedule):
         if self.lambda_min_clipped == -math.inf:
             return self.num_train_timesteps
         lam = torch.log(a_bar.sqrt()) - torch.log((1 - a_bar).sqrt())  # float32, as diffusers
-        return self.num_train_timesteps - int(torch.searchsorted(lam.flip(0), self.lambda_min_clipped))
+        return self.num_train_timesteps - int(torch.searchsorted(lam.flip(0), float(self.lambda_min_clipped)))
 
     def last_sigma(self, train: Tensor, sig: Tensor) -> Tensor:
         """Where the last step ends: 0, or with final_sigmas_type "sigma_min" the first training sigma (or the
