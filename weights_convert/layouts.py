@@ -107,9 +107,9 @@ def _add_optimus(ckpt: Checkpoint, path: Path, optimus: str | Path | None, token
     Unless `wanted`, the file is not opened (a path given for it must still exist)."""
     here = path if path.is_dir() else path.parent
     optimus = Path(optimus) if optimus is not None else None
+    if optimus is not None and not optimus.is_file():
+        raise CheckpointError(f"optimus: {optimus}: no such file")
     if optimus is not None and not wanted:
-        if not optimus.is_file():
-            raise CheckpointError(f"{optimus}: no such file")
         optimus = None
     elif optimus is None and wanted and "optimus" not in ckpt.configs:
         for guess in (here / OPTIMUS_FILE, here / "pretrained_pth" / OPTIMUS_FILE):
@@ -139,6 +139,7 @@ def _add_optimus(ckpt: Checkpoint, path: Path, optimus: str | Path | None, token
             ckpt.config_files["optimus"] = str(side)
         else:
             ckpt.configs["optimus"], ckpt.config_files["optimus"] = VD_OPTIMUS, "the VD preset config"
+    given = tokenizer is not None
     if tokenizer is None:
         # a folder's own, or (for a .pth in the hub repo's pretrained_pth/) the repo's
         for guess in (here / OPTIMUS_TOKENIZER, *(() if path.is_dir() else (here.parent / OPTIMUS_TOKENIZER,))):
@@ -148,7 +149,8 @@ def _add_optimus(ckpt: Checkpoint, path: Path, optimus: str | Path | None, token
     if tokenizer is not None:
         missing = [f for f in OPTIMUS_TOKENIZER_FILES if not (Path(tokenizer) / f).is_file()]
         if missing:
-            raise CheckpointError(f"{tokenizer}: not an Optimus tokenizer folder (missing {', '.join(missing)})")
+            raise CheckpointError(f"{'optimus_tokenizer: ' if given else ''}{tokenizer}: not an Optimus tokenizer "
+                                  f"folder (missing {', '.join(missing)})")
         ckpt.optimus_tokenizer = Path(tokenizer)
 
 
@@ -351,6 +353,8 @@ def read_original(pth: Path, *, kl_f8: str | Path | None = None, clip: str | Pat
         _collect(ckpt, file, _layer_route(tables, lambda k: WHY_SCHEDULE if k in SCHEDULE_BUFFERS else None))
         ckpt.configs.update({c: cfg[c] for c in ("image_unet", "text_unet")})
         vae_file = Path(kl_f8) if kl_f8 else pth.parent / "kl-f8.pth"
+        if kl_f8 and not vae_file.is_file():
+            raise CheckpointError(f"kl_f8: {vae_file}: no such file")
         if "vae" in wanted and (vae_file.is_file() or kl_f8):
             vae = TensorFile(vae_file)
             _collect(ckpt, vae, _layer_route({"vae": vae_layers_ldm(cfg["vae"])}, lambda k: None))

@@ -261,7 +261,16 @@ def test_optimus_file_is_opened_only_for_the_text_flows(folder):
         open_checkpoint(folder)
     _raises(folder, f, "not a readable PyTorch checkpoint", tasks=["image_to_text"])
     assert VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"]).components.optimus is None
-    _raises(folder, folder / "nowhere.pth", "no such file", tasks=["text_to_image"], optimus=folder / "nowhere.pth")
+    for tasks in (["text_to_image"], ["image_to_text"]):  # the argument named, whether the flows need it or not
+        msg = _raises(folder, folder / "nowhere.pth", "no such file", tasks=tasks, optimus=folder / "nowhere.pth")
+        assert msg.startswith("optimus: ")
+
+
+def test_optimus_tokenizer_folder_without_its_files(folder, tmp_path):
+    (tmp_path / "tok").mkdir()
+    msg = _raises(folder, tmp_path / "tok", "missing vocab.txt, vocab.json, merges.txt", tasks=["image_to_text"],
+                  optimus_tokenizer=tmp_path / "tok")
+    assert msg.startswith("optimus_tokenizer: ")
 
 
 def test_unexpected_optimus_key(folder):

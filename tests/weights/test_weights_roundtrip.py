@@ -197,6 +197,14 @@ def test_clip_folder_that_is_not_there(originals, tmp_path):
         open_checkpoint(originals["current"], configs=originals["configs"], clip=tmp_path / "no-clip")
 
 
+def test_kl_f8_file_that_is_not_there(originals, tmp_path):
+    """A kl_f8= path given is checked whatever the tasks, and the error names the argument."""
+    for need in (None, ["text_unet.data"]):
+        with pytest.raises(CheckpointError, match=r"^kl_f8: .*no-vae\.pth: no such file$"):
+            open_checkpoint(originals["current"], configs=originals["configs"], kl_f8=tmp_path / "no-vae.pth",
+                            need=need)
+
+
 def test_deprecated_original_layout(originals, folders, expected, check):
     """vd-four-flow-v1-0-deprecated.pth: UNets, autokl, both CLIP towers under clip.model, plus the keys we skip
     (logit_scale, position_ids, Optimus' tied head and masks, the schedule). Only the tokenizers come from a
