@@ -153,8 +153,8 @@ def text_budget(texts: int) -> None:
     """Refuse a text-flow call of more than MAX_TEXTS texts before anything is allocated (each seeded on its own
     gives the same texts in smaller calls)."""
     if texts > MAX_TEXTS:
-        raise ValueError(f"num_texts_per_prompt x prompts: expected at most {MAX_TEXTS} texts per call, got {texts}; "
-                         "ask for fewer texts per call")
+        raise ValueError(f"num_texts_per_prompt x inputs (prompts or images): expected at most {MAX_TEXTS} texts "
+                         f"per call, got {texts}; ask for fewer texts per call")
 
 
 def device(value: object) -> torch.device:

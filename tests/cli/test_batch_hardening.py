@@ -88,9 +88,9 @@ def test_text_jobs_within_the_text_budget(tmp_path):
              dict(task="image_to_text", image="in.png", seed=1, num_texts_per_prompt=checks.MAX_TEXTS + 1)]
     jobs, bad = read_jobs(_jobs(tmp_path, lines))
     assert [j.line for j in jobs] == [1]
-    assert bad == [(2, f"num_texts_per_prompt x prompts: expected at most {checks.MAX_TEXTS} texts per call, got "
-                       f"{checks.MAX_TEXTS + 1}; ask for fewer texts per call (output k of a job is seeded with "
-                       "seed + k; split larger jobs)")]
+    assert bad == [(2, f"num_texts_per_prompt x inputs (prompts or images): expected at most {checks.MAX_TEXTS} "
+                       f"texts per call, got {checks.MAX_TEXTS + 1}; ask for fewer texts per call (output k of a job "
+                       "is seeded with seed + k; split larger jobs)")]
 
 
 def test_a_failed_batch_runs_again_job_by_job_reading_its_files_once(model, tmp_path, capsys, monkeypatch):

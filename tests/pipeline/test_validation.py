@@ -81,7 +81,7 @@ CASES = [
     ("image_to_text", dict(image=IMG, num_texts_per_prompt=10**12), ValueError,
      ["num_texts_per_prompt", "1024", "1000000000000"]),
     ("text_variation", dict(prompt=["a"] * 3, num_texts_per_prompt=342), ValueError,
-     ["num_texts_per_prompt x prompts", "1024", "1026"]),
+     ["num_texts_per_prompt x inputs", "1024", "1026"]),
     # a name given as something other than a string
     ("text_to_image", dict(prompt="a", scheduler=np.zeros((2, 2))), ValueError, ["scheduler", "numpy array"]),
     ("image_variation", dict(image=IMG, uncond_image=np.zeros(3)), ValueError, ["uncond_image", "numpy array"]),
