@@ -88,7 +88,16 @@ def _pil(name: str, img: PIL.Image.Image) -> PIL.Image.Image:
     return to_rgb(img, name)
 
 
+def _plain(value: object) -> object:
+    """A 0-d tensor or array as the Python number it holds (as diffusers takes `guidance_scale=torch.tensor(7.5)`,
+    e.g. from a torch.linspace sweep); anything else as it is."""
+    if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 0:
+        return value.item()
+    return value
+
+
 def integer(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    value = _plain(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         fail(name, value, f"an integer >= {minimum}", TypeError)
     if value < minimum or (maximum is not None and value > maximum):
@@ -98,6 +107,7 @@ def integer(name: str, value: object, minimum: int, maximum: int | None = None) 
 
 def number(name: str, value: object, low: float, high: float | None = None) -> float:
     """A finite real number in [low, high] (NaN and infinities are refused whatever the bounds)."""
+    value = _plain(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         fail(name, value, "a number", TypeError)
     try:

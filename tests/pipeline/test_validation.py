@@ -332,6 +332,25 @@ def test_long_prompt_in_a_batch_of_short_ones(pipe, check):
     check(rel_err(both[1:], alone), 1e-5)
 
 
+def test_numbers_as_0d_tensors_and_arrays(pipe):
+    """A number may come as a 0-d tensor or array (a sweep over torch.linspace, as diffusers takes it): the same
+    result as the Python number; a 0-d tensor of the wrong kind is refused as its value would be."""
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain = pipe.dual_guided("the cat", IMG, text_to_image_strength=0.3, guidance_scale=3.0, num_inference_steps=2,
+                             generator=g(), output_type="latent", progress=False).images
+    for wrap in (torch.tensor, np.array):
+        given = pipe.dual_guided("the cat", IMG, text_to_image_strength=wrap(0.3), guidance_scale=wrap(3.0),
+                                 num_inference_steps=wrap(2), generator=g(), output_type="latent",
+                                 progress=False).images
+        assert torch.equal(given, plain)
+    with pytest.raises(TypeError, match=r"^num_inference_steps: expected an integer >= 1, got 2\.0$"):
+        pipe.text_to_image("the cat", num_inference_steps=torch.tensor(2.0), progress=False)
+    with pytest.raises(TypeError, match=r"^guidance_scale: expected a number, got True$"):
+        pipe.text_to_image("the cat", guidance_scale=torch.tensor(True), progress=False)
+    with pytest.raises(TypeError, match=r"^guidance_scale: expected a number, got a tensor of shape \[1\]"):
+        pipe.text_to_image("the cat", guidance_scale=torch.tensor([7.5]), progress=False)
+
+
 def test_errors_leave_no_trace(pipe):
     """A refused call changes nothing: the next call equals the same call on a fresh pipeline."""
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
