@@ -323,7 +323,7 @@ OPTION_OF = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "
              "num_images_per_prompt": "--num-images", "num_texts_per_prompt": "--num-texts",
              "text_strength": "--text-strength", "fidelity": "--fidelity", "focus": "--focus", "weights": "--weights",
              "masks": "--masks", "height": "--height", "width": "--width", "scheduler": "--scheduler",
-             "temperature": "--temperature", "device": "--device"}
+             "temperature": "--temperature", "device": "--device", "optimus": "--optimus"}
 
 
 def _as_options(message: str) -> str:

@@ -108,6 +108,10 @@ def test_dual_guided_as_python_module(model, picture, tmp_path):
      ["--scheduler-set: clip_sample: expected true or false for DDIM, got 'yes'"]),
     (["text-to-image", "a", "-o", "{tmp}/x.png", "--scheduler", "unipc", "--scheduler-set", "predict_x0=false"],
      ["--scheduler-set: predict_x0=False needs final_sigmas_type 'sigma_min'"]),
+    (["text-to-image", "a", "-o", "{tmp}/x.png", "--scheduler-set", "beta_end=2"],
+     ["--scheduler-set: beta_end must be a finite number in [0.0, 1.0] for DDIM, got 2"]),
+    (["text-variation", "a", "--optimus", "{tmp}/no-optimus.pth"],
+     ["error: --optimus (optimus): ", "no-optimus.pth: no such file"]),
 ])
 def test_user_mistakes(args, words, model, picture, tmp_path, capsys):
     (tmp_path / "x.txt").write_text("not an image")
