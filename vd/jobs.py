@@ -323,8 +323,9 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
 
 
 def _check_together(task: str, obj: dict) -> None:
-    """What single keys cannot tell: a strength needs a start; blend's lists have one entry per image; DDIM
-    inversion and colour matching need the output they make sense for."""
+    """What single keys cannot tell: a strength needs a start, fidelity the input image and no other start;
+    blend's lists have one entry per image; DDIM inversion and colour matching need the output (and colour
+    matching the colours) they make sense for: what the facade would refuse only once the job runs."""
     if "output_type" in obj:
         checks.choice("output_type", obj["output_type"], list(TEXT_OUTPUT_TYPES if task in TEXT_TASKS else
                                                               OUTPUT_TYPES))
@@ -338,6 +339,15 @@ def _check_together(task: str, obj: dict) -> None:
     for key in ("strength", "strength_rule"):
         if key in obj and not {"init_image", "init_latents"} & set(obj):
             raise ValueError(f"{key}: expected only with init_image or init_latents")
+    if obj.get("fidelity", 0) > 0:  # fidelity f starts from the input image itself at strength 1 - f
+        if "image" not in obj:
+            checks.fail("fidelity", obj["fidelity"], '0 when the condition is given as image_embeds (fidelity starts '
+                        'from the input image; give "init_image" with "strength")')
+        if {"init_image", "init_latents"} & set(obj):
+            checks.fail("fidelity", obj["fidelity"], '0 with "init_image" or "init_latents" (fidelity f is "init_image" '
+                        'the input image with "strength" 1 - f)')
+    if obj.get("color_adjust") and "image" not in obj and "init_image" not in obj:
+        checks.fail("color_adjust", True, 'false when no "image" or "init_image" gives the colours')
     if task != "blend" and isinstance(obj.get("focus"), list):
         checks.fail("focus", obj["focus"], f"a number for {task}")
     for key in ("weights", "focus", "masks"):

@@ -308,7 +308,12 @@ def test_start_and_output_lines_checked(tmp_path):
              dict(task="image_to_text", image="in.png", seed=1, scheduler="ddim_inverse"),
              dict(plain, output_type="latent", scheduler="ddim_inverse"),
              dict(plain, strength_rule="diffusers"), dict(plain, init_image="in.png", strength_rule="img2img"),
-             dict(plain, output_type="text"), dict(task="text_variation", prompt="a", seed=1, output_type="latent")]
+             dict(plain, output_type="text"), dict(task="text_variation", prompt="a", seed=1, output_type="latent"),
+             # what the facade would refuse when the job runs, refused when the file is read
+             dict(task="image_variation", image_embeds=_ref("pred_vision.npy", 0), seed=1, fidelity=0.5),
+             dict(plain, fidelity=0.5, init_image="low.png"),
+             dict(task="image_variation", image_embeds=_ref("pred_vision.npy", 0), seed=1, color_adjust=True),
+             dict(plain, fidelity=0.5, color_adjust=True)]
     jobs, bad = read_jobs(_write(tmp_path, lines))
     assert bad == [(1, "output_type: expected one of ['pil', 'latent'], got 'np'"),
                    (2, "color_adjust: expected false with \"output_type\": \"latent\" (colours are matched on the "
@@ -318,5 +323,10 @@ def test_start_and_output_lines_checked(tmp_path):
                        "with it (DDIM inversion turns latents into noise), got 'ddim_inverse'"),
                    (6, "strength_rule: expected only with init_image or init_latents"),
                    (7, "strength_rule: expected one of ['original', 'diffusers'], got 'img2img'"),
-                   (8, "output_type: expected one of ['pil', 'latent'], got 'text'")]
-    assert [j.suffix for j in jobs] == [".npy", ".npy"]
+                   (8, "output_type: expected one of ['pil', 'latent'], got 'text'"),
+                   (10, "fidelity: expected 0 when the condition is given as image_embeds (fidelity starts from the "
+                        'input image; give "init_image" with "strength"), got 0.5'),
+                   (11, 'fidelity: expected 0 with "init_image" or "init_latents" (fidelity f is "init_image" the '
+                        'input image with "strength" 1 - f), got 0.5'),
+                   (12, 'color_adjust: expected false when no "image" or "init_image" gives the colours, got True')]
+    assert [j.suffix for j in jobs] == [".npy", ".npy", ".png"]
