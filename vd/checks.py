@@ -222,7 +222,7 @@ def choice(name: str, value: object, allowed: Sequence[str]) -> str:
 def generating_scheduler(name: str, value: object) -> str:
     """A sampler name for the command line, which starts from noise and writes pictures: one of the samplers that
     generate, not ddim_inverse (it turns given image latents into noise)."""
-    if isinstance(value, str) and value in SCHEDULERS and value not in GENERATING:
+    if value in SCHEDULERS and value not in GENERATING:
         raise ValueError(f"{name}: {value!r} turns given image latents into noise, and the command line takes no "
                          'latents: use the Python API, or a batch job with "latents" and "output_type": "latent"')
     return choice(name, value, GENERATING)

@@ -336,14 +336,15 @@ def _check_together(task: str, obj: dict) -> None:
     if latent and obj.get("color_adjust"):
         checks.fail("color_adjust", True, 'false with "output_type": "latent" (colours are matched on the decoded '
                     "pictures)")
+    starts = bool({"init_image", "init_latents"} & set(obj))
     for key in ("strength", "strength_rule"):
-        if key in obj and not {"init_image", "init_latents"} & set(obj):
+        if key in obj and not starts:
             raise ValueError(f"{key}: expected only with init_image or init_latents")
     if obj.get("fidelity", 0) > 0:  # fidelity f starts from the input image itself at strength 1 - f
         if "image" not in obj:
             checks.fail("fidelity", obj["fidelity"], '0 when the condition is given as image_embeds (fidelity starts '
                         'from the input image; give "init_image" with "strength")')
-        if {"init_image", "init_latents"} & set(obj):
+        if starts:
             checks.fail("fidelity", obj["fidelity"], '0 with "init_image" or "init_latents" (fidelity f is "init_image" '
                         'the input image with "strength" 1 - f)')
     if obj.get("color_adjust") and "image" not in obj and "init_image" not in obj:

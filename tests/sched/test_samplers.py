@@ -622,7 +622,8 @@ def test_trained_betas_out_of_range(bad):
     betas = [0.01] * 999 + [bad]
     with pytest.raises(ValueError, match=rf"^trained_betas must lie in \[0, 1\] for Euler, got {bad!r}$"):
         sampler_from_config("euler", {**VD, "trained_betas": betas})
-    assert sampler_from_config("euler", {**VD, "trained_betas": [0.01] * 999 + [1.0]})  # zero terminal SNR's last
+    last_one = sampler_from_config("euler", {**VD, "trained_betas": [0.01] * 999 + [1.0]})  # zero terminal SNR's
+    assert last_one.alpha_bars()[-1] == 0
 
 
 @pytest.mark.parametrize("name,key", [("deis", "algorithm_type"), ("unipc", "solver_p"),
