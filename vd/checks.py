@@ -23,8 +23,9 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32} 
 # allocator (64 images of 512 x 512; the CLI and `vd batch` split larger requests into calls within it).
 MAX_PIXELS = 2**24
 # Per call of a text flow: texts. Each holds its context's keys and values at the 16 context sites while sampling
-# (image_to_text: 257 tokens x 24,960 channels, twice with guidance: 26 MB in fp16, 26 GB for 1024 texts). The CLI
-# splits larger requests into calls; a batch job asking for more is refused.
+# (image_to_text: 257 tokens x 24,960 channels, twice with guidance: 25.7 MB in fp16, as Context.with_keys_values
+# allocates them for the full-size config; 26 GB for 1024 texts). The CLI splits larger requests into calls; a
+# batch job asking for more is refused.
 MAX_TEXTS = 1024
 MAX_GUIDANCE = 1000.0  # far above any useful scale (1 to 20); beyond, guided noise overflows fp16 for sure
 MAX_SEED = 2**64 - 1   # torch.Generator.manual_seed takes 0 .. 2**64 - 1
