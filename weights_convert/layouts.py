@@ -355,7 +355,7 @@ def read_original(pth: Path, *, kl_f8: str | Path | None = None, clip: str | Pat
         vae_file = Path(kl_f8) if kl_f8 else pth.parent / "kl-f8.pth"
         if kl_f8 and not vae_file.is_file():
             raise CheckpointError(f"kl_f8: {vae_file}: no such file")
-        if "vae" in wanted and (vae_file.is_file() or kl_f8):
+        if "vae" in wanted and vae_file.is_file():  # (kl-f8.pth beside the .pth is optional; kl_f8= is checked above)
             vae = TensorFile(vae_file)
             _collect(ckpt, vae, _layer_route({"vae": vae_layers_ldm(cfg["vae"])}, lambda k: None))
             ckpt.configs["vae"] = cfg["vae"]

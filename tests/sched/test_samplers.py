@@ -8,8 +8,8 @@ the stochastic ones with the same generator (or one per batch item) on both side
 """
 
 import dataclasses
-import math
 import json
+import math
 import re
 import reprlib
 

@@ -194,8 +194,8 @@ class Schedule:
             if len(betas) != self.num_train_timesteps:
                 raise ValueError(f"trained_betas must hold num_train_timesteps={self.num_train_timesteps} betas, "
                                  f"got {len(betas)}")
-            if not all(0.0 <= b <= 1.0 for b in betas):  # (False for NaN)
-                bad = next(b for b in betas if not 0.0 <= b <= 1.0)
+            bad = next((b for b in betas if not 0.0 <= b <= 1.0), None)  # (NaN is never in range)
+            if bad is not None:
                 raise ValueError(f"trained_betas must lie in [0, 1] for {type(self).__name__}, got {bad!r}")
             object.__setattr__(self, "trained_betas", betas)
         self.check_choice("timestep_spacing", SPACINGS)
