@@ -53,7 +53,7 @@ class Sampling:
     """One sampler loop: `sampler` (a vd.sched sampler) run for `num_steps`, classifier-free guidance above a
     `guidance_scale` of 1, DDIM's `eta`, the noise `generator` (one, or one per sample), and `t_enc`: None to
     start from noise, or the number of steps left when starting from init latents noised by `noised_start` under
-    `strength_rule`."""
+    `strength_rule`; `callback` runs after each step."""
 
     sampler: object
     num_steps: int
@@ -72,7 +72,7 @@ class Sampling:
 # ---- the flows
 
 def text_to_image(nets: Nets, text: Tensor, x: Tensor, s: Sampling) -> Tensor:
-    """Image latents from text tokens [B, 77, D] (([uncond; cond] when guided)."""
+    """Image latents from text tokens [B, 77, D] ([uncond; cond] when guided)."""
     return denoise(nets.image, [Context(nets.text_context, text)], x, s)
 
 
