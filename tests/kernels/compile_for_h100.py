@@ -14,7 +14,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from vd.kernels import geglu, group_norm, layer_norm  # noqa: E402
-from vd.kernels.common import next_pow2  # noqa: E402
+from vd.kernels.common import LAUNCH_OPTIONS, next_pow2  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 
@@ -24,7 +24,7 @@ def compile_for_h100(name: str, fn, ints: list[str], pointers: dict[str, str], c
     signature = {a: pointers.get(a) or ("constexpr" if a in consts else "fp32" if a == "eps" else "i32") for a in args}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args) if a in pointers or a in ints}
     src = ASTSource(fn, signature, {(args.index(k),): v for k, v in consts.items()}, attrs)
-    kernel = triton.compile(src, target=H100, options={"num_warps": 4})
+    kernel = triton.compile(src, target=H100, options={"num_warps": 4, **LAUNCH_OPTIONS})
     ptx = kernel.asm["ptx"]
     loads = {m or "scalar" for m in re.findall(r"ld\.global\S*?(?:\.(v\d))?\.[bfsu]\d+", ptx)}
     stores = {m or "scalar" for m in re.findall(r"st\.global\S*?(?:\.(v\d))?\.[bfsu]\d+", ptx)}

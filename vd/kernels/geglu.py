@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vd.kernels.common import check_float, next_pow2
+from vd.kernels.common import LAUNCH_OPTIONS, check_float, next_pow2
 
 
 @triton.jit(do_not_specialize=["rows"])  # inner % 16 == 0 is specialised: it lets the loads vectorise
@@ -39,5 +39,6 @@ def geglu(h: Tensor, *, tile: int = 4096, block: int = 1024, num_warps: int = 4)
     block_m = max(1, min(tile // block_i, next_pow2(rows)))
     if y.numel():
         _geglu[(-(-rows // block_m), -(-inner // block_i))](h2, y, rows, inner, h2.stride(0), y.stride(0),
-                                                            BLOCK_M=block_m, BLOCK_I=block_i, num_warps=num_warps)
+                                                            BLOCK_M=block_m, BLOCK_I=block_i, num_warps=num_warps,
+                                                            **LAUNCH_OPTIONS)
     return y.view(*h.shape[:-1], inner)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vd.kernels.common import check_float, next_pow2
+from vd.kernels.common import LAUNCH_OPTIONS, check_float, next_pow2
 
 # Chunks per group at most (and fewer where the partials would cost too much, see `plan`).
 MAX_CHUNKS = 128
@@ -195,7 +195,7 @@ def group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
     ss = shift.stride() if shift is not None else (0, 0)
     grid = (n * groups // gb, n_chunks)
     blocks = dict(GROUPS=groups, CG=cg, GB=gb, HAS_SHIFT=shift is not None, BLOCK_P=block_p, BLOCK_C=block_c,
-                  BLOCK_G=next_pow2(gb), TILES=per, num_warps=num_warps)
+                  BLOCK_G=next_pow2(gb), TILES=per, num_warps=num_warps, **LAUNCH_OPTIONS)
     _chunk_moments[grid](xv, s, part, hw, n_chunks, *xv.stride(), *ss, **blocks)
     _normalize[grid](xv, s, weight, bias, yv, part, hw, n_chunks, float(eps), *xv.stride(), *yv.stride(), *ss,
                      SILU=silu, BLOCK_K=next_pow2(n_chunks), **blocks)

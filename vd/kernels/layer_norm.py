@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vd.kernels.common import check_float, next_pow2
+from vd.kernels.common import LAUNCH_OPTIONS, check_float, next_pow2
 
 
 @triton.jit(do_not_specialize=["rows", "eps"])
@@ -51,5 +51,6 @@ def add_layer_norm(x: Tensor, r: Tensor, weight: Tensor, bias: Tensor, eps: floa
     if x2.numel():
         _add_layer_norm[(-(-x2.shape[0] // block_m),)](x2, r2, weight, bias, s, y, x2.shape[0], float(eps),
                                                         x2.stride(0), r2.stride(0), s.stride(0), y.stride(0),
-                                                        D=dim, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
+                                                        D=dim, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+                                                        **LAUNCH_OPTIONS)
     return s.view(x.shape), y.view(x.shape)
