@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -143,7 +144,7 @@ def compile_all(seen: dict) -> list[float]:
     seconds = []
     for r in seen.values():
         kernel = r["kernel"]
-        options, signature, constexprs, attrs = kernel._pack_args(backend, dict(r["kwargs"]), r["bound"],
+        options, signature, constexprs, attrs = kernel._pack_args(backend, r["kwargs"], r["bound"],
                                                                   r["specialization"], None)
         t0 = time.perf_counter()
         triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
@@ -164,11 +165,9 @@ def main() -> None:
 
     seen = record(a.size, a.images, tuple(a.stages))
     stages = [s for s in STAGES if s in a.stages]
-    per_kernel: dict[str, int] = {}
-    for name, _ in seen:
-        per_kernel[name] = per_kernel.get(name, 0) + 1
     result = dict(size=a.size, images=a.images, variants=len(seen),
-                  new_per_stage={s: sum(r["stage"] == s for r in seen.values()) for s in stages}, per_kernel=per_kernel)
+                  new_per_stage={s: sum(r["stage"] == s for r in seen.values()) for s in stages},
+                  per_kernel=dict(Counter(name for name, _ in seen)))
     if not a.no_compile:
         with tempfile.TemporaryDirectory() as cache:
             os.environ["TRITON_CACHE_DIR"] = cache  # empty: every variant compiles, as on a machine's first run
