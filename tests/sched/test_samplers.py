@@ -399,6 +399,26 @@ def test_exponential_and_beta_sigmas(name, cfg_name, key, check):
     assert torch.equal(ours.timesteps(9), plain.timesteps(9)) == (name == "euler_a")
 
 
+@pytest.mark.parametrize("name", ["euler", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2m", "unipc", "deis"])
+def test_beta_sigmas_median_to_the_last_bit(name, check):
+    """An odd step count puts the middle beta sigma at sigma_min + 0.5 (sigma_max − sigma_min), which for float32
+    ends can lie exactly halfway between two float32 values: VD's betas, "leading" from t = 0, 3 steps (sigma_max
+    2.918 at t = 666, sigma_min 0.0292 at t = 0). scipy, which diffusers asks, puts the median of Beta(0.6, 0.6) one
+    float64 step above 0.5, so the float32 sigma rounds up, not to even; so must ours (and DPM2's midpoint
+    timesteps, taken from the float32 sigmas)."""
+    cfg, x = {**VD, "use_beta_sigmas": True, "timestep_spacing": "leading", "steps_offset": 0}, start_noise()
+    ours, ref = sampler_from_config(name, cfg), reference(name, cfg)
+    ref.set_timesteps(3)
+    assert_timesteps_equal(ours.timesteps(3), ref.timesteps, True)
+    if hasattr(ours, "schedule"):
+        want = {"heun": torch.cat([ref.sigmas[:1], ref.sigmas[1::2]]),
+                "dpm2": torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2]])}.get(name.split("_")[0], ref.sigmas)
+        assert torch.equal(ours.schedule(3)[1], want)
+    def kw():
+        return {"generator": gens(False)} if name in STOCHASTIC else {}
+    check(relative_diff(our_run(ours, x, 3, **kw()), reference_run(reference(name, cfg), x, 3, **kw()), True), 1e-6)
+
+
 DPM_ONLY = ("use_lu_lambdas", "lambda_min_clipped")
 
 
