@@ -414,6 +414,7 @@ def test_beta_sigmas_median_to_the_last_bit(name, check):
         want = {"heun": torch.cat([ref.sigmas[:1], ref.sigmas[1::2]]),
                 "dpm2": torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2]])}.get(name.split("_")[0], ref.sigmas)
         assert torch.equal(ours.schedule(3)[1], want)
+
     def kw():
         return {"generator": gens(False)} if name in STOCHASTIC else {}
     check(relative_diff(our_run(ours, x, 3, **kw()), reference_run(reference(name, cfg), x, 3, **kw()), True), 1e-6)
