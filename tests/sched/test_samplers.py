@@ -452,7 +452,8 @@ def test_dpmpp_lu_lambdas_and_clipped_lambdas(name, extra, check):
 @pytest.mark.parametrize("a,b", [(0.6, 0.6), (2.0, 5.0), (0.3, 1.7)])
 def test_beta_quantiles_match_scipy(a, b):
     """Our Beta(a, b) quantile function (vd has no scipy) against scipy.stats.beta.ppf, which diffusers calls: within
-    1e-14 relative over diffusers' 1 − k/(N − 1), and exactly 0 and 1 at the ends."""
+    1e-14 relative over diffusers' 1 − k/(N − 1), exactly 0 and 1 at the ends, and exactly scipy's median of
+    Beta(0.6, 0.6), diffusers' parameters (test_beta_sigmas_median_to_the_last_bit)."""
     from scipy import stats as scipy_stats  # (in the test extra: diffusers' LMS needs it)
     for n in (1, 2, 10, 1000):
         qs = (1 - np.linspace(0, 1, n)).tolist()
@@ -460,6 +461,8 @@ def test_beta_quantiles_match_scipy(a, b):
         ref = scipy_stats.beta.ppf(qs, a, b)
         assert ours[0] == 1.0 and (n == 1 or ours[-1] == 0.0)
         assert np.all(np.abs(ours - ref) <= 1e-14 * np.abs(ref)), n
+    if a == b == 0.6:
+        assert beta_quantiles((0.5,), a, b) == (float(scipy_stats.beta.ppf(0.5, a, b)),)
 
 
 @pytest.mark.parametrize("name,extra", [

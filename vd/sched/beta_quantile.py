@@ -7,6 +7,10 @@ The CDF is the regularized incomplete beta function I_x(a, b), evaluated by its 
 Stegun 26.5.8) with the modified Lentz method, on the side of x where the fraction converges fast (x below the
 mean-like point (a + 1)/(a + b + 2), else through I_x(a, b) = 1 − I_{1−x}(b, a)). The quantile is found by
 bisection, which cannot fail on a monotone CDF.
+
+One value is scipy's rather than the exact one: scipy puts the median of Beta(0.6, 0.6) (diffusers' parameters) one
+float64 step above 0.5. An odd step count's middle sigma, sigma_min + 0.5 (sigma_max − sigma_min), can fall exactly
+halfway between two float32 values, where that last bit decides which one diffusers' float32 sigma rounds to.
 """
 
 import math
@@ -15,6 +19,7 @@ from functools import lru_cache
 import numpy as np
 
 TINY = 1e-300  # Lentz's guard against a zero denominator
+SCIPY_MEDIANS = {(0.6, 0.6): float(np.nextafter(0.5, 1.0))}  # (a, b): scipy.stats.beta.ppf(0.5, a, b), see above
 
 
 def continued_fraction(x: np.ndarray, a: float, b: float, max_terms: int = 500) -> np.ndarray:
@@ -57,13 +62,15 @@ def regularized_incomplete_beta(x: np.ndarray, a: float, b: float) -> np.ndarray
 
 @lru_cache(maxsize=64)
 def beta_quantiles(qs: tuple[float, ...], a: float, b: float) -> tuple[float, ...]:
-    """x with I_x(a, b) = q for each q in [0, 1]; q = 0 and q = 1 give exactly 0 and 1. Cached: a schedule asks
-    for the same quantiles on every call."""
+    """x with I_x(a, b) = q for each q in [0, 1]; q = 0 and q = 1 give exactly 0 and 1 (and q = 0.5 scipy's value
+    where SCIPY_MEDIANS has it). Cached: a schedule asks for the same quantiles on every call."""
     q = np.asarray(qs, dtype=np.float64)
     lo, hi = np.zeros_like(q), np.ones_like(q)
     for _ in range(80):  # each halving fixes one bit; 80 reach the float64 spacing even for x near 1e-6
         mid = (lo + hi) / 2
         below = regularized_incomplete_beta(mid, a, b) < q
         lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
-    x = (lo + hi) / 2
-    return tuple(np.where(q <= 0, 0.0, np.where(q >= 1, 1.0, x)).tolist())
+    x = np.where(q <= 0, 0.0, np.where(q >= 1, 1.0, (lo + hi) / 2))
+    if (a, b) in SCIPY_MEDIANS:
+        x[q == 0.5] = SCIPY_MEDIANS[a, b]
+    return tuple(x.tolist())

@@ -55,10 +55,7 @@ def exponential(sigma_min: float, sigma_max: float, n: int) -> Tensor:
 def beta_spaced(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
     """n float64 sigmas from sigma_max down to sigma_min at the quantiles 1 − k/(n − 1) of Beta(alpha, beta)
     (diffusers' use_beta_sigmas, after Lee et al. 2024: denser at both ends than in the middle)."""
-    qs = 1 - np.linspace(0, 1, n)
-    ppf = np.array(beta_quantiles(tuple(qs.tolist()), alpha, beta))
-    if alpha == beta == 0.6:  # scipy's median of Beta(0.6, 0.6), which diffusers gets, is one float64 step above
-        ppf[qs == 0.5] = np.nextafter(0.5, 1.0)  # 0.5: the middle sigma can fall halfway between two float32 values
+    ppf = np.array(beta_quantiles(tuple((1 - np.linspace(0, 1, n)).tolist()), alpha, beta))
     return torch.from_numpy(sigma_min + ppf * (sigma_max - sigma_min))
 
 
