@@ -80,6 +80,17 @@ def assert_timesteps_equal(ts: torch.Tensor, ref: torch.Tensor, beta_sigmas: boo
     assert torch.equal(ts, ref)
 
 
+def step_sigmas(name: str, ref) -> torch.Tensor:
+    """The reference's sigmas one per step, as our schedule lists them: Heun and DPM2 interleave their second
+    evaluations (2N − 1 entries), the others already have one per step."""
+    kind = name.split("_")[0]
+    if kind == "heun":
+        return torch.cat([ref.sigmas[:1], ref.sigmas[1::2]])
+    if kind == "dpm2":
+        return torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2]])
+    return ref.sigmas
+
+
 def as_field(value):
     """A diffusers config value as our frozen samplers hold it (a list as a tuple)."""
     return tuple(value) if isinstance(value, list) else value
@@ -122,11 +133,8 @@ def test_timesteps_and_sigmas(name, cfg_name):
         assert ts.dtype == ref.timesteps.dtype and ts.shape == ref.timesteps.shape, n
         # (equal, NaN too: DPM2 ancestral on 2 steps of cosine betas rounds sigma_down² below 0, in diffusers too)
         torch.testing.assert_close(ts, ref.timesteps, rtol=0, atol=0, equal_nan=True, msg=str(n))
-        sig = ours.schedule(n)[1] if hasattr(ours, "schedule") else None
-        if sig is not None:
-            want = {"heun": torch.cat([ref.sigmas[:1], ref.sigmas[1::2]]),  # (2N − 1 evaluations)
-                    "dpm2": torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2]])}.get(name.split("_")[0], ref.sigmas)
-            assert torch.equal(sig, want), n
+        if hasattr(ours, "schedule"):
+            assert torch.equal(ours.schedule(n)[1], step_sigmas(name, ref)), n
         assert ours.init_noise_sigma(n) == float(ref.init_noise_sigma), n
 
 
@@ -411,9 +419,7 @@ def test_beta_sigmas_median_to_the_last_bit(name, check):
     ref.set_timesteps(3)
     assert_timesteps_equal(ours.timesteps(3), ref.timesteps, True)
     if hasattr(ours, "schedule"):
-        want = {"heun": torch.cat([ref.sigmas[:1], ref.sigmas[1::2]]),
-                "dpm2": torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2]])}.get(name.split("_")[0], ref.sigmas)
-        assert torch.equal(ours.schedule(3)[1], want)
+        assert torch.equal(ours.schedule(3)[1], step_sigmas(name, ref))
 
     def kw():
         return {"generator": gens(False)} if name in STOCHASTIC else {}
