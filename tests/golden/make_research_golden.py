@@ -30,8 +30,7 @@ imports, from local checkouts (never copied here):
    predicted text tokens / CLIP of the empty prompt). `torch.manual_seed(seed)` (the script seeds 0 once), then the
    two calls above, on the CPU in fp32, eta 0. The noise is `torch.randn_like(x0)` from the global RNG, one draw
    for the whole batch; it is re-drawn from the same seed and stored for diagnosis (and checked against z_enc).
-   (The published script seeds once before its loop and keeps x0 on a GPU, so there each item's noise is the
-   next draw of the CUDA generator; its VAE encoding samples the posterior from the CPU generator.)
+   (The published script seeds once before its loop: see 5.)
    Recorded: the grid timestep x0 was noised to (ascending DDIM grid `range(0, 1000, 1000 // N) + 1`, index
    t_enc) and the timesteps decode_dc visited (grid indices t_enc - 1 down to 0).
 3. Cross-check: cf0f4a2's `DDIMSampler.sample_multicontext` started from x0 with `x0_forward_timesteps = t_enc`
@@ -41,6 +40,14 @@ imports, from local checkouts (never copied here):
 4. Edge cases of the original, recorded as the exception it raises (or "returns the input"): stochastic_encode
    with t_enc = N (index out of range), decode_dc with t_start = 0, sample_multicontext with x0_forward_timesteps
    0 and N.
+5. The published loop, seeded once: `torch.manual_seed(seed)`, then three items one after another (each its own
+   x0, cim, ctx; one uim, utx), each stochastic_encode + decode_dc as above, all on one RNG stream (the CPU's
+   here). So an item's start noise depends on the draws of the items before it: its own start noise, then one
+   draw of x's shape per step decode_dc runs (DDIM's `noise_like`, multiplied by sigma = 0 at eta 0). Recorded:
+   the outputs, and each item's start noise replayed from the seed that way (checked against its z_enc). (On
+   the published script's GPUs these draws fall on three streams: the VAE's posterior sample on the CPU
+   generator, the start noise on that of cuda:0, which holds x0, and the step draws on that of cuda:1, which
+   holds the UNet.)
 
 Outputs: tests/data/golden/research.safetensors and research.json.
 
@@ -69,6 +76,7 @@ CASES = {  # name: (N, strength, batch, noise seed)
     "recipe": (50, 0.75, 1, 0),  # as published: t_enc = 37, one item, torch.manual_seed(0)
     "n10": (10, 0.55, 2, 1),     # t_enc = 5, a batch of two (one noise draw for both)
 }
+LOOP = (10, 0.55, 3, 2)  # (N, strength, items, seed): three items one after another after one torch.manual_seed
 
 
 def import_51dcd3b(root: Path, brain_diffuser: Path):
@@ -256,6 +264,38 @@ def main(argv=None) -> None:
         "sample_multicontext x0_forward_timesteps=N": error_of(multicontext(10)),
     }
 
+    # the published loop: torch.manual_seed once, then item after item on one RNG stream (LOOP's inputs from g)
+    n, strength, items, seed = LOOP
+    t_enc = int(strength * n)
+    x = {"x0": torch.randn(items, 4, LATENT, LATENT, generator=g),
+         "cim": torch.randn(items, IMAGE_TOKENS, dim, generator=g),
+         "ctx": torch.randn(items, TEXT_TOKENS, dim, generator=g),
+         "uim": torch.randn(1, IMAGE_TOKENS, dim, generator=g),  # the same "no image" / "no text" every item
+         "utx": torch.randn(1, TEXT_TOKENS, dim, generator=g)}
+    sampler.make_schedule(ddim_num_steps=n, ddim_eta=0.0, verbose=False)
+    a = net1.alphas_cumprod[int(sampler.ddim_timesteps[t_enc])]
+    z_encs, zs = [], []
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for k in range(items):
+            z_encs.append(sampler.stochastic_encode(x["x0"][k:k + 1], torch.tensor([t_enc])))
+            zs.append(sampler.decode_dc(z_encs[-1], first_conditioning=[x["uim"], x["cim"][k:k + 1]],
+                                        second_conditioning=[x["utx"], x["ctx"][k:k + 1]], t_start=t_enc,
+                                        unconditional_guidance_scale=GUIDANCE, xtype="image", first_ctype="vision",
+                                        second_ctype="prompt", mixed_ratio=1 - MIXING))
+    # replay the stream: per item, the start noise, then one (unused, eta 0) draw per step decode_dc ran
+    torch.manual_seed(seed)
+    noises = []
+    for k in range(items):
+        noises.append(torch.randn_like(x["x0"][k:k + 1]))
+        assert torch.allclose(z_encs[k], a.sqrt() * x["x0"][k:k + 1] + (1 - a).sqrt() * noises[k], rtol=0, atol=1e-6)
+        for _ in range(t_enc):
+            torch.randn_like(x["x0"][k:k + 1])
+    out.update({f"loop.{k}": v for k, v in x.items()})
+    out.update({"loop.noise": torch.cat(noises), "loop.z_enc": torch.cat(z_encs), "loop.out": torch.cat(zs)})
+    loop = {"steps": n, "strength": strength, "t_enc": t_enc, "items": items, "noise_seed": seed,
+            "draws_per_item": 1 + t_enc}
+
     for k, v in out.items():
         assert torch.isfinite(v).all(), k
     save_file({k: v.contiguous() for k, v in out.items()}, OUT / "research.safetensors")
@@ -267,13 +307,14 @@ def main(argv=None) -> None:
         "weights": "flows.json",
         "guidance_scale": GUIDANCE, "mixing": MIXING, "mixed_ratio": 1 - MIXING, "eta": 0.0,
         "cases": meta_cases,
+        "loop": loop,
         "cross_check": cross,
         "edges": edges,
     }
     (OUT / "research.json").write_text(json.dumps(meta, indent=1) + "\n")
     size = (OUT / "research.safetensors").stat().st_size
     print(f"wrote {len(out)} tensors, {size / 1e3:.1f} kB")
-    print(json.dumps({"cases": meta_cases, "cross_check": cross, "edges": edges}, indent=1))
+    print(json.dumps({"cases": meta_cases, "loop": loop, "cross_check": cross, "edges": edges}, indent=1))
     for k in sorted(k for k in out if k.endswith((".z_enc", ".out"))):
         print(f"  {k:16s} {tuple(out[k].shape)}  max|.| {out[k].abs().max():.3g}")
 

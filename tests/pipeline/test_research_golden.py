@@ -10,7 +10,9 @@ output's scale, together with the original's timesteps and noise draw:
   (t_enc * (1000 // N) + 1) with one draw of global-RNG noise for the whole batch, then the grid entries
   t_enc - 1 down to 0 are denoised;
 - the image stream (weight mixed_ratio = 1 - mixing) and the text stream (weight mixing) are mixed in both halves
-  of classifier-free guidance: the unconditional half uses uim and utx with the same weights.
+  of classifier-free guidance: the unconditional half uses uim and utx with the same weights;
+- the published loop seeds once, and its DDIM draws a noise per step run even at eta 0 (and multiplies it by 0):
+  item after item, one generator gives the original's noise and outputs when those draws are made too.
 """
 
 import json
@@ -109,8 +111,7 @@ def test_recipe_through_the_core_flow(golden, research, case, check):  # noqa: F
     meta, data = research
     _, _, unets = golden
     c = meta["cases"][case]
-    nets = core.Nets(image=unets["image"], text=None, image_context=unets["image"].context_layers(),
-                     text_context=unets["text"].context_layers())
+    nets = _dual_nets(unets)
     g = meta["guidance_scale"]
     text = core.guided_tokens(data[f"{case}.ctx"], data[f"{case}.utx"], g)
     image = core.guided_tokens(data[f"{case}.cim"], data[f"{case}.uim"], g)
@@ -120,3 +121,37 @@ def test_recipe_through_the_core_flow(golden, research, case, check):  # noqa: F
                           torch.Generator().manual_seed(c["noise_seed"]))
     got = core.dual_guided(nets, text, image, 1 - meta["mixed_ratio"], x, s)
     check(rel_err(got, data[f"{case}.out"]), TOL, "dual_guided flow")
+
+
+def _dual_nets(unets) -> core.Nets:
+    return core.Nets(image=unets["image"], text=None, image_context=unets["image"].context_layers(),
+                     text_context=unets["text"].context_layers())
+
+
+@torch.no_grad()
+def test_seeded_once_loop(golden, research, check):  # noqa: F811
+    """The published script seeds once before its loop, so an item's start noise depends on the items before it.
+    One generator seeded like the original's RNG gives every item's noise and output when it is passed to every
+    item's start and then draws, per step run, the noise the original's DDIM draws and multiplies by 0 at eta 0."""
+    meta, data = research
+    _, _, unets = golden
+    c = meta["loop"]
+    gs = meta["guidance_scale"]
+    s = core.Sampling(sampler=ddim(), num_steps=c["steps"], guidance_scale=gs,
+                      t_enc=core.start_step(c["strength"], c["steps"]))
+    assert c["draws_per_item"] == 1 + s.t_enc
+    text_weight = 1 - meta["mixed_ratio"]
+    g = torch.Generator().manual_seed(c["noise_seed"])
+    plain = torch.Generator().manual_seed(c["noise_seed"])  # the stream without the step draws
+    for k in range(c["items"]):
+        x0 = data["loop.x0"][k:k + 1]
+        z = randn(x0.shape, torch.Generator().set_state(g.get_state()), x0.device, x0.dtype)
+        assert torch.equal(z, data["loop.noise"][k:k + 1]), k
+        assert torch.equal(randn(x0.shape, plain, x0.device, x0.dtype), z) == (k == 0), k  # the step draws count
+        start = core.noised_start(s.sampler, x0, s.num_steps, s.t_enc, g)
+        text = core.guided_tokens(data["loop.ctx"][k:k + 1], data["loop.utx"], gs)
+        image = core.guided_tokens(data["loop.cim"][k:k + 1], data["loop.uim"], gs)
+        got = core.dual_guided(_dual_nets(unets), text, image, text_weight, start, s)
+        check(rel_err(got, data["loop.out"][k:k + 1]), TOL, f"item {k}")
+        for _ in range(s.t_enc):
+            randn(x0.shape, g, x0.device, x0.dtype)
