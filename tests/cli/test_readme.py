@@ -38,7 +38,7 @@ def blocks(lang: str) -> list[str]:
 
 def python_block(word: str) -> str:
     """The Python block that mentions `word` (the main example: "captions"; the research ones: "pred_text.npy",
-    "pred_clip_tokens.npy" and "CLIP_MEAN"; the inversion one: "ddim_inverse")."""
+    "ONE_GPU", "pred_clip_tokens.npy" and "CLIP_MEAN"; the inversion one: "ddim_inverse")."""
     (block,) = [b for b in blocks("python") if word in b]
     return block
 
@@ -183,6 +183,46 @@ def test_research_example(model, tmp_path, monkeypatch):
     for i in range(2):  # the batch file gives the Python example's images
         want = np.asarray(PIL.Image.open(f"recon-{i}.png"))
         assert np.array_equal(np.asarray(PIL.Image.open(f"recon/recon-{i}-0.png")), want), i
+
+
+@pytest.mark.parametrize("one_gpu", [False, True])
+def test_seeded_once_example(model, tmp_path, monkeypatch, one_gpu):
+    """The seeded-once example after the first (it uses its pipe and tokens), 4 steps on the tiny model: item i is
+    the call from its init image's latents, with the CPU generator after i posterior draws and the other after i
+    start noises (and i * int(0.75 * 4) step draws with ONE_GPU): each call draws once from each."""
+    from vd import VersatileDiffusion
+    monkeypatch.chdir(tmp_path)
+    _research_inputs(0, {"pred_text.npy": (2, 77, 16), "pred_vision.npy": (2, 257, 16)}, "lowlevel")
+    method = VersatileDiffusion.dual_guided
+    monkeypatch.setattr(VersatileDiffusion, "dual_guided",
+                        lambda self, *a, **k: method(self, *a, **{**k, "num_inference_steps": 4, "progress": False}))
+    names = {}
+    exec(python_block("pred_text.npy").replace(f'"{HUB}"', repr(model)), names)
+    code = python_block("ONE_GPU")
+    assert "STEPS, STRENGTH, ONE_GPU = 50, 0.75, False" in code
+    exec(code.replace("50, 0.75, False", f"4, 0.75, {one_gpu}"), names)
+    pipe, text, vision = names["pipe"], names["text"], names["vision"]
+    draws = 1 + (int(0.75 * 4) if one_gpu else 0)
+    for i in range(2):
+        cpu, gpu = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        shape = (1, 4, 40 // 8, 48 // 8)
+        for _ in range(i):
+            torch.randn(shape, generator=cpu)
+        for _ in range(i * draws):
+            torch.randn(shape, generator=gpu)
+        x0 = pipe.encode_latents(PIL.Image.open(f"lowlevel/{i}.png"), generator=cpu)
+        want = method(pipe, prompt_embeds=text[i:i + 1], image_embeds=vision[i:i + 1], text_to_image_strength=0.4,
+                      init_latents=x0, strength=0.75, num_inference_steps=4, generator=gpu, progress=False).images[0]
+        got = np.asarray(PIL.Image.open(f"recon-seeded-once-{i}.png"))
+        assert got.shape == (40, 48, 3)
+        assert np.array_equal(got, np.asarray(want)), i
+        if i:  # another state of the generators gives another picture
+            other = method(pipe, prompt_embeds=text[i:i + 1], image_embeds=vision[i:i + 1],
+                           text_to_image_strength=0.4, init_latents=pipe.encode_latents(
+                               PIL.Image.open(f"lowlevel/{i}.png"), generator=torch.Generator().manual_seed(0)),
+                           strength=0.75, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                           progress=False).images[0]
+            assert not np.array_equal(got, np.asarray(other))
 
 
 def test_mindeye_example(model, tmp_path, monkeypatch):
