@@ -45,6 +45,11 @@ def _eps_fn(meta, data, unets, case):
     return cfg_eps_fn(unets, "image", streams, meta["guidance_scale"])
 
 
+def _dual_nets(unets) -> core.Nets:
+    return core.Nets(image=unets["image"], text=None, image_context=unets["image"].context_layers(),
+                     text_context=unets["text"].context_layers())
+
+
 CASES = ["recipe", "n10"]
 
 
@@ -123,11 +128,6 @@ def test_recipe_through_the_core_flow(golden, research, case, check):  # noqa: F
     check(rel_err(got, data[f"{case}.out"]), TOL, "dual_guided flow")
 
 
-def _dual_nets(unets) -> core.Nets:
-    return core.Nets(image=unets["image"], text=None, image_context=unets["image"].context_layers(),
-                     text_context=unets["text"].context_layers())
-
-
 @torch.no_grad()
 def test_seeded_once_loop(golden, research, check):  # noqa: F811
     """The published script seeds once before its loop, so an item's start noise depends on the items before it.
@@ -140,7 +140,7 @@ def test_seeded_once_loop(golden, research, check):  # noqa: F811
     s = core.Sampling(sampler=ddim(), num_steps=c["steps"], guidance_scale=gs,
                       t_enc=core.start_step(c["strength"], c["steps"]))
     assert c["draws_per_item"] == 1 + s.t_enc
-    text_weight = 1 - meta["mixed_ratio"]
+    text_weight, nets = 1 - meta["mixed_ratio"], _dual_nets(unets)
     g = torch.Generator().manual_seed(c["noise_seed"])
     plain = torch.Generator().manual_seed(c["noise_seed"])  # the stream without the step draws
     for k in range(c["items"]):
@@ -151,7 +151,7 @@ def test_seeded_once_loop(golden, research, check):  # noqa: F811
         start = core.noised_start(s.sampler, x0, s.num_steps, s.t_enc, g)
         text = core.guided_tokens(data["loop.ctx"][k:k + 1], data["loop.utx"], gs)
         image = core.guided_tokens(data["loop.cim"][k:k + 1], data["loop.uim"], gs)
-        got = core.dual_guided(_dual_nets(unets), text, image, text_weight, start, s)
+        got = core.dual_guided(nets, text, image, text_weight, start, s)
         check(rel_err(got, data["loop.out"][k:k + 1]), TOL, f"item {k}")
         for _ in range(s.t_enc):
             randn(x0.shape, g, x0.device, x0.dtype)
