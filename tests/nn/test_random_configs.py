@@ -2,8 +2,9 @@
 config mapping accepts (vd/nn/config.py), so that no option is right only for the configs we thought of.
 
 Modules run in float64 (tolerance 1e-10 of the output scale, as test_nn_parity.py); whole pipelines in float32
-(max abs diff of the "np" images <= 1e-3, as test_pipeline_parity.py). Drawing such configs found that the
-reference's cross-attention mid block ignores only_cross_attention, which ours honoured.
+(max abs diff of the "np" images <= 1e-3, as test_pipeline_parity.py; of "latent" outputs, relative to their
+largest value). Drawing such configs found that the reference's cross-attention mid block ignores
+only_cross_attention, which ours honoured.
 """
 
 import copy
@@ -246,4 +247,7 @@ def test_random_pipelines(seed, tmp_path, patched_dual, check):
         got = getattr(ours, task)(**kw, generator=_generator(seeds), scheduler=scheduler, progress=False).images
         want, got = np.asarray(want), np.asarray(got)
         assert got.shape == want.shape
-        check(float(np.abs(got - want).max()), IMAGE_TOL, f"{task} {scheduler}")
+        # images lie in [0, 1]; "latent" outputs can reach 1e5 (cosine betas, one trailing step), where float32
+        # leaves 1e-2 of absolute rounding: compare those relative to their largest value
+        scale = max(1.0, float(np.abs(want).max()))
+        check(float(np.abs(got - want).max()) / scale, IMAGE_TOL, f"{task} {scheduler}")
