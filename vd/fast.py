@@ -110,6 +110,14 @@ class _Graph:
     sources: list[tuple[Tensor, int]] = field(default_factory=list)  # streams' tensors last copied in, and versions
 
 
+def cudnn_autotuning(x: Tensor) -> bool:
+    """Whether the denoiser turns cuDNN autotuning on for `x`: on CUDA, unless the user asked for deterministic
+    algorithms (`torch.use_deterministic_algorithms(True)` or `torch.backends.cudnn.deterministic = True`), since
+    autotuning times the algorithms and may pick another one, rounding otherwise, in another process."""
+    asked = torch.are_deterministic_algorithms_enabled() or torch.backends.cudnn.deterministic
+    return x.is_cuda and not asked
+
+
 def _stream_tensors(streams: Sequence[Context]) -> list[Tensor]:
     """Every tensor the streams bring into a step: tokens, and keys and values where computed, in a fixed order."""
     return [a for c in streams
@@ -155,7 +163,7 @@ class NoisePredictor:
         x = x.to(self.dtype)
         streams = [c if c.tokens.dtype == self.dtype else replace(c, tokens=c.tokens.to(self.dtype)) for c in streams]
         autotune = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = x.is_cuda or autotune  # shapes are fixed for a whole run
+        torch.backends.cudnn.benchmark = autotune or cudnn_autotuning(x)  # shapes are fixed for a whole run
         try:
             with torch.autocast(x.device.type, enabled=False):
                 if self.cuda_graphs and x.device.type == self.graph_device and not self._needs_grad(x, streams):

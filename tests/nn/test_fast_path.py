@@ -1,12 +1,14 @@
 """The GPU fast path's pieces that also run on the CPU give the plain path's results."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from helpers import TINY_UNET_A, flat_config, randomize_, rel_err
-from vd.fast import NoisePredictor, _cloned, _Graph, fast_path, speed_up_
+import vd.fast
+from vd.fast import NoisePredictor, _cloned, _Graph, cudnn_autotuning, fast_path, speed_up_
 from vd.nn import Context, UNet, UNetConfig
 
 
@@ -109,6 +111,30 @@ def test_denoiser_leaves_cudnn_autotuning_as_it_found_it(before):
         assert torch.backends.cudnn.benchmark is before
     finally:
         torch.backends.cudnn.benchmark = False
+
+
+def test_no_cudnn_autotuning_where_determinism_is_asked(monkeypatch):
+    """Autotuning may pick another convolution algorithm, which rounds otherwise, in another process: the
+    denoiser turns it on for CUDA inputs unless the user asked for deterministic algorithms, either way."""
+    cuda = SimpleNamespace(is_cuda=True)  # (a CUDA tensor as this function sees one)
+    assert cudnn_autotuning(cuda) and not cudnn_autotuning(torch.zeros(1))
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    assert not cudnn_autotuning(cuda)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not cudnn_autotuning(cuda)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    # and the denoiser asks it: autotuning is on while the UNet runs exactly when it says so
+    image, text = _unets()
+    seen = []
+    monkeypatch.setattr(NoisePredictor, "forward", lambda self, x, t, s: seen.append(torch.backends.cudnn.benchmark))
+    for answer in (True, False):
+        monkeypatch.setattr(vd.fast, "cudnn_autotuning", lambda x: answer)
+        NoisePredictor(image)(torch.randn(1, 4, 8, 8), torch.tensor(5), [Context(text.context_layers(),
+                                                                         torch.randn(1, 77, 16))])
+    assert seen == [True, False] and torch.backends.cudnn.benchmark is False
 
 
 class _FakeGraph:
