@@ -79,7 +79,10 @@ def random_vae(r: random.Random, levels: int | None = None, latent_channels: int
              in_channels=3, out_channels=3, sample_size=64,
              down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
     for key, value in (("mid_block_add_attention", False), ("use_quant_conv", False),
-                       ("use_post_quant_conv", False), ("scaling_factor", 0.5), ("act_fn", "swish")):
+                       ("use_post_quant_conv", False), ("scaling_factor", 0.5), ("act_fn", "swish"),
+                       # (options that only other pipelines read: the reference's VAE and VD pipelines ignore them)
+                       ("shift_factor", 0.1159), ("latents_mean", [0.1] * d["latent_channels"]),
+                       ("latents_std", [2.0] * d["latent_channels"]), ("force_upcast", False)):
         if r.random() < 0.3:
             d[key] = value
     return d

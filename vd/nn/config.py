@@ -334,7 +334,9 @@ def _unet_from_diffusers(d: dict) -> UNetConfig:
     )
 
 
-_VAE_FIXED = {"act_fn": ("silu", "swish"), "shift_factor": (None,), "latents_mean": (None,), "latents_std": (None,)}
+# (shift_factor, latents_mean and latents_std are read by other pipelines only: diffusers' AutoencoderKL and its VD
+# pipelines ignore them, and so do we; force_upcast too, which VD's pipelines never consult.)
+_VAE_FIXED = {"act_fn": ("silu", "swish")}
 
 
 def _vae_from_diffusers(d: dict) -> VAEConfig:
