@@ -61,6 +61,8 @@ def random_unet(r: random.Random, context_dim: int | None = None) -> dict:
         "mid_block_scale_factor": [0.5, 1.5],
         "resnet_time_scale_shift": ["scale_shift"],
         "act_fn": ["swish"],
+        "time_embedding_act_fn": ["silu", "mish", "gelu", "relu", "SiLU"],
+        "timestep_post_act": ["swish", "mish", "gelu", "relu"],
         # (options the reference ignores for these block types)
         "resnet_skip_time_act": [True],
         "resnet_out_scale_factor": [2.0],

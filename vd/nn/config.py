@@ -3,9 +3,10 @@
 Our field names say what they mean: diffusers' `attention_head_dim` is really the number of heads for these
 models (diffusers issue #2011), so here it is `num_heads`. Per-level tuples are in down-path order; the up path
 mirrors them. Options of diffusers' UNet2DConditionModel that VD never uses are built where they are cheap
-(a resnet-only or no mid block, scale-and-shift time conditioning) and otherwise refused with a clear error rather
-than silently ignored, unless the reference ignores them too (mid_block_only_cross_attention for its
-cross-attention mid blocks; upcast_attention, which only changes fp16 rounding).
+(a resnet-only or no mid block, scale-and-shift time conditioning, activations on the time embedding) and
+otherwise refused with a clear error rather than silently ignored, unless the reference ignores them too
+(mid_block_only_cross_attention for its cross-attention mid blocks; upcast_attention, which only changes fp16
+rounding).
 """
 
 import math
@@ -43,6 +44,8 @@ class UNetConfig:
     sample_size: int | None = None           # default latent size (image UNet)
     flat_dim: int = 0
     time_scale_shift: bool = False           # 2-D resnets: the time embedding scales and shifts (not in VD)
+    time_mlp_post_act: str | None = None     # an activation after the time MLP's last layer (not in VD)
+    time_embed_act: str | None = None        # an activation on the time embedding every resnet gets (not in VD)
 
     def __post_init__(self):
         _check_fields(self, _UNET_KINDS)
@@ -132,6 +135,7 @@ def _number(v) -> bool:
 
 
 MID_BLOCKS = ("cross_attention", "resnet", "none")
+ACTIVATION_NAMES = ("silu", "swish", "mish", "gelu", "relu")  # diffusers' names (vd.nn.layers.ACTIVATIONS)
 _KINDS = {
     "int": (_positive_int, "a positive integer"),
     "int0": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
@@ -143,6 +147,7 @@ _KINDS = {
     "number": (_number, "a finite number"),
     "positive": (lambda v: _number(v) and v > 0, "a positive number"),
     "mid": (lambda v: v in MID_BLOCKS, f"one of {MID_BLOCKS}"),
+    "act?": (lambda v: v is None or v in ACTIVATION_NAMES, f"null or one of {ACTIVATION_NAMES}"),
 }
 _UNET_KINDS = {
     "in_channels": "int|ints", "out_channels": "int|ints", "block_channels": "ints", "down_attention": "bools",
@@ -151,7 +156,8 @@ _UNET_KINDS = {
     "mid_transformer_depth": "int", "norm_groups": "int", "norm_eps": "positive", "flip_sin_to_cos": "bool",
     "freq_shift": "number", "time_embed_dim": "int?", "downsample_padding": "int0", "mid_block_scale_factor": "number",
     "linear_projection": "bool", "center_input_sample": "bool", "conv_in_kernel": "int", "conv_out_kernel": "int",
-    "sample_size": "int?", "flat_dim": "int0", "time_scale_shift": "bool",
+    "sample_size": "int?", "flat_dim": "int0", "time_scale_shift": "bool", "time_mlp_post_act": "act?",
+    "time_embed_act": "act?",
 }
 _VAE_KINDS = {
     "in_channels": "int", "out_channels": "int", "latent_channels": "int", "block_channels": "ints",
@@ -204,8 +210,8 @@ VD_VAE = VAEConfig(sample_size=256)
 # (resnet_skip_time_act, resnet_out_scale_factor and cross_attention_norm only reach block types VD does not use,
 # so the reference ignores them for ours, and so do we.)
 _UNET_FIXED = {
-    "act_fn": ("silu", "swish"), "time_embedding_type": ("positional",), "time_embedding_act_fn": (None,),
-    "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "class_embed_type": (None,),
+    "act_fn": ("silu", "swish"), "time_embedding_type": ("positional",), "time_cond_proj_dim": (None,),
+    "class_embed_type": (None,),
     "num_class_embeds": (None,), "addition_embed_type": (None,), "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,), "resnet_time_scale_shift": ("default", "scale_shift"),
     "attention_type": ("default",), "class_embeddings_concat": (False,), "dual_cross_attention": (False,),
@@ -223,7 +229,8 @@ _UNET_SOURCE = {"block_channels": "block_out_channels", "down_attention": "down_
                 "transformer_depth": "transformer_layers_per_block",
                 "mid_transformer_depth": "transformer_layers_per_block", "mid_block": "mid_block_type",
                 "norm_groups": "norm_num_groups", "time_embed_dim": "time_embedding_dim",
-                "linear_projection": "use_linear_projection"}
+                "linear_projection": "use_linear_projection", "time_embed_act": "time_embedding_act_fn",
+                "time_mlp_post_act": "timestep_post_act"}
 _VAE_SOURCE = {"block_channels": "block_out_channels", "norm_groups": "norm_num_groups",
                "mid_attention": "mid_block_add_attention", "quant_conv": "use_quant_conv",
                "post_quant_conv": "use_post_quant_conv"}
@@ -240,6 +247,11 @@ def _from_diffusers(build, d: dict, renames: dict[str, str]):
         raise ValueError(f"{key}: expected {e.expected}, got {d.get(key, e.value)!r}") from None
     except TypeError as e:  # a wrongly typed value met before the field checks (e.g. len() of a number)
         raise ValueError(f"a value has the wrong type ({e})") from None
+
+
+def _activation(name):
+    """diffusers reads activation names lower-cased ("SiLU" is "silu")."""
+    return name.lower() if isinstance(name, str) else name
 
 
 def _per_level(value, n: int, name: str) -> tuple:
@@ -329,6 +341,8 @@ def _unet_from_diffusers(d: dict) -> UNetConfig:
         conv_out_kernel=d.get("conv_out_kernel", 3),
         sample_size=d.get("sample_size"),
         flat_dim=4 if flat else 0,
+        time_mlp_post_act=_activation(d.get("timestep_post_act")),
+        time_embed_act=_activation(d.get("time_embedding_act_fn")),
         # parity: the reference's flat resnets always add the time embedding (they ignore scale_shift)
         time_scale_shift=not flat and d.get("resnet_time_scale_shift") == "scale_shift",
     )

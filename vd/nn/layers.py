@@ -35,16 +35,23 @@ def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool = True, freq_s
     return emb
 
 
-class TimestepEmbedding(nn.Module):
-    """The global layer of VD: an MLP on the sinusoidal embedding, shared by every flow."""
+# the activations a config may name (config.ACTIVATION_NAMES: diffusers' names, read lower-cased)
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, "relu": F.relu}
 
-    def __init__(self, in_dim: int, dim: int):
+
+class TimestepEmbedding(nn.Module):
+    """The global layer of VD: an MLP on the sinusoidal embedding, shared by every flow. `post_act` (diffusers'
+    timestep_post_act, not in VD) names an activation after its last layer."""
+
+    def __init__(self, in_dim: int, dim: int, post_act: str | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
+        self.post_act = post_act
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
+        h = self.linear_2(F.silu(self.linear_1(x)))
+        return h if self.post_act is None else ACTIVATIONS[self.post_act](h)
 
 
 class ResnetBlock(nn.Module):

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from vd.nn.config import UNetConfig
 from vd.nn.fusable import GroupNorm
-from vd.nn.layers import (BlockKeysValues, Downsample, FlatLinear, FlatResnetBlock, ResnetBlock, SpatialTransformer,
-                          TimestepEmbedding, Upsample, timestep_embedding)
+from vd.nn.layers import (ACTIVATIONS, BlockKeysValues, Downsample, FlatLinear, FlatResnetBlock, ResnetBlock,
+                          SpatialTransformer, TimestepEmbedding, Upsample, timestep_embedding)
 
 UNET_PARTS = frozenset({"global", "data", "context"})
 AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")  # where torch.autocast exists (not "meta")
@@ -77,7 +77,7 @@ class UNet(nn.Module):
         chs, flat, fd = cfg.block_channels, cfg.flat, cfg.flat_dim
         n = len(chs)
         if "global" in parts:
-            self.time_embedding = TimestepEmbedding(chs[0], cfg.time_dim)
+            self.time_embedding = TimestepEmbedding(chs[0], cfg.time_dim, cfg.time_mlp_post_act)
         if data:
             if flat:
                 self.conv_in = FlatLinear(cfg.in_channels, (chs[0], fd, 1))
@@ -177,6 +177,8 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         t = (t[None] if t.dim() == 0 else t).expand(x.shape[0])  # (B,)
         temb = time_mlp(timestep_embedding(t, cfg.block_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).to(x.dtype))
+        if cfg.time_embed_act is not None:
+            temb = ACTIVATIONS[cfg.time_embed_act](temb)
         sites = iter(range(cfg.num_context_sites))  # context sites in forward order, as context_layers() lists them
 
         if cfg.center_input_sample:
