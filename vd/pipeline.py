@@ -695,6 +695,10 @@ class VersatileDiffusion:
             bar.close()
         if not torch.isfinite(x).all():
             hint = "; try float32 (dtype=torch.float32)" if x.dtype != torch.float32 else ""
+            if s.sampler.rescale_betas_zero_snr and s.sampler.prediction_type == "epsilon":
+                hint = ("; the schedule ends at zero SNR (rescale_betas_zero_snr), where a noise prediction "
+                        "(prediction_type 'epsilon') says nothing of the image: it is meant for "
+                        "'v_prediction' models")
             raise FloatingPointError(f"denoising produced NaN or inf latents{hint}")
         return x
 

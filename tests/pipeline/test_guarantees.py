@@ -65,6 +65,26 @@ def test_nan_latents_are_an_error(pipe, monkeypatch):
     assert "float32" not in str(info.value)  # this pipeline runs in float32 already: no advice to switch to it
 
 
+def test_zero_terminal_snr_with_noise_prediction_names_the_cause(pipe, folder):
+    """A zero-SNR schedule starting at its last trained timestep (alpha_bar = 0) makes a noise-predicting model's
+    first DDIM step divide by 0: the reference returns NaN images, ours says why (the setting is meant for
+    v-prediction models)."""
+    from diffusers import DDIMScheduler
+    config = {**pipe.scheduler_config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    ref = tp.reference("text_to_image", folder)
+    ref.scheduler = DDIMScheduler.from_config(config)
+    assert np.isnan(ref("the cat", generator=_g(), num_inference_steps=3, output_type="np").images).all()
+    saved = pipe.scheduler_config
+    pipe.scheduler_config = config
+    try:
+        with pytest.raises(FloatingPointError, match=r"NaN.*zero SNR.*'epsilon'.*'v_prediction'"):
+            pipe.text_to_image("the cat", generator=_g(), **KW)
+        pipe.scheduler_config = {**config, "prediction_type": "v_prediction"}
+        assert np.isfinite(pipe.text_to_image("the cat", generator=_g(), **KW).images).all()
+    finally:
+        pipe.scheduler_config = saved
+
+
 @pytest.fixture(scope="module")
 def bf16(folder):
     return VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], dtype=torch.bfloat16)
