@@ -211,9 +211,8 @@ VD_VAE = VAEConfig(sample_size=256)
 # so the reference ignores them for ours, and so do we.)
 _UNET_FIXED = {
     "act_fn": ("silu", "swish"), "time_embedding_type": ("positional",), "time_cond_proj_dim": (None,),
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,), "addition_embed_type": (None,), "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,), "resnet_time_scale_shift": ("default", "scale_shift"),
+    "class_embed_type": (None,), "num_class_embeds": (None,), "addition_embed_type": (None,),
+    "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "resnet_time_scale_shift": ("default", "scale_shift"),
     "attention_type": ("default",), "class_embeddings_concat": (False,), "dual_cross_attention": (False,),
     "reverse_transformer_layers_per_block": (None,),
 }
