@@ -440,7 +440,7 @@ def test_converted_folder_opens_only_the_parts_of_its_tasks(pristine, tmp_path):
     ("image_unet", dict(resnet_time_scale_shift="spatial"), "resnet_time_scale_shift"),  # options not built
     ("text_unet", dict(act_fn="gelu"), "act_fn='gelu' is not supported (only 'silu' or 'swish')"),
     ("image_unet", dict(time_embedding_act_fn="tanh"), "time_embedding_act_fn: expected null or one of"),
-    ("text_unet", dict(timestep_post_act=3), "timestep_post_act: expected null or one of"),
+    ("text_unet", dict(timestep_post_act=["silu"]), "timestep_post_act: expected null or one of"),
 ])
 def test_bad_config_value_names_file_and_key(folder, component, changes, key):
     conf = folder / component / "config.json"

@@ -12,6 +12,8 @@ rounding).
 import math
 from dataclasses import dataclass, fields
 
+from vd.nn.layers import ACTIVATIONS
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -135,7 +137,6 @@ def _number(v) -> bool:
 
 
 MID_BLOCKS = ("cross_attention", "resnet", "none")
-ACTIVATION_NAMES = ("silu", "swish", "mish", "gelu", "relu")  # diffusers' names (vd.nn.layers.ACTIVATIONS)
 _KINDS = {
     "int": (_positive_int, "a positive integer"),
     "int0": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
@@ -147,7 +148,7 @@ _KINDS = {
     "number": (_number, "a finite number"),
     "positive": (lambda v: _number(v) and v > 0, "a positive number"),
     "mid": (lambda v: v in MID_BLOCKS, f"one of {MID_BLOCKS}"),
-    "act?": (lambda v: v is None or v in ACTIVATION_NAMES, f"null or one of {ACTIVATION_NAMES}"),
+    "act?": (lambda v: v is None or isinstance(v, str) and v in ACTIVATIONS, f"null or one of {tuple(ACTIVATIONS)}"),
 }
 _UNET_KINDS = {
     "in_channels": "int|ints", "out_channels": "int|ints", "block_channels": "ints", "down_attention": "bools",

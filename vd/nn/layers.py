@@ -35,7 +35,7 @@ def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool = True, freq_s
     return emb
 
 
-# the activations a config may name (config.ACTIVATION_NAMES: diffusers' names, read lower-cased)
+# the activations a UNet config may name: diffusers' names (its config values, read lower-cased)
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, "relu": F.relu}
 
 
