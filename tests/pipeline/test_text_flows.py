@@ -57,7 +57,9 @@ def _image_contexts(pipe, imgs, n):
 def _text_contexts(pipe, texts, negatives, n, guidance=7.5):
     cond = clip_text(pipe, texts).repeat_interleave(n, dim=0)
     if guidance > 1:
-        uncond = clip_text(pipe, negatives or [""] * len(texts)).repeat_interleave(n, dim=0)
+        # "no text" is encoded once and shared, as the facade does: a batch of copies may round otherwise
+        uncond = clip_text(pipe, negatives) if negatives else clip_text(pipe, [""]).expand(len(texts), -1, -1)
+        uncond = uncond.repeat_interleave(n, dim=0)
         cond = torch.cat([uncond, cond])
     return [Context(pipe.components.text_unet.context_layers(), cond)]
 
