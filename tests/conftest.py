@@ -6,8 +6,11 @@ import pytest
 import torch
 
 # The models in the suite are tiny: one thread is as fast, and it cannot be starved by other processes on a
-# small machine (a second thread spinning for a busy core made some tests 20x slower). Subprocesses inherit it.
+# small machine (a second thread spinning for a busy core made some tests 20x slower). Subprocesses inherit it, and
+# the tests that compare a subprocess's files with in-process results byte for byte need its arithmetic to be the
+# same: MKL takes its own thread count from MKL_NUM_THREADS where a user's environment sets it.
 os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 # The Triton kernels are tested in Triton's CPU interpreter (tests/kernels). Whether a kernel is interpreted is
 # fixed when triton and vd.kernels are imported, which diffusers, transformers or torch.compile may do from any
