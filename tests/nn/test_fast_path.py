@@ -121,11 +121,12 @@ def test_no_cudnn_autotuning_where_determinism_is_asked(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     assert not cudnn_autotuning(cuda)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         assert not cudnn_autotuning(cuda)
     finally:
-        torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     # and the denoiser asks it: autotuning is on while the UNet runs exactly when it says so
     image, text = _unets()
     seen = []
