@@ -148,10 +148,13 @@ def test_compiled_reference_records_failures_and_drops_fullgraph():
 
 
 def test_bench_isolated_memory_and_load(ckpt, tmp_path):
+    """The fresh-process memory and load runs alone (--skip-timing, as gpu_run.sh's memory stage runs them)."""
     out_json = tmp_path / "bench.json"
     stdout = _run(BENCHMARKS / "bench.py", ckpt, *TINY, "--tasks", "dual_guided", "--ref-variants", "dedicated",
-                  "--json", out_json)
-    runs = json.loads(out_json.read_text())["memory"]["dual_guided"]
+                  "--skip-timing", "--json", out_json)
+    result = json.loads(out_json.read_text())
+    assert result["tasks"] == {}
+    runs = result["memory"]["dual_guided"]
     assert set(runs) == {"ours", "dedicated"}
     for r in runs.values():
         assert r["load_s"] > 0 and r["rss_peak"] >= r["rss_load"] > 0
