@@ -130,9 +130,9 @@ def preimport(impl: str) -> float:
             getattr(diffusers, name)
     # The imported modules live for good: frozen, every later collection (free()'s and the automatic ones) skips
     # them. A CPU smoke run of bench.py spent 4.8 s collecting before, 1.6 s after. Unfrozen at exit, where
-    # triton's bindings report their objects left uncollected as leaks.
+    # triton's bindings report their objects left uncollected as leaks (a second unfreeze, from a second
+    # preimport, does nothing).
     gc.freeze()
-    atexit.unregister(gc.unfreeze)  # registered once, however often this runs
     atexit.register(gc.unfreeze)
     return time.perf_counter() - t0
 
