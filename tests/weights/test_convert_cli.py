@@ -306,7 +306,8 @@ def test_sigterm_midway_leaves_nothing(denoisers_only, tmp_path):
     out = tmp_path / "out"
     proc = _start_slow(denoisers_only, out, tmp_path)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    proc.communicate(timeout=60)  # (reads and closes its pipes)
+    assert proc.returncode == 128 + signal.SIGTERM
     assert not out.exists()
     assert _leftovers(out) == []
 
@@ -315,7 +316,7 @@ def test_sigkill_midway_then_next_run_sweeps(denoisers_only, tmp_path):
     out = tmp_path / "out"
     proc = _start_slow(denoisers_only, out, tmp_path)
     proc.kill()
-    proc.wait(timeout=60)  # reaped: its pid is gone
+    proc.communicate(timeout=60)  # reaped (its pid is gone), its pipes closed
     assert not out.exists()
     stale = _leftovers(out)
     assert stale == [f".{out.name}.partial-{HOST}-{proc.pid}"]  # a SIGKILL cannot be cleaned up after...
