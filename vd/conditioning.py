@@ -22,8 +22,10 @@ def encode_text(text_encoder, tokenizer, prompts: list[str], device: torch.devic
     """[B, 77, D] context tokens for B prompts; warns once, naming what was cut, if a prompt is too long."""
     max_len = tokenizer.model_max_length
     ids = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
-    # each prompt untruncated and unpadded: a batch may mix long and short prompts (the reference fails on that)
-    dropped = [tokenizer.decode(full[max_len - 1:-1]) for full in tokenizer(prompts).input_ids if len(full) > max_len]
+    # each prompt untruncated and unpadded: a batch may mix long and short prompts (the reference fails on that);
+    # verbose=False: transformers would log its own too-long warning beside ours
+    untruncated = tokenizer(prompts, verbose=False).input_ids
+    dropped = [tokenizer.decode(full[max_len - 1:-1]) for full in untruncated if len(full) > max_len]
     if dropped:
         warnings.warn(f"prompt longer than CLIP's {max_len} tokens; this part was dropped: {dropped}", stacklevel=3)
     mask = ids.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
