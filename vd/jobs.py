@@ -251,6 +251,8 @@ class Job:
 
 def image_path(folder: Path, name: str, anywhere: bool, what: str = "image") -> Path:
     """The file an argument names: relative to the job file's folder, and inside it unless `anywhere`."""
+    if not name:  # (else it would name the folder itself)
+        raise ValueError(f"{what}: expected a file name, got ''")
     path = (folder / name).resolve()
     if not anywhere and not path.is_relative_to(folder.resolve()):
         raise ValueError(f"{what} {name!r} is outside the job file's folder {str(folder)!r} (pass --allow-any-path "

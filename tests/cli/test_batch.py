@@ -215,19 +215,21 @@ def test_malformed_lines_are_reported_and_skipped(model, tmp_path, capsys):
            b'',                                                                 # line 10: blank, ignored
            # line 11: passes the line check (steps <= 1000), fails to run (VD's schedule allows at most 999)
            b'{"task": "text_to_image", "prompt": "x", "seed": 9, "num_inference_steps": 1000, "height": 16}',
-           b'{"task": "text_to_image", "prompt": "x", "seed": 9, "height": 30}')      # line 12: bad size
+           b'{"task": "text_to_image", "prompt": "x", "seed": 9, "height": 30}',      # line 12: bad size
+           b'{"task": "image_variation", "image": "", "seed": 9}')                    # line 13: no file name
     jobs = _write_jobs(tmp_path, good, bad)
     assert _run_in_process(jobs, "--out", tmp_path / "out", "--model", model) == 1
     captured = capsys.readouterr()
     for line, reason in [(3, "not valid JSON"), (4, "task: expected one of"), (5, "missing key(s): seed"),
                          (6, "seed: expected an integer, got '7'"), (7, "unknown key(s) for text_to_image: steps"),
                          (8, "duplicate id 'dog' (first on line 2)"), (9, "not UTF-8"),
-                         (12, "height: expected a positive multiple of 8, got 30")]:
+                         (12, "height: expected a positive multiple of 8, got 30"),
+                         (13, "image: expected a file name, got ''")]:
         assert f"jobs.jsonl:{line}: skipped: {reason}" in captured.err
         assert f"malformed: line {line}: {reason}" in captured.out
     assert "line 10" not in captured.out
     assert "failed: line 11" in captured.out and "num_inference_steps" in captured.out and "<= 999" in captured.out
-    assert "3 jobs: 2 done, 0 skipped" in captured.out and "1 failed; 8 malformed line(s)" in captured.out
+    assert "3 jobs: 2 done, 0 skipped" in captured.out and "1 failed; 9 malformed line(s)" in captured.out
     assert {r["id"] for r in _records(tmp_path / "out")} == {"dog", read_jobs(jobs)[0][0].id}
 
 
