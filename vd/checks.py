@@ -15,7 +15,8 @@ from torch import Tensor
 
 from vd.conditioning import APP_SIDE
 from vd.images import to_rgb
-from vd.sched import GENERATING, SCHEDULERS
+from vd.sampling import start_step
+from vd.sched import DDIM, GENERATING, SCHEDULERS
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the applications' names
@@ -399,3 +400,31 @@ def common_size(name: str, value: list[PIL.Image.Image] | Tensor, factor: int) -
     if h < factor or w < factor:
         fail(name, f"an image of {h}x{w} pixels", f"at least {factor}x{factor} pixels")
     return h // factor * factor, w // factor * factor
+
+
+def start_rule(sampler, scheduler: str, given: str | None, *, fidelity: bool, name: str) -> str:
+    """The rule an init image (`name`) starts under: `given`, else "original" for DDIM and "diffusers" for the
+    other samplers; refused where the sampler lacks it. Fidelity always starts under the original's rule."""
+    if fidelity:  # the original app's option, with its rule
+        if given == "diffusers":
+            fail("strength_rule", given, "None or 'original' with fidelity (the original app's rule)")
+        if not isinstance(sampler, DDIM):
+            raise ValueError(f"fidelity: expected the scheduler the original starts part-way (ddim), got {scheduler!r}")
+        return "original"
+    rule = given or ("original" if isinstance(sampler, DDIM) else "diffusers")
+    if rule == "original" and not isinstance(sampler, DDIM):
+        fail("strength_rule", rule, f"'diffusers' with scheduler {scheduler!r} (the original's rule is DDIM's)")
+    if not sampler.starts_part_way:
+        others = [n for n, cls in SCHEDULERS.items() if not cls.starts_part_way]
+        raise ValueError(f"{name}: expected a scheduler that starts part-way (any but {' and '.join(others)}), got "
+                         f"{scheduler!r}")
+    return rule
+
+
+def start_steps(strength: float, num_steps: int, rule: str) -> int:
+    """t_enc, the steps an init image at `strength` runs; diffusers' rule refuses a run of none, as diffusers does."""
+    t_enc = start_step(strength, num_steps)
+    if rule == "diffusers" and t_enc == 0:
+        fail("strength", strength, f"at least 1 / num_inference_steps = {1 / num_steps:g} with strength_rule "
+             "'diffusers' (it runs the last int(strength * num_inference_steps) steps)")
+    return t_enc

@@ -38,7 +38,6 @@ from vd.tasks import TASK_PARTS, TASKS
 
 DEFAULT_REPO = "shi-labs/versatile-diffusion"
 DEFAULT_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")  # the image flows; text needs asking
-DEFAULT_STRENGTH = 0.75  # Brain-Diffuser's, and close to img2img's usual 0.8
 Images = PIL.Image.Image | list[PIL.Image.Image] | Tensor
 
 
@@ -574,8 +573,9 @@ class VersatileDiffusion:
         name = init_name if init_latents is None else "init_latents"
         if latents is not None:
             checks.fail("latents", "a tensor", f"None when {name} is given (the start comes from it)")
-        rule = self._strength_rule(run, strength_rule, fidelity=init_name != "init_image", name=name)
-        strength = checks.number("strength", DEFAULT_STRENGTH if strength is None else strength, 0.0, 1.0)
+        rule = checks.start_rule(run.sampling.sampler, run.scheduler, strength_rule, fidelity=init_name != "init_image",
+                                 name=name)
+        strength = checks.number("strength", core.DEFAULT_STRENGTH if strength is None else strength, 0.0, 1.0)
         if init_latents is not None:
             init_latents = checks.latents(init_latents, (init_latents.shape[0], *run.shape[1:]), self.device,
                                           name="init_latents")
@@ -591,33 +591,9 @@ class VersatileDiffusion:
             init_images = resized(init_images, height, width).to(self.device)
             if len(init_images) == 1 and batch > 1:
                 init_images = init_images.expand(batch, -1, -1, -1)
-        t_enc = core.start_step(strength, run.sampling.num_steps)
-        if rule == "diffusers" and t_enc == 0:  # (diffusers refuses a run of no step)
-            checks.fail("strength", strength, f"at least 1 / num_inference_steps = {1 / run.sampling.num_steps:g} "
-                        "with strength_rule 'diffusers' (it runs the last int(strength * num_inference_steps) steps)")
+        t_enc = checks.start_steps(strength, run.sampling.num_steps, rule)
         return dataclasses.replace(run, init_images=init_images, init_latents=init_latents,
                                    sampling=dataclasses.replace(run.sampling, t_enc=t_enc, strength_rule=rule))
-
-    @staticmethod
-    def _strength_rule(run: "_Call", given: str | None, *, fidelity: bool, name: str) -> str:
-        """The rule an init image starts under (see `_prepare`), refused where the run's sampler lacks it."""
-        sampler = run.sampling.sampler
-        if fidelity:  # the original app's option, with its rule
-            if given == "diffusers":
-                checks.fail("strength_rule", given, "None or 'original' with fidelity (the original app's rule)")
-            if not isinstance(sampler, DDIM):
-                raise ValueError(f"fidelity: expected the scheduler the original starts part-way (ddim), got "
-                                 f"{run.scheduler!r}")
-            return "original"
-        rule = given or ("original" if isinstance(sampler, DDIM) else "diffusers")
-        if rule == "original" and not isinstance(sampler, DDIM):
-            checks.fail("strength_rule", rule, f"'diffusers' with scheduler {run.scheduler!r} (the original's rule "
-                        "is DDIM's)")
-        if not sampler.starts_part_way:
-            others = [n for n, cls in SCHEDULERS.items() if not cls.starts_part_way]
-            raise ValueError(f"{name}: expected a scheduler that starts part-way (any but {' and '.join(others)}), "
-                             f"got {run.scheduler!r}")
-        return rule
 
     def _prepare_text(self, batch: int, *, steps, guidance, per_prompt, eta, generator, latents, callback,
                       callback_steps, scheduler, return_dict, progress) -> "_Call":

@@ -46,6 +46,7 @@ class Nets:
 
 
 STRENGTH_RULES = ("original", "diffusers")  # where init latents are noised to: see `noised_start`
+DEFAULT_STRENGTH = 0.75  # Brain-Diffuser's, and close to img2img's usual 0.8
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -198,6 +198,37 @@ def test_bad_references_are_malformed_lines(model, tmp_path, capsys):
     assert "3 jobs: 2 done, 0 skipped" in out and "1 failed; 16 malformed line(s)" in out
 
 
+# starts that the job's own scheduler or strength_rule settles, so that they are refused with the line, and the
+# facade arguments of the same job (files opened)
+START_CASES = {
+    "pndm_takes_no_init_image": dict(task="text_to_image", prompt="the cat", init_image="low.png", scheduler="pndm"),
+    "original_rule_is_ddims": dict(task="dual_guided", prompt="the cat", image="in.png", scheduler="euler",
+                                   init_latents=_ref("latents.pt", 0), strength_rule="original"),
+    "fidelity_is_ddims": dict(task="image_variation", image="in.png", fidelity=0.5, scheduler="unipc"),
+    "no_step_to_run": dict(task="blend", images=["in.png"], init_image="low.png", strength=0.4,
+                           strength_rule="diffusers"),  # 0.4 x 2 steps: none
+}
+
+
+def _facade_args(folder: Path, job: dict) -> dict:
+    files = {"image": lambda v: PIL.Image.open(folder / v), "init_image": lambda v: PIL.Image.open(folder / v),
+             "images": lambda v: [PIL.Image.open(folder / f) for f in v], "init_latents": lambda v: _array(folder, v)}
+    return {k: files[k](v) if k in files else v for k, v in job.items() if k not in ("task", "seed")}
+
+
+@pytest.mark.parametrize("case", list(START_CASES))
+def test_starts_the_job_settles_are_refused_with_the_line(case, pipe, tmp_path):
+    """Such a line is malformed with the reason the facade gives when it runs; without the scheduler and the
+    strength_rule it is a job (the rule then follows the model's default sampler)."""
+    job = dict(START_CASES[case], seed=1, **SMALL)
+    unsettled = {k: v for k, v in job.items() if k not in ("scheduler", "strength_rule")}
+    jobs, malformed = read_jobs(_write(tmp_path, [job, unsettled]))
+    assert [j.line for j in jobs] == [2] and [line for line, _ in malformed] == [1]
+    with pytest.raises(ValueError) as facade:
+        getattr(pipe, job["task"])(**_facade_args(tmp_path, job), progress=False)
+    assert malformed[0][1] == str(facade.value)
+
+
 def test_resume_skips_finished_text_jobs_and_redoes_rewritten_arrays(model, tmp_path, capsys):
     lines = [dict(task="text_variation", id="words", seed=3, prompt_embeds=_ref("pred_text.npy", 2), **TEXT),
              dict(task="image_to_text", id="caption", seed=4, image="in.png", num_texts_per_prompt=2, **TEXT)]
