@@ -70,10 +70,9 @@ def images(name: str, value: object) -> list[PIL.Image.Image] | torch.Tensor:
         return [_pil(f"{name}[{i}]", v) for i, v in enumerate(value)]
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point() or value.dim() != 4 or value.shape[1] != 3 or value.shape[0] == 0:
-            fail(name, f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}",
-                 "a float tensor of shape [B, 3, H, W]")
+            fail(name, value, "a float tensor of shape [B, 3, H, W]")
         if value.shape[2] == 0 or value.shape[3] == 0:
-            fail(name, f"tensor of shape {tuple(value.shape)}", "an image at least 1 pixel high and wide")
+            fail(name, value, "an image at least 1 pixel high and wide")
         if not torch.isfinite(value).all() or value.min() < 0 or value.max() > 1:
             fail(name, f"tensor with values in [{value.min().item():.3g}, {value.max().item():.3g}]",
                  "values in [0, 1]")
@@ -260,9 +259,9 @@ def latents(value: object, shape: tuple[int, ...], device: torch.device, name: s
     if not isinstance(value, torch.Tensor):
         fail(name, value, "a torch.Tensor", TypeError)
     if tuple(value.shape) != shape:
-        fail(name, f"tensor of shape {tuple(value.shape)}", f"shape {shape}")
+        fail(name, value, f"a tensor of shape {list(shape)}")
     if not value.is_floating_point():
-        fail(name, f"tensor of dtype {value.dtype}", "a floating-point tensor")
+        fail(name, value, "a floating-point tensor")
     if value.device.type not in ("cpu", device.type):
         fail(name, f"tensor on {value.device}", f"a tensor on the CPU or on {device}")
     if not torch.isfinite(value).all():
@@ -305,8 +304,7 @@ def keep_masks(masks: object, k: int) -> list[Tensor | None]:
             m = _mask_picture(name, m)
         elif isinstance(m, Tensor):
             if not m.is_floating_point() or m.dim() not in (2, 3) or (m.dim() == 3 and m.shape[0] != 1):
-                fail(name, f"tensor of shape {tuple(m.shape)} and dtype {m.dtype}",
-                     "a float tensor [H, W] or [1, H, W]")
+                fail(name, m, "a float tensor [H, W] or [1, H, W]")
             if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
                 fail(name, "a tensor with values outside [0, 1]", "values in [0, 1]")
             m = F.interpolate(m.float().reshape(1, 1, *m.shape[-2:]), size=(APP_SIDE, APP_SIDE), mode="bilinear",

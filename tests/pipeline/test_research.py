@@ -279,7 +279,8 @@ def test_latents_size_each_dimension_not_given(pipe):
     assert np.array_equal(pipe.text_to_image("the cat", width=40, latents=x, **kw).images, sized)
     variation = pipe.image_variation(random_image(33), latents=x.expand(2, -1, -1, -1), num_images_per_prompt=2, **kw)
     assert variation.images.shape == (2, 48, 40, 3)
-    with pytest.raises(ValueError, match=r"latents: expected shape \(1, 4, 4, 5\), got 'tensor of shape \(1, 4, 6, 5"):
+    with pytest.raises(ValueError, match=r"latents: expected a tensor of shape \[1, 4, 4, 5\], got a tensor of shape "
+                                         r"\[1, 4, 6, 5\]"):
         pipe.text_to_image("the cat", height=32, latents=x, **kw)
 
 
@@ -392,7 +393,7 @@ def test_decode_latents_is_the_flows_decode(pipe, folder, check):
 
 
 @pytest.mark.parametrize("call,error,words", [
-    (lambda p: p.decode_latents(torch.zeros(1, 3, 4, 4)), ValueError, ["latents", "(1, 3, 4, 4)", "(1, 4, 4, 4)"]),
+    (lambda p: p.decode_latents(torch.zeros(1, 3, 4, 4)), ValueError, ["latents", "[1, 3, 4, 4]", "[1, 4, 4, 4]"]),
     (lambda p: p.decode_latents(torch.zeros(4, 4, 4)), ValueError, ["latents", "4 dimensions"]),
     (lambda p: p.decode_latents(torch.zeros(1, 4, 4, 4), output_type="latent"), ValueError,
      ["output_type", "'latent'"]),
