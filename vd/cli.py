@@ -17,7 +17,7 @@ from vd.fast import EAGER
 from vd.files import OutputError, check_writable
 from vd.images import open_image
 from vd.jobs import TEXT_TASKS
-from vd.sampling import STRENGTH_RULES
+from vd.sampling import DEFAULT_STRENGTH, STRENGTH_RULES
 from vd.sched import GENERATING, sampler_from_config
 
 CHUNK = 8  # images per facade call (fewer when the pixel budget, vd.checks.MAX_PIXELS, says so)
@@ -201,6 +201,15 @@ def run(args: argparse.Namespace) -> list[Path]:
         except ValueError as e:
             raise UserError(str(e)) from None
     settings = _scheduler_settings(args.scheduler_set, args.scheduler)
+    fidelity = getattr(args, "fidelity", 0.0) > 0
+    if args.scheduler is not None and (init is not None) != fidelity:  # (both at once: the facade refuses that)
+        # what --scheduler rules out of a start from an image, said before the model loads
+        sampler = sampler_from_config(args.scheduler, settings)
+        rule = checks.start_rule(sampler, args.scheduler, args.strength_rule, fidelity=fidelity,
+                                 name="image" if fidelity else "init_image")
+        if init is not None:
+            strength = DEFAULT_STRENGTH if args.init_strength is None else args.init_strength
+            checks.start_steps(strength, args.steps, rule)
     negative = getattr(args, "negative", None)
     if task == "image_variation" and negative is not None:
         negative = _open_image(negative, "--negative")

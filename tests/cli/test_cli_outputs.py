@@ -75,6 +75,21 @@ def test_bad_seed_and_device_before_loading(no_model, tmp_path, capsys, args, wo
     _one_line(capsys, *words)
 
 
+@pytest.mark.parametrize("args,words", [
+    (["image-variation", "in.png", "--fidelity", "0.3", "--scheduler", "unipc"], ["--fidelity", "(ddim)", "'unipc'"]),
+    (["text-to-image", "a", "--init-image", "in.png", "--scheduler", "pndm"], ["--init-image", "part-way", "'pndm'"]),
+    (["text-to-image", "a", "--init-image", "in.png", "--scheduler", "euler", "--strength-rule", "original"],
+     ["--strength-rule", "'euler'"]),
+    (["dual-guided", "a", "in.png", "--init-image", "in.png", "--scheduler", "unipc", "--init-strength", "0.4"],
+     ["--init-strength", "1 / num_inference_steps = 0.5", "0.4"]),
+])
+def test_a_start_the_scheduler_rules_out_before_loading(no_model, tmp_path, capsys, args, words):
+    PIL.Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    args = [str(tmp_path / a) if a == "in.png" else a for a in args]
+    assert main([*args, "-o", str(tmp_path / "x.png"), "--steps", "2"]) == 2
+    _one_line(capsys, *words)
+
+
 def test_steps_beyond_the_schedule(model, tmp_path, capsys):
     assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), "--model", model, "--steps", "1000"]) == 2
     _one_line(capsys, "num_inference_steps", "<= 999", "1000")
