@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         sampler = sampler_from_config(args.scheduler, settings)
         rule = checks.start_rule(sampler, args.scheduler, args.strength_rule, fidelity=fidelity,
                                  name="image" if fidelity else "init_image")
-        if init is not None:
+        if init is not None and args.steps >= 1:  # (other step counts: the facade's error)
             strength = DEFAULT_STRENGTH if args.init_strength is None else args.init_strength
             checks.start_steps(strength, args.steps, rule)
     negative = getattr(args, "negative", None)

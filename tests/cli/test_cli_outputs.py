@@ -90,6 +90,13 @@ def test_a_start_the_scheduler_rules_out_before_loading(no_model, tmp_path, caps
     _one_line(capsys, *words)
 
 
+def test_a_start_with_no_steps_is_the_steps_error(model, tmp_path, capsys):
+    PIL.Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    assert main(["text-to-image", "a", "--init-image", str(tmp_path / "in.png"), "--scheduler", "euler", "--steps",
+                 "0", "-o", str(tmp_path / "x.png"), "--model", model]) == 2
+    _one_line(capsys, "--steps", ">= 1", "got 0")
+
+
 def test_steps_beyond_the_schedule(model, tmp_path, capsys):
     assert main(["text-to-image", "a", "-o", str(tmp_path / "x.png"), "--model", model, "--steps", "1000"]) == 2
     _one_line(capsys, "num_inference_steps", "<= 999", "1000")
