@@ -16,7 +16,7 @@ from torch import Tensor
 from vd.conditioning import APP_SIDE
 from vd.images import to_rgb
 from vd.sampling import start_step
-from vd.sched import DDIM, GENERATING, SCHEDULERS
+from vd.sched import DDIM, GENERATING, SCHEDULERS, sampler_from_config
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the applications' names
@@ -426,3 +426,18 @@ def start_steps(strength: float, num_steps: int, rule: str) -> int:
         fail("strength", strength, f"at least 1 / num_inference_steps = {1 / num_steps:g} with strength_rule "
              "'diffusers' (it runs the last int(strength * num_inference_steps) steps)")
     return t_enc
+
+
+def settled_start(scheduler: str | None, settings: dict, rule: str | None, *, start: str | None, fidelity: bool,
+                  strength: float, steps: int) -> None:
+    """start_rule's and start_steps' refusals, ahead of loading, where the call settles the rule itself: by its
+    scheduler's name (with these settings) or its strength_rule. `start`: the init argument's name, if any. With
+    neither, the model's default sampler settles it and the facade checks when it runs; so it does a start together
+    with fidelity, and a step count below 1."""
+    if start is not None and fidelity:
+        return
+    if scheduler is not None and (start is not None or fidelity):
+        sampler = sampler_from_config(scheduler, settings)
+        rule = start_rule(sampler, scheduler, rule, fidelity=fidelity, name=start or "image")
+    if start is not None and rule is not None and steps >= 1:
+        start_steps(strength, steps, rule)

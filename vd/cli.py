@@ -201,15 +201,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         except ValueError as e:
             raise UserError(str(e)) from None
     settings = _scheduler_settings(args.scheduler_set, args.scheduler)
-    fidelity = getattr(args, "fidelity", 0.0) > 0
-    if args.scheduler is not None and (init is not None) != fidelity:  # (both at once: the facade refuses that)
-        # what --scheduler rules out of a start from an image, said before the model loads
-        sampler = sampler_from_config(args.scheduler, settings)
-        rule = checks.start_rule(sampler, args.scheduler, args.strength_rule, fidelity=fidelity,
-                                 name="image" if fidelity else "init_image")
-        if init is not None and args.steps >= 1:  # (other step counts: the facade's error)
-            strength = DEFAULT_STRENGTH if args.init_strength is None else args.init_strength
-            checks.start_steps(strength, args.steps, rule)
+    # what the command's own --scheduler or --strength-rule rules out of a start from an image, before the model loads
+    strength = getattr(args, "init_strength", None)
+    checks.settled_start(args.scheduler, settings, getattr(args, "strength_rule", None),
+                         start="init_image" if init is not None else None, fidelity=getattr(args, "fidelity", 0.0) > 0,
+                         strength=DEFAULT_STRENGTH if strength is None else strength, steps=args.steps)
     negative = getattr(args, "negative", None)
     if task == "image_variation" and negative is not None:
         negative = _open_image(negative, "--negative")

@@ -306,7 +306,10 @@ def parse(text: str, line: int, folder: Path, anywhere: bool = False, opened: di
             raise ValueError(str(e)) from None
     _check_together(task, obj)
     args = {k: obj[k] if k in obj else sig[k].default for k in keys if k in obj or k in FILLED}
-    _check_start(obj, args["num_inference_steps"])
+    checks.settled_start(obj.get("scheduler"), obj.get(SCHEDULER_SETTINGS, {}), obj.get("strength_rule"),
+                         start=next((k for k in ("init_latents", "init_image") if k in obj), None),
+                         fidelity=obj.get("fidelity", 0) > 0, strength=obj.get("strength", DEFAULT_STRENGTH),
+                         steps=args["num_inference_steps"])
     alone = task not in BATCHED or not set(obj) <= BATCH_KEYS
     canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     job = Job(line, obj.get("id", hashlib.sha256(canonical.encode()).hexdigest()[:12]), task, obj["seed"], args,
@@ -364,20 +367,6 @@ def _check_together(task: str, obj: dict) -> None:
             sampler_from_config(obj.get("scheduler", "ddim"), obj[SCHEDULER_SETTINGS])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{SCHEDULER_SETTINGS}: {e}") from None
-
-
-def _check_start(obj: dict, steps: int) -> None:
-    """What the facade refuses of a start from an init image (or of fidelity) where the job settles the rule: by its
-    scheduler or strength_rule (with neither, the rule follows the model's default sampler, known when it runs)."""
-    starts = bool({"init_image", "init_latents"} & set(obj))
-    fidelity = obj.get("fidelity", 0) > 0  # (fidelity with a start or strength_rule is refused already)
-    rule = obj.get("strength_rule")
-    if "scheduler" in obj and (starts or fidelity):
-        sampler = sampler_from_config(obj["scheduler"], obj.get(SCHEDULER_SETTINGS, {}))
-        name = "init_latents" if "init_latents" in obj else "init_image" if starts else "image"
-        rule = checks.start_rule(sampler, obj["scheduler"], rule, fidelity=fidelity, name=name)
-    if starts and rule is not None:
-        checks.start_steps(obj.get("strength", DEFAULT_STRENGTH), steps, rule)
 
 
 def _check_images(job: Job, folder: Path, anywhere: bool, opened: dict) -> None:

@@ -82,8 +82,10 @@ def test_bad_seed_and_device_before_loading(no_model, tmp_path, capsys, args, wo
      ["--strength-rule", "'euler'"]),
     (["dual-guided", "a", "in.png", "--init-image", "in.png", "--scheduler", "unipc", "--init-strength", "0.4"],
      ["--init-strength", "1 / num_inference_steps = 0.5", "0.4"]),
+    (["text-to-image", "a", "--init-image", "in.png", "--strength-rule", "diffusers", "--init-strength", "0.4"],
+     ["--init-strength", "1 / num_inference_steps = 0.5", "0.4"]),  # the rule given, the sampler left to the model
 ])
-def test_a_start_the_scheduler_rules_out_before_loading(no_model, tmp_path, capsys, args, words):
+def test_a_start_the_command_rules_out_before_loading(no_model, tmp_path, capsys, args, words):
     PIL.Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
     args = [str(tmp_path / a) if a == "in.png" else a for a in args]
     assert main([*args, "-o", str(tmp_path / "x.png"), "--steps", "2"]) == 2
