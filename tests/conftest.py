@@ -17,6 +17,8 @@ torch.set_num_threads(1)
 # test module: so it is set here, before all of them. Nothing else in the suite runs triton (there is no GPU).
 os.environ["TRITON_INTERPRET"] = "1"
 
+# (name, value, tol) of every check, gathered from the test reports: with pytest-xdist the checks run in worker
+# processes, and only a report's user_properties travel back to the process that prints the table.
 _MEASURED: list[tuple[str, float, float]] = []
 
 
@@ -26,7 +28,7 @@ def check(request):
 
     def _check(value: float, tol: float, what: str = "") -> None:
         name = request.node.name + (f" {what}" if what else "")
-        _MEASURED.append((name, value, tol))
+        request.node.user_properties.append(("measured", (name, float(value), float(tol))))
         assert value <= tol, f"{name}: {value:.3e} > {tol:.1e}"
 
     return _check
@@ -57,6 +59,11 @@ def patched_dual(monkeypatch):
     def forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask=None, **kwargs):
         return original(self, hidden_states, encoder_hidden_states, **kwargs)
     monkeypatch.setattr(DualTransformer2DModel, "forward", forward)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":  # every phase's report carries all of the test's properties: take the last
+        _MEASURED.extend(tuple(value) for key, value in report.user_properties if key == "measured")
 
 
 def pytest_terminal_summary(terminalreporter):
