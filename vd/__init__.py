@@ -1,6 +1,7 @@
 """Versatile Diffusion in plain PyTorch: text-to-image, image variation, dual-guided generation, blending,
 image-to-text and text variation."""
 
+__version__ = "0.1.0"  # pyproject.toml reads it from here
 __all__ = ["VersatileDiffusion", "GenerationOutput", "TextOutput"]
 
 

@@ -51,6 +51,7 @@ from vd.fast import EAGER
 from vd.files import OutputError
 from vd.jobs import PER_JOB, SCHEDULER_SETTINGS, TEXT_TASKS, Job, read_jobs
 from vd.pipeline import DEFAULT_REPO, VersatileDiffusion
+from vd.versions import versions
 
 RECORDS = "records.jsonl"
 # ranks wait for the slowest one at the end; jobs of very different sizes can leave them far apart
@@ -350,7 +351,9 @@ def _run(args, jobs: list[Job], malformed: list[tuple[int, str]], rank: int, wor
             print(f"vd batch: rank {rank}: error: cannot load {args.model!r}: {e}", file=sys.stderr)
             return 2
         info = dict(model=args.model, model_revision=model_revision(args.model, args.revision),
-                    dtype=str(pipe.dtype).removeprefix("torch."), device=device.type)
+                    dtype=str(pipe.dtype).removeprefix("torch."), device=device.type, versions=versions())
+        if device.type == "cpu":  # the CPU kernels' sums depend on it (README: reproducible results)
+            info["cpu_threads"] = torch.get_num_threads()
     t1 = time.perf_counter()
     progress = Progress(out, images_left(jobs if rank == 0 else [j for b in todo for j in b]), rank, world,
                         args.no_progress)

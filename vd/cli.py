@@ -19,6 +19,7 @@ from vd.images import open_image
 from vd.jobs import TEXT_TASKS
 from vd.sampling import DEFAULT_STRENGTH, STRENGTH_RULES
 from vd.sched import GENERATING, sampler_from_config
+from vd.versions import versions
 
 CHUNK = 8  # images per facade call (fewer when the pixel budget, vd.checks.MAX_PIXELS, says so)
 WRITABLE = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -34,6 +35,8 @@ class UserError(Exception):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vd", description="Versatile Diffusion: text-to-image, image variation, "
                                 "dual-guided generation, blending, image-to-text and text variation.")
+    p.add_argument("--version", action="version", version=" ".join(f"{k} {v}" for k, v in versions().items()),
+                   help="show the versions of vd, torch and transformers, and exit")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("batch", help="run a JSONL file of jobs, resumable, over every GPU with torchrun (vd batch -h)")
 

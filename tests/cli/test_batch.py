@@ -18,7 +18,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import transformers
 
+import vd
 from helpers import REPO
 
 pytest.importorskip("diffusers")  # tiny_pipeline writes the model with diffusers
@@ -101,6 +103,11 @@ def test_outputs_equal_direct_calls(single, model):
                 job.id, job.seed, job.seed + k, k)
             assert record["arguments"] == job.args and record["model"] == str(model)
             assert record["model_revision"].startswith("sha256:")
+            # what the images' last bits depend on: the software and, on the CPU, the thread count (1 in the suite)
+            v = record["versions"]
+            assert (v["vd"], v["torch"], v.get("cuda"), v["transformers"]) == (
+                vd.__version__, torch.__version__, torch.version.cuda, transformers.__version__)
+            assert (record["device"], record["cpu_threads"]) == ("cpu", 1)
     records = _records(single)
     assert [r["image"] for r in records] == [f"{n}.png" for j in jobs for n in j.names]
 

@@ -5,12 +5,15 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+import transformers
 
+import vd
 from helpers import image_size
 from vd import VersatileDiffusion
 from vd.cli import main
@@ -132,6 +135,18 @@ def test_console_script_reports_one_line(tmp_path):
     done = subprocess.run([exe, "text-to-image", "a", "-o", str(tmp_path / "a.gif.txt")], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--output" in done.stderr
+
+
+def test_version_names_what_results_depend_on(capsys):
+    """`vd --version`: the package's version (the installed distribution's, read from vd.__version__), torch's
+    build and transformers', which a bug report or a reproduced result needs."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    cuda = f" cuda {torch.version.cuda}" if torch.version.cuda else ""
+    assert capsys.readouterr().out == (f"vd {vd.__version__} torch {torch.__version__}{cuda} "
+                                       f"transformers {transformers.__version__}\n")
+    assert metadata.version("vd") == vd.__version__
 
 
 @pytest.mark.parametrize("eager", [False, True])
