@@ -231,6 +231,18 @@ def model_revision(model: str, revision: str | None) -> str | None:
         return revision
 
 
+def run_info(dtype: torch.dtype, device: torch.device) -> dict:
+    """What every record of a run says its outputs' last bits depend on (README: reproducible results): the dtype,
+    the device and the software, and the GPU's model, or on the CPU the thread count that its kernels' sums are
+    split over."""
+    info = dict(dtype=str(dtype).removeprefix("torch."), device=device.type, versions=versions())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        info["cpu_threads"] = torch.get_num_threads()
+    return info
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vd batch", description="Run a JSONL file of generation jobs, resumably; "
                                 "under torchrun --nproc-per-node K, over K devices.",
@@ -351,9 +363,7 @@ def _run(args, jobs: list[Job], malformed: list[tuple[int, str]], rank: int, wor
             print(f"vd batch: rank {rank}: error: cannot load {args.model!r}: {e}", file=sys.stderr)
             return 2
         info = dict(model=args.model, model_revision=model_revision(args.model, args.revision),
-                    dtype=str(pipe.dtype).removeprefix("torch."), device=device.type, versions=versions())
-        if device.type == "cpu":  # the CPU kernels' sums depend on it (README: reproducible results)
-            info["cpu_threads"] = torch.get_num_threads()
+                    **run_info(pipe.dtype, device))
     t1 = time.perf_counter()
     progress = Progress(out, images_left(jobs if rank == 0 else [j for b in todo for j in b]), rank, world,
                         args.no_progress)

@@ -26,7 +26,7 @@ from helpers import REPO
 pytest.importorskip("diffusers")  # tiny_pipeline writes the model with diffusers
 
 from vd import VersatileDiffusion  # noqa: E402
-from vd.batch import main, make_batches, read_jobs  # noqa: E402
+from vd.batch import main, make_batches, read_jobs, run_info  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 SMALL = dict(height=32, width=32, num_inference_steps=2)
@@ -110,6 +110,16 @@ def test_outputs_equal_direct_calls(single, model):
             assert (record["device"], record["cpu_threads"]) == ("cpu", 1)
     records = _records(single)
     assert [r["image"] for r in records] == [f"{n}.png" for j in jobs for n in j.names]
+
+
+def test_a_record_on_a_gpu_names_its_model(monkeypatch):
+    """On a GPU a record names the GPU's model (torch's answer for the record's device, stood in for: CI has no
+    GPU), and no CPU thread count."""
+    names = {}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: names.setdefault(d, "NVIDIA H100 80GB HBM3"))
+    info = run_info(torch.float16, torch.device("cuda:1"))
+    assert (info["dtype"], info["device"], info["gpu"]) == ("float16", "cuda", "NVIDIA H100 80GB HBM3")
+    assert list(names) == [torch.device("cuda:1")] and "cpu_threads" not in info
 
 
 def test_batching_changes_no_image(single, model, tmp_path, check):
