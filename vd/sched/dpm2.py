@@ -22,7 +22,7 @@ from torch import Tensor
 from .common import Callback, EpsFn
 from .noise import step_noises
 from .sigma_space import SigmaSchedule
-from .sigmas import denoised, sigma_to_t, train_sigmas
+from .sigmas import ancestral_split, denoised, sigma_to_t, train_sigmas
 
 
 def log_midpoint(a: Tensor, b: Tensor) -> Tensor:
@@ -56,8 +56,9 @@ class DPM2(SigmaSchedule):
         n = len(ts)
         if self.ancestral:
             nxt = torch.cat([sig[1:], sig.new_zeros(1)])
-            up = (nxt**2 * (sig**2 - nxt**2) / sig**2) ** 0.5
-            end = (nxt**2 - up**2) ** 0.5
+            end, up = ancestral_split(sig, nxt)
+            # a sigma_down cancelled to exactly 0 would put the log midpoint at 0, a 0/0 slope (NaN in diffusers)
+            end = torch.where((end == 0) & (nxt > 0), nxt**2 / sig, end)
             mid = log_midpoint(sig, end)[:n]
         else:
             end, up = sig[1:], sig.new_zeros(n)

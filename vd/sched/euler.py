@@ -19,7 +19,7 @@ from torch import Tensor
 from .common import Callback, EpsFn
 from .noise import step_noises
 from .sigma_space import SigmaSchedule
-from .sigmas import denoised
+from .sigmas import ancestral_split, denoised
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,8 +105,7 @@ class EulerAncestral(SigmaSchedule):
             x32 = x.float()
             d = (x32 - denoised(out, x32, s, self.prediction_type)) / s
             # split sigma_{i+1}² into a deterministic part sigma_down² and fresh noise sigma_up²
-            sigma_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
-            sigma_down = (s_next**2 - sigma_up**2) ** 0.5
+            sigma_down, sigma_up = ancestral_split(s, s_next)
             x = x32 + d * (sigma_down - s)
             x = (x + z(i, out, out.dtype) * sigma_up).to(out.dtype)
             if callback is not None:

@@ -39,6 +39,15 @@ def interp(train: Tensor, t: Tensor) -> Tensor:
     return torch.where(t >= len(train) - 1, train[-1], torch.where(t < 0, train[0], out))
 
 
+def ancestral_split(sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
+    """(sigma_down, sigma_up), sigma_down² + sigma_up² = sigma_next²: an ancestral step (eta 1) as diffusers computes
+    it, in float32. Where sigma_next is far below sigma (cosine betas start at sigma ≈ 2e4) the subtraction cancels
+    to a negative and diffusers' step is NaN; there sigma_down takes its exact value sigma_next²/sigma."""
+    up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    down_sq = sigma_next**2 - up**2
+    return torch.where(down_sq < 0, sigma_next**2 / sigma, down_sq.clamp(min=0) ** 0.5), up
+
+
 def karras(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> Tensor:
     """Karras et al. 2022, eq. 5: n float64 sigmas evenly spaced in sigma^(1/rho), from sigma_max down to
     sigma_min."""
