@@ -183,14 +183,14 @@ def test_ancestral_step_far_below_sigma(name, spacing, n):
 
 
 def test_ancestral_split():
-    """sigma_down² + sigma_up² = sigma_next²; exact where float32 cancels (far below sigma), diffusers' float32
-    formula elsewhere."""
+    """sigma_down = sigma_next²/sigma and sigma_up = sigma_next·sqrt(1 − (sigma_next/sigma)²) (float64 here) to
+    float32 rounding, where float32 cancels (the first pair: diffusers' formula gives NaN) and where it does not;
+    both 0 at sigma_next = 0. (That it keeps diffusers' bits elsewhere: test_timesteps_and_sigmas, test_trajectory.)"""
     sigma, sigma_next = torch.tensor([20291.0, 14.6146, 3.0]), torch.tensor([1.7507, 12.0, 0.0])
     down, up = ancestral_split(sigma, sigma_next)
-    torch.testing.assert_close(down[0], sigma_next[0] ** 2 / sigma[0], rtol=1e-6, atol=0)
-    torch.testing.assert_close(up[0], sigma_next[0], rtol=1e-6, atol=0)
-    plain_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-    assert torch.equal(up, plain_up) and torch.equal(down[1:], (sigma_next[1:] ** 2 - plain_up[1:] ** 2) ** 0.5)
+    s, s_next = sigma.double(), sigma_next.double()
+    torch.testing.assert_close(down.double(), s_next**2 / s, rtol=1e-6, atol=0)
+    torch.testing.assert_close(up.double(), s_next * (1 - (s_next / s) ** 2) ** 0.5, rtol=1e-6, atol=0)
     assert down[2] == up[2] == 0
 
 

@@ -98,16 +98,16 @@ class EulerAncestral(SigmaSchedule):
         ts, sig = self.schedule(num_steps)
         z = step_noises(noise, generator, len(ts))
         ts_dev = ts.to(x.device).unbind()
+        # each step splits sigma_{i+1}² into a deterministic part sigma_down² and fresh noise sigma_up²
+        down, up = ancestral_split(sig[:-1], sig[1:])
         x, begin = self.start(x, num_steps, skip, len(ts))
         for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
-            s, s_next = sig[i], sig[i + 1]
+            s = sig[i]
             out = eps_fn(x / (s**2 + 1) ** 0.5, ts_dev[i])
             x32 = x.float()
             d = (x32 - denoised(out, x32, s, self.prediction_type)) / s
-            # split sigma_{i+1}² into a deterministic part sigma_down² and fresh noise sigma_up²
-            sigma_down, sigma_up = ancestral_split(s, s_next)
-            x = x32 + d * (sigma_down - s)
-            x = (x + z(i, out, out.dtype) * sigma_up).to(out.dtype)
+            x = x32 + d * (down[i] - s)
+            x = (x + z(i, out, out.dtype) * up[i]).to(out.dtype)
             if callback is not None:
                 callback(i, ts_dev[i], x)
         return x
