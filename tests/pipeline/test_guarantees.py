@@ -85,6 +85,31 @@ def test_zero_terminal_snr_with_noise_prediction_names_the_cause(pipe, folder):
         pipe.scheduler_config = saved
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (numpy 2 copy= in diffusers' UniPC)
+def test_unipc_without_lower_order_final_is_refused_before_the_model_runs(pipe, folder, monkeypatch):
+    """UniPC with lower_order_final=False takes its last step, onto sigma 0, at full order: the reference returns
+    non-finite images; ours refuses the call by name before the UNet runs once (and runs it ending at sigma_min)."""
+    from diffusers import UniPCMultistepScheduler
+    config = {**pipe.scheduler_config, "lower_order_final": False}
+    ref = tp.reference("text_to_image", folder)
+    ref.scheduler = UniPCMultistepScheduler.from_config(config)
+    assert not np.isfinite(ref("the cat", generator=_g(), num_inference_steps=3, output_type="np").images).any()
+    unet, calls = pipe.components.image_unet, []
+    forward = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    saved = pipe.scheduler_config
+    pipe.scheduler_config = config
+    try:
+        with pytest.raises(ValueError, match="^lower_order_final=False with solver_order 2 needs final_sigmas_type "
+                                             "'sigma_min' for UniPC"):
+            pipe.text_to_image("the cat", generator=_g(), scheduler="unipc", **KW)
+        assert not calls
+        pipe.scheduler_config = {**config, "final_sigmas_type": "sigma_min"}
+        assert np.isfinite(pipe.text_to_image("the cat", generator=_g(), scheduler="unipc", **KW).images).all()
+    finally:
+        pipe.scheduler_config = saved
+
+
 @pytest.fixture(scope="module")
 def bf16(folder):
     return VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], dtype=torch.bfloat16)

@@ -519,6 +519,34 @@ def test_unipc_noise_prediction(name, extra, check):
     assert not torch.allclose(ours[1][-1], data_form[1][-1], rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("name", ["unipc", "unipc_karras"])
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_last_step_onto_sigma_0_without_lower_order_final(name, order, check):
+    """lower_order_final=False keeps the last step's order; onto sigma 0 its h is infinite and every r_k 0, so from
+    2 steps on diffusers' last step gives inf (order 2, or 3 at 2 steps) or fails in torch.linalg.solve (order 3).
+    Ours refuses those runs by name, before any model call (the facade checks the step count up front), and runs
+    what diffusers can: 1 step, first order, or an end at sigma_min (test_unipc_noise_prediction)."""
+    cfg, x = {**VD, "solver_order": order, "lower_order_final": False}, start_noise()
+    for n in (2, 3, 12):
+        try:
+            finite = bool(torch.isfinite(reference_run(reference(name, cfg), x, n)[1][-1]).all())
+        except torch.linalg.LinAlgError:
+            finite = False
+        assert not finite, f"{n} steps"
+        sampler, calls = sampler_from_config(name, cfg), []
+        refusal = f"lower_order_final=False with solver_order {order} needs final_sigmas_type 'sigma_min'"
+        with pytest.raises(ValueError, match=refusal):
+            sampler.timesteps(n)
+        with pytest.raises(ValueError, match=refusal):
+            sampler.sample(lambda inp, t: calls.append(t) or fake_eps(inp, t), x, n)
+        assert not calls
+    one_step = our_run(sampler_from_config(name, cfg), x, 1)
+    check(relative_diff(one_step, reference_run(reference(name, cfg), x, 1)), 1e-6, "1 step")
+    first = {**cfg, "solver_order": 1}
+    check(relative_diff(our_run(sampler_from_config(name, first), x, 12), reference_run(reference(name, first), x, 12)),
+          1e-6, "first order")
+
+
 @pytest.mark.parametrize("name,disabled", [("unipc", [0, 3, 4]), ("unipc_karras", [1]), ("unipc", list(range(12)))])
 def test_unipc_disable_corrector(name, disabled, check):
     """disable_corrector: the steps i whose UniC correction (made when step i + 1 evaluates the model) is skipped,
