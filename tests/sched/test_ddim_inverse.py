@@ -61,3 +61,20 @@ def test_linspace_spacing_is_refused_by_name():
         sampler_from_config("ddim_inverse", {**VD, "timestep_spacing": "linspace"})
     with pytest.raises(ValueError, match="linspace"):
         DDIMInverseScheduler.from_config({**VD, "timestep_spacing": "linspace"}).set_timesteps(4)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_sample_prediction_from_alpha_bar_1_is_refused_by_name(spacing):
+    """The first inverted step starts below t = 0, at alpha_bar 1 with set_alpha_to_one (diffusers' default for this
+    class): a model predicting the sample leaves no noise there to read, and diffusers' every step count ends in inf
+    or NaN. We refuse that config by name; with alpha_bar at t = 0 instead (VD's setting) it runs as diffusers."""
+    cfg = {**VD, "timestep_spacing": spacing, "prediction_type": "sample"}
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    for n in (1, 4, 25):
+        ref = reference_run(DDIMInverseScheduler.from_config({**cfg, "set_alpha_to_one": True}), x, n)[1][-1]
+        assert not torch.isfinite(ref).all(), n
+    with pytest.raises(ValueError, match=r"^prediction_type 'sample' needs set_alpha_to_one=False for DDIMInverse"):
+        sampler_from_config("ddim_inverse", {**cfg, "set_alpha_to_one": True})
+    ours = sampler_from_config("ddim_inverse", {**cfg, "set_alpha_to_one": False}).sample(fake_eps, x, 4)
+    ref = reference_run(DDIMInverseScheduler.from_config({**cfg, "set_alpha_to_one": False}), x, 4)[1][-1]
+    assert torch.isfinite(ours).all() and torch.allclose(ours, ref, rtol=1e-6, atol=0)

@@ -38,6 +38,10 @@ class DDIMInverse(Schedule):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("timestep_spacing", ("leading", "trailing"))
+        if self.prediction_type == "sample" and self.set_alpha_to_one:
+            raise ValueError("prediction_type 'sample' needs set_alpha_to_one=False for DDIMInverse: its first step "
+                             "starts from alpha_bar 1 (no noise), where a predicted sample gives the noise as x/0 "
+                             "(inf or NaN, as in diffusers)")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "DDIMInverse":
