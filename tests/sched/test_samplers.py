@@ -547,6 +547,38 @@ def test_unipc_last_step_onto_sigma_0_without_lower_order_final(name, order, che
           1e-6, "first order")
 
 
+@pytest.mark.parametrize("name,extra,diffusers_finite", [
+    ("dpmpp_2m_karras", {}, True),
+    ("dpmpp_2m_sde", {"use_exponential_sigmas": True}, True),
+    ("unipc_karras", {"lower_order_final": False}, True),
+    ("dpmpp_2m_karras", {"solver_order": 3}, False),
+    ("dpmpp_2m_sde_karras", {"solver_type": "heun"}, False),
+    ("dpmpp_2m", {"use_exponential_sigmas": True, "solver_order": 3, "lower_order_final": False}, False),
+    ("dpmpp_2m_sde", {"use_beta_sigmas": True, "solver_order": 3}, False),
+    ("unipc_karras", {"solver_order": 3, "lower_order_final": False}, False),
+    ("unipc", {"use_beta_sigmas": True, "solver_order": 3, "lower_order_final": False}, False),
+])
+def test_last_step_onto_the_same_sigma(name, extra, diffusers_finite, check):
+    """Karras, exponential and beta sigmas end at sigma_min, and final_sigmas_type "sigma_min" appends it again: the
+    last step has h = 0 and is the identity. diffusers computes it; in the forms it keeps finite it gives x again bit
+    for bit, and its third-order and Heun-form terms divide 0 by 0 (NaN) once the last step keeps its order (from
+    15 steps with DPM-Solver++'s lower_order_final, from 3 without). Ours returns x as it is: equal to diffusers'
+    whole run where that is finite, and to every step before the last where it is not. (UniPC's last x differs from
+    the one before by the corrector of the step before, applied at the last step.)"""
+    cfg, x = {**VD, "final_sigmas_type": "sigma_min", **extra}, start_noise()
+    kw = lambda: {"generator": gens(False)} if "sde" in name else {}  # noqa: E731
+    ours = our_run(sampler_from_config(name, cfg), x, 20, **kw())
+    ref = reference_run(reference(name, cfg), x, 20, **kw())
+    assert bool(torch.isfinite(ref[1][-1]).all()) is diffusers_finite
+    assert torch.isfinite(ours[1][-1]).all()
+    if "unipc" not in name:
+        assert torch.equal(ours[1][-1], ours[1][-2])
+    if diffusers_finite:
+        check(relative_diff(ours, ref), 1e-6)
+    else:
+        check(relative_diff((ours[0], ours[1][:-1]), (ref[0], ref[1][:-1])), 1e-6, "all but the last step")
+
+
 @pytest.mark.parametrize("name,disabled", [("unipc", [0, 3, 4]), ("unipc_karras", [1]), ("unipc", list(range(12)))])
 def test_unipc_disable_corrector(name, disabled, check):
     """disable_corrector: the steps i whose UniC correction (made when step i + 1 evaluates the model) is skipped,

@@ -72,41 +72,49 @@ class DPMSolverPP(MultistepSchedule):
         ms: list[Tensor] = []  # the model's x0 at past steps, newest last
         for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
             out = eps_fn(x, ts_dev[i])
-            alpha_s, sigma_s = vp(sig[i])
-            ms = (ms + [self.threshold(vp_x0(out, x, alpha_s, sigma_s, self.prediction_type))])[-3:]
-            alpha_t, sigma_t = vp(sig[i + 1])
-            h = lam[i + 1] - lam[i]
-            order = self.step_order(i, len(ts), begin)
-            D0, D1, D2, x = ms[-1], None, None, x.float()
-            if order >= 2:  # D1 = (m0 − m1)/r0
-                D1 = 1.0 / ((lam[i] - lam[i - 1]) / h) * (ms[-1] - ms[-2])
-            if order == 3:  # with r1 and the step before: D1 and D2 of the quadratic through three x0s
-                r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
-                D1_1 = 1.0 / r1 * (ms[-2] - ms[-3])
-                D1, D2 = D1 + r0 / (r0 + r1) * (D1 - D1_1), 1.0 / (r0 + r1) * (D1 - D1_1)
-            heun = self.solver_type == "heun" or order == 3  # the form of the D1 term (third order: Heun's)
-            if not self.sde:  # x_t = sigma_t/sigma_s·x − alpha_t·(e^−h − 1)·D0 + (…)·D1 − (…)·D2
-                x = sigma_t / sigma_s * x - alpha_t * (torch.exp(-h) - 1.0) * D0
-                if D1 is not None and not heun:
-                    x = x - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
-                elif D1 is not None:
-                    x = x + alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0) * D1
-                if D2 is not None:
-                    x = x - alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5) * D2
-            else:
-                zi = z(i, out, torch.float32)
-                x = sigma_t / sigma_s * torch.exp(-h) * x + alpha_t * (1 - torch.exp(-2.0 * h)) * D0
-                if D1 is not None and not heun:
-                    x = x + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
-                elif D1 is not None:
-                    x = x + alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0) * D1
-                if D2 is not None:
-                    x = x + alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5) * D2
-                x = x + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * zi
-            x = x.to(out.dtype)
+            ms = (ms + [self.threshold(vp_x0(out, x, *vp(sig[i]), self.prediction_type))])[-3:]
+            zi = z(i, out, torch.float32) if self.sde else None  # (drawn at every step, as diffusers draws it)
+            x = self.update(x.float(), ms, lam, sig, i, self.step_order(i, len(ts), begin), zi).to(out.dtype)
             if callback is not None:
                 callback(i, ts_dev[i], x)
         return x
+
+    def update(self, x: Tensor, ms: list[Tensor], lam: list[Tensor], sig: Tensor, i: int, order: int,
+               zi: Tensor | None) -> Tensor:
+        """x (float32) at step i + 1 from x at step i, the x0 history ms (ms[-1] at step i) and, in the SDE form,
+        the step's noise zi."""
+        h = lam[i + 1] - lam[i]
+        if h == 0:  # onto the same sigma (Karras, exponential and beta sigmas end at sigma_min, which
+            # final_sigmas_type "sigma_min" appends again): the identity. diffusers computes the step, and its
+            # third-order and Heun-form terms divide 0 by 0 there (NaN); its other forms give x bit for bit.
+            return x
+        alpha_s, sigma_s = vp(sig[i])
+        alpha_t, sigma_t = vp(sig[i + 1])
+        D0, D1, D2 = ms[-1], None, None
+        if order >= 2:  # D1 = (m0 − m1)/r0
+            D1 = 1.0 / ((lam[i] - lam[i - 1]) / h) * (ms[-1] - ms[-2])
+        if order == 3:  # with r1 and the step before: D1 and D2 of the quadratic through three x0s
+            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+            D1_1 = 1.0 / r1 * (ms[-2] - ms[-3])
+            D1, D2 = D1 + r0 / (r0 + r1) * (D1 - D1_1), 1.0 / (r0 + r1) * (D1 - D1_1)
+        heun = self.solver_type == "heun" or order == 3  # the form of the D1 term (third order: Heun's)
+        if not self.sde:  # x_t = sigma_t/sigma_s·x − alpha_t·(e^−h − 1)·D0 + (…)·D1 − (…)·D2
+            x = sigma_t / sigma_s * x - alpha_t * (torch.exp(-h) - 1.0) * D0
+            if D1 is not None and not heun:
+                x = x - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
+            elif D1 is not None:
+                x = x + alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0) * D1
+            if D2 is not None:
+                x = x - alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5) * D2
+            return x
+        x = sigma_t / sigma_s * torch.exp(-h) * x + alpha_t * (1 - torch.exp(-2.0 * h)) * D0
+        if D1 is not None and not heun:
+            x = x + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
+        elif D1 is not None:
+            x = x + alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0) * D1
+        if D2 is not None:
+            x = x + alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5) * D2
+        return x + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * zi
 
 
 @dataclass(frozen=True, kw_only=True)

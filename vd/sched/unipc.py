@@ -97,9 +97,13 @@ class UniPC(MultistepSchedule):
                m_t: Tensor | None = None) -> Tensor:
         """x at step s + 1 from x at step s and the x0 (or eps) history ms (ms[-1] at s): the predictor UniP-order,
         or with m_t (the x0 or eps at s + 1) the corrector UniC-order."""
+        h = lam[s + 1] - lam[s]
+        if h == 0:  # onto the same sigma (Karras, exponential and beta sigmas end at sigma_min, which
+            # final_sigmas_type "sigma_min" appends again): the identity. diffusers computes the step, and at order
+            # 3 solves a singular system there (NaN); at orders 1 and 2 it gives x bit for bit.
+            return x
         alpha_t, sigma_t = vp(sig[s + 1])
         alpha_s0, sigma_s0 = vp(sig[s])
-        h = lam[s + 1] - lam[s]
         m0 = ms[-1]
         rks = [(lam[s - k] - lam[s]) / h for k in range(1, order)]  # r_k of the earlier points
         D1s = [(ms[-(k + 1)] - m0) / rk for k, rk in enumerate(rks, start=1)]
