@@ -53,9 +53,10 @@ class UniPC(MultistepSchedule):
                              "last step multiplies 0 by an infinite h and gives NaN (as in diffusers)")
 
     def schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
-        """As every multistep sampler's, refusing a run whose last step cannot be taken: without lower_order_final
-        that step onto sigma 0 keeps the order (up to solver_order), and its h is infinite, so every r_k is 0; an
-        order above 1 then divides by r_k (inf latents) or solves a singular system (diffusers does both)."""
+        """The multistep samplers' schedule, refusing a run whose last step cannot be taken: without
+        lower_order_final that step onto sigma 0 keeps the order (up to solver_order), and its h is infinite, so
+        every r_k is 0; an order above 1 then divides by r_k (inf latents) or solves a singular system (diffusers
+        does both)."""
         ts, sig = super().schedule(num_steps)
         if not self.lower_order_final and self.solver_order > 1 and len(ts) > 1 and sig[-1] == 0:
             raise ValueError(f"lower_order_final=False with solver_order {self.solver_order} needs final_sigmas_type "
