@@ -25,7 +25,7 @@ from sampler_table import EVERY, NEW, REF, STOCHASTIC, fake_eps, reference_run  
 from vd.sched import SCHEDULERS, sampler_from_config  # noqa: E402
 from vd.sched.beta_quantile import beta_quantiles  # noqa: E402
 from vd.sched.common import dynamic_threshold  # noqa: E402
-from vd.sched.sigmas import ancestral_split  # noqa: E402
+from vd.sched.sigmas import ancestral_split, vp, vp_x0  # noqa: E402
 from helpers import DATA
 
 VD = json.loads((DATA / "scheduler_config.json").read_text())
@@ -99,16 +99,17 @@ def as_field(value):
 
 def relative_diff(ours, ref, beta_sigmas: bool = False) -> float:
     """Max over the run of max|a − b| / max|b| (model inputs and x after each step); timesteps equal
-    (assert_timesteps_equal)."""
+    (assert_timesteps_equal). Every value must be finite in both: NaN would compare as no difference."""
     (calls, xs), (calls_ref, xs_ref) = ours, ref
     assert len(calls) == len(calls_ref) and len(xs) == len(xs_ref)
     worst = 0.0
-    for (t, a), (t_ref, b) in zip(calls, calls_ref):
+    pairs = [(a, b) for (_, a), (_, b) in zip(calls, calls_ref)] + list(zip(xs, xs_ref))
+    for (t, _), (t_ref, _) in zip(calls, calls_ref):
         assert t.dim() == 0
         assert_timesteps_equal(t, t_ref, beta_sigmas)
-        worst = max(worst, ((a.double() - b.double()).abs().max() / b.double().abs().max()).item())
-    for a, b in zip(xs, xs_ref):
-        assert a.dtype == b.dtype and a.shape == b.shape
+    for i, (a, b) in enumerate(pairs):
+        assert a.shape == b.shape and (i < len(calls) or a.dtype == b.dtype)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), "non-finite values in the run"
         worst = max(worst, ((a.double() - b.double()).abs().max() / b.double().abs().max()).item())
     return worst
 
@@ -268,11 +269,27 @@ def test_config_variants(name, order_or_type, check):
     """The other config values we accept: first-order DPM-Solver++/UniPC, DPM-Solver++'s Heun form, UniPC's
     bh1; Heun with x0 clipping."""
     variant = {"dpmpp_2m": {"solver_order": 1} if order_or_type == "solver_order=1" else {"solver_type": "heun"},
-               "unipc": {"solver_order": 1} if order_or_type == "solver_order=1" else {"solver_type": "bh1"},
+               "unipc": {"solver_order": 1} if order_or_type == "solver_order=1" else
+               {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},  # (ending at 0: test_unipc_bh1_into_sigma_0)
                "heun": {"clip_sample": True, "clip_sample_range": 0.5 if order_or_type == "solver_type" else 2.0}}
     cfg, x = {**VD, **variant[name]}, start_noise()
     ref = reference_run(reference(name, cfg), x, 9)
     check(relative_diff(our_run(sampler_from_config(name, cfg), x, 9), ref), 1e-6)
+
+
+@pytest.mark.parametrize("name", ["unipc", "unipc_karras"])
+def test_unipc_bh1_into_sigma_0(name, check):
+    """UniPC's bh1 ending at sigma 0: diffusers' last (first-order) step multiplies its B(h) = −inf by a zero sum and
+    ends in NaN; ours leaves that zero term out. Every step before the last equals diffusers'; the last lands on the
+    x0 predicted there, as a first-order step into sigma 0 does (bh2's too)."""
+    cfg, x = {**VD, "solver_type": "bh1"}, start_noise()
+    ours, ref = our_run(sampler_from_config(name, cfg), x, 9), reference_run(reference(name, cfg), x, 9)
+    assert not torch.isfinite(ref[1][-1]).all()
+    check(relative_diff((ours[0], ours[1][:-1]), (ref[0], ref[1][:-1])), 1e-6, "all but the last step")
+    t, inp = ours[0][-1]
+    sig = sampler_from_config(name, cfg).schedule(9)[1]
+    x0 = vp_x0(fake_eps(inp, t), inp, *vp(sig[-2]), "epsilon")
+    check(((ours[1][-1] - x0).abs().max() / x0.abs().max()).item(), 1e-6, "the last step lands on x0")
 
 
 @pytest.mark.parametrize("name", [n for n in NEW if n.endswith("karras")] + ["euler", "unipc"])
@@ -504,13 +521,15 @@ def test_beta_quantiles_match_scipy(a, b):
 
 @pytest.mark.parametrize("name,extra", [
     *[(name, extra) for name in ("unipc", "unipc_karras") for extra in (
-        {}, {"solver_type": "bh1"}, {"solver_order": 3, "lower_order_final": False}, {"prediction_type": "sample"},
+        {}, {"solver_type": "bh1"}, {"solver_order": 3}, {"prediction_type": "sample"},
         {"prediction_type": "v_prediction"}, {"thresholding": True})],
+    ("unipc", {"solver_order": 3, "lower_order_final": False}),
     ("unipc", {"use_beta_sigmas": True}),
 ])
 def test_unipc_noise_prediction(name, extra, check):
     """predict_x0=False: UniPC in noise prediction form (the model's eps in place of x0, h for −h), which
-    diffusers runs to a finite end only with final_sigmas_type "sigma_min"; it thresholds nothing in this form."""
+    diffusers runs to a finite end only with final_sigmas_type "sigma_min"; it thresholds nothing in this form.
+    (With Karras sigmas, order 3 and no lower_order_final it ends in NaN: test_last_step_onto_the_same_sigma.)"""
     cfg, x = {**VD, "predict_x0": False, "final_sigmas_type": "sigma_min", **extra}, start_noise()
     for n in (1, 2, 12):
         ours = our_run(sampler_from_config(name, cfg), x, n)
@@ -557,6 +576,7 @@ def test_unipc_last_step_onto_sigma_0_without_lower_order_final(name, order, che
     ("dpmpp_2m_sde", {"use_beta_sigmas": True, "solver_order": 3}, False),
     ("unipc_karras", {"solver_order": 3, "lower_order_final": False}, False),
     ("unipc", {"use_beta_sigmas": True, "solver_order": 3, "lower_order_final": False}, False),
+    ("unipc_karras", {"solver_order": 3, "lower_order_final": False, "predict_x0": False}, False),
 ])
 def test_last_step_onto_the_same_sigma(name, extra, diffusers_finite, check):
     """Karras, exponential and beta sigmas end at sigma_min, and final_sigmas_type "sigma_min" appends it again: the
