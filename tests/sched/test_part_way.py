@@ -86,6 +86,21 @@ def test_trajectory_from_part_way(name, cfg_name, n, strength, check):
     check(relative_diff(run, run_ref), 1e-6)
 
 
+@pytest.mark.parametrize("name", ["unipc", "unipc_karras"])
+def test_unipc_without_lower_order_final_runs_one_step_part_way(name, check):
+    """UniPC with lower_order_final=False into sigma 0 is refused from 2 steps run on (test_samplers.py), counted in
+    the run, not the schedule: a part-way run of 1 step is first order and runs as diffusers' img2img runs it."""
+    cfg = {**CONFIGS["vd"], "lower_order_final": False}
+    x0 = start_noise() * 0.5 + 0.3
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    start_ref, run_ref = reference(name, cfg, x0, noise, 10, 0.1, None)
+    start, run = ours(name, cfg, x0, noise, 10, 0.1, None)
+    check(float((start - start_ref).abs().max() / start_ref.abs().max()), 1e-6, "the noised start")
+    check(relative_diff(run, run_ref), 1e-6)
+    with pytest.raises(ValueError, match="lower_order_final=False with solver_order 2 needs final_sigmas_type"):
+        ours(name, cfg, x0, noise, 10, 0.2, None)
+
+
 @pytest.mark.parametrize("name", sorted(set(SCHEDULERS) - set(PART_WAY)))
 def test_the_others_refuse_skip(name):
     sampler = sampler_from_config(name, CONFIGS["vd"])

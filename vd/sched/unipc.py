@@ -52,18 +52,6 @@ class UniPC(MultistepSchedule):
             raise ValueError("predict_x0=False needs final_sigmas_type 'sigma_min' for UniPC: ending at sigma 0, its "
                              "last step multiplies 0 by an infinite h and gives NaN (as in diffusers)")
 
-    def schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
-        """The multistep samplers' schedule, refusing a run whose last step cannot be taken: without
-        lower_order_final that step onto sigma 0 keeps the order (up to solver_order), and its h is infinite, so
-        every r_k is 0; an order above 1 then divides by r_k (inf latents) or solves a singular system (diffusers
-        does both)."""
-        ts, sig = super().schedule(num_steps)
-        if not self.lower_order_final and self.solver_order > 1 and len(ts) > 1 and sig[-1] == 0:
-            raise ValueError(f"lower_order_final=False with solver_order {self.solver_order} needs final_sigmas_type "
-                             f"'sigma_min' for UniPC (or num_inference_steps 1): ending at sigma 0, its last step "
-                             f"has an infinite h and gives inf or a singular system (as in diffusers)")
-        return ts, sig
-
     def sample(
         self, eps_fn: EpsFn, x: Tensor, num_steps: int, *, generator: Any = None, eta: float = 0.0,
         noise: Sequence[Tensor] | None = None, callback: Callback | None = None, skip: int | None = None,
@@ -74,6 +62,12 @@ class UniPC(MultistepSchedule):
         lam = [log_snr(s) for s in sig]  # lambda at each sigma (inf at the final 0)
         ts_dev = ts.to(x.device).unbind()
         x, begin = self.start(x, num_steps, skip, len(ts))
+        if not self.lower_order_final and self.solver_order > 1 and len(ts) - begin > 1 and sig[-1] == 0:
+            # the last step, onto sigma 0, keeps the run's order: its h is infinite and every r_k 0, so an order
+            # above 1 divides by r_k (inf latents) or solves a singular system, as diffusers does
+            raise ValueError(f"lower_order_final=False with solver_order {self.solver_order} needs final_sigmas_type "
+                             "'sigma_min' for UniPC (or a run of 1 step): ending at sigma 0, its last step has an "
+                             "infinite h and gives inf or a singular system (as in diffusers)")
         ms: list[Tensor] = []  # past x0 predictions, newest last
         x_last, order = x, 1  # x and the predictor's order of the previous step
         for i in range(begin, len(ts)):  # (N + 1 for some "trailing" counts: see common.timestep_points)
