@@ -343,7 +343,7 @@ class VersatileDiffusion:
             if output_type == "latent":
                 with torch.no_grad():
                     return _returned(GenerationOutput(self._init_latents(run)), run)
-            images = reference.repeat_interleave(run.per_prompt, dim=0).float()
+            images = reference.repeat_interleave(run.per_prompt, dim=0).to(self.dtype)
             return _returned(GenerationOutput(to_output(images, output_type)), run)
         with torch.no_grad(), self._autocast():
             tokens = self.conditions.image_tokens(cond, negative, mode, run.per_prompt, run.sampling, focus=focus)
@@ -688,14 +688,15 @@ class VersatileDiffusion:
 
     @torch.no_grad()
     def _decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images [N, 3, H, W] in [0, 1]. A non-finite fp16 decode is retried in float32."""
+        """Latents -> images [N, 3, H, W] in [0, 1], in the VAE's dtype (as diffusers returns "pt" images). A
+        non-finite fp16 decode is retried in float32."""
         vae = self.components.vae
         with torch.autocast(self.device.type, enabled=False):  # in the weights' dtype, as the reference does
             images = core.decode_latents(vae, latents)
-            if not torch.isfinite(images).all() and self.dtype != torch.float32:
+            if not torch.isfinite(images).all() and self.dtype in (torch.float16, torch.bfloat16):
                 warnings.warn("the VAE decode gave NaN/inf in reduced precision; decoding again in float32",
                               stacklevel=3)
-                images = core.decode_latents(copy.deepcopy(vae).float(), latents.float())
+                images = core.decode_latents(copy.deepcopy(vae).float(), latents.float()).clamp(0, 1).to(self.dtype)
         if not torch.isfinite(images).all():
             raise FloatingPointError("the VAE decode produced NaN or inf values even in float32")
         return images.clamp(0, 1)

@@ -197,9 +197,10 @@ def encode_pixels(vae: AutoencoderKL, pixels: Tensor, generator: Generator = Non
 
 
 def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
-    """Scaled latents -> float32 images [N, 3, H, W], roughly in [0, 1] (clamp them to show them)."""
+    """Scaled latents -> images [N, 3, H, W], roughly in [0, 1] (clamp them to show them), in the VAE's dtype:
+    diffusers maps them to [0, 1] in that dtype too, so an fp16 pipeline's pictures round as the reference's."""
     images = vae.decode((latents / vae.config.scaling_factor).to(_dtype(vae)))
-    return images.float() / 2 + 0.5
+    return images * 0.5 + 0.5
 
 
 def _dtype(module: nn.Module) -> torch.dtype:

@@ -135,6 +135,23 @@ def test_output_types_and_callback(ours, folder):
     assert a.shape == b.shape and (a - b).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float16, 0.02)])
+def test_pt_images_come_in_the_pipelines_dtype(dtype, tol, folder, check):
+    """diffusers maps the VAE's output to [0, 1] in the pipeline's dtype and returns "pt" images in it: so do we
+    (the "np" ones are float32 in both). Tolerance: float64 rounding; in float16 the fp16 bound of
+    benchmarks/fp16_check.py (measured: 2e-3, a few fp16 steps: the reference's VAE attention hands a
+    channels-last tensor to the next GroupNorm, whose fp16 CPU kernel then rounds otherwise than for ours)."""
+    ours = VersatileDiffusion.from_pretrained(folder, uncond_image="diffusers", dtype=dtype)
+    ref = tp.reference("text_to_image", folder).to(dtype)
+    kw = dict(num_inference_steps=STEPS, output_type="pt")
+    want = ref(["the cat", "a dog"], generator=seeded(), **kw).images
+    got = ours.text_to_image(["the cat", "a dog"], generator=seeded(), progress=False, **kw).images
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    check(float((got.double() - want.double()).abs().max()), tol)
+    np_images = ours.decode_latents(torch.zeros(1, 4, 4, 4, dtype=dtype), output_type="np")
+    assert np_images.dtype == np.float32
+
+
 RETURN_DICT_CASES = {
     "text_to_image": dict(prompt="the cat", output_type="np"),
     "image_variation": dict(image=random_image(14), output_type="pt"),
