@@ -106,8 +106,8 @@ def uncond_pixel_values(processor, mode: str) -> Tensor | None:
 
     grey: a mid-grey image: the reference's own input, float 0.5, scaled once (as the 2022 feature extractor
       did; it becomes 127/255 on the way through PIL). This is what the reference means to do.
-    diffusers: exactly what diffusers 0.42.1 computes: the processor rescales the float 0.5 by 1/255 a second
-      time, so CLIP sees a near-black image.
+    diffusers: exactly what diffusers 0.42.1 computes: the processor, as its config says, rescales the float 0.5
+      by 1/255 a second time (VD's does), so CLIP sees a near-black image.
     zeros: no pixels; the original SHI-Labs app uses an all-zero embedding instead.
     black: an all-black image, the original's "no image" for image-to-text.
     """
@@ -115,7 +115,8 @@ def uncond_pixel_values(processor, mode: str) -> Tensor | None:
         return None
     fill = 0.0 if mode == "black" else 0.5
     grey = np.zeros((512, 512, 3)) + fill
-    return processor(images=[grey], do_rescale=mode == "diffusers", return_tensors="pt").pixel_values
+    rescale = {} if mode == "diffusers" else {"do_rescale": False}
+    return processor(images=[grey], **rescale, return_tensors="pt").pixel_values
 
 
 def resized(images: list[PIL.Image.Image] | Tensor, height: int, width: int) -> Tensor:

@@ -135,6 +135,29 @@ def test_output_types_and_callback(ours, folder):
     assert a.shape == b.shape and (a - b).abs().max() <= TOL
 
 
+PROCESSOR_CASES = {
+    "no_rescale": dict(do_rescale=False),  # the "no image" input then goes in unscaled, in the reference too
+    "no_rescale_no_normalize": dict(do_rescale=False, do_normalize=False),
+    "rescale_by_half": dict(rescale_factor=0.5),
+    "other_mean_std": dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.2, 0.3, 0.4]),
+    "resize_to_square": dict(size={"height": 224, "width": 224}),
+    "bilinear": dict(resample=2),
+}
+
+
+@pytest.mark.parametrize("case", list(PROCESSOR_CASES))
+def test_image_processor_settings_are_the_references(case, tmp_path, check):
+    """The CLIP image processor's saved settings act on the images and on the "no image" input as in the reference."""
+    from transformers import CLIPImageProcessor
+    components = tp.build_components(seed=0)
+    components["image_feature_extractor"] = CLIPImageProcessor(**{**tp.IMAGE_PROCESSOR, **PROCESSOR_CASES[case]})
+    folder = tp.save(components, tmp_path / "vd")
+    ours = VersatileDiffusion.from_pretrained(folder, tasks=["image_variation"], uncond_image="diffusers")
+    kw = dict(image=random_image(5, (50, 40)), num_inference_steps=2, output_type="np")
+    want = tp.reference("image_variation", folder)(**kw, generator=seeded()).images
+    check(max_abs_diff(ours.image_variation(**kw, generator=seeded(), progress=False).images, want), TOL)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float16, 0.02)])
 def test_pt_images_come_in_the_pipelines_dtype(dtype, tol, folder, check):
     """diffusers maps the VAE's output to [0, 1] in the pipeline's dtype and returns "pt" images in it: so do we
