@@ -269,15 +269,16 @@ class VersatileDiffusion:
 
     # ---- image flows
 
-    def text_to_image(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
-                      height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                      guidance_scale: float = 7.5, num_images_per_prompt: int = 1, eta: float = 0.0,
-                      generator: Generator = None, latents: Tensor | None = None, output_type: str = "pil",
-                      callback: Callback | None = None, callback_steps: int = 1, *,
-                      prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None,
-                      init_image: Images | None = None, init_latents: Tensor | None = None,
-                      strength: float | None = None, strength_rule: str | None = None, scheduler: str | None = None,
-                      return_dict: bool = True, progress: bool = True) -> GenerationOutput | tuple:
+    def text_to_image(self, prompt: str | list[str] | None = None, height: int | None = None,
+                      width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                      negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+                      eta: float = 0.0, generator: Generator = None, latents: Tensor | None = None,
+                      output_type: str = "pil", return_dict: bool = True, callback: Callback | None = None,
+                      callback_steps: int = 1, *, prompt_embeds: Tensor | None = None,
+                      negative_prompt_embeds: Tensor | None = None, init_image: Images | None = None,
+                      init_latents: Tensor | None = None, strength: float | None = None,
+                      strength_rule: str | None = None, scheduler: str | None = None,
+                      progress: bool = True) -> GenerationOutput | tuple:
         """Images from text (or its tokens, `prompt_embeds` [B, 77, D]), optionally from an init image."""
         self._need("text_to_image")
         text = self.conditions.text_arg("prompt", prompt, prompt_embeds)
@@ -292,16 +293,16 @@ class VersatileDiffusion:
             x = self._sample(run, lambda s, x: core.text_to_image(self._nets, text=tokens, x=x, s=s))
         return self._images(x, run)
 
-    def image_variation(self, image: Images | None = None, negative_prompt: Images | None = None,
-                        height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                        guidance_scale: float = 7.5, num_images_per_prompt: int = 1, eta: float = 0.0,
+    def image_variation(self, image: Images | None = None, height: int | None = None, width: int | None = None,
+                        num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                        negative_prompt: Images | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                         generator: Generator = None, latents: Tensor | None = None, output_type: str = "pil",
-                        callback: Callback | None = None, callback_steps: int = 1, *, focus: float = 0.5,
-                        fidelity: float = 0.0, color_adjust: bool = False, image_embeds: Tensor | None = None,
-                        negative_image_embeds: Tensor | None = None, init_image: Images | None = None,
-                        init_latents: Tensor | None = None, strength: float | None = None,
-                        strength_rule: str | None = None, scheduler: str | None = None, uncond_image: str | None = None,
-                        return_dict: bool = True, progress: bool = True) -> GenerationOutput | tuple:
+                        return_dict: bool = True, callback: Callback | None = None, callback_steps: int = 1, *,
+                        focus: float = 0.5, fidelity: float = 0.0, color_adjust: bool = False,
+                        image_embeds: Tensor | None = None, negative_image_embeds: Tensor | None = None,
+                        init_image: Images | None = None, init_latents: Tensor | None = None,
+                        strength: float | None = None, strength_rule: str | None = None, scheduler: str | None = None,
+                        uncond_image: str | None = None, progress: bool = True) -> GenerationOutput | tuple:
         """Variations of images (or of their tokens, `image_embeds` [B, 257, D]); negative_prompt is an image.
 
         focus: 0.5 = plain variation; towards 0 keeps the semantics and lets the style go, towards 1 keeps the
@@ -355,14 +356,13 @@ class VersatileDiffusion:
                     text_to_image_strength: float = 0.5, height: int | None = None, width: int | None = None,
                     num_inference_steps: int = 50, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
                     eta: float = 0.0, generator: Generator = None, latents: Tensor | None = None,
-                    output_type: str = "pil", callback: Callback | None = None, callback_steps: int = 1, *,
-                    negative_prompt: str | list[str] | None = None, prompt_embeds: Tensor | None = None,
-                    negative_prompt_embeds: Tensor | None = None, image_embeds: Tensor | None = None,
-                    negative_image_embeds: Tensor | None = None, init_image: Images | None = None,
-                    init_latents: Tensor | None = None, strength: float | None = None,
-                    strength_rule: str | None = None, scheduler: str | None = None,
-                    uncond_image: str | None = None, return_dict: bool = True,
-                    progress: bool = True) -> GenerationOutput | tuple:
+                    output_type: str = "pil", return_dict: bool = True, callback: Callback | None = None,
+                    callback_steps: int = 1, *, negative_prompt: str | list[str] | None = None,
+                    prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None,
+                    image_embeds: Tensor | None = None, negative_image_embeds: Tensor | None = None,
+                    init_image: Images | None = None, init_latents: Tensor | None = None,
+                    strength: float | None = None, strength_rule: str | None = None, scheduler: str | None = None,
+                    uncond_image: str | None = None, progress: bool = True) -> GenerationOutput | tuple:
         """Images from a text and an image (or their tokens). At every context layer the text stream weighs
         text_to_image_strength and the image stream the rest (1: pure text-to-image, 0: pure variation)."""
         self._need("dual_guided")

@@ -175,6 +175,23 @@ def test_pt_images_come_in_the_pipelines_dtype(dtype, tol, folder, check):
     assert np_images.dtype == np.float32
 
 
+POSITIONAL_CASES = {  # diffusers' positional order, up to generator, latents, output_type and return_dict
+    "text_to_image": ("the cat", 40, 56, STEPS, 3.0, "rain", 2, 0.5),
+    "image_variation": (random_image(24), 40, 56, STEPS, 3.0, random_image(25), 2, 0.5),
+    "dual_guided": ("the cat", random_image(26), 0.3, 40, 56, STEPS, 3.0, 2, 0.5),
+}
+
+
+@pytest.mark.parametrize("task", list(POSITIONAL_CASES))
+def test_positional_arguments_mean_what_they_mean_to_the_reference(task, ours, folder, patched_dual, check):
+    """The same positional call to ours and to diffusers' pipeline: the same images, as the same tuple."""
+    args = POSITIONAL_CASES[task]
+    want = tp.reference(task, folder)(*args, seeded(5), None, "np", False)
+    got = getattr(ours, task)(*args, seeded(5), None, "np", False, progress=False)
+    assert type(got) is type(want) is tuple and got[0].shape == want[0].shape == (2, 40, 56, 3)
+    check(max_abs_diff(got[0], want[0]), TOL)
+
+
 RETURN_DICT_CASES = {
     "text_to_image": dict(prompt="the cat", output_type="np"),
     "image_variation": dict(image=random_image(14), output_type="pt"),
