@@ -41,28 +41,36 @@ DEFAULT_TASKS = ("text_to_image", "image_variation", "dual_guided", "blend")  # 
 Images = PIL.Image.Image | list[PIL.Image.Image] | Tensor
 
 
+class _Output:
+    """A flow's output, also indexed as diffusers' outputs are: `out[0]` is the first field, `out["images"]` a
+    field by name; `to_tuple()` is what `return_dict=False` returns."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            if key not in {f.name for f in dataclasses.fields(self)}:
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+
 @dataclass
-class GenerationOutput:
+class GenerationOutput(_Output):
     """`images`: list of PIL images ("pil"), float array [N, H, W, 3] in [0, 1] ("np"), tensor [N, 3, H, W] in
-    [0, 1] ("pt"), or the final latents ("latent")."""
+    [0, 1] ("pt"), or the final latents ("latent"). As a tuple: `(images,)`, as diffusers' pipelines return it."""
 
     images: list[PIL.Image.Image] | np.ndarray | Tensor
 
-    def to_tuple(self) -> tuple:
-        """`(images,)`: what diffusers' pipelines return with return_dict=False."""
-        return (self.images,)
-
 
 @dataclass
-class TextOutput:
-    """`texts`: one sentence per sample; `latents`: the sampled text latents [N, 768] they were decoded from."""
+class TextOutput(_Output):
+    """`texts`: one sentence per sample; `latents`: the sampled text latents [N, 768] they were decoded from. As a
+    tuple: `(texts, latents)`."""
 
     texts: list[str]
     latents: Tensor
-
-    def to_tuple(self) -> tuple:
-        """`(texts, latents)`: what a flow returns with return_dict=False."""
-        return (self.texts, self.latents)
 
 
 class VersatileDiffusion:

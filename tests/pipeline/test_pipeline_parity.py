@@ -210,6 +210,18 @@ def test_return_dict_false_gives_the_references_tuple(task, ours, folder, patche
     check(max_abs_diff(np.asarray(got[0]), np.asarray(want[0])), TOL)
 
 
+def test_outputs_index_as_the_references(ours, folder):
+    """diffusers' outputs also index: out[0], out[:1] and out["images"]; an unknown name is a KeyError."""
+    kw = dict(num_inference_steps=STEPS, output_type="pt")
+    want = tp.reference("text_to_image", folder)("the cat", generator=seeded(), **kw)
+    got = ours.text_to_image("the cat", generator=seeded(), progress=False, **kw)
+    for out in (want, got):
+        assert out[0] is out["images"] is out.images and out[:1] == (out.images,)
+        with pytest.raises(KeyError):
+            out["latents"]
+    assert torch.equal(got[0], want[0])
+
+
 # ---- deliberate divergences
 
 def _grey_fixed(processor):

@@ -167,3 +167,4 @@ def test_return_dict_false_gives_the_fields_as_a_tuple(pipe):
         assert type(got) is tuple and len(got) == len(fields), name
         for a, b in zip(got, fields):
             assert a == b if isinstance(a, list) else torch.equal(a, b), name
+        assert all(out[i] is field for i, field in enumerate(fields)), name  # and out[i] is field i
