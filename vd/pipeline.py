@@ -33,7 +33,7 @@ from vd.conditions import Conditions
 from vd.fast import NoisePredictor, fast_path, speed_up_, use_triton_kernels_
 from vd.loading import Components, load_components, resolve
 from vd.optimus_tokenizers import remove_duplicate_word
-from vd.sched import DDIM, SCHEDULERS, randn, sampler_from_config, scheduler_of
+from vd.sched import DDIM, DIFFUSERS_CLASSES, SCHEDULERS, randn, sampler_from_config, scheduler_of
 from vd.tasks import TASK_PARTS, TASKS
 
 DEFAULT_REPO = "shi-labs/versatile-diffusion"
@@ -80,7 +80,7 @@ class VersatileDiffusion:
         self.components, self.tasks = components, tuple(tasks)
         if scheduler is None:
             scheduler = scheduler_of(components.scheduler_config)
-        self.scheduler = checks.choice("scheduler", scheduler, list(SCHEDULERS))
+        self._scheduler = checks.choice("scheduler", scheduler, list(SCHEDULERS))
         self.uncond_image = checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         self._fast_options = dict(compile=compile, cuda_graphs=cuda_graphs, triton_kernels=triton_kernels)
         self._place(device, dtype)
@@ -184,6 +184,30 @@ class VersatileDiffusion:
         components = load_components(ckpt, tasks, device, dtype)
         return cls(components, tasks=tasks, device=device, dtype=dtype, scheduler=scheduler, uncond_image=uncond_image,
                    compile=compile, cuda_graphs=cuda_graphs, triton_kernels=triton_kernels)
+
+    @property
+    def scheduler(self) -> str:
+        """The name of the sampler the flows run unless a call names another (`scheduler=`)."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, value: Any) -> None:
+        """A sampler name, or a diffusers scheduler object, as diffusers users swap one in:
+        `pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler_config, use_karras_sigmas=True)`.
+        Such an object is only read: its class gives the name and its config becomes `scheduler_config`."""
+        if isinstance(value, str):
+            self._scheduler = checks.choice("scheduler", value, list(SCHEDULERS))
+            return
+        cls, config = type(value).__name__, getattr(value, "config", None)
+        if cls not in DIFFUSERS_CLASSES or not isinstance(config, Mapping):
+            raise TypeError(f"scheduler: expected a sampler name (one of {sorted(SCHEDULERS)}) or a diffusers "
+                            f"scheduler of one of the classes {sorted(DIFFUSERS_CLASSES)}, got an object of type {cls}")
+        config = {**config, "_class_name": cls}
+        try:
+            sampler_from_config(DIFFUSERS_CLASSES[cls], config)  # a setting vd refuses fails here, changing nothing
+        except ValueError as e:
+            raise ValueError(f"scheduler: {e}") from None
+        self._scheduler, self.components.scheduler_config = DIFFUSERS_CLASSES[cls], config
 
     @property
     def scheduler_config(self) -> dict:

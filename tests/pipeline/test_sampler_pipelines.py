@@ -151,6 +151,42 @@ def test_scheduler_config_refused_at_assignment(folder):
 
 
 @pytest.mark.parametrize("cls_name,override,name", [
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp_2m"),
+    ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, "euler_a"),
+    ("UniPCMultistepScheduler", {"solver_order": 3}, "unipc"),
+    ("PNDMScheduler", {}, "pndm"),
+])
+def test_a_diffusers_scheduler_assigned_as_diffusers_users_do(cls_name, override, name, folder, check):
+    """`pipe.scheduler = XScheduler.from_config(pipe.scheduler_config, ...)`: the object's class and config become
+    the sampler and its settings, and the pictures are those of the reference with that scheduler swapped in."""
+    cls = getattr(diffusers, cls_name)
+    pipe = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], uncond_image="diffusers")
+    pipe.scheduler = cls.from_config(pipe.scheduler_config, **override)
+    assert pipe.scheduler == name
+    ref = tp.reference("text_to_image", folder)
+    ref.scheduler = cls.from_config(ref.scheduler.config, **override)
+    kw = dict(prompt=["the cat", "a dog"], num_inference_steps=4, output_type="np", height=32, width=32)
+    check(max_abs_diff(pipe.text_to_image(**kw, generator=_gens([3, 4]), progress=False).images,
+                       ref(**kw, generator=_gens([3, 4])).images), TOL)
+
+
+def test_scheduler_assignment_refusals(folder):
+    """A name vd lacks, a class it lacks or a setting it refuses: refused when assigned, nothing changed."""
+    pipe = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"])
+    before = (pipe.scheduler, pipe.scheduler_config)
+    with pytest.raises(ValueError, match=r"^scheduler: expected one of .*'unipc'.*, got 'dpm\+\+'"):
+        pipe.scheduler = "dpm++"
+    with pytest.raises(TypeError, match=r"^scheduler: expected a sampler name .* or a diffusers scheduler of one of "
+                                        r"the classes \[.*'UniPCMultistepScheduler'\], got an object of type "
+                                        r"IPNDMScheduler$"):
+        pipe.scheduler = diffusers.IPNDMScheduler()
+    with pytest.raises(ValueError, match=r"^scheduler: algorithm_type must be one of .*, got 'dpmsolver'"):
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver",
+                                                               final_sigmas_type="sigma_min")
+    assert (pipe.scheduler, pipe.scheduler_config) == before
+
+
+@pytest.mark.parametrize("cls_name,override,name", [
     ("EulerDiscreteScheduler", {}, "euler"),
     ("KDPM2AncestralDiscreteScheduler", {}, "dpm2_a"),
     ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m"),
