@@ -193,14 +193,14 @@ def device(value: object) -> torch.device:
     return dev
 
 
-def dtype(value: object) -> torch.dtype:
+def dtype(value: object, name: str = "dtype") -> torch.dtype:
     """A floating-point dtype the models can run in."""
     allowed = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     names = "torch.float16, torch.bfloat16, torch.float32 or torch.float64"
     if not isinstance(value, torch.dtype):
-        fail("dtype", value, f"a torch.dtype: {names}", TypeError)
+        fail(name, value, f"a torch.dtype: {names}", TypeError)
     if value not in allowed:
-        fail("dtype", value, names)
+        fail(name, value, names)
     return value
 
 

@@ -133,7 +133,8 @@ class VersatileDiffusion:
                         kl_f8: str | Path | None = None, clip: str | Path | None = None,
                         optimus: str | Path | None = None, optimus_tokenizer: str | Path | None = None,
                         compile: bool = False, cuda_graphs: bool | None = None,
-                        triton_kernels: bool | None = None) -> "VersatileDiffusion":
+                        triton_kernels: bool | None = None,
+                        torch_dtype: torch.dtype | None = None) -> "VersatileDiffusion":
         """Load from a hub repo id, a diffusers-layout folder, an original .pth or a converted folder.
 
         tasks: the flows (method names; one, or a list) to load weights for; only their parts are read. Default:
@@ -141,7 +142,7 @@ class VersatileDiffusion:
           Optimus decoder) and encode_text_latents (the Optimus encoder) must be asked for.
         device: default CUDA if available, else CPU.
         dtype: default float16 on CUDA (UNets, VAE and Optimus run in it, as the reference does; CLIP under
-          autocast), float32 on CPU.
+          autocast), float32 on CPU. `torch_dtype`, diffusers' name for it, is taken too (one or the other).
         scheduler: a sampler name of vd.sched.SCHEDULERS, overridable per call. Default: the checkpoint's, as
           diffusers loads it: its scheduler_config.json's diffusers class ("ddim" for VD as shipped), with that
           config's Karras or SDE form.
@@ -175,6 +176,10 @@ class VersatileDiffusion:
         with warnings.catch_warnings():  # bad options fail before loading; a warning comes when the pipeline is built
             warnings.simplefilter("ignore")
             fast_path(device, compile, cuda_graphs, triton_kernels)
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise TypeError("dtype and torch_dtype (diffusers' name for dtype) were both given; give one of them")
+            dtype = checks.dtype(torch_dtype, "torch_dtype")
         dtype = (torch.float16 if device.type == "cuda" else torch.float32) if dtype is None else checks.dtype(dtype)
         ckpt = resolve(src, tasks, revision=revision, kl_f8=kl_f8, clip=clip, optimus=optimus,
                        optimus_tokenizer=optimus_tokenizer)

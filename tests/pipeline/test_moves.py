@@ -52,6 +52,17 @@ def test_cast_gives_what_loading_in_that_dtype_gives(folder, check):
         check(rel_err(torch.as_tensor(got), torch.as_tensor(want)), 1e-5, what)
 
 
+def test_torch_dtype_is_diffusers_name_for_dtype(folder):
+    """`from_pretrained(..., torch_dtype=...)`, as diffusers' examples load: the same as dtype=; not both."""
+    pipe = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], device="cpu", torch_dtype=torch.float64)
+    floating = [w for w in _weights(pipe).values() if w.is_floating_point()]
+    assert pipe.dtype == torch.float64 and floating and all(w.dtype == torch.float64 for w in floating)
+    with pytest.raises(TypeError, match=r"^dtype and torch_dtype \(diffusers' name for dtype\) were both given"):
+        VersatileDiffusion.from_pretrained(folder, dtype=torch.float32, torch_dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"^torch_dtype: expected a torch.dtype: torch.float16, .* got 'float16'"):
+        VersatileDiffusion.from_pretrained(folder, torch_dtype="float16")
+
+
 def test_bad_arguments_move_nothing(pipe):
     want = pipe.text_to_image("the cat", generator=seeded(3), output_type="np", **KW).images
     with pytest.raises(TypeError, match=r"dtype: expected a torch.dtype: torch.float16, .* got 'float16'"):
