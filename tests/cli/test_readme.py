@@ -225,6 +225,35 @@ def test_seeded_once_example(model, tmp_path, monkeypatch, one_gpu):
             assert not np.array_equal(got, np.asarray(other))
 
 
+def test_brain_diffuser_targets_example(model):
+    """The Brain-Diffuser targets example on the tiny model. The pixels CLIP sees are those of its transformers
+    4.19 path, written here from that release's source: the float array * 255 truncated to uint8, PIL bicubic to
+    224 x 224, / 255, normalised in float32; the targets are encode_image's and the captions' mean encode_prompt."""
+    from vd import VersatileDiffusion
+    from vd.conditioning import pixel_values
+    pipe = VersatileDiffusion.from_pretrained(model, tasks=["dual_guided"])
+    stimulus = PIL.Image.fromarray(np.random.RandomState(0).randint(0, 256, (425, 425, 3)).astype(np.uint8))
+    names = dict(pipe=pipe, stimulus=stimulus, stimulus_texts=["a cat", "the dog on a mat"], np=np, torch=torch,
+                 Image=PIL.Image)
+    exec(python_block("brain_diffuser_pixels"), names)
+    seen = names["brain_diffuser_pixels"](stimulus)
+    assert seen.size == (512, 512) and seen.mode == "RGB"
+    x = torch.from_numpy(np.array(stimulus.resize((512, 512), PIL.Image.BILINEAR))).permute(2, 0, 1).float() / 255
+    arrays = (((x * 2 - 1) + 1) / 2).permute(1, 2, 0).numpy()
+    truncated = PIL.Image.fromarray((arrays * 255).astype(np.uint8))
+    assert np.array_equal(np.asarray(seen), np.asarray(truncated))
+    resized = np.asarray(stimulus.resize((512, 512), PIL.Image.BILINEAR))
+    assert np.array_equal(np.asarray(truncated), resized - ((resized >= 1) & (resized <= 63)))  # README's 1 to 63
+    processor = pipe.components.image_processor
+    side = processor.crop_size["height"]
+    small = np.asarray(truncated.resize((side, side), PIL.Image.BICUBIC)).astype(np.float32) / 255
+    mean, std = (np.array(v, dtype=np.float32) for v in (processor.image_mean, processor.image_std))
+    normalised = torch.from_numpy(((small - mean) / std).transpose(2, 0, 1))[None]
+    assert torch.equal(pixel_values(processor, [seen]), normalised)
+    assert torch.equal(names["vision_target"], pipe.encode_image(seen))
+    assert torch.equal(names["text_target"], pipe.encode_prompt(["a cat", "the dog on a mat"]).mean(0, keepdim=True))
+
+
 def test_mindeye_example(model, tmp_path, monkeypatch):
     """The MindEye example on the tiny model (4 steps): predicted tokens from a .npy file, blurry pictures as init
     images; each output is the call with strength_rule="diffusers" (unipc's default) and has the init image's size."""
