@@ -129,7 +129,7 @@ class VersatileDiffusion:
     @classmethod
     def from_pretrained(cls, src: str | Path = DEFAULT_REPO, *, tasks: str | list[str] | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                        scheduler: str | None = None, uncond_image: str = "grey", revision: str | None = None,
+                        scheduler: Any = None, uncond_image: str = "grey", revision: str | None = None,
                         kl_f8: str | Path | None = None, clip: str | Path | None = None,
                         optimus: str | Path | None = None, optimus_tokenizer: str | Path | None = None,
                         compile: bool = False, cuda_graphs: bool | None = None,
@@ -143,9 +143,10 @@ class VersatileDiffusion:
         device: default CUDA if available, else CPU.
         dtype: default float16 on CUDA (UNets, VAE and Optimus run in it, as the reference does; CLIP under
           autocast), float32 on CPU. `torch_dtype`, diffusers' name for it, is taken too (one or the other).
-        scheduler: a sampler name of vd.sched.SCHEDULERS, overridable per call. Default: the checkpoint's, as
-          diffusers loads it: its scheduler_config.json's diffusers class ("ddim" for VD as shipped), with that
-          config's Karras or SDE form.
+        scheduler: a sampler name of vd.sched.SCHEDULERS, overridable per call, or a diffusers scheduler object
+          (its class and config, as `pipe.scheduler = ...` reads one). Default: the checkpoint's, as diffusers
+          loads it: its scheduler_config.json's diffusers class ("ddim" for VD as shipped), with that config's
+          Karras or SDE form.
         uncond_image: "no image" for classifier-free guidance: "grey" (what the reference means to do), "zeros"
           (the original app's all-zero embedding) or "diffusers" (what diffusers 0.42.1 computes).
         revision: the hub revision.
@@ -169,8 +170,11 @@ class VersatileDiffusion:
         if revision is not None and not isinstance(revision, str):
             checks.fail("revision", revision, "a branch, tag or commit hash of the hub repo, or None", TypeError)
         checks.boolean("compile", compile)
-        if scheduler is not None:
+        scheduler_config = None  # a diffusers scheduler object's settings, which replace the checkpoint's
+        if isinstance(scheduler, str):
             checks.choice("scheduler", scheduler, list(SCHEDULERS))
+        elif scheduler is not None:
+            scheduler, scheduler_config = _read_diffusers_scheduler(scheduler)
         checks.choice("uncond_image", uncond_image, UNCOND_IMAGES)
         device = checks.device(device)
         with warnings.catch_warnings():  # bad options fail before loading; a warning comes when the pipeline is built
@@ -187,6 +191,8 @@ class VersatileDiffusion:
             scheduler = scheduler_of(ckpt.scheduler or {})
             sampler_from_config(scheduler, ckpt.scheduler or {})
         components = load_components(ckpt, tasks, device, dtype)
+        if scheduler_config is not None:
+            components.scheduler_config = scheduler_config
         return cls(components, tasks=tasks, device=device, dtype=dtype, scheduler=scheduler, uncond_image=uncond_image,
                    compile=compile, cuda_graphs=cuda_graphs, triton_kernels=triton_kernels)
 
@@ -202,17 +208,8 @@ class VersatileDiffusion:
         Such an object is only read: its class gives the name and its config becomes `scheduler_config`."""
         if isinstance(value, str):
             self._scheduler = checks.choice("scheduler", value, list(SCHEDULERS))
-            return
-        cls, config = type(value).__name__, getattr(value, "config", None)
-        if cls not in DIFFUSERS_CLASSES or not isinstance(config, Mapping):
-            raise TypeError(f"scheduler: expected a sampler name (one of {sorted(SCHEDULERS)}) or a diffusers "
-                            f"scheduler of one of the classes {sorted(DIFFUSERS_CLASSES)}, got an object of type {cls}")
-        config = {**config, "_class_name": cls}
-        try:
-            sampler_from_config(DIFFUSERS_CLASSES[cls], config)  # a setting vd refuses fails here, changing nothing
-        except ValueError as e:
-            raise ValueError(f"scheduler: {e}") from None
-        self._scheduler, self.components.scheduler_config = DIFFUSERS_CLASSES[cls], config
+        else:
+            self._scheduler, self.components.scheduler_config = _read_diffusers_scheduler(value)
 
     @property
     def scheduler_config(self) -> dict:
@@ -782,6 +779,22 @@ class _Call:
     @property
     def generator(self) -> Generator:
         return self.sampling.generator
+
+
+def _read_diffusers_scheduler(value: object) -> tuple[str, dict]:
+    """(sampler name, scheduler_config) of a diffusers scheduler object, read without importing diffusers: its
+    class names the sampler (as `_class_name` does in a saved folder) and its config is the settings. A class vd
+    lacks, or a setting it refuses, fails here."""
+    cls, config = type(value).__name__, getattr(value, "config", None)
+    if cls not in DIFFUSERS_CLASSES or not isinstance(config, Mapping):
+        raise TypeError(f"scheduler: expected a sampler name (one of {sorted(SCHEDULERS)}) or a diffusers scheduler "
+                        f"of one of the classes {sorted(DIFFUSERS_CLASSES)}, got an object of type {cls}")
+    config = {**config, "_class_name": cls}
+    try:
+        sampler_from_config(DIFFUSERS_CLASSES[cls], config)
+    except ValueError as e:
+        raise ValueError(f"scheduler: {e}") from None
+    return DIFFUSERS_CLASSES[cls], config
 
 
 def _task_names(value: object) -> tuple[str, ...]:

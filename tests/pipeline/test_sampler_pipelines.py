@@ -158,7 +158,8 @@ def test_scheduler_config_refused_at_assignment(folder):
 ])
 def test_a_diffusers_scheduler_assigned_as_diffusers_users_do(cls_name, override, name, folder, check):
     """`pipe.scheduler = XScheduler.from_config(pipe.scheduler_config, ...)`: the object's class and config become
-    the sampler and its settings, and the pictures are those of the reference with that scheduler swapped in."""
+    the sampler and its settings, and the pictures are those of the reference with that scheduler swapped in; an
+    object given to from_pretrained(scheduler=...), as diffusers' loader takes one, does the same."""
     cls = getattr(diffusers, cls_name)
     pipe = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], uncond_image="diffusers")
     pipe.scheduler = cls.from_config(pipe.scheduler_config, **override)
@@ -166,8 +167,12 @@ def test_a_diffusers_scheduler_assigned_as_diffusers_users_do(cls_name, override
     ref = tp.reference("text_to_image", folder)
     ref.scheduler = cls.from_config(ref.scheduler.config, **override)
     kw = dict(prompt=["the cat", "a dog"], num_inference_steps=4, output_type="np", height=32, width=32)
-    check(max_abs_diff(pipe.text_to_image(**kw, generator=_gens([3, 4]), progress=False).images,
-                       ref(**kw, generator=_gens([3, 4])).images), TOL)
+    got = pipe.text_to_image(**kw, generator=_gens([3, 4]), progress=False).images
+    check(max_abs_diff(got, ref(**kw, generator=_gens([3, 4])).images), TOL)
+    loaded = VersatileDiffusion.from_pretrained(folder, tasks=["text_to_image"], uncond_image="diffusers",
+                                                scheduler=cls.from_config(ref.scheduler.config))
+    assert loaded.scheduler == name and loaded.scheduler_config == pipe.scheduler_config
+    assert np.array_equal(loaded.text_to_image(**kw, generator=_gens([3, 4]), progress=False).images, got)
 
 
 def test_scheduler_assignment_refusals(folder):
