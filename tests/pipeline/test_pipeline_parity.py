@@ -192,6 +192,32 @@ def test_positional_arguments_mean_what_they_mean_to_the_reference(task, ours, f
     check(max_abs_diff(got[0], want[0]), TOL)
 
 
+def test_diffusers_docstring_examples_run_with_the_class_swapped(folder, tmp_path, monkeypatch):
+    """The three examples of diffusers' VersatileDiffusionPipeline docstrings (torch_dtype=torch.float16, pipe.to,
+    a device generator, the methods' arguments) run on ours with only the import changed: on the CPU, the tiny
+    model for the hub repo and a local picture for the download."""
+    import inspect
+    import re
+
+    from diffusers.pipelines.deprecated.versatile_diffusion import pipeline_versatile_diffusion as module
+    monkeypatch.chdir(tmp_path)
+    random_image(3, (60, 50)).save("benz.jpg")
+    examples = re.findall(r"Examples:\n\n\s*```py\n(.*?)```", inspect.getsource(module), flags=re.S)
+    assert len(examples) == 3
+    for example in examples:
+        code = "\n".join(line.strip()[4:] for line in example.splitlines() if line.strip().startswith((">>>", "...")))
+        for old, new in (("from diffusers import", "from vd import VersatileDiffusion as"),
+                         ('"shi-labs/versatile-diffusion"', repr(str(folder))), ('"cuda"', '"cpu"'),
+                         ("response = requests.get(url)", ""),
+                         ("Image.open(BytesIO(response.content))", 'Image.open("benz.jpg")')):
+            code = code.replace(old, new)
+        assert "from diffusers" not in code and "cuda" not in code and "requests.get" not in code, code
+        names = {}
+        exec(code, names)
+        assert names["pipe"].dtype == torch.float16 and isinstance(names["image"], PIL.Image.Image)
+        assert names["image"].size == (64, 64)
+
+
 RETURN_DICT_CASES = {
     "text_to_image": dict(prompt="the cat", output_type="np"),
     "image_variation": dict(image=random_image(14), output_type="pt"),
