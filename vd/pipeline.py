@@ -50,9 +50,7 @@ class _Output:
 
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):
-            if key not in {f.name for f in dataclasses.fields(self)}:
-                raise KeyError(key)
-            return getattr(self, key)
+            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}[key]
         return self.to_tuple()[key]
 
 
@@ -790,11 +788,12 @@ def _read_diffusers_scheduler(value: object) -> tuple[str, dict]:
         raise TypeError(f"scheduler: expected a sampler name (one of {sorted(SCHEDULERS)}) or a diffusers scheduler "
                         f"of one of the classes {sorted(DIFFUSERS_CLASSES)}, got an object of type {cls}")
     config = {**config, "_class_name": cls}
+    name = scheduler_of(config)
     try:
-        sampler_from_config(DIFFUSERS_CLASSES[cls], config)
+        sampler_from_config(name, config)
     except ValueError as e:
         raise ValueError(f"scheduler: {e}") from None
-    return DIFFUSERS_CLASSES[cls], config
+    return name, config
 
 
 def _task_names(value: object) -> tuple[str, ...]:
